@@ -1,0 +1,152 @@
+"""The one table of parameters: logical axis names, HF tensor names and HF layouts.
+
+Sharding (logical axis -> mesh axis), pruning (which axis to slice) and HF import/export
+(transpose + reshape between our einsum layout and HF's `[out, in]` matrices) all read this
+table; nothing else hard-codes an axis position.
+
+Our layout keeps heads as their own axes (`q: (L, D, N, H)`), so per-head importance and
+pruning need no reshapes; HF merges them (`q_proj.weight: (N*H, D)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+
+from minitron_jax.config import LlamaConfig
+
+# Logical axis names.
+VOCAB = "vocab"
+EMBED = "embed"
+Q_HEADS = "q_heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+MLP = "mlp"
+LAYERS = "layers"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """One parameter leaf.
+
+  Attributes:
+    path: keys into the nested param dict.
+    axes: logical axis names of our array, in order.
+    hf_name: HF tensor name; `{i}` is the layer index for stacked (`layers`-leading) leaves.
+    hf_axes: HF's layout, one tuple of our axes per HF dimension (merged row-major).
+  """
+
+  path: tuple[str, ...]
+  axes: tuple[str, ...]
+  hf_name: str
+  hf_axes: tuple[tuple[str, ...], ...]
+
+  @property
+  def stacked(self) -> bool:
+    return self.axes[0] == LAYERS
+
+  @property
+  def name(self) -> str:
+    return "/".join(self.path)
+
+
+def _layer(name, axes, hf, hf_axes):
+  return ParamSpec(("layers", name), (LAYERS, *axes), f"model.layers.{{i}}.{hf}", hf_axes)
+
+
+PARAM_SPECS: tuple[ParamSpec, ...] = (
+    ParamSpec(("embed",), (VOCAB, EMBED), "model.embed_tokens.weight", ((VOCAB,), (EMBED,))),
+    _layer("attn_norm", (EMBED,), "input_layernorm.weight", ((EMBED,),)),
+    _layer("q", (EMBED, Q_HEADS, HEAD_DIM), "self_attn.q_proj.weight",
+           ((Q_HEADS, HEAD_DIM), (EMBED,))),
+    _layer("k", (EMBED, KV_HEADS, HEAD_DIM), "self_attn.k_proj.weight",
+           ((KV_HEADS, HEAD_DIM), (EMBED,))),
+    _layer("v", (EMBED, KV_HEADS, HEAD_DIM), "self_attn.v_proj.weight",
+           ((KV_HEADS, HEAD_DIM), (EMBED,))),
+    _layer("o", (Q_HEADS, HEAD_DIM, EMBED), "self_attn.o_proj.weight",
+           ((EMBED,), (Q_HEADS, HEAD_DIM))),
+    _layer("mlp_norm", (EMBED,), "post_attention_layernorm.weight", ((EMBED,),)),
+    _layer("gate", (EMBED, MLP), "mlp.gate_proj.weight", ((MLP,), (EMBED,))),
+    _layer("up", (EMBED, MLP), "mlp.up_proj.weight", ((MLP,), (EMBED,))),
+    _layer("down", (MLP, EMBED), "mlp.down_proj.weight", ((EMBED,), (MLP,))),
+    ParamSpec(("final_norm",), (EMBED,), "model.norm.weight", ((EMBED,),)),
+    ParamSpec(("lm_head",), (EMBED, VOCAB), "lm_head.weight", ((VOCAB,), (EMBED,))),
+)
+
+
+def param_specs(cfg: LlamaConfig) -> tuple[ParamSpec, ...]:
+  """The specs present in a model (no `lm_head` when embeddings are tied)."""
+  return tuple(s for s in PARAM_SPECS
+               if not (cfg.tie_word_embeddings and s.path == ("lm_head",)))
+
+
+def axis_sizes(cfg: LlamaConfig) -> dict[str, int]:
+  return {VOCAB: cfg.vocab_size, EMBED: cfg.hidden_size, Q_HEADS: cfg.num_attention_heads,
+          KV_HEADS: cfg.num_key_value_heads, HEAD_DIM: cfg.head_dim,
+          MLP: cfg.intermediate_size, LAYERS: cfg.num_hidden_layers}
+
+
+def shape(spec: ParamSpec, cfg: LlamaConfig) -> tuple[int, ...]:
+  sizes = axis_sizes(cfg)
+  return tuple(sizes[a] for a in spec.axes)
+
+
+def hf_shape(spec: ParamSpec, cfg: LlamaConfig) -> tuple[int, ...]:
+  """Shape of one HF tensor (one layer for stacked leaves)."""
+  sizes = axis_sizes(cfg)
+  return tuple(int(np.prod([sizes[a] for a in group])) for group in spec.hf_axes)
+
+
+def to_hf_layout(x: Any, spec: ParamSpec) -> Any:
+  """Our array (one layer for stacked leaves) -> HF layout. Works for numpy and jax arrays."""
+  axes = spec.axes[1:] if spec.stacked else spec.axes
+  order = [axes.index(a) for group in spec.hf_axes for a in group]
+  x = x.transpose(order) if order != sorted(order) else x
+  dims, i = [], 0
+  for group in spec.hf_axes:
+    dims.append(int(np.prod(x.shape[i:i + len(group)])))
+    i += len(group)
+  return x.reshape(dims)
+
+
+def from_hf_layout(x: Any, spec: ParamSpec, cfg: LlamaConfig) -> Any:
+  """HF tensor (one layer for stacked leaves) -> our layout, checking its shape."""
+  want = hf_shape(spec, cfg)
+  if tuple(x.shape) != want:
+    raise ValueError(f"tensor {spec.hf_name}: shape {tuple(x.shape)} disagrees with the "
+                     f"config, expected {want}")
+  sizes = axis_sizes(cfg)
+  flat = [a for group in spec.hf_axes for a in group]
+  x = x.reshape([sizes[a] for a in flat])
+  axes = spec.axes[1:] if spec.stacked else spec.axes
+  order = [flat.index(a) for a in axes]
+  return x.transpose(order) if order != sorted(order) else x
+
+
+def get(params: dict, spec: ParamSpec):
+  for k in spec.path:
+    params = params[k]
+  return params
+
+
+def iter_leaves(params: dict, cfg: LlamaConfig) -> Iterator[tuple[ParamSpec, Any]]:
+  for spec in param_specs(cfg):
+    yield spec, get(params, spec)
+
+
+def tree_from_leaves(items) -> dict:
+  """Nested param dict from (spec, value) pairs."""
+  out: dict = {}
+  for spec, value in items:
+    node = out
+    for k in spec.path[:-1]:
+      node = node.setdefault(k, {})
+    node[spec.path[-1]] = value
+  return out
+
+
+def logical_axes(cfg: LlamaConfig) -> dict:
+  """The param tree with each leaf replaced by its tuple of logical axis names."""
+  return tree_from_leaves((s, s.axes) for s in param_specs(cfg))

@@ -1,0 +1,320 @@
+"""Model configuration: one frozen dataclass, its HF mapping, and presets.
+
+`head_dim` is always explicit: width pruning changes `hidden_size` without touching the
+heads, so `hidden_size // num_attention_heads` stops being the head size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """An HF config that this implementation cannot reproduce exactly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling (HF `rope_scaling`); fields unused by a type stay None."""
+
+  rope_type: str = "default"
+  factor: float | None = None
+  # llama3
+  low_freq_factor: float | None = None
+  high_freq_factor: float | None = None
+  original_max_position_embeddings: int | None = None
+  # yarn
+  beta_fast: float | None = None
+  beta_slow: float | None = None
+  attention_factor: float | None = None
+  mscale: float | None = None
+  mscale_all_dim: float | None = None
+  truncate: bool | None = None
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ConfigError(f"unsupported rope type {self.rope_type!r}; supported: {ROPE_TYPES}")
+    if self.rope_type != "default" and (self.factor is None or self.factor <= 0):
+      if not (self.rope_type == "yarn" and self.factor is None):
+        raise ConfigError(f"rope type {self.rope_type!r} needs a positive 'factor'")
+    need = {"llama3": ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+            "yarn": ("original_max_position_embeddings",)}.get(self.rope_type, ())
+    for name in need:
+      if getattr(self, name) is None:
+        raise ConfigError(f"rope type {self.rope_type!r} needs {name!r}")
+
+  def to_hf(self) -> dict[str, Any] | None:
+    if self.rope_type == "default":
+      return None
+    out = {"rope_type": self.rope_type}
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if f.name != "rope_type" and v is not None:
+        out[f.name] = v
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture of a Llama-family decoder (and the compute dtype used to run it)."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling = RopeScaling()
+  max_position_embeddings: int = 8192
+  tie_word_embeddings: bool = False
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+  dtype: str = "float32"  # compute dtype; not part of the checkpoint
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ConfigError(
+          f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+          f"num_key_value_heads={self.num_key_value_heads}")
+    if self.head_dim % 2:
+      raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+    if self.dtype not in DTYPES:
+      raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
+      raise ConfigError("rms_norm_eps and rope_theta must be positive")
+
+  @property
+  def num_groups(self) -> int:
+    """Query heads per KV head."""
+    return self.num_attention_heads // self.num_key_value_heads
+
+  @property
+  def eos_token_ids(self) -> tuple[int, ...]:
+    if self.eos_token_id is None:
+      return ()
+    if isinstance(self.eos_token_id, int):
+      return (self.eos_token_id,)
+    return tuple(self.eos_token_id)
+
+  def replace(self, **kw) -> "LlamaConfig":
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self) -> int:
+    """Parameter count, counting a tied embedding once."""
+    d, f, v, h = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+    n, k = self.num_attention_heads, self.num_key_value_heads
+    per_layer = d * h * (2 * n + 2 * k) + 3 * d * f + 2 * d
+    return self.num_hidden_layers * per_layer + v * d * (1 if self.tie_word_embeddings else 2) + d
+
+  # ---------------------------------------------------------------- HF mapping
+
+  @classmethod
+  def from_hf(cls, hf: Mapping[str, Any], dtype: str = "float32", source: str = "config.json"
+              ) -> "LlamaConfig":
+    """Builds a config from an HF `config.json` dict; refuses anything it cannot reproduce."""
+    hf = dict(hf)
+    where = f"{source}:"
+    model_type = hf.get("model_type")
+    if model_type != "llama":
+      raise ConfigError(f"{where} model_type {model_type!r} is not supported (only 'llama')")
+    unknown = sorted(set(hf) - _HF_USED - _HF_IGNORED)
+    if unknown:
+      raise ConfigError(f"{where} unsupported attribute(s) that may change the model: {unknown}")
+    for key, ok in _HF_MUST.items():
+      if key in hf and hf[key] is not None and hf[key] != ok:
+        raise ConfigError(f"{where} {key}={hf[key]!r} is not supported (only {ok!r})")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "vocab_size"):
+      if key not in hf:
+        raise ConfigError(f"{where} missing required attribute {key!r}")
+    n = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n
+    rope_theta, rope = _rope_from_hf(hf, where)
+    eos = hf.get("eos_token_id")
+    return cls(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=n, num_key_value_heads=hf.get("num_key_value_heads") or n,
+        head_dim=head_dim, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta), rope_scaling=rope,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        pad_token_id=hf.get("pad_token_id"), dtype=dtype)
+
+  def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
+    """A complete HF `config.json` dict, in the form every transformers version reads."""
+    eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_hidden_layers,
+        "num_attention_heads": self.num_attention_heads,
+        "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+        "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+        "rope_scaling": self.rope_scaling.to_hf(),
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": False,
+        "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+        "bos_token_id": self.bos_token_id, "eos_token_id": eos, "pad_token_id": self.pad_token_id,
+        "initializer_range": 0.02, "use_cache": True, "torch_dtype": torch_dtype,
+    }
+
+  @classmethod
+  def from_json_file(cls, path: str | os.PathLike, dtype: str = "float32") -> "LlamaConfig":
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no such file (an HF model directory needs config.json)")
+    try:
+      with open(path, encoding="utf-8") as f:
+        hf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return cls.from_hf(hf, dtype=dtype, source=path)
+
+
+# Attributes read by from_hf, attributes with no effect on the math, and attributes that
+# must hold a given value if present.
+_HF_USED = frozenset({
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
+    "bos_token_id", "eos_token_id", "pad_token_id"})
+_HF_MUST = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "pretraining_tp": 1, "rope_interleaved": False}
+_HF_IGNORED = frozenset({
+    "architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+    "initializer_range", "use_cache", "attention_dropout", "output_attentions",
+    "output_hidden_states", "return_dict", "is_llama_config", "id2label", "label2id",
+    "tokenizer_class", "_attn_implementation_autoset", "keys_to_ignore_at_inference",
+    "decoder_start_token_id", "sep_token_id", "unk_token_id", *_HF_MUST})
+
+
+def _rope_from_hf(hf: Mapping[str, Any], where: str) -> tuple[float, RopeScaling]:
+  """Reads RoPE settings in both the legacy (`rope_theta` + `rope_scaling`) and the newer
+  (`rope_parameters`) layouts of transformers."""
+  params = dict(hf.get("rope_parameters") or {})
+  legacy = dict(hf.get("rope_scaling") or {})
+  theta = params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+  params = {**legacy, **params}
+  rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+  params.pop("type", None)
+  params.pop("partial_rotary_factor", 1.0) == 1.0 or _fail(where, "partial_rotary_factor != 1")
+  if rope_type == "default":
+    params.pop("factor", None)
+  known = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
+  extra = sorted(set(params) - known)
+  if extra:
+    raise ConfigError(f"{where} unsupported rope setting(s) {extra} for rope type {rope_type!r}")
+  if rope_type not in ROPE_TYPES:
+    raise ConfigError(f"{where} unsupported rope type {rope_type!r}; supported: {ROPE_TYPES}")
+  try:
+    return float(theta), RopeScaling(rope_type=rope_type, **params)
+  except ConfigError as e:
+    raise ConfigError(f"{where} {e}") from None
+
+
+def _fail(where: str, what: str):
+  raise ConfigError(f"{where} {what} is not supported")
+
+
+# ------------------------------------------------------------------------------ presets
+
+LLAMA3_ROPE = RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+PRESETS: dict[str, LlamaConfig] = {
+    "llama3.1-8b": LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, max_position_embeddings=131072,
+        bos_token_id=128000, eos_token_id=128001),
+    "smollm2-135m": LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+        rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    "tiny": LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2),
+}
+PRESETS["minitron-4b-width"] = PRESETS["llama3.1-8b"].replace(
+    hidden_size=3072, intermediate_size=9216)
+PRESETS["minitron-4b-depth"] = PRESETS["llama3.1-8b"].replace(num_hidden_layers=16)
+
+
+def preset(name: str, **overrides) -> LlamaConfig:
+  if name not in PRESETS:
+    raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides)
+
+
+def rope_inv_freq_and_scale(cfg: LlamaConfig):
+  """Inverse frequencies (numpy float32, head_dim/2) and the cos/sin scale, as HF computes them."""
+  import numpy as np
+
+  dim = cfg.head_dim
+  base = cfg.rope_theta
+  inv_freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  inv_freq = inv_freq.astype(np.float32)
+  r = cfg.rope_scaling
+  if r.rope_type == "default":
+    return inv_freq, 1.0
+  if r.rope_type == "linear":
+    return (inv_freq / np.float32(r.factor)).astype(np.float32), 1.0
+  if r.rope_type == "llama3":
+    old = r.original_max_position_embeddings
+    low_wl, high_wl = old / r.low_freq_factor, old / r.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    out = np.where(wavelen > low_wl, inv_freq / r.factor, inv_freq).astype(np.float32)
+    smooth = (old / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor)
+    smoothed = (1 - smooth) * out / r.factor + smooth * out
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    return np.where(medium, smoothed, out).astype(np.float32), 1.0
+  # yarn
+  factor = r.factor if r.factor is not None else (
+      cfg.max_position_embeddings / r.original_max_position_embeddings)
+
+  def mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  attn = r.attention_factor
+  if attn is None:
+    attn = (mscale(factor, r.mscale) / mscale(factor, r.mscale_all_dim)
+            if r.mscale and r.mscale_all_dim else mscale(factor))
+  beta_fast, beta_slow = r.beta_fast or 32, r.beta_slow or 1
+
+  def corr_dim(rot):
+    return (dim * math.log(r.original_max_position_embeddings / (rot * 2 * math.pi))) / (
+        2 * math.log(base))
+
+  low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+  if r.truncate is None or r.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+  pos_freqs = (base ** (np.arange(0, dim, 2).astype(np.float32) / dim)).astype(np.float32)
+  extra_factor = (1 - ramp).astype(np.float32)
+  inv = (1.0 / (factor * pos_freqs)) * (1 - extra_factor) + (1.0 / pos_freqs) * extra_factor
+  return inv.astype(np.float32), float(attn)

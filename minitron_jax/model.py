@@ -1,0 +1,231 @@
+"""Llama as pure functions over a nested dict of arrays.
+
+Layers are stacked on a leading `layers` axis and run under `jax.lax.scan`, so compile time
+does not grow with depth and depth pruning is a slice. One block function serves training,
+evaluation, prefill and cached decode; `taps` lets a caller reduce any intermediate
+activation inside the scan (importance estimation) without a second code path.
+
+Shape letters: B batch, T query length, S key length, D hidden, N query heads, K KV heads,
+H head dim, F MLP width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minitron_jax import axes
+from minitron_jax.config import LlamaConfig, rope_inv_freq_and_scale
+
+Params = dict[str, Any]
+# name -> fn(activation) -> reduced value; applied per layer inside the scan.
+Taps = Mapping[str, Callable[[jax.Array], Any]]
+TAP_NAMES = ("block_in", "attn_in", "attn_heads", "mlp_in", "mlp_act", "block_out")
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02
+                ) -> Params:
+  """Random params (normal(0, std) matrices, unit norms), laid out as `axes.PARAM_SPECS`."""
+  specs = axes.param_specs(cfg)
+  keys = jax.random.split(key, len(specs))
+  leaves = []
+  for k, spec in zip(keys, specs):
+    shp = axes.shape(spec, cfg)
+    if spec.path[-1].endswith("norm"):
+      leaves.append((spec, jnp.ones(shp, dtype)))
+    else:
+      leaves.append((spec, (std * jax.random.normal(k, shp, jnp.float32)).astype(dtype)))
+  return axes.tree_from_leaves(leaves)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_tables(cfg: LlamaConfig, positions_bt: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """cos/sin of shape (B, T, H) for HF's rotate-half layout."""
+  inv_freq, scale = rope_inv_freq_and_scale(cfg)
+  freqs_btf = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  emb_bth = jnp.concatenate([freqs_btf, freqs_btf], axis=-1)
+  return (jnp.cos(emb_bth) * scale).astype(dtype), (jnp.sin(emb_bth) * scale).astype(dtype)
+
+
+def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
+  h = x_btnh.shape[-1] // 2
+  rot = jnp.concatenate([-x_btnh[..., h:], x_btnh[..., :h]], axis=-1)
+  return x_btnh * cos_bth[:, :, None, :] + rot * sin_bth[:, :, None, :]
+
+
+def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, mask_b1ts, cache_kv,
+           cache_index, taps: Taps):
+  """One decoder layer. Returns (x_btd, new (k, v) cache or None, tap outputs)."""
+  dt = x_btd.dtype
+  out = {}
+
+  def tap(name, value):
+    if name in taps:
+      out[name] = taps[name](value)
+
+  tap("block_in", x_btd)
+  h_btd = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps)
+  tap("attn_in", h_btd)
+  q_btnh = jnp.einsum("BTD,DNH->BTNH", h_btd, lp["q"].astype(dt))
+  k_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, lp["k"].astype(dt))
+  v_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, lp["v"].astype(dt))
+  q_btnh = apply_rope(q_btnh, cos_bth, sin_bth)
+  k_btkh = apply_rope(k_btkh, cos_bth, sin_bth)
+  new_cache = None
+  if cache_kv is not None:
+    k_bskh = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k_btkh.astype(cache_kv[0].dtype),
+                                                 cache_index, axis=1)
+    v_bskh = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v_btkh.astype(cache_kv[1].dtype),
+                                                 cache_index, axis=1)
+    new_cache = (k_bskh, v_bskh)
+    k_btkh, v_btkh = k_bskh.astype(dt), v_bskh.astype(dt)
+  attn_btnh = jax.nn.dot_product_attention(
+      q_btnh, k_btkh, v_btkh, mask=mask_b1ts, is_causal=mask_b1ts is None,
+      scale=cfg.head_dim ** -0.5)
+  tap("attn_heads", attn_btnh)
+  x_btd = x_btd + jnp.einsum("BTNH,NHD->BTD", attn_btnh, lp["o"].astype(dt))
+  h_btd = rms_norm(x_btd, lp["mlp_norm"], cfg.rms_norm_eps)
+  tap("mlp_in", h_btd)
+  gate_btf = jnp.einsum("BTD,DF->BTF", h_btd, lp["gate"].astype(dt))
+  up_btf = jnp.einsum("BTD,DF->BTF", h_btd, lp["up"].astype(dt))
+  act_btf = jax.nn.silu(gate_btf) * up_btf
+  tap("mlp_act", act_btf)
+  x_btd = x_btd + jnp.einsum("BTF,FD->BTD", act_btf, lp["down"].astype(dt))
+  tap("block_out", x_btd)
+  return x_btd, new_cache, out
+
+
+def embed(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array) -> jax.Array:
+  return jnp.take(params["embed"], tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
+
+
+def unembed(params: Params, cfg: LlamaConfig, x_btd: jax.Array) -> jax.Array:
+  """Final norm and LM head; logits in float32."""
+  x_btd = rms_norm(x_btd, params["final_norm"], cfg.rms_norm_eps)
+  if cfg.tie_word_embeddings:
+    logits = jnp.einsum("BTD,VD->BTV", x_btd, params["embed"].astype(x_btd.dtype))
+  else:
+    logits = jnp.einsum("BTD,DV->BTV", x_btd, params["lm_head"].astype(x_btd.dtype))
+  return logits.astype(jnp.float32)
+
+
+def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
+  """Causal mask within segments, (B, 1, T, T). Segment 0 is padding.
+
+  A padding query attends to itself only, so its (discarded) output stays finite.
+  """
+  t = segment_ids_bt.shape[1]
+  causal_tt = jnp.tril(jnp.ones((t, t), bool))
+  same_btt = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+  real_bt = segment_ids_bt != 0
+  mask = causal_tt[None] & same_btt & real_bt[:, None, :]
+  return (mask | jnp.eye(t, dtype=bool)[None])[:, None]
+
+
+def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
+            positions_bt: jax.Array | None = None, segment_ids_bt: jax.Array | None = None,
+            taps: Taps | None = None, return_hidden: bool = False,
+            remat: bool = False) -> dict[str, Any]:
+  """Full-sequence forward.
+
+  Args:
+    params: param tree (see `axes.PARAM_SPECS`).
+    cfg: model config; `cfg.dtype` is the compute dtype.
+    tokens_bt: int token ids.
+    positions_bt: RoPE positions; default `arange(T)` (restart per document when packing).
+    segment_ids_bt: document ids for packed batches (0 = padding); None means one causal
+      sequence per row.
+    taps: per-layer reductions of intermediate activations (names in `TAP_NAMES`).
+    return_hidden: also return every layer's output, stacked `(L, B, T, D)`.
+    remat: rematerialise each layer in the backward pass.
+
+  Returns:
+    dict with `logits` (B, T, V) float32, `embeddings` (B, T, D), and optionally
+    `hidden` (L, B, T, D) and `taps` (name -> value stacked over layers).
+  """
+  taps = dict(taps or {})
+  unknown = set(taps) - set(TAP_NAMES)
+  if unknown:
+    raise ValueError(f"unknown taps {sorted(unknown)}; known: {TAP_NAMES}")
+  b, t = tokens_bt.shape
+  if positions_bt is None:
+    positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  dt = jnp.dtype(cfg.dtype)
+  x_btd = embed(params, cfg, tokens_bt)
+  cos_bth, sin_bth = rope_tables(cfg, positions_bt, dt)
+  mask = None if segment_ids_bt is None else attention_mask(segment_ids_bt)
+
+  def body(x, lp):
+    y, _, tapped = _block(cfg, lp, x, cos_bth, sin_bth, mask, None, None, taps)
+    return y, (y if return_hidden else None, tapped)
+
+  if remat:
+    body = jax.checkpoint(body)
+  x_last, (hidden, tapped) = jax.lax.scan(body, x_btd, params["layers"])
+  out = {"logits": unembed(params, cfg, x_last), "embeddings": x_btd}
+  if return_hidden:
+    out["hidden"] = hidden
+  if taps:
+    out["taps"] = tapped
+  return out
+
+
+# ---------------------------------------------------------------------------- KV cache
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+  """Empty KV cache: keys/values per layer, which slots hold real tokens, next positions."""
+  dtype = dtype or jnp.dtype(cfg.dtype)
+  shp = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shp, dtype), "v": jnp.zeros(shp, dtype),
+          "valid": jnp.zeros((batch, max_len), bool),
+          "index": jnp.zeros((), jnp.int32),
+          "next_position": jnp.zeros((batch,), jnp.int32)}
+
+
+def forward_cached(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
+                   valid_bt: jax.Array, cache: dict[str, jax.Array]
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Appends `T` tokens per row to the cache and returns their logits.
+
+  All rows advance together (slot `cache['index']` onwards); `valid_bt` marks real tokens, so
+  left-padded prompts of different lengths share one cache. RoPE positions count real tokens
+  only, so a row's result does not depend on its padding.
+  """
+  b, t = tokens_bt.shape
+  s = cache["k"].shape[2]
+  dt = jnp.dtype(cfg.dtype)
+  idx = cache["index"]
+  positions_bt = cache["next_position"][:, None] + jnp.cumsum(valid_bt, axis=1) - 1
+  positions_bt = jnp.maximum(positions_bt, 0).astype(jnp.int32)
+  valid_bs = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_bt, idx, axis=1)
+  slot_q_t = idx + jnp.arange(t)
+  causal_ts = jnp.arange(s)[None, :] <= slot_q_t[:, None]
+  self_ts = jnp.arange(s)[None, :] == slot_q_t[:, None]
+  mask_b1ts = ((causal_ts[None] & valid_bs[:, None, :]) | self_ts[None])[:, None]
+  x_btd = embed(params, cfg, tokens_bt)
+  cos_bth, sin_bth = rope_tables(cfg, positions_bt, dt)
+
+  def body(x, layer):
+    lp, k_bskh, v_bskh = layer
+    y, (k_bskh, v_bskh), _ = _block(cfg, lp, x, cos_bth, sin_bth, mask_b1ts,
+                                    (k_bskh, v_bskh), idx, {})
+    return y, (k_bskh, v_bskh)
+
+  x_btd, (k, v) = jax.lax.scan(body, x_btd, (params["layers"], cache["k"], cache["v"]))
+  new_cache = {"k": k, "v": v, "valid": valid_bs, "index": idx + t,
+               "next_position": cache["next_position"] + valid_bt.sum(axis=1).astype(jnp.int32)}
+  return unembed(params, cfg, x_btd), new_cache
+
+
+def num_params(params: Params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

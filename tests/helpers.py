@@ -1,0 +1,43 @@
+"""Shared test utilities: tiny random HF Llama checkpoints made with transformers."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def make_hf_llama(out_dir, *, vocab=128, hidden=64, inter=96, layers=2, heads=4, kv_heads=2,
+                  head_dim=None, tie=False, rope_scaling=None, rope_theta=10000.0, seed=0,
+                  dtype="float32", max_pos=256):
+  """Saves a random transformers LlamaForCausalLM and returns (model, out_dir)."""
+  import torch
+  import transformers
+
+  kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+            max_position_embeddings=max_pos, tie_word_embeddings=tie, rms_norm_eps=1e-5,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  if head_dim is not None:
+    kw["head_dim"] = head_dim
+  kw["rope_theta"] = rope_theta
+  if rope_scaling is not None:
+    kw["rope_scaling"] = rope_scaling
+  cfg = transformers.LlamaConfig(**kw)
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(cfg)
+  # Non-trivial norms so a transposed/misplaced norm cannot pass.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+  model = model.to(getattr(torch, dtype)).eval()
+  model.save_pretrained(out_dir, safe_serialization=True)
+  return model, os.fspath(out_dir)
+
+
+def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+  import torch
+
+  with torch.no_grad():
+    return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
