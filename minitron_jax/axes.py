@@ -111,11 +111,11 @@ def to_hf_layout(x: Any, spec: ParamSpec) -> Any:
   return x.reshape(dims)
 
 
-def from_hf_layout(x: Any, spec: ParamSpec, cfg: LlamaConfig) -> Any:
+def from_hf_layout(x: Any, spec: ParamSpec, cfg: LlamaConfig, name: str | None = None) -> Any:
   """HF tensor (one layer for stacked leaves) -> our layout, checking its shape."""
   want = hf_shape(spec, cfg)
   if tuple(x.shape) != want:
-    raise ValueError(f"tensor {spec.hf_name}: shape {tuple(x.shape)} disagrees with the "
+    raise ValueError(f"tensor {name or spec.hf_name}: shape {tuple(x.shape)} disagrees with the "
                      f"config, expected {want}")
   sizes = axis_sizes(cfg)
   flat = [a for group in spec.hf_axes for a in group]

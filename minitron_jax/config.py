@@ -147,17 +147,20 @@ class LlamaConfig:
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n
     rope_theta, rope = _rope_from_hf(hf, where)
     eos = hf.get("eos_token_id")
-    return cls(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=n, num_key_value_heads=hf.get("num_key_value_heads") or n,
-        head_dim=head_dim, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta), rope_scaling=rope,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-        pad_token_id=hf.get("pad_token_id"), dtype=dtype)
+    try:
+      return cls(
+          vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+          intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+          num_attention_heads=n, num_key_value_heads=hf.get("num_key_value_heads") or n,
+          head_dim=head_dim, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+          rope_theta=float(rope_theta), rope_scaling=rope,
+          max_position_embeddings=hf.get("max_position_embeddings", 2048),
+          tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+          bos_token_id=hf.get("bos_token_id"),
+          eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+          pad_token_id=hf.get("pad_token_id"), dtype=dtype)
+    except (ConfigError, TypeError) as e:
+      raise ConfigError(f"{where} {e}") from None
 
   def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
     """A complete HF `config.json` dict, in the form every transformers version reads."""
@@ -214,7 +217,7 @@ def _rope_from_hf(hf: Mapping[str, Any], where: str) -> tuple[float, RopeScaling
   params = dict(hf.get("rope_parameters") or {})
   legacy = dict(hf.get("rope_scaling") or {})
   theta = params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
-  params = {**legacy, **params}
+  params = {**params, **legacy}  # transformers lets a legacy rope_scaling win, so do we
   rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
   params.pop("type", None)
   params.pop("partial_rotary_factor", 1.0) == 1.0 or _fail(where, "partial_rotary_factor != 1")

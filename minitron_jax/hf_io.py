@@ -102,7 +102,7 @@ def load_hf(model_dir: str | os.PathLike, *, dtype: str = "float32", param_dtype
       if files[name].dtype(name) != src_dtype:
         raise CheckpointError(f"{model_dir}: tensor {name} is {files[name].dtype(name)}, "
                               f"other layers are {src_dtype}")
-      x = axes.from_hf_layout(files[name].get(name), spec, cfg)
+      x = axes.from_hf_layout(files[name].get(name), spec, cfg, name)
       if spec.stacked:
         arr[i] = x
       else:

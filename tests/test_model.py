@@ -1,0 +1,146 @@
+"""Logit parity with transformers, HF round trips, and the KV-cache / packing paths."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from helpers import make_hf_llama, torch_logits
+from minitron_jax import axes, config as C, hf_io, model as M
+from minitron_jax.safetensors_io import SafetensorsFile
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+CASES = {
+    "gqa": dict(heads=4, kv_heads=2),
+    "mha": dict(heads=4, kv_heads=4),
+    "mqa": dict(heads=4, kv_heads=1),
+    "tied": dict(heads=4, kv_heads=2, tie=True),
+    "head_dim_24": dict(heads=4, kv_heads=2, head_dim=24),
+    "llama3_rope": dict(heads=4, kv_heads=2, rope_scaling=LLAMA3, rope_theta=500000.0),
+    "linear_rope": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "yarn_rope": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                    "original_max_position_embeddings": 32}, max_pos=128),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logit_parity_with_transformers(tmp_path, case):
+  model, d = make_hf_llama(tmp_path / "hf", **CASES[case])
+  params, cfg = hf_io.load_hf(d)
+  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 96))  # past 32: scaled rope
+  ours = np.asarray(jax.jit(lambda p, t: M.forward(p, cfg, t)["logits"])(params, tokens))
+  ref = torch_logits(model, tokens)
+  assert np.abs(ours - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path, dtype):
+  model, d = make_hf_llama(tmp_path / "hf", heads=4, kv_heads=2, dtype=dtype)
+  params, cfg = hf_io.load_hf(d)
+  out = hf_io.save_hf(params, cfg, tmp_path / "out", source_dir=d)
+  a, b = SafetensorsFile(os.path.join(d, "model.safetensors")), \
+      SafetensorsFile(os.path.join(out, "model.safetensors"))
+  assert sorted(a.keys()) == sorted(b.keys())
+  for name in a.keys():
+    x, y = a.get(name), b.get(name)
+    assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (1, 40))
+  np.testing.assert_allclose(torch_logits(reloaded, tokens),
+                             torch_logits(model.float(), tokens), atol=1e-5)
+  saved = json.load(open(os.path.join(out, "config.json")))
+  assert saved["head_dim"] == cfg.head_dim and saved["torch_dtype"] == dtype
+  assert os.path.isfile(os.path.join(out, "generation_config.json"))
+
+
+def test_sharded_save_writes_index_and_loads(tmp_path):
+  model, d = make_hf_llama(tmp_path / "hf", tie=False)
+  params, cfg = hf_io.load_hf(d)
+  out = hf_io.save_hf(params, cfg, tmp_path / "out", max_shard_bytes=40_000)
+  index = json.load(open(os.path.join(out, hf_io.INDEX_FILE)))
+  files = set(index["weight_map"].values())
+  assert len(files) > 2 and not os.path.exists(os.path.join(out, hf_io.SINGLE_FILE))
+  params2, _ = hf_io.load_hf(out)
+  for (s, x), (_, y) in zip(axes.iter_leaves(params, cfg), axes.iter_leaves(params2, cfg)):
+    assert np.array_equal(np.asarray(x), np.asarray(y)), s.name
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  tokens = np.arange(30)[None] % cfg.vocab_size
+  np.testing.assert_allclose(torch_logits(reloaded, tokens), torch_logits(model, tokens),
+                             atol=1e-5)
+
+
+def test_packed_segments_equal_separate_sequences():
+  cfg = C.preset("tiny")
+  params = M.init_params(cfg, jax.random.key(0))
+  rng = np.random.RandomState(0)
+  a, b = rng.randint(0, cfg.vocab_size, 7), rng.randint(0, cfg.vocab_size, 5)
+  packed = np.concatenate([a, b, [0, 0]])[None]
+  seg = np.array([[1] * 7 + [2] * 5 + [0, 0]])
+  pos = np.array([list(range(7)) + list(range(5)) + [0, 0]])
+  out = M.forward(params, cfg, packed, positions_bt=pos, segment_ids_bt=seg)["logits"][0]
+  ref_a = M.forward(params, cfg, a[None])["logits"][0]
+  ref_b = M.forward(params, cfg, b[None])["logits"][0]
+  np.testing.assert_allclose(out[:7], ref_a, atol=1e-5)
+  np.testing.assert_allclose(out[7:12], ref_b, atol=1e-5)
+  assert np.isfinite(np.asarray(out)).all()
+
+
+def test_cached_decode_of_left_padded_batch_equals_full_forward():
+  cfg = C.preset("tiny")
+  params = M.init_params(cfg, jax.random.key(1))
+  rng = np.random.RandomState(0)
+  seqs = [rng.randint(3, cfg.vocab_size, n) for n in (9, 5)]
+  t = 9
+  tokens = np.zeros((2, t), np.int32)
+  valid = np.zeros((2, t), bool)
+  for i, s in enumerate(seqs):
+    tokens[i, t - len(s):], valid[i, t - len(s):] = s, True
+  cache = M.init_cache(cfg, 2, 16)
+  logits, cache = M.forward_cached(params, cfg, tokens, valid, cache)
+  nxt = np.array([[5], [7]], np.int32)
+  step_logits, cache = M.forward_cached(params, cfg, nxt, np.ones((2, 1), bool), cache)
+  for i, s in enumerate(seqs):
+    full = M.forward(params, cfg, np.concatenate([s, nxt[i]])[None])["logits"][0]
+    np.testing.assert_allclose(logits[i, -1], full[-2], atol=1e-5)
+    np.testing.assert_allclose(step_logits[i, 0], full[-1], atol=1e-5)
+
+
+def test_hidden_states_and_taps_match_transformers(tmp_path):
+  model, d = make_hf_llama(tmp_path / "hf", layers=3)
+  params, cfg = hf_io.load_hf(d)
+  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 20))
+  out = M.forward(params, cfg, tokens, return_hidden=True,
+                  taps={"mlp_act": lambda x: x, "attn_heads": lambda x: x})
+  with torch.no_grad():
+    ref = model(torch.as_tensor(tokens), output_hidden_states=True).hidden_states
+  # HF: embeddings, the outputs of layers 0..L-2, then the final-normed output of layer L-1.
+  np.testing.assert_allclose(out["embeddings"], ref[0].numpy(), atol=1e-5)
+  for i in range(cfg.num_hidden_layers - 1):
+    np.testing.assert_allclose(out["hidden"][i], ref[i + 1].numpy(), atol=1e-5)
+  assert out["taps"]["mlp_act"].shape == (3, 2, 20, cfg.intermediate_size)
+  assert out["taps"]["attn_heads"].shape == (3, 2, 20, cfg.num_attention_heads, cfg.head_dim)
+  # The head outputs are exactly what o_proj consumes.
+  o = params["layers"]["o"][0]
+  attn_out = np.einsum("btnh,nhd->btd", out["taps"]["attn_heads"][0], o)
+  np.testing.assert_allclose(out["hidden"][0] - out["embeddings"],
+                             attn_out + np.einsum("btf,fd->btd", out["taps"]["mlp_act"][0],
+                                                  params["layers"]["down"][0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("name,billions", [("llama3.1-8b", 8.03), ("minitron-4b-width", 4.51),
+                                           ("minitron-4b-depth", 4.54)])
+def test_eval_shape_full_size_presets(name, billions):
+  cfg = C.preset(name, dtype="bfloat16")
+  shapes = jax.eval_shape(lambda k: M.init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
+  n = M.num_params(shapes)
+  assert n == cfg.num_params()
+  assert abs(n / 1e9 - billions) < 0.01, n
+  logits = jax.eval_shape(lambda p, t: M.forward(p, cfg, t)["logits"], shapes,
+                          jax.ShapeDtypeStruct((1, 16), jnp.int32))
+  assert logits.shape == (1, 16, cfg.vocab_size)
