@@ -173,6 +173,9 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the result private
   try:
     yield tmp
   except BaseException:

