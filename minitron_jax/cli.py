@@ -27,11 +27,15 @@ def main_wrapper(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]
   """Turns input errors into `error: <message>` on stderr and exit status 1."""
 
   def wrapped(argv):
+    from minitron_jax.data import DataDownloadError
+    from minitron_jax.registry import ModelDownloadError
+
+    errors = USER_ERRORS + (ModelDownloadError, DataDownloadError)
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # keep backend-probing chatter off the console
     try:
       return main(argv)
-    except USER_ERRORS as e:
+    except errors as e:
       msg = e.args[0] if isinstance(e, KeyError) and e.args else e
       print(f"error: {msg}", file=sys.stderr)
       sys.exit(1)

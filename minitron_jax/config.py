@@ -321,3 +321,56 @@ def rope_inv_freq_and_scale(cfg: LlamaConfig):
   extra_factor = (1 - ramp).astype(np.float32)
   inv = (1.0 / (factor * pos_freqs)) * (1 - extra_factor) + (1.0 / pos_freqs) * extra_factor
   return inv.astype(np.float32), float(attn)
+
+
+def parse_layer_list(spec: str, num_layers: int | None = None) -> tuple[int, ...]:
+  """`"16-31"` / `"1,3,5-7"` -> sorted unique layer indices, checked against `num_layers`."""
+  out: set[int] = set()
+  for part in filter(None, (p.strip() for p in str(spec).split(","))):
+    lo, sep, hi = part.partition("-")
+    try:
+      a, b = int(lo), int(hi) if sep else int(lo)
+    except ValueError:
+      raise ValueError(f"layer list {spec!r}: {part!r} is not an index or a range a-b") from None
+    if b < a:
+      raise ValueError(f"layer list {spec!r}: empty range {part!r}")
+    out.update(range(a, b + 1))
+  if not out:
+    raise ValueError(f"layer list {spec!r} is empty")
+  if num_layers is not None and (min(out) < 0 or max(out) >= num_layers):
+    raise ValueError(f"layer list {spec!r}: indices must be in [0, {num_layers - 1}]")
+  return tuple(sorted(out))
+
+
+def target_config(cfg: LlamaConfig, width: Mapping[str, int] | None = None,
+                  depth: Mapping[str, Any] | None = None) -> LlamaConfig:
+  """The architecture after width and/or depth pruning (no weights involved).
+
+  Args:
+    cfg: the source architecture.
+    width: any of hidden_size, intermediate_size, num_attention_heads, num_key_value_heads.
+    depth: {"num_hidden_layers": n} or {"drop_layers": "16-31"}.
+  """
+  changes: dict[str, Any] = {}
+  allowed = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+  for key, value in dict(width or {}).items():
+    if key not in allowed:
+      raise ValueError(f"width target {key!r} is not one of {allowed}")
+    if not isinstance(value, int) or value < 1 or value > getattr(cfg, key):
+      raise ValueError(f"width target {key}={value!r} must be an integer in "
+                       f"[1, {getattr(cfg, key)}]")
+    changes[key] = value
+  depth = dict(depth or {})
+  if "drop_layers" in depth:
+    dropped = parse_layer_list(depth.pop("drop_layers"), cfg.num_hidden_layers)
+    if len(dropped) >= cfg.num_hidden_layers:
+      raise ValueError("drop_layers would remove every layer")
+    changes["num_hidden_layers"] = cfg.num_hidden_layers - len(dropped)
+  if "num_hidden_layers" in depth:
+    n = depth.pop("num_hidden_layers")
+    if not isinstance(n, int) or not 1 <= n <= cfg.num_hidden_layers:
+      raise ValueError(f"num_hidden_layers={n!r} must be in [1, {cfg.num_hidden_layers}]")
+    changes["num_hidden_layers"] = n
+  if depth:
+    raise ValueError(f"unknown depth target(s) {sorted(depth)}")
+  return cfg.replace(**changes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import time
 from typing import Callable, Sequence
@@ -213,10 +214,16 @@ def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str
     if name == "ppl":
       if ppl_file is None:
         raise ValueError("task 'ppl' needs a text file (--ppl_file)")
-      if not __import__("os").path.isfile(ppl_file):
+      if not os.path.isfile(ppl_file):
         raise FileNotFoundError(f"{ppl_file}: no such file (--ppl_file)")
       with open(ppl_file, encoding="utf-8") as f:
-        ids = tokenizer(f.read(), add_special_tokens=False)["input_ids"]
+        text = f.read()
+      max_len = tokenizer.model_max_length
+      tokenizer.model_max_length = int(1e30)  # the whole text at once is intended here
+      try:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+      finally:
+        tokenizer.model_max_length = max_len
       t0 = time.perf_counter()
       res = perplexity(params, cfg, ids, seq_len=seq_len, max_windows=max_windows,
                        batch_size=max(1, batch_size // 4), progress=progress)

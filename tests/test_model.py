@@ -133,14 +133,33 @@ def test_hidden_states_and_taps_match_transformers(tmp_path):
                                                   params["layers"]["down"][0]), atol=1e-5)
 
 
-@pytest.mark.parametrize("name,billions", [("llama3.1-8b", 8.03), ("minitron-4b-width", 4.51),
-                                           ("minitron-4b-depth", 4.54)])
-def test_eval_shape_full_size_presets(name, billions):
-  cfg = C.preset(name, dtype="bfloat16")
-  shapes = jax.eval_shape(lambda k: M.init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
-  n = M.num_params(shapes)
-  assert n == cfg.num_params()
-  assert abs(n / 1e9 - billions) < 0.01, n
-  logits = jax.eval_shape(lambda p, t: M.forward(p, cfg, t)["logits"], shapes,
-                          jax.ShapeDtypeStruct((1, 16), jnp.int32))
-  assert logits.shape == (1, 16, cfg.vocab_size)
+@pytest.mark.parametrize("config_file,billions", [
+    ("smollm2_135m", None), ("llama31_8b_to_4b_width", 4.51), ("llama31_8b_to_4b_depth", 4.54)])
+def test_eval_shape_full_size_presets(config_file, billions):
+  """Teacher and pruned student of each recipe in configs/, built abstractly (no memory)."""
+  import importlib
+
+  recipe = importlib.import_module(f"configs.{config_file}").get_config()
+  teacher = C.preset(recipe.model_preset, dtype="bfloat16")
+  students = [C.target_config(teacher, width=recipe.prune.width),
+              C.target_config(teacher, depth=recipe.prune.depth)]
+  for cfg in [teacher] + students:
+    shapes = jax.eval_shape(lambda k: M.init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
+    assert M.num_params(shapes) == cfg.num_params()
+    logits = jax.eval_shape(lambda p, t: M.forward(p, cfg, t)["logits"], shapes,
+                            jax.ShapeDtypeStruct((1, 16), jnp.int32))
+    assert logits.shape == (1, 16, cfg.vocab_size)
+  n_teacher = teacher.num_params()
+  if billions is None:  # SmolLM2-135M: each student keeps about half the non-embedding params
+    assert n_teacher == 134_515_008
+
+    def body(c):
+      return c.num_params() - c.vocab_size * c.hidden_size
+
+    for s in students:
+      if s != teacher:
+        assert 0.45 < body(s) / body(teacher) < 0.55, s
+  else:  # Llama-3.1-8B: 8.03B; the Minitron-4B student: 4.5B as published
+    assert round(n_teacher / 1e9, 2) == 8.03
+    student = next(s for s in students if s != teacher)
+    assert abs(student.num_params() / 1e9 - billions) < 0.01, student.num_params()

@@ -1,0 +1,30 @@
+"""The whole recipe in one command, on a config file from configs/.
+
+  python launch/minitron.py                                   # default: SmolLM2-135M on CPU
+  python launch/minitron.py --config=configs/smollm2_135m.py --config.eval.limit=50
+"""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from absl import app  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from minitron_jax import cli, pipeline  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(ROOT, "configs", "smollm2_135m.py"), "Recipe config file.",
+    lock_config=True)
+
+
+@cli.main_wrapper
+def main(argv):
+  del argv
+  pipeline.run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,141 @@
+"""Everything about device placement: mesh, logical-axis rules, shardings, multi-host init.
+
+Parameters carry logical axis names (`axes.PARAM_SPECS`); `RULES` maps each to a mesh axis.
+The same code runs on one CPU (a 1x1x1 mesh), one GPU, or a multi-host pod.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from minitron_jax import axes
+from minitron_jax.config import LlamaConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or None: replicated). Activations use "batch" / "seq".
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    (axes.VOCAB, "tensor"),
+    (axes.EMBED, "fsdp"),
+    (axes.Q_HEADS, "tensor"),
+    (axes.KV_HEADS, "tensor"),
+    (axes.HEAD_DIM, None),
+    (axes.MLP, "tensor"),
+    (axes.LAYERS, None),
+)
+
+
+def parse_mesh(spec: str, num_devices: int | None = None) -> dict[str, int]:
+  """`"data:2,fsdp:2,tensor:2"` -> sizes for every mesh axis (missing ones are 1).
+
+  One size may be -1 (take the remaining devices). The product must equal the device count.
+  """
+  num_devices = num_devices or jax.device_count()
+  sizes = {a: 1 for a in MESH_AXES}
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, _, value = part.partition(":")
+    if name not in MESH_AXES:
+      raise ValueError(f"--mesh: unknown axis {name!r} (axes: {', '.join(MESH_AXES)})")
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise ValueError(f"--mesh: {part!r} is not axis:size") from None
+  free = [a for a, n in sizes.items() if n == -1]
+  if len(free) > 1 or any(n == 0 or n < -1 for n in sizes.values()):
+    raise ValueError(f"--mesh {spec!r}: sizes must be positive (at most one -1)")
+  if free:
+    rest = int(np.prod([n for n in sizes.values() if n != -1]))
+    if num_devices % rest:
+      raise ValueError(f"--mesh {spec!r} does not divide {num_devices} devices")
+    sizes[free[0]] = num_devices // rest
+  if int(np.prod(list(sizes.values()))) != num_devices:
+    raise ValueError(f"--mesh {spec!r}: product {int(np.prod(list(sizes.values())))} != "
+                     f"{num_devices} devices")
+  return sizes
+
+
+def make_mesh(spec: str = "data:-1", devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(devices or jax.devices())
+  sizes = parse_mesh(spec, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  try:
+    from jax.experimental import mesh_utils
+    arr = mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # CPU or odd topologies: plain order is fine
+    arr = np.array(devices).reshape(shape)
+  return Mesh(arr, MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None], rules=RULES, mesh: Mesh | None = None
+                    ) -> P:
+  """PartitionSpec for logical axis names; a mesh axis is used at most once per array."""
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for name in names:
+    target = table.get(name) if name is not None else None
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    if mesh is not None:
+      targets = tuple(t for t in targets if mesh.shape[t] > 1)
+    if any(t in used for t in targets):
+      targets = ()
+    used.update(targets)
+    out.append(targets[0] if len(targets) == 1 else (targets or None))
+  return P(*out)
+
+
+def _divisible(shape, spec: P, mesh: Mesh) -> P:
+  """Drops a mesh axis from a dimension it does not divide (e.g. 9 heads on tensor:2)."""
+  out = []
+  for dim, s in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (s,) if isinstance(s, str) else tuple(s or ())
+    size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+    out.append(s if size and dim % size == 0 else None)
+  return P(*out)
+
+
+def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules=RULES, params=None) -> dict:
+  """Tree of NamedSharding matching the param tree."""
+  leaves = []
+  for spec in axes.param_specs(cfg):
+    shape = axes.shape(spec, cfg) if params is None else axes.get(params, spec).shape
+    pspec = _divisible(shape, logical_to_spec(spec.axes, rules, mesh), mesh)
+    leaves.append((spec, NamedSharding(mesh, pspec)))
+  return axes.tree_from_leaves(leaves)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(("batch",) + ("seq",) * (ndim - 1), rules, mesh))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules=RULES) -> jax.Array:
+  """Sharding hint for an activation inside jit (no-op outside a mesh context)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Multi-host init from explicit flags, or from the cluster environment (TPU pods, SLURM,
+  Open MPI, Kubernetes) when none are given. A single process needs nothing."""
+  if coordinator_address or num_processes:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  elif _in_cluster(os.environ):
+    jax.distributed.initialize()
+
+
+def _in_cluster(env: Mapping[str, str]) -> bool:
+  keys = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+          "JAX_COORDINATOR_ADDRESS")
+  return any(k in env for k in keys) and env.get("SLURM_NTASKS", "2") != "1"
