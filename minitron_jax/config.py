@@ -337,8 +337,9 @@ def parse_layer_list(spec: str, num_layers: int | None = None) -> tuple[int, ...
     out.update(range(a, b + 1))
   if not out:
     raise ValueError(f"layer list {spec!r} is empty")
-  if num_layers is not None and (min(out) < 0 or max(out) >= num_layers):
-    raise ValueError(f"layer list {spec!r}: indices must be in [0, {num_layers - 1}]")
+  bad = sorted(i for i in out if num_layers is not None and not 0 <= i < num_layers)
+  if bad:
+    raise ValueError(f"layer list {spec!r}: layer(s) {bad} out of range [0, {num_layers - 1}]")
   return tuple(sorted(out))
 
 

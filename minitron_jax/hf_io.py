@@ -190,10 +190,57 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     os.replace(tmp, out_dir)
 
 
+def write_weights(out_dir: str, tensors: list, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+                  ) -> None:
+  """Streams (name, shape, dtype, produce) tensors into `model.safetensors`, or into shards
+  with `model.safetensors.index.json` when they exceed `max_shard_bytes`."""
+  shards = _shard(tensors, max_shard_bytes)
+  if len(shards) == 1:
+    write(os.path.join(out_dir, SINGLE_FILE), shards[0], metadata={"format": "pt"})
+    return
+  weight_map, total = {}, 0
+  for k, shard in enumerate(shards):
+    fn = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    total += write(os.path.join(out_dir, fn), shard, metadata={"format": "pt"})
+    weight_map.update({t[0]: fn for t in shard})
+  with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def write_config(out_dir: str, cfg: LlamaConfig, *, torch_dtype: str = "float32",
+                 source_dir: str | os.PathLike | None = None,
+                 extra_config: dict | None = None) -> None:
+  """config.json, the tokenizer files copied from `source_dir`, and generation_config.json."""
+  hf_cfg = cfg.to_hf(torch_dtype=torch_dtype)
+  hf_cfg.update(extra_config or {})
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf_cfg, f, indent=2)
+  if source_dir is not None:
+    for fn in AUX_FILES:
+      src = os.path.join(os.fspath(source_dir), fn)
+      if os.path.isfile(src):
+        shutil.copy2(src, os.path.join(out_dir, fn))
+  if not os.path.isfile(os.path.join(out_dir, "generation_config.json")):
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf_cfg["eos_token_id"]}
+    if cfg.pad_token_id is not None:
+      gen["pad_token_id"] = cfg.pad_token_id
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+      json.dump(gen, f, indent=2)
+
+
+def torch_dtype_name(dtypes) -> str:
+  dtypes = {np.dtype(d) for d in dtypes}
+  if len(dtypes) != 1:
+    return "float32"
+  return {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(
+      dtypes.pop(), "bfloat16")
+
+
 def save_hf(params: dict, cfg: LlamaConfig, out_dir: str | os.PathLike, *,
             source_dir: str | os.PathLike | None = None, dtype=None,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-            extra_config: dict | None = None) -> str:
+            extra_config: dict | None = None, extra_files: Callable[[str], None] | None = None
+            ) -> str:
   """Writes an HF Llama directory that transformers loads.
 
   Args:
@@ -205,39 +252,21 @@ def save_hf(params: dict, cfg: LlamaConfig, out_dir: str | os.PathLike, *,
     max_shard_bytes: start a new shard beyond this many bytes (HF's default is 5 GB).
     overwrite: replace an existing non-empty `out_dir`.
     extra_config: keys merged into config.json.
+    extra_files: called with the temporary directory to add files before it is published.
 
   Returns:
     The output directory.
   """
   tensors = _hf_tensors(params, cfg, np.dtype(dtype) if dtype is not None else None)
-  dtypes = {t[2] for t in tensors}
-  torch_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(
-      next(iter(dtypes)), "bfloat16") if len(dtypes) == 1 else "float32"
   with atomic_output_dir(out_dir, overwrite) as tmp:
-    shards = _shard(tensors, max_shard_bytes)
-    if len(shards) == 1:
-      write(os.path.join(tmp, SINGLE_FILE), shards[0], metadata={"format": "pt"})
-    else:
-      weight_map, total = {}, 0
-      for k, shard in enumerate(shards):
-        fn = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += write(os.path.join(tmp, fn), shard, metadata={"format": "pt"})
-        weight_map.update({t[0]: fn for t in shard})
-      with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    hf_cfg = cfg.to_hf(torch_dtype=torch_dtype)
-    hf_cfg.update(extra_config or {})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(hf_cfg, f, indent=2)
-    if source_dir is not None:
-      for fn in AUX_FILES:
-        src = os.path.join(os.fspath(source_dir), fn)
-        if os.path.isfile(src):
-          shutil.copy2(src, os.path.join(tmp, fn))
-    if not os.path.isfile(os.path.join(tmp, "generation_config.json")):
-      gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf_cfg["eos_token_id"]}
-      if cfg.pad_token_id is not None:
-        gen["pad_token_id"] = cfg.pad_token_id
-      with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-        json.dump(gen, f, indent=2)
+    write_weights(tmp, tensors, max_shard_bytes)
+    write_config(tmp, cfg, torch_dtype=torch_dtype_name(t[2] for t in tensors),
+                 source_dir=source_dir, extra_config=extra_config)
+    if extra_files is not None:
+      extra_files(tmp)
   return os.path.abspath(os.fspath(out_dir))
+
+
+def open_checkpoint(model_dir: str | os.PathLike) -> dict[str, SafetensorsFile]:
+  """Tensor name -> open (memory-mapped) file, for streaming over a big checkpoint."""
+  return _open_files(os.fspath(model_dir))

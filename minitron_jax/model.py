@@ -23,7 +23,9 @@ from minitron_jax.config import LlamaConfig, rope_inv_freq_and_scale
 Params = dict[str, Any]
 # name -> fn(activation) -> reduced value; applied per layer inside the scan.
 Taps = Mapping[str, Callable[[jax.Array], Any]]
-TAP_NAMES = ("block_in", "attn_in", "attn_heads", "mlp_in", "mlp_act", "block_out")
+# Per-layer taps (stacked over layers), plus "final_norm" (the normed input of the LM head).
+TAP_NAMES = ("block_in", "attn_in", "attn_heads", "mlp_in", "mlp_act", "block_out", "block_io",
+             "final_norm")
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02
@@ -81,6 +83,7 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, mask_b1ts, cac
       out[name] = taps[name](value)
 
   tap("block_in", x_btd)
+  x_in_btd = x_btd
   h_btd = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps)
   tap("attn_in", h_btd)
   q_btnh = jnp.einsum("BTD,DNH->BTNH", h_btd, weight(lp["q"], dt))
@@ -109,6 +112,8 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, mask_b1ts, cac
   tap("mlp_act", act_btf)
   x_btd = x_btd + jnp.einsum("BTF,FD->BTD", act_btf, weight(lp["down"], dt))
   tap("block_out", x_btd)
+  if "block_io" in taps:
+    out["block_io"] = taps["block_io"]((x_in_btd, x_btd))
   return x_btd, new_cache, out
 
 
@@ -119,9 +124,11 @@ def embed(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array) -> jax.Array:
   return jnp.take(table, tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
 
 
-def unembed(params: Params, cfg: LlamaConfig, x_btd: jax.Array) -> jax.Array:
-  """Final norm and LM head; logits in float32."""
-  x_btd = rms_norm(x_btd, params["final_norm"], cfg.rms_norm_eps)
+def unembed(params: Params, cfg: LlamaConfig, x_btd: jax.Array, normed: bool = False
+            ) -> jax.Array:
+  """Final norm (unless `normed`) and LM head; logits in float32."""
+  if not normed:
+    x_btd = rms_norm(x_btd, params["final_norm"], cfg.rms_norm_eps)
   if cfg.tie_word_embeddings:
     logits = jnp.einsum("BTD,VD->BTV", x_btd, weight(params["embed"], x_btd.dtype))
   else:
@@ -145,7 +152,7 @@ def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
 def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
             positions_bt: jax.Array | None = None, segment_ids_bt: jax.Array | None = None,
             taps: Taps | None = None, return_hidden: bool = False,
-            remat: bool = False) -> dict[str, Any]:
+            remat: bool = False, layer_mask: jax.Array | None = None) -> dict[str, Any]:
   """Full-sequence forward.
 
   Args:
@@ -158,6 +165,8 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
     taps: per-layer reductions of intermediate activations (names in `TAP_NAMES`).
     return_hidden: also return every layer's output, stacked `(L, B, T, D)`.
     remat: rematerialise each layer in the backward pass.
+    layer_mask: optional (L,) bool; a False layer is skipped (its input passes through), which
+      equals removing it, without a new compile per choice of layers.
 
   Returns:
     dict with `logits` (B, T, V) float32, `embeddings` (B, T, D), and optionally
@@ -175,17 +184,25 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
   cos_bth, sin_bth = rope_tables(cfg, positions_bt, dt)
   mask = None if segment_ids_bt is None else attention_mask(segment_ids_bt)
 
-  def body(x, lp):
+  final_tap = taps.pop("final_norm", None)
+  keep_l = jnp.ones((cfg.num_hidden_layers,), bool) if layer_mask is None else layer_mask
+
+  def body(x, layer):
+    lp, keep = layer
     y, _, tapped = _block(cfg, lp, x, cos_bth, sin_bth, mask, None, None, taps)
+    y = jnp.where(keep, y, x) if layer_mask is not None else y
     return y, (y if return_hidden else None, tapped)
 
   if remat:
     body = jax.checkpoint(body)
-  x_last, (hidden, tapped) = jax.lax.scan(body, x_btd, params["layers"])
-  out = {"logits": unembed(params, cfg, x_last), "embeddings": x_btd}
+  x_last, (hidden, tapped) = jax.lax.scan(body, x_btd, (params["layers"], keep_l))
+  normed_btd = rms_norm(x_last, params["final_norm"], cfg.rms_norm_eps)
+  out = {"logits": unembed(params, cfg, normed_btd, normed=True), "embeddings": x_btd}
+  if final_tap is not None:
+    tapped["final_norm"] = final_tap(normed_btd)
   if return_hidden:
     out["hidden"] = hidden
-  if taps:
+  if taps or final_tap is not None:
     out["taps"] = tapped
   return out
 

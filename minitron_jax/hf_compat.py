@@ -1,0 +1,40 @@
+"""Compatibility with transformers releases that reject valid pruned Llama configs.
+
+Width pruning keeps `head_dim` while shrinking `hidden_size`, so `hidden_size` need not be a
+multiple of `num_attention_heads` (e.g. hidden 448 with 6 heads of 64). transformers' Llama
+computes every projection from `num_attention_heads * head_dim` and handles this, but the
+config validator of transformers 5.x raises on it even when `head_dim` is explicit (an open
+upstream bug). `allow_explicit_head_dim()` relaxes exactly that check for configs that set
+`head_dim`; older transformers releases need nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def allow_explicit_head_dim() -> bool:
+  """Patches `transformers.LlamaConfig.validate_architecture`; returns whether it patched."""
+  import transformers
+
+  cls = transformers.LlamaConfig
+  original = getattr(cls, "validate_architecture", None)
+  if original is None:
+    return False
+
+  def validate_architecture(self):
+    head_dim = getattr(self, "head_dim", None)
+    if head_dim and self.hidden_size % self.num_attention_heads:
+      if self.num_attention_heads % (self.num_key_value_heads or self.num_attention_heads):
+        raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not a multiple "
+                         f"of num_key_value_heads ({self.num_key_value_heads})")
+      return None
+    return original(self)
+
+  cls.validate_architecture = validate_architecture
+  validators = getattr(cls, "__class_validators__", None)
+  if isinstance(validators, list):
+    cls.__class_validators__ = [validate_architecture if v is original else v
+                                for v in validators]
+  return True
