@@ -203,7 +203,11 @@ def plot_unit_scores(path: str, scores: I.Scores) -> None:
 
   fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
   for ax, m, name in ((a, scores.heads, "attention heads"), (b, scores.neurons, "MLP neurons")):
-    im = ax.imshow(np.asarray(m).T, aspect="auto", origin="lower", cmap="viridis")
+    m = np.asarray(m, np.float64)
+    # A few outlier neurons dominate a linear scale; log10 shows the ranking that matters.
+    im = ax.imshow(np.log10(m - m.min() + 1e-6 * (np.ptp(m) + 1e-12)).T, aspect="auto",
+                   origin="lower", cmap="viridis")
+    ax.set_title(f"log10 importance: {name}", fontsize=9)
     ax.set_xlabel("layer")
     ax.set_ylabel(name)
     fig.colorbar(im, ax=ax)

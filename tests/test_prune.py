@@ -183,3 +183,19 @@ def test_layer_importance_matches_direct_computation(params):
     p, c = LI.drop_layers_params(params, CFG, [i])
     assert abs(drops[1][i] - float(I.lm_loss(p, c, batches[0]))) < 1e-5
   assert abs(base - float(I.lm_loss(params, CFG, batches[0]))) < 1e-6
+
+
+def test_accuracy_drop_matches_evaluating_the_pruned_model(real_model, data_root):
+  from minitron_jax import evaluate as E
+
+  tok = real_model[2]
+  cfg = CFG.replace(vocab_size=49152)
+  p = M.init_params(cfg, jax.random.key(5), std=0.3)
+  base, acc = LI.accuracy_drop(p, cfg, tok, "piqa", data_root, block_sizes=(1, 2), limit=6,
+                               batch_size=4)
+  assert set(acc) == {1, 2} and len(acc[1]) == 3 and len(acc[2]) == 2
+  assert base == E.evaluate_task(p, cfg, tok, "piqa", data_root, limit=6, progress=False)["acc"]
+  keep = np.array([0, 2])
+  pruned, c = P.prune(p, cfg, P.PrunePlan(layers=keep))
+  want = E.evaluate_task(pruned, c, tok, "piqa", data_root, limit=6, progress=False)["acc"]
+  assert acc[1][1] == want
