@@ -163,3 +163,15 @@ def test_eval_shape_full_size_presets(config_file, billions):
     assert round(n_teacher / 1e9, 2) == 8.03
     student = next(s for s in students if s != teacher)
     assert abs(student.num_params() / 1e9 - billions) < 0.01, student.num_params()
+
+
+def test_bfloat16_compute_tracks_float32(tmp_path):
+  model, d = make_hf_llama(tmp_path / "hf", heads=4, kv_heads=2)
+  params, cfg = hf_io.load_hf(d)
+  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 64))
+  f32 = np.asarray(M.forward(params, cfg, tokens)["logits"])
+  out = M.forward(params, cfg.replace(dtype="bfloat16"), tokens, return_hidden=True)
+  assert out["hidden"].dtype == jnp.bfloat16 and out["logits"].dtype == jnp.float32
+  bf16 = np.asarray(out["logits"])
+  assert np.abs(bf16 - f32).max() < 0.05 * np.abs(f32).max()
+  assert (bf16.argmax(-1) == f32.argmax(-1)).mean() > 0.9
