@@ -58,9 +58,9 @@ def main(argv):
     if given:
       p, c, _, _ = cli.load_model(given, _DTYPE.value, with_tokenizer=False)
     else:
-      targets = dict(recipe.prune[section] or {})
-      if not targets:
+      if section not in recipe.prune.kinds:
         continue
+      targets = dict(recipe.prune[section])
       t = P.Targets.from_flags(cfg, **targets)
       plan = P.make_plan(cfg, t, I.magnitude_scores(params, cfg),
                          layer_scores=np.arange(cfg.num_hidden_layers, dtype=float)[::-1])

@@ -2,6 +2,10 @@
 
   python launch/minitron.py                                   # default: SmolLM2-135M on CPU
   python launch/minitron.py --config=configs/smollm2_135m.py --config.eval.limit=50
+
+Stages: fetch, synthetic_data (with --config.data.source=synthetic), teacher_correction,
+prune_width, prune_depth, distill_width, distill_depth, baseline_pruned_ce,
+baseline_random_ce, quantize, evaluate, report. Outputs go to --config.run_dir.
 """
 
 import os
@@ -10,7 +14,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from minitron_jax import cli, pipeline  # noqa: E402
@@ -18,13 +22,15 @@ from minitron_jax import cli, pipeline  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(ROOT, "configs", "smollm2_135m.py"), "Recipe config file.",
     lock_config=True)
+_STAGES = flags.DEFINE_list("stages", None, "Run only these stages (default: every stage whose "
+                            "output is missing).")
 
 
 @cli.main_wrapper
 def main(argv):
   del argv
-  pipeline.run(_CONFIG.value)
+  pipeline.run(_CONFIG.value, only=tuple(_STAGES.value or ()))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser)

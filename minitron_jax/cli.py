@@ -43,6 +43,21 @@ def main_wrapper(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]
   return wrapped
 
 
+def flags_parser(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config-override errors (an unknown `--config.key`, a value of
+  the wrong type) reported as one line instead of a traceback."""
+  from absl import flags
+
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    msg = str(e).strip("\"'")
+    print(f"error: bad config override: {msg} (unknown key or wrong type)", file=sys.stderr)
+  sys.exit(1)
+
+
 def load_model(model_dir: str, dtype: str = "float32", with_tokenizer: bool = True):
   """Resolves a directory, short name or hub id and loads (params, cfg, tokenizer, path)."""
   from minitron_jax import hf_io, registry

@@ -323,20 +323,26 @@ def rope_inv_freq_and_scale(cfg: LlamaConfig):
   return inv.astype(np.float32), float(attn)
 
 
-def parse_layer_list(spec: str, num_layers: int | None = None) -> tuple[int, ...]:
-  """`"16-31"` / `"1,3,5-7"` -> sorted unique layer indices, checked against `num_layers`."""
-  out: set[int] = set()
+def expand_ranges(spec: str, what: str = "layer list") -> list[int]:
+  """`"0,1,4-7"` -> [0, 1, 4, 5, 6, 7], in the order given."""
+  out: list[int] = []
   for part in filter(None, (p.strip() for p in str(spec).split(","))):
     lo, sep, hi = part.partition("-")
     try:
       a, b = int(lo), int(hi) if sep else int(lo)
     except ValueError:
-      raise ValueError(f"layer list {spec!r}: {part!r} is not an index or a range a-b") from None
+      raise ValueError(f"{what} {spec!r}: {part!r} is not an index or a range a-b") from None
     if b < a:
-      raise ValueError(f"layer list {spec!r}: empty range {part!r}")
-    out.update(range(a, b + 1))
+      raise ValueError(f"{what} {spec!r}: empty range {part!r}")
+    out.extend(range(a, b + 1))
   if not out:
-    raise ValueError(f"layer list {spec!r} is empty")
+    raise ValueError(f"{what} {spec!r} is empty")
+  return out
+
+
+def parse_layer_list(spec: str, num_layers: int | None = None) -> tuple[int, ...]:
+  """`"16-31"` / `"1,3,5-7"` -> sorted unique layer indices, checked against `num_layers`."""
+  out = set(expand_ranges(spec))
   bad = sorted(i for i in out if num_layers is not None and not 0 <= i < num_layers)
   if bad:
     raise ValueError(f"layer list {spec!r}: layer(s) {bad} out of range [0, {num_layers - 1}]")

@@ -1,7 +1,9 @@
-"""The recipe as resumable stages in one run directory.
+"""The Minitron recipe as resumable stages in one run directory.
 
-Each stage writes its outputs atomically and is skipped when they already exist, so running
-the same command again after an interruption continues where it stopped.
+fetch -> [synthetic data] -> teacher correction -> prune (width, depth) -> distill (width,
+depth) -> baselines -> quantize -> evaluate every model -> report. Each stage writes its
+output atomically and is skipped when that output exists, so the same command continues an
+interrupted run; training stages also resume from their own checkpoints.
 """
 
 from __future__ import annotations
@@ -14,91 +16,271 @@ from typing import Any, Callable
 
 from minitron_jax import cli
 
+MODEL_STAGES = ("teacher", "corrected", "pruned_width", "pruned_depth", "distill_width",
+                "distill_depth", "baseline_pruned_ce", "baseline_random_ce")
+
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
   name: str
-  output: str  # file (relative to the run dir) whose presence marks the stage done
+  output: str                 # relative path whose presence marks the stage done
   run: Callable[[Any, str], None]
+  needs: tuple[str, ...] = ()  # outputs of earlier stages this one reads
+  enabled: Callable[[Any], bool] = lambda cfg: True
 
 
-def _cfg_get(cfg, key, default=None):
-  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-  return default if value in ("", 0, None) else value
+def _get(cfg, dotted: str, default=None):
+  node = cfg
+  for part in dotted.split("."):
+    if node is None or part not in node:
+      return default
+    node = node[part]
+  return default if node in ("", None) else node
 
 
 def data_root(cfg) -> str:
-  return _cfg_get(cfg, "data_root") or cli.default_data_root()
+  return _get(cfg, "data_root") or cli.default_data_root()
+
+
+def _read(run_dir: str, rel: str) -> dict:
+  with open(os.path.join(run_dir, rel)) as f:
+    return json.load(f)
+
+
+def model_dir(run_dir: str, name: str) -> str:
+  """HF directory of a model stage."""
+  if name == "teacher":
+    return _read(run_dir, "teacher.json")["model_dir"]
+  if name.startswith("pruned_"):
+    return os.path.join(run_dir, name)
+  return os.path.join(run_dir, name, "hf")
+
+
+# ------------------------------------------------------------------------------ stages
 
 
 def stage_fetch(cfg, run_dir: str) -> None:
   from minitron_jax import hf_io, registry
 
   path = str(registry.resolve_model_dir(cfg.teacher))
-  model_cfg = hf_io.load_config(path)
-  cli.write_json(os.path.join(run_dir, "teacher.json"),
-                 {"model_dir": path, "config": model_cfg.to_hf()})
+  hf_io.load_config(path)  # refuse an unsupported teacher before anything else runs
+  cli.write_json(os.path.join(run_dir, "teacher.json"), {"model_dir": path})
 
 
-def _teacher_dir(run_dir: str) -> str:
-  with open(os.path.join(run_dir, "teacher.json")) as f:
-    return json.load(f)["model_dir"]
+def training_data(cfg, run_dir: str) -> str:
+  return (os.path.join(run_dir, "data", "synthetic.jsonl") if cfg.data.source == "synthetic"
+          else cfg.data.source)
+
+
+def stage_synthetic(cfg, run_dir: str) -> None:
+  from minitron_jax import synthetic
+
+  params, mcfg, tok, path = cli.load_model(model_dir(run_dir, "teacher"), cfg.dtype)
+  s = cfg.data.synthetic
+  synthetic.generate_corpus(params, mcfg, tok, training_data(cfg, run_dir),
+                            synthetic.SyntheticConfig(
+                                num_documents=s.num_documents, max_new_tokens=s.max_new_tokens,
+                                batch_size=s.batch_size, temperature=s.temperature,
+                                top_p=s.top_p, seed=cfg.seed), model_id=path)
+
+
+def _train_config(cfg, section, mode: str):
+  from minitron_jax import train
+
+  t = cfg[section]
+  return train.TrainConfig(
+      mode=mode, steps=t.steps, global_batch_size=t.global_batch_size,
+      micro_batch_size=_get(cfg, f"{section}.micro_batch_size") or None, seq_len=t.seq_len,
+      lr=t.lr,
+      min_lr=t.min_lr, warmup_steps=t.warmup_steps, dtype=cfg.train_dtype,
+      mesh=cfg.mesh, save_every=t.save_every, eval_every=t.eval_every,
+      eval_windows=t.eval_windows, seed=cfg.seed, log_every=max(1, t.steps // 20))
+
+
+def _train(cfg, run_dir: str, name: str, section: str, mode: str, *, teacher: str,
+           student: str | None = None, dcfg=None) -> None:
+  from minitron_jax import trainer
+
+  trainer.run(_train_config(cfg, section, mode), teacher_dir=teacher,
+              output_dir=os.path.join(run_dir, name), student_dir=student,
+              data_source=training_data(cfg, run_dir), dcfg=dcfg, export_dtype="float32")
+
+
+def stage_correct(cfg, run_dir: str) -> None:
+  _train(cfg, run_dir, "corrected", "correction", "teacher_correction",
+         teacher=model_dir(run_dir, "teacher"))
+
+
+def _teacher_for_students(cfg, run_dir: str) -> str:
+  return model_dir(run_dir, "corrected" if cfg.correction.steps else "teacher")
+
+
+def _prune(cfg, run_dir: str, kind: str) -> None:
+  from minitron_jax import prune_job
+
+  p = cfg.prune
+  targets = dict(p[kind] or {})
+  prune_job.run(prune_job.PruneJob(
+      model_dir=_teacher_for_students(cfg, run_dir), output_dir=os.path.join(run_dir,
+                                                                          f"pruned_{kind}"),
+      importance=p.importance, aggregation=p.aggregation, layer_importance=p.layer_importance,
+      calib_data=training_data(cfg, run_dir), calib_samples=p.calib_samples,
+      calib_seq_len=p.calib_seq_len, eval_samples=p.eval_samples, batch_size=p.batch_size,
+      seed=cfg.seed, data_root=data_root(cfg), overwrite=True, dtype=cfg.dtype, **targets))
+
+
+def _distill_config(cfg, run_dir: str, kind: str):
+  from minitron_jax import distill
+
+  d = cfg.distill
+  report = os.path.join(run_dir, f"pruned_{kind}", "prune_report.json")
+  return distill.DistillConfig(temperature=d.kd_temperature, hidden_loss=d.hidden_loss,
+                               layer_map=distill.layer_map_from_report(report))
+
+
+def stage_distill(kind: str):
+  def run(cfg, run_dir):
+    _train(cfg, run_dir, f"distill_{kind}", "distill", "distill",
+           teacher=_teacher_for_students(cfg, run_dir),
+           student=os.path.join(run_dir, f"pruned_{kind}"),
+           dcfg=_distill_config(cfg, run_dir, kind))
+  return run
+
+
+def stage_baseline_pruned_ce(cfg, run_dir: str) -> None:
+  """The width-pruned student trained on the same tokens with cross-entropy, no teacher."""
+  _train(cfg, run_dir, "baseline_pruned_ce", "distill", "teacher_correction",
+         teacher=os.path.join(run_dir, "pruned_width"))
+
+
+def stage_baseline_random_ce(cfg, run_dir: str) -> None:
+  """The same architecture from random initialisation, cross-entropy, same tokens."""
+  import jax
+
+  from minitron_jax import hf_io, model as M
+
+  src = os.path.join(run_dir, "pruned_width")
+  init_dir = os.path.join(run_dir, "baseline_random_ce", "init")
+  if not os.path.isfile(os.path.join(init_dir, "config.json")):
+    mcfg = hf_io.load_config(src)
+    params = M.init_params(mcfg, jax.random.key(cfg.seed))
+    hf_io.save_hf(params, mcfg, init_dir, source_dir=src, overwrite=True)
+  _train(cfg, run_dir, "baseline_random_ce", "distill", "teacher_correction", teacher=init_dir)
+
+
+def stage_quantize(cfg, run_dir: str) -> None:
+  from minitron_jax import quant_export
+
+  src = model_dir(run_dir, cfg.quantize.source)
+  ppl_file = os.path.join(data_root(cfg), "wikitext-2", "test.txt")
+  for fmt in cfg.quantize.formats:
+    out = os.path.join(run_dir, "quantized", fmt)
+    if os.path.isfile(os.path.join(out, "quantize_report.json")):
+      continue
+    quant_export.quantize_checkpoint(src, out, fmt, overwrite=True,
+                                     ppl_file=ppl_file if os.path.isfile(ppl_file) else None,
+                                     max_windows=2)
 
 
 def stage_evaluate(cfg, run_dir: str) -> None:
-  from minitron_jax import evaluate
+  from minitron_jax import report
 
-  params, mcfg, tok, path = cli.load_model(_teacher_dir(run_dir), cfg.dtype)
-  root = data_root(cfg)
-  e = cfg.eval
-  res = evaluate.run_evaluation(
-      params, mcfg, tok, list(e.tasks), data_root=root,
-      ppl_file=_cfg_get(e, "ppl_file") or os.path.join(root, "wikitext-2", "test.txt"),
-      seq_len=e.seq_len, max_windows=_cfg_get(e, "max_windows"), limit=_cfg_get(e, "limit"),
-      batch_size=e.batch_size)
-  print(evaluate.format_table(list(res.items()), ["ppl", "acc", "acc_norm", "tokens",
-                                                  "examples", "seconds"]))
-  cli.write_json(os.path.join(run_dir, "eval_teacher.json"), {"model_dir": path, "results": res})
+  for name in evaluated_models(cfg):
+    out = os.path.join(run_dir, "eval", f"{name}.json")
+    if os.path.isfile(out):
+      continue
+    print(f"[evaluate] {name}", flush=True)
+    cli.write_json(out, report.evaluate_model(cfg, run_dir, name, data_root(cfg)))
 
 
-def stage_generate(cfg, run_dir: str) -> None:
-  from minitron_jax import generate
+def stage_report(cfg, run_dir: str) -> None:
+  from minitron_jax import report
 
-  params, mcfg, tok, path = cli.load_model(_teacher_dir(run_dir), cfg.dtype)
-  g = cfg.generate
-  prompts = [generate.encode_prompt(tok, p, chat=g.chat) for p in g.prompts]
-  res = generate.generate(params, mcfg, prompts,
-                          generate.SamplingConfig(max_new_tokens=g.max_new_tokens),
-                          eos_ids=generate.eos_ids(mcfg, tok))
-  samples = [{"prompt": p, "completion": tok.decode(t, skip_special_tokens=True)}
-             for p, t in zip(g.prompts, res.tokens)]
-  for s in samples:
-    print(f"### {s['prompt']}\n{s['completion']}\n")
-  cli.write_json(os.path.join(run_dir, "samples_teacher.json"),
-                 {"model_dir": path, "samples": samples,
-                  "decode_tokens_per_second": res.decode_tokens_per_second})
+  report.write_report(cfg, run_dir, evaluated_models(cfg))
 
 
-STAGES = (
-    Stage("fetch", "teacher.json", stage_fetch),
-    Stage("evaluate", "eval_teacher.json", stage_evaluate),
-    Stage("generate", "samples_teacher.json", stage_generate),
-)
+def evaluated_models(cfg) -> list[str]:
+  names = ["teacher"]
+  if cfg.correction.steps:
+    names.append("corrected")
+  for kind in ("width", "depth"):
+    if kind in cfg.prune.kinds:
+      names += [f"pruned_{kind}", f"distill_{kind}"]
+  if cfg.baselines and "width" in cfg.prune.kinds:
+    names += ["baseline_pruned_ce", "baseline_random_ce"]
+  names += [f"quantized/{f}" for f in (cfg.quantize.formats or ())]
+  return names
 
 
-def run(cfg, stages=STAGES) -> str:
-  """Runs every stage whose output is missing; returns the run directory."""
+def stages() -> tuple[Stage, ...]:
+  width = lambda c: "width" in c.prune.kinds  # noqa: E731
+  depth = lambda c: "depth" in c.prune.kinds  # noqa: E731
+  return (
+      Stage("fetch", "teacher.json", stage_fetch),
+      Stage("synthetic_data", "data/synthetic.jsonl", stage_synthetic, ("teacher.json",),
+            lambda c: c.data.source == "synthetic"),
+      Stage("teacher_correction", "corrected/run.json", stage_correct, ("teacher.json",),
+            lambda c: bool(c.correction.steps)),
+      Stage("prune_width", "pruned_width/prune_report.json", lambda c, r: _prune(c, r, "width"),
+            ("teacher.json",), width),
+      Stage("prune_depth", "pruned_depth/prune_report.json", lambda c, r: _prune(c, r, "depth"),
+            ("teacher.json",), depth),
+      Stage("distill_width", "distill_width/run.json", stage_distill("width"),
+            ("pruned_width/prune_report.json",), width),
+      Stage("distill_depth", "distill_depth/run.json", stage_distill("depth"),
+            ("pruned_depth/prune_report.json",), depth),
+      Stage("baseline_pruned_ce", "baseline_pruned_ce/run.json", stage_baseline_pruned_ce,
+            ("pruned_width/prune_report.json",), lambda c: bool(c.baselines) and width(c)),
+      Stage("baseline_random_ce", "baseline_random_ce/run.json", stage_baseline_random_ce,
+            ("pruned_width/prune_report.json",), lambda c: bool(c.baselines) and width(c)),
+      Stage("quantize", "quantized/done.json", _mark(stage_quantize, "quantized/done.json"),
+            (), lambda c: bool(c.quantize.formats)),
+      Stage("evaluate", "eval/done.json", _mark(stage_evaluate, "eval/done.json")),
+      Stage("report", "report.md", stage_report),
+  )
+
+
+def _mark(fn, rel: str):
+  """Runs `fn`, then writes the marker `rel` (for stages that produce many files)."""
+  def run(cfg, run_dir):
+    fn(cfg, run_dir)
+    cli.write_json(os.path.join(run_dir, rel), {"finished": time.time()})
+  return run
+
+
+def _producer(rel: str) -> str:
+  return next((s.name for s in stages() if s.output == rel), "?")
+
+
+def run(cfg, only: tuple[str, ...] | None = None) -> str:
+  """Runs every enabled stage whose output is missing (or just `only`); returns the run dir."""
+  all_stages = stages()
+  known = {s.name for s in all_stages}
+  unknown = sorted(set(only or ()) - known)
+  if unknown:
+    raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(s.name for s in all_stages)}")
+  bad = sorted(set(cfg.prune.kinds) - {"width", "depth"})
+  if bad:
+    raise ValueError(f"config prune.kinds: {bad} not in ('width', 'depth')")
+  if cfg.quantize.formats and cfg.quantize.source not in MODEL_STAGES:
+    raise ValueError(f"config quantize.source={cfg.quantize.source!r} is not one of "
+                     f"{MODEL_STAGES}")
   run_dir = os.path.abspath(cfg.run_dir)
   os.makedirs(run_dir, exist_ok=True)
   cli.write_json(os.path.join(run_dir, "config.json"), json.loads(cfg.to_json()))
-  for stage in stages:
-    out = os.path.join(run_dir, stage.output)
-    if os.path.exists(out):
-      print(f"[{stage.name}] done already ({stage.output}), skipping")
+  for stage in all_stages:
+    if not stage.enabled(cfg) or (only and stage.name not in only):
       continue
-    print(f"[{stage.name}] running")
+    if os.path.exists(os.path.join(run_dir, stage.output)):
+      print(f"[{stage.name}] done already ({stage.output}), skipping", flush=True)
+      continue
+    for need in stage.needs:
+      if not os.path.exists(os.path.join(run_dir, need)):
+        raise FileNotFoundError(f"stage {stage.name!r} needs {os.path.join(run_dir, need)} "
+                                f"(the output of stage {_producer(need)!r}), which is missing")
+    print(f"[{stage.name}] running", flush=True)
     t0 = time.perf_counter()
     stage.run(cfg, run_dir)
-    print(f"[{stage.name}] finished in {time.perf_counter() - t0:.1f}s")
-  print(f"run directory: {run_dir}")
+    print(f"[{stage.name}] finished in {time.perf_counter() - t0:.1f}s", flush=True)
+  print(f"run directory: {run_dir}", flush=True)
   return run_dir

@@ -120,7 +120,7 @@ def write(path: str | os.PathLike, tensors: Iterable[tuple[str, tuple[int, ...],
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for name, shape, dtype, produce in tensors:
-      arr = np.ascontiguousarray(produce())
+      arr = np.asarray(produce(), order="C")  # keeps 0-d scalars 0-d
       if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
         raise SafetensorsError(f"tensor {name}: produced {arr.shape} {arr.dtype}, "
                                f"announced {tuple(shape)} {np.dtype(dtype)}")

@@ -141,8 +141,8 @@ def test_eval_shape_full_size_presets(config_file, billions):
 
   recipe = importlib.import_module(f"configs.{config_file}").get_config()
   teacher = C.preset(recipe.model_preset, dtype="bfloat16")
-  students = [C.target_config(teacher, width=recipe.prune.width),
-              C.target_config(teacher, depth=recipe.prune.depth)]
+  students = [C.target_config(teacher, **{kind: recipe.prune[kind]})
+              for kind in recipe.prune.kinds]
   for cfg in [teacher] + students:
     shapes = jax.eval_shape(lambda k: M.init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
     assert M.num_params(shapes) == cfg.num_params()

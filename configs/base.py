@@ -1,0 +1,62 @@
+"""Every recipe setting with its default; recipes start from `get_config()` and override."""
+
+from ml_collections import ConfigDict
+
+TASKS = ["ppl", "winogrande", "piqa", "hellaswag", "arc_easy", "arc_challenge", "lambada",
+         "openbookqa"]
+
+
+def _train(steps, batch, seq_len, lr, min_lr, warmup):
+  return ConfigDict(dict(steps=steps, global_batch_size=batch, micro_batch_size=0,
+                         seq_len=seq_len, lr=lr, min_lr=min_lr, warmup_steps=warmup,
+                         save_every=max(1, steps // 4), eval_every=0, eval_windows=4))
+
+
+def get_config() -> ConfigDict:
+  c = ConfigDict()
+  c.teacher = "smollm2-135m"          # known short name, HF directory or hub id
+  c.model_preset = "smollm2-135m"     # architecture preset (minitron_jax.config.PRESETS)
+  c.run_dir = "runs/default"
+  c.data_root = ""                    # "" = ../shared/data beside the project
+  c.dtype = "float32"                 # evaluation / importance compute dtype
+  c.train_dtype = "bfloat16"          # training compute dtype (fp32 master weights)
+  c.mesh = "data:-1"
+  c.seed = 0
+
+  c.data = ConfigDict()
+  c.data.source = "shakespeare"       # file, directory, glob, hub name, shakespeare, synthetic
+  c.data.synthetic = ConfigDict(dict(num_documents=256, max_new_tokens=192, batch_size=16,
+                                     temperature=0.8, top_p=0.95))
+
+  c.correction = _train(steps=20, batch=8, seq_len=256, lr=2e-5, min_lr=2e-6, warmup=2)
+
+  c.prune = ConfigDict()
+  c.prune.kinds = ("width", "depth")  # which students to make (a tuple: overridable)
+  c.prune.width = ConfigDict(dict(hidden_size=432, intermediate_size=896))
+  c.prune.depth = ConfigDict(dict(num_hidden_layers=15))
+  c.prune.importance = "activation"
+  c.prune.aggregation = "l2,mean"
+  c.prune.layer_importance = "lm_loss"
+  c.prune.calib_samples = 128
+  c.prune.calib_seq_len = 256
+  c.prune.eval_samples = 16
+  c.prune.batch_size = 8
+
+  c.distill = _train(steps=120, batch=8, seq_len=256, lr=3e-4, min_lr=3e-5, warmup=10)
+  c.distill.kd_temperature = 1.0
+  c.distill.hidden_loss = "none"
+
+  c.baselines = True                  # CE-trained pruned student and random-init student
+
+  c.quantize = ConfigDict(dict(source="distill_width",
+                               formats=("fp8", "int8", "int4", "gguf_q8_0", "gguf_q4_0")))
+
+  # Tuples, not lists: ml_collections overrides tuples from the command line.
+  c.eval = ConfigDict(dict(tasks=tuple(TASKS), ppl_file="", seq_len=512, max_windows=8,
+                           limit=100, batch_size=16, decode_tokens=32))
+  c.generate = ConfigDict(dict(
+      prompts=("What is the capital of France?",
+               "Explain in two sentences why the sky is blue.",
+               "Write a haiku about pruning a tree."),
+      chat=True, max_new_tokens=48))
+  return c

@@ -1,0 +1,30 @@
+"""The whole recipe in about a minute on a random tiny Llama (for tests). The teacher must be
+given: --config.teacher=DIR (hidden 128, MLP 256, 4 layers, 4 heads / 2 KV heads)."""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.teacher = ""
+  c.model_preset = "tiny"
+  c.run_dir = "runs/tiny"
+  c.train_dtype = "float32"
+  c.correction = base._train(steps=2, batch=2, seq_len=32, lr=1e-3, min_lr=1e-4, warmup=1)
+  c.prune.width = dict(hidden_size=64, intermediate_size=128)
+  c.prune.depth = dict(num_hidden_layers=2)
+  c.prune.calib_samples = 4
+  c.prune.calib_seq_len = 32
+  c.prune.eval_samples = 2
+  c.prune.batch_size = 2
+  c.distill = base._train(steps=4, batch=2, seq_len=32, lr=1e-3, min_lr=1e-4, warmup=1)
+  c.distill.kd_temperature = 1.0
+  c.distill.hidden_loss = "none"
+  c.eval.tasks = ("ppl", "piqa")
+  c.eval.seq_len = 64
+  c.eval.max_windows = 2
+  c.eval.limit = 2
+  c.eval.decode_tokens = 4
+  c.eval.batch_size = 4
+  c.generate.max_new_tokens = 4
+  return c

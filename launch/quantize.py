@@ -1,0 +1,62 @@
+"""Quantize an HF Llama checkpoint and export it for transformers / vLLM / llama.cpp.
+
+  python launch/quantize.py --model_dir=smollm2-135m --output_dir=out/smollm2-int8 --format=int8
+
+Formats: fp8 (transformers fine-grained FP8, 128x128 blocks), fp8_channel, fp8_tensor, int8,
+int4, int4_asym (compressed-tensors), gguf_q8_0, gguf_q4_0 (llama.cpp). The output directory gets
+the checkpoint, the tokenizer files and quantize_report.json (size, per-tensor errors,
+perplexity before/after).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from minitron_jax import cli, quant_export  # noqa: E402
+
+_MODEL = flags.DEFINE_string("model_dir", "smollm2-135m",
+                             "HF model directory, a known short name, or a hub id.")
+_OUT = flags.DEFINE_string("output_dir", None, "Directory to write (atomically).")
+# A plain string, so an unknown format gets the one-line error of every other bad input.
+_FORMAT = flags.DEFINE_string("format", None, f"One of {', '.join(quant_export.EXPORT_FORMATS)}.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty output directory.")
+_DATA = flags.DEFINE_string("data_root", None, "Folder of evaluation data (default: "
+                            "../shared/data beside the project, or $MINITRON_JAX_DATA_ROOT).")
+_PPL = flags.DEFINE_string("ppl_file", None, "Text for perplexity before/after (default: "
+                           "<data_root>/wikitext-2/test.txt; 'none' skips it).")
+_SEQ = flags.DEFINE_integer("seq_len", 512, "Perplexity window length.", lower_bound=2)
+_WIN = flags.DEFINE_integer("max_windows", 4, "Perplexity windows.", lower_bound=1)
+_GROUP = flags.DEFINE_integer("group_size", 128, "INT4 group size.", lower_bound=2)
+_EMB = flags.DEFINE_bool("include_embeddings", False,
+                         "Quantize the embedding / LM head too (GGUF formats only).")
+_CALIB = flags.DEFINE_string("calibration_file", None,
+                             "Text for static FP8 activation scales (fp8 only).")
+_CALIB_WIN = flags.DEFINE_integer("calibration_windows", 4, "Calibration windows.",
+                                  lower_bound=1)
+_DENSE = flags.DEFINE_enum("unquantized_dtype", "bfloat16", ["bfloat16", "float16", "float32"],
+                           "dtype of the tensors left unquantized (HF formats).")
+_PRE = flags.DEFINE_string("gguf_tokenizer_pre", "default",
+                           "llama.cpp pre-tokenizer name for GGUF (e.g. llama-bpe, smollm).")
+
+
+@cli.main_wrapper
+def main(argv):
+  del argv
+  if not _OUT.value or not _FORMAT.value:
+    raise ValueError("--output_dir and --format are required")
+  ppl_file = _PPL.value or os.path.join(_DATA.value or cli.default_data_root(),
+                                        "wikitext-2", "test.txt")
+  report = quant_export.quantize_checkpoint(
+      _MODEL.value, _OUT.value, _FORMAT.value, overwrite=_OVERWRITE.value,
+      ppl_file=None if ppl_file == "none" else ppl_file, seq_len=_SEQ.value,
+      max_windows=_WIN.value, group_size=_GROUP.value, include_embeddings=_EMB.value,
+      calibration_file=_CALIB.value, calibration_windows=_CALIB_WIN.value,
+      unquantized_dtype=_DENSE.value, gguf_tokenizer_pre=_PRE.value)
+  print(quant_export.format_report(report))
+
+
+if __name__ == "__main__":
+  app.run(main)
