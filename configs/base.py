@@ -42,6 +42,7 @@ def get_config() -> ConfigDict:
   c.prune.calib_seq_len = 256
   c.prune.eval_samples = 16
   c.prune.batch_size = 8
+  c.prune.layer_batches = 1           # batches per layer-removal trial (46 trials for 30 layers)
 
   c.distill = _train(steps=30, batch=4, seq_len=256, lr=5e-4, min_lr=5e-5, warmup=3)
   c.distill.kd_temperature = 1.0
@@ -49,7 +50,8 @@ def get_config() -> ConfigDict:
 
   c.baselines = True                  # CE-trained pruned student and random-init student
 
-  c.quantize = ConfigDict(dict(source="distill_width",
+  # The depth student keeps hidden 576, a multiple of 32 as GGUF blocks need (432 is not).
+  c.quantize = ConfigDict(dict(source="distill_depth",
                                formats=("fp8", "int8", "int4", "gguf_q8_0", "gguf_q4_0")))
 
   # Tuples, not lists: ml_collections overrides tuples from the command line.

@@ -26,6 +26,7 @@ def get_config():
   c.distill.kd_temperature = 1.0
   c.distill.hidden_loss = "none"
   c.baselines = False
+  c.quantize.source = "distill_width"
   c.quantize.formats = ("fp8",)
   c.eval.seq_len = 4096
   c.eval.max_windows = 0

@@ -45,6 +45,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Calibration sampling (and random import
 _TASK = flags.DEFINE_string("layer_task", "winogrande", "Task for --layer_importance=accuracy.")
 _TASK_LIMIT = flags.DEFINE_integer("layer_task_limit", 200, "Examples for the accuracy metric.",
                                    lower_bound=1)
+_LBATCH = flags.DEFINE_integer("layer_batches", 4, "Calibration batches per layer-removal trial "
+                               "(--layer_importance=lm_loss).", lower_bound=1)
 _DATA = flags.DEFINE_string("data_root", None, "Task data folder (default ../shared/data).")
 _SCORES = flags.DEFINE_string("scores_npz", None, "Reuse importance.npz from an earlier run and "
                               "stream the checkpoint tensor by tensor (no model in memory).")
@@ -63,6 +65,7 @@ def main(argv):
       calib_data=_CALIB.value, calib_samples=_NCAL.value, calib_seq_len=_LCAL.value,
       eval_samples=_NEVAL.value, batch_size=_BATCH.value, seed=_SEED.value,
       layer_task=_TASK.value, layer_task_limit=_TASK_LIMIT.value, data_root=_DATA.value,
+      layer_batches=_LBATCH.value,
       scores_npz=_SCORES.value, overwrite=_OVERWRITE.value, dtype=_DTYPE.value)
   report = prune_job.run(job)
   before, after = report["params_before"], report["params_after"]

@@ -126,6 +126,7 @@ def _prune(cfg, run_dir: str, kind: str) -> None:
       importance=p.importance, aggregation=p.aggregation, layer_importance=p.layer_importance,
       calib_data=training_data(cfg, run_dir), calib_samples=p.calib_samples,
       calib_seq_len=p.calib_seq_len, eval_samples=p.eval_samples, batch_size=p.batch_size,
+      layer_batches=p.layer_batches,
       seed=cfg.seed, data_root=data_root(cfg), overwrite=True, dtype=cfg.dtype, **targets))
 
 
@@ -265,6 +266,11 @@ def run(cfg, only: tuple[str, ...] | None = None) -> str:
   if cfg.quantize.formats and cfg.quantize.source not in MODEL_STAGES:
     raise ValueError(f"config quantize.source={cfg.quantize.source!r} is not one of "
                      f"{MODEL_STAGES}")
+  src = cfg.quantize.source
+  if cfg.quantize.formats and any(src.endswith(k) and k not in cfg.prune.kinds
+                                  for k in ("width", "depth")):
+    raise ValueError(f"config quantize.source={src!r} is not made: prune.kinds="
+                     f"{tuple(cfg.prune.kinds)}")
   run_dir = os.path.abspath(cfg.run_dir)
   os.makedirs(run_dir, exist_ok=True)
   cli.write_json(os.path.join(run_dir, "config.json"), json.loads(cfg.to_json()))

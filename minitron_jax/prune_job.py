@@ -35,6 +35,7 @@ class PruneJob:
   seed: int = 0
   layer_task: str = "winogrande"
   layer_task_limit: int = 200
+  layer_batches: int = 4  # calibration batches per layer-removal trial (lm_loss metric)
   data_root: str | None = None
   scores_npz: str | None = None  # reuse saved scores: stream the checkpoint, no model in RAM
   overwrite: bool = False
@@ -97,7 +98,7 @@ def _layer_scores(job, params, cfg, new, tok, batches, data_root, out: dict):
     out["layer_scores"] = {f"block_importance_k{k}": v for k, v in bi.items()}
     return bi[1], False
   if job.layer_importance == "lm_loss":
-    base, loss = LI.lm_loss_drop(params, cfg, batches[:4], block_sizes=sizes,
+    base, loss = LI.lm_loss_drop(params, cfg, batches[:job.layer_batches], block_sizes=sizes,
                                  progress=_progress("layer loss", sum(
                                      cfg.num_hidden_layers - k + 1 for k in sizes)))
     out["curves"]["LM loss"] = (base, loss)

@@ -20,9 +20,10 @@ TRAINED = ("corrected", "distill_width", "distill_depth", "baseline_pruned_ce",
            "baseline_random_ce")
 
 
-def label(name: str) -> str:
-  return LABELS.get(name, name.replace("quantized/", "distilled width, ") if name.startswith(
-      "quantized/") else name)
+def label(name: str, quant_source: str = "") -> str:
+  if name.startswith("quantized/"):
+    return f"{LABELS.get(quant_source, quant_source)}, {name.split('/', 1)[1]}".lstrip(", ")
+  return LABELS.get(name, name)
 
 
 def dir_bytes(path: str) -> int:
@@ -82,7 +83,7 @@ def evaluate_model(cfg, run_dir: str, name: str, data_root: str) -> dict:
   prompts = [G.encode_prompt(tok, p, chat=g.chat) for p in g.prompts]
   gen = G.generate(params, mcfg, prompts, G.SamplingConfig(max_new_tokens=g.max_new_tokens),
                    eos_ids=G.eos_ids(mcfg, tok))
-  return {"name": name, "label": label(name), "params": mcfg.num_params(),
+  return {"name": name, "label": label(name, cfg.quantize.source), "params": mcfg.num_params(),
           "size_bytes": dir_bytes(path), "results": res,
           "decode_tokens_per_second": decode_rate(params, mcfg, prompts[0],
                                                   e.get("decode_tokens", 32)),
