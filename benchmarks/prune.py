@@ -363,14 +363,18 @@ def measure_ppl(params, cfg, tok):
   print(f"\n3. WikiText-2 test perplexity ({_PPL_WINDOWS.value} x {_PPL_SEQ.value} tokens) of "
         f"{_MODEL.value} pruned without distillation; calibration {_CALIB_N.value} x "
         f"{_SEQ.value} tokens of {_CALIB.value}; width: hidden {_HIDDEN.value}, MLP {_MLP.value}; "
-        f"depth: {_LAYERS.value} of {cfg.num_hidden_layers} layers; score s = importance wall time, "
-        f"compilation included")
+        f"depth: {_LAYERS.value} of {cfg.num_hidden_layers} layers; score s = importance wall "
+        f"time, compilation included")
   print(table(["method", "kind", "params", "non-emb", "of teacher", "score s", "perplexity",
                "vs teacher", "dropped layers"],
               [(m, k, f"{c.num_params() / 1e6:.1f}M", f"{non_embedding_params(c) / 1e6:.1f}M",
                 f"{non_embedding_params(c) / base_ne:.1%}", f"{s:.1f}" if k != "-" else "-",
-                f"{v:.2f}", f"{v / teacher:.2f}x", d) for m, k, c, s, v, d in rows]))
+                _num(v), _num(v / teacher) + "x", d) for m, k, c, s, v, d in rows]))
   return {m: v for m, k, _, _, v, _ in rows if k == "width"}
+
+
+def _num(v: float) -> str:
+  return f"{v:.2f}" if v < 1e5 else f"{v:.2e}"
 
 
 def _ranges(xs) -> str:
