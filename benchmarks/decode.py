@@ -18,7 +18,11 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from minitron_jax import cli, generate as G, importance as I, prune as P  # noqa: E402
+from minitron_jax import cli  # noqa: E402
+from minitron_jax.io import hf as hf_io  # noqa: E402
+from minitron_jax.evaluate import generate as G  # noqa: E402
+from minitron_jax.prune import importance as I  # noqa: E402
+from minitron_jax.prune import slicing as P  # noqa: E402
 
 _TEACHER = flags.DEFINE_string("teacher", "smollm2-135m", "Teacher model.")
 _WIDTH = flags.DEFINE_string("width_dir", None, "Width-pruned student (default: derived).")
@@ -51,12 +55,12 @@ def decode_rate(params, cfg, batch, rng):
 @cli.main_wrapper
 def main(argv):
   del argv
-  params, cfg, _, _ = cli.load_model(_TEACHER.value, _DTYPE.value, with_tokenizer=False)
+  params, cfg, _, _ = hf_io.load_model(_TEACHER.value, _DTYPE.value, with_tokenizer=False)
   models = {"teacher": (params, cfg)}
   recipe = _recipe(_CONFIG.value)
   for name, given, section in (("width", _WIDTH.value, "width"), ("depth", _DEPTH.value, "depth")):
     if given:
-      p, c, _, _ = cli.load_model(given, _DTYPE.value, with_tokenizer=False)
+      p, c, _, _ = hf_io.load_model(given, _DTYPE.value, with_tokenizer=False)
     else:
       if section not in recipe.prune.kinds:
         continue

@@ -45,7 +45,12 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import base  # noqa: E402
-from minitron_jax import cli, distill, importance, model as M, prune, sharding, train  # noqa: E402
+from minitron_jax import cli, model as M, sharding  # noqa: E402
+from minitron_jax.io import hf as hf_io  # noqa: E402
+from minitron_jax.distill import losses as distill  # noqa: E402
+from minitron_jax.prune import importance  # noqa: E402
+from minitron_jax.prune import slicing as prune  # noqa: E402
+from minitron_jax.distill import step as train  # noqa: E402
 
 _WIDTH = base.get_config().prune.width
 TARGET = 1.1
@@ -207,7 +212,7 @@ def xla_check(scfg, tcfg, mesh, b, t):
 @cli.main_wrapper
 def main(argv):
   del argv
-  tparams, tcfg, _, path = cli.load_model(_MODEL.value, "float32", with_tokenizer=False)
+  tparams, tcfg, _, path = hf_io.load_model(_MODEL.value, "float32", with_tokenizer=False)
   tparams = jax.device_get(tparams)
   plan = prune.make_plan(tcfg, prune.Targets(hidden_size=_HIDDEN.value,
                                              intermediate_size=_MLP.value),

@@ -14,7 +14,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from minitron_jax import cli, generate as G, model as M  # noqa: E402
+from minitron_jax import cli, model as M  # noqa: E402
+from minitron_jax.io import hf as hf_io  # noqa: E402
+from minitron_jax.evaluate import generate as G  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model_dir", "smollm2-135m", "Model directory or short name.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Forward batch size.", lower_bound=1)
@@ -41,7 +43,7 @@ def main(argv):
   import torch
   import transformers
 
-  params, cfg, _, path = cli.load_model(_MODEL.value, "float32", with_tokenizer=False)
+  params, cfg, _, path = hf_io.load_model(_MODEL.value, "float32", with_tokenizer=False)
   tmodel = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
   rng = np.random.RandomState(0)
   tokens = rng.randint(0, cfg.vocab_size, (_BATCH.value, _SEQ.value)).astype(np.int32)

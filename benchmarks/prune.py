@@ -30,9 +30,15 @@ import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from minitron_jax import axes, cli, config as C, data, evaluate, hf_io  # noqa: E402
-from minitron_jax import importance as I, layer_importance as LI, model as M  # noqa: E402
-from minitron_jax import prune as P  # noqa: E402
+from minitron_jax import axes, cli, config as C  # noqa: E402
+from minitron_jax.evaluate import tasks  # noqa: E402
+from minitron_jax.data import corpus as data, packing  # noqa: E402
+from minitron_jax.evaluate import scoring as evaluate  # noqa: E402
+from minitron_jax.io import hf as hf_io  # noqa: E402
+from minitron_jax import model as M  # noqa: E402
+from minitron_jax.prune import importance as I  # noqa: E402
+from minitron_jax.prune import layer_importance as LI  # noqa: E402
+from minitron_jax.prune import slicing as P  # noqa: E402
 
 PARTS = ("overhead", "stream", "ppl")
 _PARTS = flags.DEFINE_list("parts", list(PARTS), f"Measurements to run, of {PARTS}.")
@@ -105,7 +111,7 @@ def non_embedding_params(cfg) -> int:
 
 def calibration_batches(tok, n):
   stream = data.load_tokens(_CALIB.value, tok)
-  calib = data.calibration_samples(stream, num_samples=n, seq_len=_SEQ.value, seed=_SEED.value)
+  calib = packing.calibration_samples(stream, num_samples=n, seq_len=_SEQ.value, seed=_SEED.value)
   return [calib[i:i + _BATCH.value] for i in range(0, n, _BATCH.value)]
 
 
@@ -155,7 +161,7 @@ _CHILD = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from minitron_jax import prune as P
+from minitron_jax.prune import slicing as P
 
 def hwm():
   with open("/proc/self/status") as f:
@@ -308,7 +314,7 @@ def measure_stream():
 
 
 def measure_ppl(params, cfg, tok):
-  root = _DATA.value or cli.default_data_root()
+  root = _DATA.value or tasks.default_data_root()
   path = os.path.join(root, "wikitext-2", "test.txt")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file (--data_root)")
@@ -399,7 +405,7 @@ def main(argv):
       raise ValueError(f"--{flag.name}: {bad} not in {allowed}")
   summary = []
   if {"overhead", "ppl"} & set(_PARTS.value):
-    params, cfg, tok, _ = cli.load_model(_MODEL.value, "float32")
+    params, cfg, tok, _ = hf_io.load_model(_MODEL.value, "float32")
   if "overhead" in _PARTS.value:
     r = measure_overhead(params, cfg, tok)
     summary.append(f"importance overhead: activation / forward = {r:.2f}x (target <= 1.3x): "

@@ -30,7 +30,7 @@ _FORMATS = flags.DEFINE_list("formats", None, "Export formats to measure (defaul
 
 
 def _decode_rate(params, cfg, prompt, n, batch) -> float:
-  from minitron_jax import generate
+  from minitron_jax.evaluate import generate
 
   sampling = generate.SamplingConfig(max_new_tokens=n)
   generate.generate(params, cfg, [prompt] * batch, sampling, stop_at_eos=False)  # compile
@@ -63,16 +63,18 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from minitron_jax import cli, evaluate, hf_io
+  from minitron_jax.evaluate import tasks
+  from minitron_jax.evaluate import scoring as evaluate
+  from minitron_jax.io import hf as hf_io
   from minitron_jax import model as M
-  from minitron_jax import quant_export as E
-  from minitron_jax import quantize as Q
+  from minitron_jax.quantize import export as E
+  from minitron_jax.quantize import formats as Q
 
   names = _FORMATS.value or list(E.EXPORT_FORMATS)
   for n in names:
     E.export_format(n)
-  text = os.path.join(_DATA.value or cli.default_data_root(), "wikitext-2", "test.txt")
-  params, cfg, tok, path = cli.load_model(_MODEL.value, "float32")
+  text = os.path.join(_DATA.value or tasks.default_data_root(), "wikitext-2", "test.txt")
+  params, cfg, tok, path = hf_io.load_model(_MODEL.value, "float32")
   params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
   with open(text, encoding="utf-8") as f:
     ids = tok(f.read(), add_special_tokens=False)["input_ids"]

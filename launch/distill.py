@@ -19,8 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from minitron_jax import cli, distill, trainer  # noqa: E402
-from minitron_jax.train import TrainConfig  # noqa: E402
+from minitron_jax import cli  # noqa: E402
+from minitron_jax.distill import losses as distill  # noqa: E402
+from minitron_jax.distill import run as trainer  # noqa: E402
+from minitron_jax.distill.step import TrainConfig  # noqa: E402
 
 _TEACHER = flags.DEFINE_string("teacher_dir", "smollm2-135m",
                                "Teacher: HF directory, known short name, or hub id.")

@@ -11,7 +11,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from minitron_jax import cli, evaluate  # noqa: E402
+from minitron_jax import cli  # noqa: E402
+from minitron_jax.evaluate import tasks  # noqa: E402
+from minitron_jax.io import files  # noqa: E402
+from minitron_jax.io import hf as hf_io  # noqa: E402
+from minitron_jax.evaluate import scoring as evaluate  # noqa: E402
 
 ALL_TASKS = "ppl,winogrande,piqa,hellaswag,arc_easy,arc_challenge,lambada,openbookqa"
 _MODEL = flags.DEFINE_string("model_dir", "smollm2-135m",
@@ -32,9 +36,9 @@ _OUT = flags.DEFINE_string("output_json", None, "Write results here.")
 @cli.main_wrapper
 def main(argv):
   del argv
-  data_root = _DATA.value or cli.default_data_root()
+  data_root = _DATA.value or tasks.default_data_root()
   ppl_file = _PPL.value or os.path.join(data_root, "wikitext-2", "test.txt")
-  params, cfg, tok, path = cli.load_model(_MODEL.value, _DTYPE.value)
+  params, cfg, tok, path = hf_io.load_model(_MODEL.value, _DTYPE.value)
   results = evaluate.run_evaluation(
       params, cfg, tok, _TASKS.value, data_root=data_root, ppl_file=ppl_file,
       seq_len=_SEQ.value, max_windows=_WIN.value, limit=_LIMIT.value,
@@ -42,7 +46,7 @@ def main(argv):
   print(evaluate.format_table(list(results.items()),
                               ["ppl", "acc", "acc_norm", "tokens", "examples", "seconds"]))
   if _OUT.value:
-    cli.write_json(_OUT.value, {"model_dir": path, "results": results})
+    files.write_json(_OUT.value, {"model_dir": path, "results": results})
     print(f"wrote {_OUT.value}")
 
 

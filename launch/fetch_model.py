@@ -13,7 +13,7 @@ from absl import app, flags
 # Lets the script run from a source checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minitron_jax import registry  # noqa: E402
+from minitron_jax.io import registry  # noqa: E402
 
 _NAMES = ", ".join(sorted(registry.KNOWN_MODELS))
 _MODEL = flags.DEFINE_string("model", None, f"Known model name, one of: {_NAMES}.")

@@ -10,7 +10,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from minitron_jax import cli, generate  # noqa: E402
+from minitron_jax import cli  # noqa: E402
+from minitron_jax.io import hf as hf_io  # noqa: E402
+from minitron_jax.evaluate import generate  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model_dir", "smollm2-135m",
                              "HF model directory, a known short name, or a hub id.")
@@ -27,7 +29,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 @cli.main_wrapper
 def main(argv):
   del argv
-  params, cfg, tok, _ = cli.load_model(_MODEL.value, _DTYPE.value)
+  params, cfg, tok, _ = hf_io.load_model(_MODEL.value, _DTYPE.value)
   prompts = [generate.encode_prompt(tok, p, chat=_CHAT.value) for p in _PROMPT.value]
   sampling = generate.SamplingConfig(max_new_tokens=_MAX.value, temperature=_TEMP.value,
                                      top_p=_TOP_P.value, seed=_SEED.value)

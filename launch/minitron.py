@@ -17,7 +17,8 @@ sys.path.insert(0, ROOT)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from minitron_jax import cli, pipeline  # noqa: E402
+from minitron_jax import cli  # noqa: E402
+from minitron_jax.recipe import stages as pipeline  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(ROOT, "configs", "smollm2_135m.py"), "Recipe config file.",

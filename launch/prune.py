@@ -12,9 +12,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from minitron_jax import cli, prune_job  # noqa: E402
-from minitron_jax.importance import METHODS  # noqa: E402
-from minitron_jax.layer_importance import METRICS  # noqa: E402
+from minitron_jax import cli  # noqa: E402
+from minitron_jax.prune import run as prune_job  # noqa: E402
+from minitron_jax.prune.importance import METHODS  # noqa: E402
+from minitron_jax.prune.layer_importance import METRICS  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model_dir", "smollm2-135m", "Source model (dir, short name, hub id).")
 _OUT = flags.DEFINE_string("output_dir", None, "Pruned HF directory to write.", required=True)

@@ -15,7 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from minitron_jax import cli, quant_export  # noqa: E402
+from minitron_jax import cli  # noqa: E402
+from minitron_jax.evaluate import tasks  # noqa: E402
+from minitron_jax.quantize import export as quant_export  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model_dir", "smollm2-135m",
                              "HF model directory, a known short name, or a hub id.")
@@ -47,7 +49,7 @@ def main(argv):
   del argv
   if not _OUT.value or not _FORMAT.value:
     raise ValueError("--output_dir and --format are required")
-  ppl_file = _PPL.value or os.path.join(_DATA.value or cli.default_data_root(),
+  ppl_file = _PPL.value or os.path.join(_DATA.value or tasks.default_data_root(),
                                         "wikitext-2", "test.txt")
   report = quant_export.quantize_checkpoint(
       _MODEL.value, _OUT.value, _FORMAT.value, overwrite=_OVERWRITE.value,

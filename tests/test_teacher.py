@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from minitron_jax import evaluate as E, generate as G, model as M
+from minitron_jax import model as M
+from minitron_jax.evaluate import scoring as E
+from minitron_jax.evaluate import generate as G
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,115 @@
+"""Synthetic distillation data: the teacher writes a diverse corpus from seed prompts.
+
+Prompts combine a task form with a topic, are wrapped in the teacher's chat template when it
+has one, and are sampled in batches (temperature, nucleus); completions are deduplicated on
+normalised text and cached as jsonl, so a second run with the same settings reads the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+from minitron_jax.evaluate import generate as G
+
+TOPICS = (
+    "the water cycle", "photosynthesis", "the French Revolution", "black holes", "volcanoes",
+    "the immune system", "prime numbers", "how a bicycle works", "the Roman Empire", "bees",
+    "climate and weather", "the history of the printing press", "electric circuits",
+    "the human heart", "plate tectonics", "supply and demand", "the Moon", "machine learning",
+    "ancient Egypt", "coral reefs", "gravity", "the internet", "healthy sleep", "rainforests",
+    "the periodic table", "Shakespeare's plays", "the Olympic Games", "vaccines", "glaciers",
+    "the solar system", "honeybees and pollination", "the Industrial Revolution", "fractions",
+    "bread baking", "the ocean tides", "renewable energy", "dinosaurs", "music theory",
+    "the Silk Road", "earthquakes", "DNA", "chess strategy", "friendship", "recycling",
+)
+FORMS = (
+    "Explain {t} to a curious twelve-year-old.",
+    "Write a short encyclopedia paragraph about {t}.",
+    "Give three surprising facts about {t}, with a sentence on each.",
+    "Write a short story in which {t} plays a central role.",
+    "What are common misconceptions about {t}? Answer in a paragraph.",
+    "Summarise the key ideas of {t} in a few sentences.",
+    "Write a dialogue between a teacher and a student about {t}.",
+    "Describe {t} step by step.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  num_documents: int = 256
+  max_new_tokens: int = 192
+  batch_size: int = 16
+  temperature: float = 0.8
+  top_p: float = 0.95
+  seed: int = 0
+  min_chars: int = 40
+
+  def key(self, model_id: str) -> str:
+    blob = json.dumps([model_id, dataclasses.asdict(self)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def seed_prompts(n: int, seed: int) -> list[str]:
+  """n prompts, cycling through a seeded shuffle of every (form, topic) pair."""
+  pairs = [f.format(t=t) for f in FORMS for t in TOPICS]
+  order = np.random.default_rng(seed).permutation(len(pairs))
+  return [pairs[order[i % len(pairs)]] for i in range(n)]
+
+
+def normalise(text: str) -> str:
+  return re.sub(r"\W+", " ", text.lower()).strip()
+
+
+def generate_corpus(params, cfg, tokenizer, out_path: str, sc: SyntheticConfig = SyntheticConfig(),
+                    model_id: str = "") -> str:
+  """Writes `num_documents` unique teacher completions to `out_path` (jsonl, field `text`);
+  reuses the file when it was made with the same model and settings."""
+  meta_path = out_path + ".meta.json"
+  key = sc.key(model_id)
+  if os.path.isfile(out_path) and os.path.isfile(meta_path):
+    with open(meta_path) as f:
+      if json.load(f).get("key") == key:
+        return out_path
+  docs, seen = [], set()
+  attempts, round_ = 0, 0
+  chat = bool(getattr(tokenizer, "chat_template", None))
+  t0 = time.perf_counter()
+  while len(docs) < sc.num_documents:
+    if attempts > 4 * sc.num_documents:
+      raise RuntimeError(f"synthetic data: only {len(docs)} unique documents after "
+                         f"{attempts} generations; lower num_documents or raise temperature")
+    prompts = seed_prompts(sc.batch_size, sc.seed * 1000 + round_)
+    ids = [G.encode_prompt(tokenizer, p, chat=chat) for p in prompts]
+    res = G.generate(params, cfg, ids, G.SamplingConfig(
+        max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_p=sc.top_p,
+        seed=sc.seed * 1000 + round_), eos_ids=G.eos_ids(cfg, tokenizer))
+    for p, toks in zip(prompts, res.tokens):
+      text = tokenizer.decode(toks, skip_special_tokens=True).strip()
+      norm = normalise(text)
+      if len(text) >= sc.min_chars and norm not in seen and len(docs) < sc.num_documents:
+        seen.add(norm)
+        docs.append({"prompt": p, "text": f"{p}\n{text}"})
+    attempts += len(prompts)
+    round_ += 1
+    rate = len(docs) / max(time.perf_counter() - t0, 1e-9)
+    print(f"synthetic data: {len(docs)}/{sc.num_documents} documents ({rate:.2f}/s, ETA "
+          f"{(sc.num_documents - len(docs)) / max(rate, 1e-9):.0f}s)", file=sys.stderr,
+          flush=True)
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  tmp = out_path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for d in docs:
+      f.write(json.dumps(d) + "\n")
+  os.replace(tmp, out_path)
+  with open(meta_path, "w") as f:
+    json.dump({"key": key, "model": model_id, "settings": dataclasses.asdict(sc),
+               "generated": attempts, "kept": len(docs)}, f, indent=2)
+  return out_path

@@ -1,0 +1,506 @@
+"""The training run: data, the loop, held-out evaluation, logging, checkpoints, export.
+
+`fit` trains from arrays (any params, any token stream) and is what tests drive; `run` loads
+HF directories and a data source, calls `fit` and exports the result as an HF directory. Both
+run unchanged on one CPU or many hosts: every process executes the same program on its own
+slice of each batch, and only process 0 writes metrics, plots and exports.
+
+Output directory layout:
+
+    checkpoints/<step>/   orbax train state + data position (resumed automatically)
+    metrics.jsonl         one JSON row per update, plus `eval/*` rows
+    losses.png            loss curves
+    hf/                   the trained model as an HF directory (tokenizer copied)
+    run.json              settings and final numbers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from minitron_jax import sharding
+from minitron_jax.io import checkpoint
+from minitron_jax.data import corpus as data, packing
+from minitron_jax.distill import losses as distill
+from minitron_jax.distill import step as train
+from minitron_jax.config import LlamaConfig
+from minitron_jax.distill.step import TrainConfig
+
+LOSS_CURVES = ("distill/loss", "distill/kl", "distill/hidden", "distill/ce", "train/ce")
+
+
+class NonFiniteLossError(RuntimeError):
+  """A loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+@dataclasses.dataclass
+class FitResult:
+  """What `fit` returns.
+
+  Attributes:
+    params: the trained model params (global arrays, float32).
+    step: updates done in total (including those before a resume).
+    resumed_from: the checkpoint step the run started from, or None.
+    preempted: True if SIGTERM stopped the run early (after saving a checkpoint).
+    history: the metric rows of this call's updates (the same on every process).
+    evals: the evaluation rows of this call.
+    seconds: time spent in training steps in this call (not evaluation or checkpoints).
+    tokens: real (non-padding) tokens trained on in this call, over all hosts.
+  """
+
+  params: Any
+  step: int
+  resumed_from: int | None
+  preempted: bool
+  history: list[dict]
+  evals: list[dict]
+  seconds: float
+  tokens: int
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def split_holdout(stream: data.TokenStream, num_tokens: int
+                  ) -> tuple[data.TokenStream, np.ndarray]:
+  """Holds out the tail of a stream for evaluation: (training stream, held-out token ids).
+
+  The cut moves back to a document boundary when one lies in the second half of the stream, so
+  held-out documents are unseen whole.
+  """
+  n = len(stream)
+  if num_tokens < 1 or 2 * num_tokens > n:
+    raise ValueError(f"cannot hold out {num_tokens} of {n} tokens for evaluation: the corpus "
+                     "is too small (lower eval_windows or seq_len, or pass eval data)")
+  cut = n - num_tokens
+  offsets = np.asarray(stream.offsets)
+  bounds = offsets[(offsets >= n // 2) & (offsets <= cut)]
+  if len(bounds):
+    cut = int(bounds.max())
+  train_offsets = np.unique(np.concatenate([offsets[offsets < cut], [cut]])).astype(np.int64)
+  tokens = np.asarray(stream.tokens)
+  return data.TokenStream(tokens[:cut], train_offsets), tokens[cut:]
+
+
+class _Stop:
+  """SIGTERM -> finish the current update, save, and return (preemption)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop (all processes must stop at the same update)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.array([self.requested]))
+    return bool(np.any(flags))
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _MetricsLog:
+  """metrics.jsonl on process 0; rows after the resumed step (from a crash) are dropped."""
+
+  def __init__(self, path: str, resume_step: int | None):
+    self.path = path
+    if not _is_main():
+      return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rows = read_metrics(path) if os.path.isfile(path) else []
+    keep = [r for r in rows if resume_step is not None and r.get("step", 0) <= resume_step]
+    with open(path, "w", encoding="utf-8") as f:
+      for r in keep:
+        f.write(json.dumps(r) + "\n")
+
+  def write(self, row: dict) -> None:
+    if _is_main():
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class _Meter:
+  """Tokens/s since the last report and ETA, over training steps only (not eval or saves)."""
+
+  def __init__(self, steps_left: int):
+    self.steps_left = steps_left
+    self.total_seconds = 0.0
+    self.steps_done = 0
+    self._tokens = 0
+    self._seconds = 0.0
+
+  def add(self, tokens: int, seconds: float) -> None:
+    self.steps_left -= 1
+    self.total_seconds += seconds
+    self._tokens += tokens
+    self._seconds += seconds
+    self.steps_done += 1
+
+  def report(self) -> tuple[float, float]:
+    """(tokens per second since the last report, seconds left at the mean step time)."""
+    rate = self._tokens / max(self._seconds, 1e-9)
+    eta = self.total_seconds / max(self.steps_done, 1) * self.steps_left
+    self._tokens, self._seconds = 0, 0.0
+    return rate, eta
+
+
+def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None) -> None:
+  bad = {k: v for k, v in metrics.items()
+         if k.startswith(("distill/", "train/")) and not math.isfinite(v)}
+  if bad:
+    what = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+    kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
+            else "no checkpoint was written")
+    raise NonFiniteLossError(f"non-finite loss at step {step}: {what}; the run stopped and {kept}"
+                             " (lower --lr, or check the data and the models)")
+
+
+def _format_row(row: dict, total: int, tok_s: float, eta_s: float) -> str:
+  keys = ("distill/loss", "distill/kl", "distill/hidden", "distill/embedding", "distill/ce",
+          "train/loss")
+  parts = [f"{k.split('/')[1] if k != 'train/loss' else 'loss'} {row[k]:.4f}"
+           for k in keys if k in row and not (k == "train/loss" and "distill/loss" in row)]
+  eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0))) if math.isfinite(eta_s) else "?"
+  return (f"step {row['step']}/{total} | " + " ".join(parts)
+          + f" | lr {row['train/lr']:.2e} | {tok_s:,.0f} tok/s | ETA {eta}")
+
+
+def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
+        train_tokens: data.TokenStream, output_dir: str,
+        teacher_params: dict | None = None, teacher_cfg: LlamaConfig | None = None,
+        dcfg: distill.DistillConfig | None = None, eval_tokens: np.ndarray | None = None,
+        projection: np.ndarray | None = None, pad_id: int = 0,
+        log: Callable[[str], None] | None = None) -> FitResult:
+  """Trains `model_params` (distillation from a teacher, or CE in teacher-correction mode).
+
+  Resumes from the latest checkpoint in `output_dir/checkpoints` if there is one.
+
+  Args:
+    cfg: train settings (`cfg.mode` picks the objective).
+    model_params, model_cfg: the model to train (host arrays, identical on every process).
+    train_tokens: the training corpus.
+    output_dir: checkpoints and metrics go here.
+    teacher_params, teacher_cfg: the frozen teacher (distill mode).
+    dcfg: loss settings (distill mode; default `DistillConfig()`).
+    eval_tokens: held-out token ids for `cfg.eval_every`.
+    projection: initial (D_student, D_teacher) projection; default random when needed.
+    pad_id: token id of padding slots.
+    log: console sink (process 0); default prints to stdout.
+
+  Raises:
+    NonFiniteLossError: a loss became NaN/inf (the bad state is never saved).
+  """
+  log = log or (lambda s: print(s, flush=True))
+  say = log if _is_main() else (lambda s: None)
+  distilling = cfg.mode == "distill"
+  dcfg, proj = _check_models(cfg, model_cfg, teacher_cfg, teacher_params, dcfg, projection)
+  mesh = sharding.make_mesh(cfg.mesh)
+  data_index, data_count = train.batch_rows(mesh, cfg)
+  optimizer = train.make_optimizer(cfg)
+
+  def init(params, proj_de):
+    return train.init_state(params, optimizer, proj_de)
+
+  state_shape = jax.eval_shape(init, model_params, proj)
+  state_sh = train.state_shardings(state_shape, model_cfg, mesh, optimizer)
+  teacher_sh = (sharding.param_shardings(teacher_cfg, mesh, params=teacher_params)
+                if distilling else None)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(output_dir, "checkpoints"),
+                                 keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
+  run_meta = {"mode": cfg.mode, "global_batch_size": cfg.global_batch_size,
+              "seq_len": cfg.seq_len, "seed": cfg.seed}
+  resumed_from, state, data_state = _restore_or_init(
+      ckpt, run_meta, train.abstract(state_shape, state_sh),
+      lambda: jax.jit(init, out_shardings=state_sh)(
+          train.put_global(model_params, state_sh["params"]["model"]), proj))
+  if resumed_from is not None:
+    say(f"resuming from the checkpoint at step {resumed_from}")
+  teacher = train.put_global(teacher_params, teacher_sh) if distilling else None
+
+  dataset = packing.PackedDataset(train_tokens, seq_len=cfg.seq_len,
+                               global_batch_size=cfg.global_batch_size, seed=cfg.seed,
+                               pad_id=pad_id, process_index=data_index,
+                               process_count=data_count, state=data_state)
+  step_fn = train.make_train_step(model_cfg, teacher_cfg, dcfg, cfg, optimizer,
+                                  grad_shardings=state_sh["params"])
+  t0 = time.perf_counter()
+  compiled, mem = train.compile_step(step_fn, state_sh, teacher_sh, mesh,
+                                     train.abstract(state_shape, state_sh),
+                                     train.abstract(teacher_params, teacher_sh)
+                                     if distilling else None, cfg)
+  say(f"compiled the {cfg.mode} step in {time.perf_counter() - t0:.1f}s "
+      f"({cfg.accum_steps} x {cfg.micro} rows x {cfg.seq_len} tokens, mesh "
+      f"{dict(mesh.shape)}); {train.format_memory(mem)}")
+
+  windows = None
+  if cfg.eval_every and eval_tokens is not None:
+    windows = packing.eval_windows(np.asarray(eval_tokens), cfg.seq_len)[:cfg.eval_windows]
+    eval_fn = train.make_eval_fn(model_cfg, cfg, mesh, state_sh["params"]["model"])
+
+  def evaluate(step):
+    row = {"step": step, **train.evaluate_windows(eval_fn, state["params"]["model"], windows,
+                                                  cfg.micro, mesh)}
+    say(f"eval at step {step}: loss {row['eval/loss']:.4f}, ppl {row['eval/ppl']:.2f}")
+    return row
+
+  metrics_log = _MetricsLog(os.path.join(output_dir, "metrics.jsonl"), resumed_from)
+  start = int(resumed_from or 0)
+  history, evals, tokens, last_saved = [], [], 0, resumed_from
+  if windows is not None and start == 0:
+    if distilling:
+      t_fn = train.make_eval_fn(teacher_cfg, cfg, mesh, teacher_sh)
+      ref = train.evaluate_windows(t_fn, teacher, windows, cfg.micro, mesh)
+      metrics_log.write({"step": 0, "eval/teacher_loss": ref["eval/loss"],
+                         "eval/teacher_ppl": ref["eval/ppl"]})
+      say(f"teacher on held-out data: loss {ref['eval/loss']:.4f}, ppl {ref['eval/ppl']:.2f}")
+    evals.append(evaluate(0))
+    metrics_log.write(evals[-1])
+
+  preempted = False
+  meter = _Meter(cfg.steps - start)
+  with _Stop() as stop:
+    pending = None
+    for step in range(start + 1, cfg.steps + 1):
+      t0 = time.perf_counter()
+      batch, data_after = pending or (train.global_batch(next(dataset), mesh, cfg),
+                                       dataset.state())
+      state, metrics = compiled(state, teacher, batch)
+      pending = None
+      if step < cfg.steps:  # build the next batch on the host while the device works
+        pending = (train.global_batch(next(dataset), mesh, cfg), dataset.state())
+      row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+      try:
+        _check_finite(step, row, last_saved)
+      except NonFiniteLossError:
+        ckpt.close()  # let the last good save finish; the bad state is never saved
+        raise
+      history.append(row)
+      metrics_log.write(row)
+      tokens += int(row["train/tokens"])
+      meter.add(int(row["train/tokens"]), time.perf_counter() - t0)
+      if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
+        say(_format_row(row, cfg.steps, *meter.report()))
+      if windows is not None and step % cfg.eval_every == 0 and step != cfg.steps:
+        evals.append(evaluate(step))
+        metrics_log.write(evals[-1])
+      stopping = stop.agreed()
+      if stopping or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+        if ckpt.save(step, state, {"data": data_after, "run": run_meta, "step": step}):
+          last_saved = step
+        if cfg.crash_after_save_step == step:
+          ckpt.wait()
+          os.kill(os.getpid(), signal.SIGKILL)
+      if stopping:
+        preempted = True
+        say(f"SIGTERM: saved the checkpoint at step {step}; run the same command to resume")
+        break
+  seconds = meter.total_seconds
+  if windows is not None and not preempted:
+    evals.append(evaluate(cfg.steps))
+    metrics_log.write(evals[-1])
+  ckpt.close()
+  if _is_main() and os.path.isfile(metrics_log.path):
+    plot_losses(metrics_log.path, os.path.join(output_dir, "losses.png"))
+  return FitResult(params=state["params"]["model"], step=int(state["step"]),
+                   resumed_from=resumed_from, preempted=preempted, history=history,
+                   evals=evals, seconds=seconds, tokens=tokens)
+
+
+def _restore_or_init(ckpt: checkpoint.Checkpointer, run_meta: dict, abstract_state,
+                     init: Callable[[], Any]) -> tuple[int | None, Any, dict | None]:
+  """(resumed step or None, state, data position) from the latest checkpoint, else fresh."""
+  step = ckpt.latest_step()
+  if step is None:
+    return None, init(), None
+  state, meta = ckpt.restore(step, abstract_state)
+  saved = meta.get("run", {})
+  for k, v in run_meta.items():
+    if saved.get(k) != v:
+      raise ValueError(f"{ckpt.directory}: the checkpoint was written with {k}={saved.get(k)!r},"
+                       f" this run has {k}={v!r}; use a new output directory")
+  return step, state, meta["data"]
+
+
+def _check_models(cfg, model_cfg, teacher_cfg, teacher_params, dcfg, projection):
+  """Validates the pairing and returns (dcfg with a resolved layer map, initial projection)."""
+  if cfg.mode != "distill":
+    return None, None
+  if teacher_params is None or teacher_cfg is None:
+    raise ValueError("distillation needs a teacher (teacher_params and teacher_cfg)")
+  if teacher_cfg.vocab_size != model_cfg.vocab_size:
+    raise ValueError(f"teacher vocab {teacher_cfg.vocab_size} != student vocab "
+                     f"{model_cfg.vocab_size}: logits distillation needs one tokenizer")
+  dcfg = dcfg or distill.DistillConfig()
+  if dcfg.needs_hidden:
+    dcfg = dataclasses.replace(dcfg, layer_map=distill.resolve_layer_map(
+        dcfg.layer_map, model_cfg.num_hidden_layers, teacher_cfg.num_hidden_layers))
+  d, e = model_cfg.hidden_size, teacher_cfg.hidden_size
+  if not dcfg.needs_projection_loss or d == e:
+    return dcfg, None
+  if projection is None:
+    return dcfg, distill.init_projection(jax.random.key(cfg.seed), d, e)
+  projection = np.asarray(projection, np.float32)
+  if projection.shape != (d, e):
+    raise ValueError(f"projection has shape {projection.shape}, expected {(d, e)}")
+  return dcfg, projection
+
+
+def plot_losses(metrics_path: str, png_path: str) -> None:
+  """Loss curves (log scale) and held-out loss from metrics.jsonl."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = read_metrics(metrics_path)
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  for key in LOSS_CURVES:
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] > 0]
+    if pts:
+      ax.plot(*zip(*pts), label=key, lw=1.2)
+  ev = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+  if ev:
+    ax.plot(*zip(*ev), "o--", label="eval/loss (held out)")
+  ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=110)
+  plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- from directories
+
+
+def host_params(params):
+  """Every process gets full host copies (collective); a single process keeps device arrays."""
+  if jax.process_count() == 1:
+    return params
+  from jax.experimental import multihost_utils
+  return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(
+      x, tiled=True)), params)
+
+
+def _from_report(path: str, dcfg: distill.DistillConfig, student: LlamaConfig,
+                 teacher: LlamaConfig) -> tuple[distill.DistillConfig, np.ndarray | None]:
+  """(dcfg with the report's layer map, selection projection or None) of a pruning report."""
+  if dcfg.layer_map is None:
+    dcfg = dataclasses.replace(dcfg, layer_map=distill.layer_map_from_report(path))
+  kept = distill.kept_embed_from_report(path)
+  if (kept is None or not dcfg.needs_projection_loss
+      or student.hidden_size == teacher.hidden_size):
+    return dcfg, None
+  if len(kept) != student.hidden_size:
+    raise ValueError(f"{path}: kept.embed has {len(kept)} channels, the student has "
+                     f"{student.hidden_size}")
+  return dcfg, distill.selection_projection(kept, teacher.hidden_size)
+
+
+def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str | None = None,
+        data_source: str = data.SHAKESPEARE, eval_data: str | None = None,
+        dcfg: distill.DistillConfig | None = None, prune_report: str | None = None,
+        export_dtype: str | None = None, coordinator_address: str | None = None,
+        num_processes: int | None = None, process_id: int | None = None) -> dict:
+  """Distils `student_dir` from `teacher_dir` (or corrects the teacher) and exports HF.
+
+  Args:
+    cfg: train settings; `cfg.mode="teacher_correction"` fine-tunes the teacher alone.
+    teacher_dir, student_dir: HF directories or short names (`hf_io.load_model`).
+    output_dir: checkpoints, metrics, plot, and the result under `output_dir/hf`.
+    data_source: training corpus (see `data.load_texts`); default the bundled Shakespeare.
+    eval_data: held-out corpus; default the tail of `data_source`.
+    dcfg: loss settings (distill mode).
+    prune_report: the student's pruning report (default: `prune_report.json` in the student
+      directory, if present): its kept layers become the layer map (unless `dcfg` has one)
+      and its kept embedding channels the projection's starting point.
+    export_dtype: dtype of the exported tensors; default that of the trained checkpoint.
+    coordinator_address, num_processes, process_id: multi-host settings (or the cluster's
+      environment).
+
+  Returns:
+    A summary (also written to `output_dir/run.json`).
+  """
+  from minitron_jax.io import files
+  from minitron_jax.io import hf as hf_io
+
+  sharding.initialize_distributed(coordinator_address, num_processes, process_id)
+  distilling = cfg.mode == "distill"
+  if distilling and not student_dir:
+    raise ValueError("distillation needs --student_dir (or use --mode=teacher_correction)")
+  teacher, tcfg, _, tpath = hf_io.load_model(teacher_dir, with_tokenizer=False)
+  if distilling:
+    params, mcfg, _, path = hf_io.load_model(student_dir, with_tokenizer=False)
+  else:
+    params, mcfg, path = teacher, tcfg, tpath
+    teacher = tcfg = None
+  try:  # a pruned student may come without tokenizer files; it shares the teacher's
+    tok, tok_dir = hf_io.load_tokenizer(path), path
+  except FileNotFoundError:
+    tok, tok_dir = hf_io.load_tokenizer(tpath), tpath
+  src_dtype = str(np.dtype(jax.tree_util.tree_leaves(params)[0].dtype))
+  stream = data.load_tokens(data_source, tok)
+  eval_ids = None
+  if cfg.eval_every:
+    if eval_data:
+      eval_ids = np.asarray(data.load_tokens(eval_data, tok).tokens)
+    else:
+      stream, eval_ids = split_holdout(stream, cfg.eval_windows * cfg.seq_len)
+  pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  projection = None
+  found = os.path.join(path, "prune_report.json")
+  if distilling and not prune_report and os.path.isfile(found):
+    prune_report = found  # pruning writes its report into the student directory
+    print(f"using the pruning report {found}", flush=True)
+  if distilling and prune_report:
+    dcfg, projection = _from_report(prune_report, dcfg or distill.DistillConfig(), mcfg, tcfg)
+  result = fit(cfg, model_params=params, model_cfg=mcfg, train_tokens=stream,
+               output_dir=output_dir, teacher_params=teacher, teacher_cfg=tcfg, dcfg=dcfg,
+               eval_tokens=eval_ids, projection=projection, pad_id=int(pad_id or 0))
+  summary = {"mode": cfg.mode, "teacher_dir": tpath, "student_dir": path if distilling else None,
+             "steps": result.step, "resumed_from": result.resumed_from,
+             "preempted": result.preempted, "tokens_this_run": result.tokens,
+             "seconds_this_run": round(result.seconds, 2),
+             "evals": result.evals, "train_config": dataclasses.asdict(cfg),
+             "distill_config": dataclasses.asdict(dcfg) if dcfg else None,
+             "prune_report": os.path.abspath(prune_report) if prune_report else None}
+  if result.preempted:
+    return summary
+  host = host_params(result.params)
+  hf_dir = os.path.join(output_dir, "hf")
+  if _is_main():
+    hf_io.save_hf(host, mcfg.replace(dtype="float32"), hf_dir, source_dir=tok_dir,
+                  dtype=export_dtype or src_dtype, overwrite=True)
+    summary["hf_dir"] = os.path.abspath(hf_dir)
+    files.write_json(os.path.join(output_dir, "run.json"), summary)
+    print(f"wrote {hf_dir}", flush=True)
+  return summary

@@ -1,0 +1,410 @@
+"""The train step: optimizer, schedule, sharded train state, gradient accumulation, AOT compile.
+
+One jitted function `(state, teacher_params, batch) -> (state, metrics)` does a whole
+optimizer update. Gradient accumulation runs inside it as a `lax.scan` over micro-batches
+rather than with `optax.MultiSteps`: the update, clipping and schedule then see each global
+batch exactly once, a step is one update (so `--steps`, checkpoints and metrics all count
+updates), the optimizer state holds no accumulator to checkpoint, and the host dispatches one
+computation per update instead of one per micro-batch.
+
+Parameters stay float32 (master weights); the model computes in `TrainConfig.dtype`
+(bfloat16 by default) by casting weights inside the forward pass.
+
+The state is a dict: `step` (int32), `params` (`{"model": ..., "proj": ...}`; `proj` only when
+a hidden or embedding loss compares different widths) and `opt_state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from minitron_jax import model as M, sharding
+from minitron_jax.distill import losses as distill
+from minitron_jax.config import LlamaConfig
+
+MODES = ("distill", "teacher_correction")
+BATCH_KEYS = ("tokens", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation and run settings (model-independent).
+
+  Attributes:
+    mode: "distill" (student from teacher) or "teacher_correction" (the teacher alone, CE).
+    steps: optimizer updates.
+    global_batch_size: rows per update, over all hosts and devices.
+    micro_batch_size: rows per forward pass (global); global_batch_size / micro_batch_size
+      micro-batches are accumulated. None = no accumulation.
+    seq_len: tokens per row.
+    lr, min_lr, warmup_steps: linear warmup to `lr`, then cosine decay to `min_lr`.
+    weight_decay: AdamW decay of matrices (never norms). 0 by default: a short run from a
+      pretrained model should not pull weights towards zero.
+    b1, b2, eps: Adam moments.
+    grad_clip: clip the global gradient norm to this (0 = off).
+    dtype: compute dtype; parameters and optimizer state stay float32.
+    remat: recompute each layer's activations in the backward pass (less memory, ~1/3 more
+      compute).
+    seed: data order and the projection's initialisation.
+    mesh: device mesh, e.g. "data:2,fsdp:2,tensor:2" (-1 = the remaining devices).
+    save_every: checkpoint every N updates (0 = only at the end and on SIGTERM).
+    keep_checkpoints: how many checkpoints to keep.
+    eval_every: held-out evaluation every N updates, plus before the first and after the last
+      (0 = never).
+    eval_windows: held-out windows of `seq_len` tokens per evaluation.
+    log_every: console line every N updates.
+    async_checkpointing: write checkpoints in a background thread.
+    nan_at_step: testing: poison the loss of this update (1-based) with NaN.
+    crash_after_save_step: testing: SIGKILL the process once this step's checkpoint is on disk.
+  """
+
+  mode: str = "distill"
+  steps: int = 100
+  global_batch_size: int = 8
+  micro_batch_size: int | None = None
+  seq_len: int = 512
+  lr: float = 1e-4
+  min_lr: float = 1e-5
+  warmup_steps: int = 40
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip: float = 1.0
+  dtype: str = "bfloat16"
+  remat: bool = False
+  seed: int = 0
+  mesh: str = "data:-1"
+  save_every: int = 100
+  keep_checkpoints: int = 3
+  eval_every: int = 0
+  eval_windows: int = 8
+  log_every: int = 1
+  async_checkpointing: bool = True
+  nan_at_step: int | None = None
+  crash_after_save_step: int | None = None
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+    for name in ("steps", "global_batch_size", "seq_len", "eval_windows", "log_every",
+                 "keep_checkpoints"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+    for name in ("warmup_steps", "save_every", "eval_every"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if self.seq_len < 2:
+      raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+    micro = self.micro_batch_size
+    if micro is not None and (micro < 1 or self.global_batch_size % micro):
+      raise ValueError(f"micro_batch_size={micro} must divide "
+                       f"global_batch_size={self.global_batch_size}")
+    if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+      raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, "
+                       f"min_lr={self.min_lr}")
+    if self.weight_decay < 0 or self.grad_clip < 0:
+      raise ValueError("weight_decay and grad_clip must be >= 0")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+  @property
+  def accum_steps(self) -> int:
+    return self.global_batch_size // (self.micro_batch_size or self.global_batch_size)
+
+  @property
+  def micro(self) -> int:
+    return self.micro_batch_size or self.global_batch_size
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+
+def learning_rate(step, cfg: TrainConfig):
+  """Learning rate of update `step` (0-based): linear warmup from lr/warmup to lr over
+  `warmup_steps` updates, then cosine decay reaching `min_lr` at the last update."""
+  step = jnp.asarray(step, jnp.float32)
+  warm = float(max(cfg.warmup_steps, 1))
+  warmup_lr = cfg.lr * (step + 1.0) / warm
+  decay_len = float(max(cfg.steps - cfg.warmup_steps - 1, 1))
+  progress = jnp.clip((step - cfg.warmup_steps) / decay_len, 0.0, 1.0)
+  cosine_lr = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + jnp.cos(math.pi * progress))
+  return jnp.where(step < cfg.warmup_steps, warmup_lr, cosine_lr)
+
+
+def _decay_mask(params):
+  """Decay matrices only: norms (and anything 1-D per layer) are left alone."""
+  def keep(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    return not name.endswith("norm") and leaf.ndim >= 2
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW on the schedule of `learning_rate`."""
+  adamw = optax.adamw(lambda s: learning_rate(s, cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, mask=_decay_mask)
+  if cfg.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+  return adamw
+
+
+# ---------------------------------------------------------------------------- state and sharding
+
+
+def init_state(model_params, optimizer, proj=None) -> dict:
+  """A fresh train state; params are cast to float32 master weights."""
+  params = {"model": jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), model_params)}
+  if proj is not None:
+    params["proj"] = jnp.asarray(proj, jnp.float32)
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": optimizer.init(params)}
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+  """Batches are (micro-batches, rows, tokens), rows split over data and fsdp."""
+  row = sharding.logical_to_spec(("batch",), mesh=mesh)[0]
+  s = NamedSharding(mesh, P(None, row, None))
+  return {k: s for k in BATCH_KEYS}
+
+
+def state_shardings(state_shape: dict, model_cfg: LlamaConfig, mesh: Mesh,
+                    optimizer: optax.GradientTransformation) -> dict:
+  """Params by the logical-axis rules; optimizer moments mirror their params; the rest (the
+  step, counters, the small projection) is replicated."""
+  rep = replicated(mesh)
+  params_sh = {"model": sharding.param_shardings(model_cfg, mesh,
+                                                 params=state_shape["params"]["model"])}
+  if "proj" in state_shape["params"]:
+    params_sh["proj"] = rep
+  opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, state_shape["opt_state"], params_sh,
+                                 transform_non_params=lambda _: rep,
+                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+  return {"step": rep, "params": params_sh, "opt_state": opt_sh}
+
+
+def abstract(tree, shardings):
+  """ShapeDtypeStructs carrying shardings (for `lower` and checkpoint restore)."""
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def put_global(tree, shardings):
+  """Host values (identical on every process) -> global arrays with the given shardings.
+
+  Each process materialises only its addressable shards, which also works across hosts.
+  """
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def batch_rows(mesh: Mesh, cfg: TrainConfig) -> tuple[int, int]:
+  """(index, count) of this process's slice of every global batch.
+
+  Derived from the batch sharding rather than `jax.process_index()`, so processes whose
+  devices hold the same rows (e.g. a tensor axis spanning hosts) read the same data.
+  """
+  micro = cfg.micro
+  shape = (cfg.accum_steps, micro, cfg.seq_len)
+  s = batch_shardings(mesh)["tokens"]
+  shards = int(np.prod([mesh.shape[a] for a in _names(s.spec[1])]))
+  if micro % shards:
+    raise ValueError(f"micro_batch_size={micro} is not divisible by the {shards} batch shards "
+                     f"of mesh {dict(mesh.shape)}")
+  mine = {idx[1].indices(micro)[:2] for d, idx in s.devices_indices_map(shape).items()
+          if d.process_index == jax.process_index()}
+  lo, hi = min(a for a, _ in mine), max(b for _, b in mine)
+  if sum(b - a for a, b in mine) != hi - lo:
+    raise ValueError(f"mesh {dict(mesh.shape)}: this process's batch rows are not contiguous")
+  return lo // (hi - lo), micro // (hi - lo)
+
+
+def _names(entry) -> tuple[str, ...]:
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh, cfg: TrainConfig
+                 ) -> dict[str, jax.Array]:
+  """This host's rows (R, T) -> global (A, micro, T) arrays.
+
+  Micro-batch a holds global rows a, a + A, a + 2A, ...: with hosts owning contiguous blocks
+  of the global batch, every micro-batch then has the same rows whatever the process count.
+  """
+  a = cfg.accum_steps
+  shardings = batch_shardings(mesh)
+  out = {}
+  for k in BATCH_KEYS:
+    x = np.asarray(local[k], np.int32)
+    rows, t = x.shape
+    x = x.reshape(rows // a, a, t).transpose(1, 0, 2)
+    out[k] = jax.make_array_from_process_local_data(shardings[k], x,
+                                                    (a, cfg.micro, t))
+  return out
+
+
+# ---------------------------------------------------------------------------- the step
+
+
+def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
+                    dcfg: distill.DistillConfig | None, cfg: TrainConfig,
+                    optimizer: optax.GradientTransformation,
+                    grad_shardings: Any = None) -> Callable:
+  """`(state, teacher_params, batch) -> (state, metrics)` for the configured mode.
+
+  Args:
+    model_cfg: config of the trained model (its dtype is replaced by `cfg.dtype`).
+    teacher_cfg: the teacher's config (distill mode).
+    dcfg: loss settings with a resolved layer map (distill mode).
+    cfg: train settings.
+    optimizer: from `make_optimizer(cfg)`.
+    grad_shardings: sharding of `state["params"]`, to pin the gradient accumulator.
+  """
+  mcfg = model_cfg.replace(dtype=cfg.dtype)
+  tcfg = teacher_cfg.replace(dtype=cfg.dtype) if teacher_cfg is not None else None
+  hidden = dcfg is not None and dcfg.needs_hidden
+
+  def micro_loss(params, teacher_params, mb, norm):
+    out = M.forward(params["model"], mcfg, mb["tokens"], positions_bt=mb["positions"],
+                    segment_ids_bt=mb["segment_ids"], return_hidden=hidden, remat=cfg.remat)
+    if cfg.mode == "teacher_correction":
+      return distill.lm_loss(out["logits"], mb["tokens"], mb["segment_ids"], norm)
+    t_out = M.forward(jax.lax.stop_gradient(teacher_params), tcfg, mb["tokens"],
+                      positions_bt=mb["positions"], segment_ids_bt=mb["segment_ids"],
+                      return_hidden=hidden)
+    t_out = jax.lax.stop_gradient(t_out)
+    return distill.distillation_loss(out, t_out, mb["tokens"], mb["segment_ids"],
+                                     params.get("proj"), dcfg, norm)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def step(state, teacher_params, batch):
+    a = batch["tokens"].shape[0]
+    # Counts of the whole global batch, so summing micro-batch losses gives the global mean.
+    norm = jax.vmap(distill.normalizers)(batch["tokens"], batch["segment_ids"])
+    norm = distill.Normalizers(*(jnp.sum(x) for x in norm))
+    params = state["params"]
+
+    def one(mb):
+      (_, metrics), grads = grad_fn(params, teacher_params, mb, norm)
+      if grad_shardings is not None:
+        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+      return grads, metrics
+
+    if a == 1:
+      grads, metrics = one(jax.tree_util.tree_map(lambda x: x[0], batch))
+    else:
+      def body(carry, mb):
+        g, m = one(mb)
+        return jax.tree_util.tree_map(jnp.add, carry, (g, m)), None
+      zeros = jax.eval_shape(one, jax.tree_util.tree_map(lambda x: x[0], batch))
+      zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      (grads, metrics), _ = jax.lax.scan(body, zeros, batch)
+      metrics = {k: v / a if k.endswith("alpha") else v for k, v in metrics.items()}
+    prefix = "train" if cfg.mode == "teacher_correction" else "distill"
+    loss = metrics[f"{prefix}/loss"]
+    if cfg.nan_at_step is not None:
+      loss = jnp.where(state["step"] + 1 == cfg.nan_at_step, jnp.nan, loss)
+      grads = jax.tree_util.tree_map(lambda g: jnp.where(jnp.isnan(loss), jnp.nan, g), grads)
+      metrics[f"{prefix}/loss"] = loss
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics.update({
+        "train/lr": learning_rate(state["step"], cfg),
+        "train/grad_norm": optax.global_norm(grads),
+        "train/tokens": norm.tokens,
+    })
+    if prefix == "distill":
+      metrics["train/loss"] = loss
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    return new_state, metrics
+
+  return step
+
+
+def compile_step(step_fn: Callable, state_sh, teacher_sh, mesh: Mesh, abstract_state,
+                 abstract_teacher, cfg: TrainConfig):
+  """Jits with in/out shardings (state donated, teacher not) and compiles ahead of time.
+
+  Returns:
+    (compiled, memory_analysis or None).
+  """
+  batch_sh = batch_shardings(mesh)
+  shape = (cfg.accum_steps, cfg.micro, cfg.seq_len)
+  abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s)
+                    for k, s in batch_sh.items()}
+  jitted = jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_sh),
+                   out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
+  compiled = jitted.lower(abstract_state, abstract_teacher, abstract_batch).compile()
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # not every backend reports it
+    mem = None
+  return compiled, mem
+
+
+def format_memory(mem) -> str:
+  if mem is None:
+    return "memory analysis unavailable on this backend"
+  gib = 1024 ** 3
+  fields = [("arguments", "argument_size_in_bytes"), ("outputs", "output_size_in_bytes"),
+            ("temporaries", "temp_size_in_bytes"), ("aliased", "alias_size_in_bytes"),
+            ("code", "generated_code_size_in_bytes")]
+  parts = [f"{name} {getattr(mem, attr) / gib:.3f} GiB" for name, attr in fields
+           if hasattr(mem, attr)]
+  return "compiled step memory per device: " + ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def make_eval_fn(model_cfg: LlamaConfig, cfg: TrainConfig, mesh: Mesh, params_sh) -> Callable:
+  """Jitted `(model_params, windows_bt, weights_b) -> (nll sum, predicted tokens)`."""
+  mcfg = model_cfg.replace(dtype=cfg.dtype)
+  row = sharding.logical_to_spec(("batch",), mesh=mesh)[0]
+
+  def nll(params, windows_bt, weights_b):
+    logits = M.forward(params, mcfg, windows_bt[:, :-1])["logits"]
+    per_bt = distill.cross_entropy_bt(logits, windows_bt[:, 1:])
+    return jnp.sum(per_bt * weights_b[:, None]), jnp.sum(weights_b) * per_bt.shape[1]
+
+  rep = replicated(mesh)
+  return jax.jit(nll, in_shardings=(params_sh, NamedSharding(mesh, P(row, None)),
+                                    NamedSharding(mesh, P(row))),
+                 out_shardings=(rep, rep))
+
+
+def evaluate_windows(eval_fn: Callable, params, windows: np.ndarray, batch: int, mesh: Mesh
+                     ) -> dict[str, float]:
+  """Mean next-token loss and perplexity over `windows` (N, T), every host calling."""
+  row = sharding.logical_to_spec(("batch",), mesh=mesh)[0]
+  shards = int(np.prod([mesh.shape[a] for a in _names(row)]))
+  batch = -(-batch // shards) * shards
+  total, count = 0.0, 0.0
+  for i in range(0, len(windows), batch):
+    chunk = windows[i:i + batch]
+    weights = np.zeros(batch, np.float32)
+    weights[:len(chunk)] = 1.0
+    if len(chunk) < batch:  # pad the batch, not the shape: one compile
+      chunk = np.concatenate([chunk, np.zeros((batch - len(chunk), chunk.shape[1]), np.int32)])
+    w_sh = NamedSharding(mesh, P(row, None))
+    x = put_global(chunk, w_sh)
+    wt = put_global(weights, NamedSharding(mesh, P(row)))
+    s, c = eval_fn(params, x, wt)
+    total += float(s)
+    count += float(c)
+  loss = total / max(count, 1.0)
+  return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 80.0))}

@@ -1,0 +1,238 @@
+"""Perplexity and zero-shot log-likelihood evaluation, batched and jitted on bucketed shapes."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minitron_jax import model as M
+from minitron_jax.config import LlamaConfig
+from minitron_jax.evaluate.generate import bucket
+
+
+def token_logprobs(params, cfg: LlamaConfig, inputs_bt, targets_bt):
+  """log p(target_t | inputs_<=t) and whether the target is the argmax, both (B, T)."""
+  logits_btv = M.forward(params, cfg, inputs_bt)["logits"]
+  logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
+  lp_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
+  return lp_bt, jnp.argmax(logits_btv, axis=-1) == targets_bt
+
+
+@functools.lru_cache(maxsize=None)
+def _scorer(cfg: LlamaConfig):
+  def score(params, inputs_bt, targets_bt, mask_bt):
+    lp_bt, greedy_bt = token_logprobs(params, cfg, inputs_bt, targets_bt)
+    lp_b = jnp.sum(jnp.where(mask_bt, lp_bt, 0.0), axis=-1)
+    greedy_b = jnp.all(greedy_bt | ~mask_bt, axis=-1)
+    return lp_b, greedy_b
+  return jax.jit(score)
+
+
+class Progress:
+  """A one-line progress report on stderr: done/total, rate and ETA."""
+
+  def __init__(self, label: str, total: int, unit: str = "items", enabled: bool = True):
+    self.label, self.total, self.unit, self.enabled = label, total, unit, enabled
+    self.start = time.perf_counter()
+    self.last = 0.0
+
+  def update(self, done: int, force: bool = False):
+    now = time.perf_counter()
+    if not self.enabled or (not force and now - self.last < 2.0):
+      return
+    self.last = now
+    rate = done / max(now - self.start, 1e-9)
+    eta = (self.total - done) / rate if rate > 0 else float("inf")
+    print(f"\r{self.label}: {done}/{self.total} {self.unit} ({rate:.1f}/s, ETA {eta:.0f}s)",
+          end="\n" if done >= self.total else "", file=sys.stderr, flush=True)
+
+
+def perplexity(params, cfg: LlamaConfig, token_ids: Sequence[int], *, seq_len: int = 1024,
+               max_windows: int | None = None, batch_size: int = 4,
+               progress: bool = True) -> dict:
+  """Perplexity over consecutive non-overlapping windows of `seq_len` tokens.
+
+  The last partial window is dropped; every token but the first of each window is predicted.
+
+  Returns:
+    {"ppl", "nll" (mean), "tokens" (predicted), "windows"}.
+  """
+  if seq_len < 2:
+    raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+  ids = np.asarray(token_ids, np.int32)
+  n_windows = len(ids) // seq_len
+  if max_windows is not None:
+    n_windows = min(n_windows, max_windows)
+  if n_windows == 0:
+    raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
+  windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+  score = _scorer(cfg)
+  total, bar = 0.0, Progress("perplexity", n_windows, "windows", progress)
+  for i in range(0, n_windows, batch_size):
+    chunk = windows[i: i + batch_size]
+    real = len(chunk)
+    if real < batch_size:  # pad the batch, not the shape: one compile
+      chunk = np.concatenate([chunk, np.zeros((batch_size - real, seq_len), np.int32)])
+    mask = np.zeros((batch_size, seq_len - 1), bool)
+    mask[:real] = True
+    lp_b, _ = score(params, chunk[:, :-1], chunk[:, 1:], mask)
+    total += float(np.sum(np.asarray(lp_b, np.float64)[:real]))
+    bar.update(i + real)
+  bar.update(n_windows, force=True)
+  count = n_windows * (seq_len - 1)
+  nll = -total / count
+  return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": n_windows}
+
+
+def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                   *, batch_size: int = 16, max_len: int | None = None,
+                   progress: Callable[[int], None] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Summed log-likelihood of each continuation given its context, and greedy agreement.
+
+  Sequences are sorted by length, cut into batches and right-padded to a power-of-two bucket,
+  so the number of compiled shapes stays logarithmic in the longest request. Requests longer
+  than `max_len` keep their last `max_len` input tokens (the continuation is always kept).
+
+  Args:
+    pairs: (context ids, continuation ids); the continuation must be non-empty.
+
+  Returns:
+    (loglik float64 (R,), is_greedy bool (R,)).
+  """
+  max_len = max_len or cfg.max_position_embeddings
+  seqs = []
+  for ctx, cont in pairs:
+    if len(cont) == 0:
+      raise ValueError("empty continuation")
+    full = list(ctx) + list(cont)
+    full = full[-(max_len + 1):]
+    seqs.append((full, min(len(cont), len(full) - 1)))
+  order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+  lls, greedy = np.zeros(len(seqs)), np.zeros(len(seqs), bool)
+  score = _scorer(cfg)
+  for start in range(0, len(order), batch_size):
+    idx = order[start: start + batch_size]
+    t = bucket(max(len(seqs[i][0]) - 1 for i in idx))
+    inputs = np.zeros((batch_size, t), np.int32)
+    targets = np.zeros((batch_size, t), np.int32)
+    mask = np.zeros((batch_size, t), bool)
+    for row, i in enumerate(idx):
+      full, n_cont = seqs[i]
+      n = len(full) - 1
+      inputs[row, :n], targets[row, :n] = full[:-1], full[1:]
+      mask[row, n - n_cont: n] = True
+    lp_b, g_b = score(params, inputs, targets, mask)
+    lp_b, g_b = np.asarray(lp_b, np.float64), np.asarray(g_b)
+    for row, i in enumerate(idx):
+      lls[i], greedy[i] = lp_b[row], g_b[row]
+    if progress:
+      progress(start + len(idx))
+  return lls, greedy
+
+
+def evaluate_task(params, cfg: LlamaConfig, tokenizer, name: str, data_root: str, *,
+                  limit: int | None = None, batch_size: int = 16, max_len: int = 1024,
+                  progress: bool = True) -> dict:
+  """Zero-shot accuracy of one task (see `tasks.TASKS`).
+
+  Multiple-choice: the option with the highest summed log-likelihood wins (`acc`), or the
+  highest log-likelihood per character of the option (`acc_norm`, as lm-evaluation-harness).
+  LAMBADA: `acc` is greedy agreement on the target word, `ppl` is exp(-mean log-likelihood).
+  """
+  from minitron_jax.evaluate import tasks
+
+  examples = tasks.load_task(name, data_root, limit=limit)
+  pairs_per_example = tasks.tokenize_requests(examples, tokenizer)
+  flat = [pair for pairs in pairs_per_example for pair in pairs]
+  bar = Progress(name, len(flat), "requests", progress)
+  t0 = time.perf_counter()
+  lls, greedy = loglikelihoods(params, cfg, flat, batch_size=batch_size, max_len=max_len,
+                               progress=bar.update)
+  bar.update(len(flat), force=True)
+  out = {"examples": len(examples), "seconds": round(time.perf_counter() - t0, 2)}
+  k = 0
+  correct = correct_norm = 0
+  for ex in examples:
+    n = len(ex.requests)
+    ll, g = lls[k: k + n], greedy[k: k + n]
+    k += n
+    if name == "lambada":
+      correct += bool(g[0])
+      continue
+    lengths = np.array([max(tasks.choice_length(r), 1) for r in ex.requests], np.float64)
+    correct += int(np.argmax(ll)) == ex.label
+    correct_norm += int(np.argmax(ll / lengths)) == ex.label
+  metrics = tasks.TASK_SPECS[name].metrics
+  out["acc"] = correct / len(examples)
+  if "acc_norm" in metrics:
+    out["acc_norm"] = correct_norm / len(examples)
+  if "ppl" in metrics:
+    out["ppl"] = math.exp(-float(np.mean(lls)))
+  return out
+
+
+def format_table(rows: list[tuple[str, dict]], columns: Sequence[str]) -> str:
+  """A plain-text table: one row per (name, metrics)."""
+  header = ["task"] + list(columns)
+  body = [[name] + [_fmt(m.get(c)) for c in columns] for name, m in rows]
+  widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+  lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in [header] + body]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, float):
+    return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
+  return str(v)
+
+
+def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str], *,
+                   data_root: str | None = None, ppl_file: str | None = None,
+                   seq_len: int = 1024, max_windows: int | None = None,
+                   limit: int | None = None, batch_size: int = 16,
+                   progress: bool = True) -> dict[str, dict]:
+  """Perplexity (task `ppl`) and zero-shot tasks; returns {task: metrics}."""
+  from minitron_jax.evaluate import tasks
+
+  unknown = [t for t in task_names if t != "ppl" and t not in tasks.TASKS]
+  if unknown:
+    raise ValueError(f"unknown task(s) {unknown}; known: ppl, {', '.join(tasks.TASKS)}")
+  results = {}
+  for name in task_names:
+    if name == "ppl":
+      if ppl_file is None:
+        raise ValueError("task 'ppl' needs a text file (--ppl_file)")
+      if not os.path.isfile(ppl_file):
+        raise FileNotFoundError(f"{ppl_file}: no such file (--ppl_file)")
+      with open(ppl_file, encoding="utf-8") as f:
+        text = f.read()
+      max_len = tokenizer.model_max_length
+      tokenizer.model_max_length = int(1e30)  # the whole text at once is intended here
+      try:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+      finally:
+        tokenizer.model_max_length = max_len
+      t0 = time.perf_counter()
+      res = perplexity(params, cfg, ids, seq_len=seq_len, max_windows=max_windows,
+                       batch_size=max(1, batch_size // 4), progress=progress)
+      res["seconds"] = round(time.perf_counter() - t0, 2)
+      res["file"] = ppl_file
+      results["ppl"] = res
+    else:
+      if data_root is None:
+        raise ValueError(f"task {name!r} needs --data_root")
+      results[name] = evaluate_task(params, cfg, tokenizer, name, data_root, limit=limit,
+                                    batch_size=batch_size, max_len=seq_len, progress=progress)
+  return results

@@ -1,0 +1,294 @@
+"""llama.cpp GGUF checkpoint of a Llama model -> Hugging Face model directory.
+
+The output holds `config.json`, `generation_config.json`, a float32 `model.safetensors` with
+HF tensor names, and the tokenizer files, so transformers and `hf_io.load_hf` read it like
+any HF checkpoint. Quantised tensors are dequantised to float32: the result is exactly the
+weights llama.cpp runs, not the unquantised originals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import gguf
+import numpy as np
+from safetensors.numpy import save_file
+
+from minitron_jax.io.hf import atomic_output_dir
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURE = "llama"
+
+GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_LAYER_TENSOR_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Applies llama.cpp's q/k row permutation (HF layout -> GGUF layout).
+
+  llama.cpp rotates interleaved pairs in RoPE while HF rotates the two halves of each head,
+  so its converter reorders each head's rows. Kept as the reference the inverse is tested on.
+
+  Args:
+    w: `[n_head * head_dim, ...]` projection weight in HF row order.
+    n_head: heads whose rows are permuted (query heads for q, key/value heads for k).
+
+  Returns:
+    The weight in GGUF row order, same shape.
+  """
+  half = _half_head_rows(w, n_head)
+  return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Inverts `permute_qk` (GGUF row order -> HF row order); arguments as there."""
+  half = _half_head_rows(w, n_head)
+  return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _half_head_rows(w: np.ndarray, n_head: int) -> int:
+  if n_head <= 0 or w.shape[0] % (2 * n_head):
+    raise ValueError(f"cannot split {w.shape[0]} rows into {n_head} heads of even size")
+  return w.shape[0] // n_head // 2
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+  """Maps a llama.cpp tensor name to its HF Llama name; ValueError if there is none."""
+  if gguf_name in GLOBAL_TENSORS:
+    return GLOBAL_TENSORS[gguf_name]
+  m = _LAYER_TENSOR_RE.match(gguf_name)
+  if m and m.group(2) in LAYER_TENSORS:
+    return f"model.layers.{m.group(1)}.{LAYER_TENSORS[m.group(2)]}.weight"
+  raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama equivalent")
+
+
+def round_float32(x: float) -> float:
+  """The short decimal a float32 value was written from (9.99999974e-06 -> 1e-05)."""
+  return float(f"{float(np.float32(x)):.6g}")
+
+
+def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+  """GGUF key/value metadata as plain Python values.
+
+  Float32 values are rounded back to their short decimal form. The big tokenizer arrays are
+  left out (transformers' tokenizer conversion reads them itself); `<key>.length` keeps their
+  sizes.
+  """
+  meta: dict[str, Any] = {}
+  for key, field in reader.fields.items():
+    if key.startswith("GGUF."):
+      continue
+    if key.startswith("tokenizer.ggml.") and field.types[0] == gguf.GGUFValueType.ARRAY:
+      meta[f"{key}.length"] = len(field.data)
+      continue
+    value = field.contents()
+    meta[key] = round_float32(value) if field.types == [gguf.GGUFValueType.FLOAT32] else value
+  return meta
+
+
+def llama_config(meta: Mapping[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+  """A complete HF `LlamaConfig` dict from GGUF metadata.
+
+  Args:
+    meta: output of `read_metadata`.
+    tensor_names: the GGUF tensor names (they decide weight tying).
+
+  Raises:
+    ValueError: for a non-Llama GGUF, missing metadata or an unsupported feature.
+  """
+  arch = meta.get("general.architecture")
+  if arch != SUPPORTED_ARCHITECTURE:
+    raise ValueError(f"unsupported GGUF architecture {arch!r}: only {SUPPORTED_ARCHITECTURE!r} "
+                     "checkpoints can be converted")
+
+  def get(key: str, default: Any = None) -> Any:
+    value = meta.get(f"{arch}.{key}", default)
+    if value is None:
+      raise ValueError(f"GGUF metadata lacks '{arch}.{key}'")
+    return value
+
+  hidden, heads = get("embedding_length"), get("attention.head_count")
+  kv_heads = get("attention.head_count_kv", heads)
+  if not isinstance(kv_heads, int):
+    raise ValueError(f"per-layer key/value head counts {kv_heads!r} are not supported")
+  head_dim = get("attention.key_length", hidden // heads)
+  if get("attention.value_length", head_dim) != head_dim:
+    raise ValueError("different key and value head sizes are not supported")
+  if "rope_freqs.weight" in tensor_names:
+    # llama3-style scaling: GGUF keeps only the derived frequencies, not the HF parameters.
+    raise ValueError("GGUF tensor 'rope_freqs.weight' (llama3 rope scaling) is not supported")
+  vocab = meta.get(f"{arch}.vocab_size", meta.get("tokenizer.ggml.tokens.length"))
+  if vocab is None:
+    raise ValueError(f"GGUF metadata lacks '{arch}.vocab_size' and a tokenizer vocabulary")
+  rope_theta = float(get("rope.freq_base", 10000.0))
+  rope_scaling = _rope_scaling(meta, arch)
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "vocab_size": vocab, "hidden_size": hidden,
+      "intermediate_size": get("feed_forward_length"),
+      "num_hidden_layers": get("block_count"),
+      "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+      "hidden_act": "silu", "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+      "rope_theta": rope_theta, "rope_scaling": rope_scaling,
+      # Newer transformers read RoPE settings from here; older ones ignore it.
+      "rope_parameters": {"rope_theta": rope_theta, **(rope_scaling or {"rope_type": "default"})},
+      "max_position_embeddings": get("context_length"),
+      "tie_word_embeddings": "output.weight" not in tensor_names,
+      "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+      "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+      "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+      "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+      "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32",
+  }
+
+
+def _rope_scaling(meta: Mapping[str, Any], arch: str) -> dict[str, Any] | None:
+  kind = meta.get(f"{arch}.rope.scaling.type", "none")
+  if kind == "none":
+    return None
+  if kind == "linear":
+    return {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+  raise ValueError(f"GGUF rope scaling type {kind!r} is not supported")
+
+
+def expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  """HF tensor name -> numpy shape that `config` implies."""
+  d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+  q = config["num_attention_heads"] * config["head_dim"]
+  kv = config["num_key_value_heads"] * config["head_dim"]
+  shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+  if not config["tie_word_embeddings"]:
+    shapes["lm_head.weight"] = (v, d)
+  per_layer = {
+      "self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+      "self_attn.o_proj": (d, q), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d),
+      "mlp.down_proj": (d, f), "input_layernorm": (d,), "post_attention_layernorm": (d,),
+  }
+  for i in range(config["num_hidden_layers"]):
+    shapes.update({f"model.layers.{i}.{k}.weight": s for k, s in per_layer.items()})
+  return shapes
+
+
+def convert_tensors(reader: gguf.GGUFReader, config: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Every GGUF tensor dequantised to float32, in HF naming and layout.
+
+  Raises:
+    ValueError: naming the tensor that is unknown, missing, or of the wrong shape.
+  """
+  shapes = expected_shapes(config)
+  out: dict[str, np.ndarray] = {}
+  for t in reader.tensors:
+    name = hf_tensor_name(t.name)
+    if name not in shapes:
+      raise ValueError(f"GGUF tensor {t.name!r} ({name}) is not part of the model its metadata "
+                       "describes")
+    shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims fastest first
+    if shape != shapes[name]:
+      raise ValueError(f"GGUF tensor {t.name!r} ({name}) has shape {shape}, expected "
+                       f"{shapes[name]} from the metadata")
+    # np.array copies: an F32 tensor comes back as a view of the memory-mapped file.
+    w = np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+    if name.endswith("q_proj.weight"):
+      w = unpermute_qk(w, config["num_attention_heads"])
+    elif name.endswith("k_proj.weight"):
+      w = unpermute_qk(w, config["num_key_value_heads"])
+    out[name] = np.ascontiguousarray(w)
+  missing = sorted(set(shapes) - set(out))
+  if missing:
+    raise ValueError(f"GGUF file lacks {len(missing)} tensor(s), first {missing[0]!r}")
+  return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+  path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_tokenizer(gguf_path: Path, out_dir: Path, meta: Mapping[str, Any],
+                    max_length: int) -> None:
+  """Writes HF tokenizer files converted from the GGUF vocabulary.
+
+  transformers converts vocabulary and merges; the chat template is then forced to the
+  GGUF's own, and also put into `tokenizer_config.json`, because recent transformers keep it
+  only in a separate `chat_template.jinja` that older tools do not read.
+  """
+  from transformers import AutoTokenizer  # heavy, and only needed here
+
+  tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+  template = meta.get("tokenizer.chat_template")
+  if template is not None and tokenizer.chat_template != template:
+    tokenizer.chat_template = template
+  tokenizer.model_max_length = max_length
+  tokenizer.save_pretrained(str(out_dir))
+
+  config_path = out_dir / "tokenizer_config.json"
+  tokenizer_config = json.loads(config_path.read_text(encoding="utf-8"))
+  if template is not None:
+    tokenizer_config["chat_template"] = template
+  _write_json(config_path, tokenizer_config)
+  special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+  _write_json(out_dir / "special_tokens_map.json", special)
+
+
+def _relax_permissions(root: Path) -> None:
+  # mkdtemp and the safetensors writer create owner-only entries; a shared model cache
+  # should get the usual umask-derived permissions.
+  umask = os.umask(0)
+  os.umask(umask)
+  for path in [root, *root.rglob("*")]:
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike,
+               overwrite: bool = False) -> Path:
+  """Converts a Llama GGUF file into a float32 HF model directory.
+
+  Everything is written into a temporary sibling directory that is renamed into place at
+  the end, so a failure never leaves a partial `output_dir`.
+
+  Args:
+    gguf_path: the `.gguf` file.
+    output_dir: directory to create; it must be absent or empty unless `overwrite`.
+    overwrite: replace an existing non-empty `output_dir`.
+
+  Returns:
+    The absolute output directory.
+
+  Raises:
+    ValueError: for a non-Llama GGUF or a tensor inconsistent with the metadata.
+    FileExistsError: when `output_dir` is not empty and `overwrite` is false.
+  """
+  gguf_path, output_dir = Path(gguf_path).resolve(), Path(output_dir).resolve()
+  with atomic_output_dir(output_dir, overwrite) as tmp:
+    staging = Path(tmp)
+    reader = gguf.GGUFReader(gguf_path)
+    meta = read_metadata(reader)
+    config = llama_config(meta, {t.name for t in reader.tensors})
+    save_file(convert_tensors(reader, config), str(staging / "model.safetensors"),
+              metadata={"format": "pt"})
+    del reader  # closes the memory map before the rename
+    _write_json(staging / "config.json", config)
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    _write_json(staging / "generation_config.json",
+                {k: config[k] for k in ids if config[k] is not None})
+    if "tokenizer.ggml.model" in meta:
+      write_tokenizer(gguf_path, staging, meta, config["max_position_embeddings"])
+    else:
+      logger.warning("%s has no tokenizer; writing weights and config only", gguf_path)
+    _relax_permissions(staging)
+  return output_dir

@@ -1,0 +1,156 @@
+"""Layer importance for depth pruning, as in the Llama-3.1-Minitron report.
+
+- Block importance (ShortGPT): 1 - mean cosine similarity between the input of layer i and the
+  output of layer i+k-1, per contiguous block of k layers.
+- LM-loss increase when a contiguous block of k layers starting at i is removed (skipped via a
+  layer mask, so every choice of block shares one compiled forward).
+- Accuracy drop on a multiple-choice task when a contiguous block is removed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minitron_jax import model as M
+from minitron_jax.config import LlamaConfig
+from minitron_jax.prune.importance import lm_loss
+
+METRICS = ("block_importance", "lm_loss", "accuracy")
+
+
+def _cos(a, b):
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + 1e-12)
+
+
+@functools.lru_cache(maxsize=None)
+def _bi_step(cfg: LlamaConfig, block_sizes: tuple[int, ...]):
+  def step(params, tokens_bt):
+    out = M.forward(params, cfg, tokens_bt, return_hidden=True)
+    h = jnp.concatenate([out["embeddings"][None], out["hidden"]], 0)  # (L+1, B, T, D)
+    res = {}
+    for k in block_sizes:
+      starts = h.shape[0] - k  # blocks [i, i+k) for i in 0..L-k
+      res[k] = jax.vmap(lambda i: jnp.mean(_cos(h[i], h[i + k])))(jnp.arange(starts))
+    return res
+
+  return jax.jit(step)
+
+
+def block_importance(params, cfg: LlamaConfig, batches: Iterable[np.ndarray],
+                     block_sizes: Sequence[int] = (1,)) -> dict[int, np.ndarray]:
+  """{k: (L-k+1,) array}: 1 - mean cos(input of layer i, output of layer i+k-1)."""
+  sizes = _check_sizes(cfg, block_sizes)
+  step = _bi_step(cfg, sizes)
+  sums, n = {k: 0.0 for k in sizes}, 0
+  for tokens in batches:
+    out = step(params, np.asarray(tokens, np.int32))
+    for k in sizes:
+      sums[k] = sums[k] + np.asarray(out[k], np.float64) * len(tokens)
+    n += len(tokens)
+  return {k: 1.0 - sums[k] / n for k in sizes}
+
+
+def _check_sizes(cfg: LlamaConfig, block_sizes: Sequence[int]) -> tuple[int, ...]:
+  sizes = tuple(sorted(set(int(k) for k in block_sizes)))
+  if not sizes or sizes[0] < 1 or sizes[-1] >= cfg.num_hidden_layers:
+    raise ValueError(f"block sizes {list(block_sizes)} must be in [1, "
+                     f"{cfg.num_hidden_layers - 1}]")
+  return sizes
+
+
+def block_mask(num_layers: int, start: int, k: int) -> np.ndarray:
+  mask = np.ones(num_layers, bool)
+  mask[start:start + k] = False
+  return mask
+
+
+def lm_loss_drop(params, cfg: LlamaConfig, batches: Sequence[np.ndarray],
+                 block_sizes: Sequence[int] = (1,), progress=None
+                 ) -> tuple[float, dict[int, np.ndarray]]:
+  """(baseline loss, {k: (L-k+1,) loss with layers [i, i+k) removed})."""
+  sizes = _check_sizes(cfg, block_sizes)
+  loss_fn = jax.jit(lambda p, t, m: lm_loss(p, cfg, t, layer_mask=m))
+  batches = [np.asarray(b, np.int32) for b in batches]
+
+  def mean_loss(mask):
+    return float(np.mean([float(loss_fn(params, b, mask)) for b in batches]))
+
+  base = mean_loss(np.ones(cfg.num_hidden_layers, bool))
+  out, done = {}, 0
+  total = sum(cfg.num_hidden_layers - k + 1 for k in sizes)
+  for k in sizes:
+    vals = []
+    for i in range(cfg.num_hidden_layers - k + 1):
+      vals.append(mean_loss(block_mask(cfg.num_hidden_layers, i, k)))
+      done += 1
+      if progress:
+        progress(done, total)
+    out[k] = np.array(vals)
+  return base, out
+
+
+def drop_layers_params(params, cfg: LlamaConfig, dropped: Sequence[int]):
+  """Params and config without the given layers (a slice of the stacked `layers` axis)."""
+  keep = np.array([i for i in range(cfg.num_hidden_layers) if i not in set(dropped)])
+  layers = jax.tree_util.tree_map(lambda x: x[keep], params["layers"])
+  return {**params, "layers": layers}, cfg.replace(num_hidden_layers=len(keep))
+
+
+def accuracy_drop(params, cfg: LlamaConfig, tokenizer, task: str, data_root: str, *,
+                  block_sizes: Sequence[int] = (1,), limit: int | None = 200,
+                  batch_size: int = 16, progress=None) -> tuple[float, dict[int, np.ndarray]]:
+  """(baseline accuracy, {k: (L-k+1,) accuracy with layers [i, i+k) removed})."""
+  from minitron_jax.evaluate import scoring as evaluate
+
+  sizes = _check_sizes(cfg, block_sizes)
+  base = evaluate.evaluate_task(params, cfg, tokenizer, task, data_root, limit=limit,
+                                batch_size=batch_size, progress=False)["acc"]
+  out, done = {}, 0
+  total = sum(cfg.num_hidden_layers - k + 1 for k in sizes)
+  for k in sizes:
+    vals = []
+    for i in range(cfg.num_hidden_layers - k + 1):
+      p, c = drop_layers_params(params, cfg, range(i, i + k))
+      vals.append(evaluate.evaluate_task(p, c, tokenizer, task, data_root, limit=limit,
+                                         batch_size=batch_size, progress=False)["acc"])
+      done += 1
+      if progress:
+        progress(done, total)
+    out[k] = np.array(vals)
+  return base, out
+
+
+def least_important_block(values: np.ndarray, higher_is_worse: bool) -> int:
+  """Start of the contiguous block whose removal hurts least."""
+  return int(np.argmin(values) if higher_is_worse else np.argmax(values))
+
+
+def plot(path: str, curves: dict[str, tuple[float | None, dict[int, np.ndarray]]],
+         title: str = "") -> None:
+  """One panel per metric: value against the first removed layer, one line per block size."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, panels = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
+  for ax, (name, (base, per_k)) in zip(panels[0], curves.items()):
+    for k, vals in sorted(per_k.items()):
+      ax.plot(np.arange(len(vals)), vals, marker="o", ms=3, label=f"{k} layer(s) removed")
+    if base is not None:
+      ax.axhline(base, color="gray", ls="--", lw=1, label="no layer removed")
+    ax.set_xlabel("first removed layer")
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

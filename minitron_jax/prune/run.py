@@ -1,0 +1,227 @@
+"""One pruning run: calibration data -> importance -> plan -> pruned HF directory + report."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from minitron_jax.io import hf as hf_io
+from minitron_jax.prune import importance as I
+from minitron_jax.prune import layer_importance as LI
+from minitron_jax.prune import slicing as P
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneJob:
+  model_dir: str
+  output_dir: str
+  hidden_size: int | None = None
+  intermediate_size: int | None = None
+  num_attention_heads: int | None = None
+  num_key_value_heads: int | None = None
+  num_hidden_layers: int | None = None
+  drop_layers: str | None = None
+  importance: str = "activation"
+  aggregation: str = "l2,mean"
+  layer_importance: str = "block_importance"
+  calib_data: str = "shakespeare"
+  calib_samples: int = 1024
+  calib_seq_len: int = 512
+  eval_samples: int = 32
+  batch_size: int = 8
+  seed: int = 0
+  layer_task: str = "winogrande"
+  layer_task_limit: int = 200
+  layer_batches: int = 4  # calibration batches per layer-removal trial (lm_loss metric)
+  data_root: str | None = None
+  scores_npz: str | None = None  # reuse saved scores: stream the checkpoint, no model in RAM
+  overwrite: bool = False
+  dtype: str = "float32"
+
+  def targets(self) -> dict[str, Any]:
+    return {k: getattr(self, k) for k in ("hidden_size", "intermediate_size",
+                                          "num_attention_heads", "num_key_value_heads",
+                                          "num_hidden_layers")}
+
+
+def _log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def _progress(label: str, total: int):
+  start = time.perf_counter()
+
+  def update(done, _total=None):
+    rate = done / max(time.perf_counter() - start, 1e-9)
+    _log(f"{label}: {done}/{total} ({rate:.1f}/s, ETA {(total - done) / max(rate, 1e-9):.0f}s)")
+
+  return update
+
+
+def validate(job: PruneJob):
+  """Everything checkable before any work: config, targets, flags, output directory."""
+  from minitron_jax.io import registry
+
+  if job.importance not in I.METHODS:
+    raise ValueError(f"--importance={job.importance!r} is not one of {I.METHODS}")
+  agg = I.Aggregation.parse(job.aggregation)
+  if job.layer_importance not in LI.METRICS:
+    raise ValueError(f"--layer_importance={job.layer_importance!r} is not one of {LI.METRICS}")
+  for name in ("calib_samples", "calib_seq_len", "batch_size"):
+    if getattr(job, name) < 1:
+      raise ValueError(f"--{name} must be >= 1")
+  out = os.path.abspath(job.output_dir)
+  if os.path.isdir(out) and os.listdir(out) and not job.overwrite:
+    raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+  if job.scores_npz and not os.path.isfile(job.scores_npz):
+    raise FileNotFoundError(f"{job.scores_npz}: no such file (--scores_npz)")
+  src = str(registry.resolve_model_dir(job.model_dir))
+  cfg = hf_io.load_config(src, dtype=job.dtype)
+  targets = P.Targets.from_flags(cfg, drop_layers=job.drop_layers, **job.targets())
+  new = targets.validate(cfg)
+  if new == cfg:
+    raise ValueError("no pruning target given (e.g. --hidden_size, --drop_layers)")
+  return src, cfg, targets, new, agg
+
+
+def _layer_scores(job, params, cfg, new, tok, batches, data_root, out: dict):
+  """Layer importance for a `num_hidden_layers` target: per-layer scores, or the damage of
+  each contiguous block of the dropped size (lm_loss / accuracy)."""
+  n_drop = cfg.num_hidden_layers - new.num_hidden_layers
+  sizes = sorted({1, n_drop})
+  if job.layer_importance == "block_importance":
+    bi = LI.block_importance(params, cfg, batches, block_sizes=sizes)
+    out["curves"]["block importance (1 - cos)"] = (None, bi)
+    out["layer_scores"] = {f"block_importance_k{k}": v for k, v in bi.items()}
+    return bi[1], False
+  if job.layer_importance == "lm_loss":
+    base, loss = LI.lm_loss_drop(params, cfg, batches[:job.layer_batches], block_sizes=sizes,
+                                 progress=_progress("layer loss", sum(
+                                     cfg.num_hidden_layers - k + 1 for k in sizes)))
+    out["curves"]["LM loss"] = (base, loss)
+    out["layer_scores"] = {f"lm_loss_k{k}": v for k, v in loss.items()}
+    return loss[n_drop], True
+  base, acc = LI.accuracy_drop(params, cfg, tok, job.layer_task, data_root, block_sizes=sizes,
+                               limit=job.layer_task_limit,
+                               progress=_progress("layer accuracy", sum(
+                                   cfg.num_hidden_layers - k + 1 for k in sizes)))
+  out["curves"][f"{job.layer_task} accuracy"] = (base, acc)
+  out["layer_scores"] = {f"accuracy_k{k}": v for k, v in acc.items()}
+  return -acc[n_drop], True  # lower damage = higher accuracy
+
+
+def _ppl(params, cfg, windows, batch_size) -> float:
+  import jax
+
+  loss = jax.jit(lambda p, t: I.lm_loss(p, cfg, t))
+  vals = [float(loss(params, windows[i:i + batch_size]))
+          for i in range(0, len(windows), batch_size)]
+  weights = [len(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+  return math.exp(float(np.average(vals, weights=weights)))
+
+
+def run(job: PruneJob) -> dict[str, Any]:
+  """Runs the job; returns the report (also written as prune_report.json)."""
+  from minitron_jax.evaluate import tasks
+  from minitron_jax.io import files
+  from minitron_jax.io import hf as hf_io
+  from minitron_jax.data import corpus as data, packing
+
+  t0 = time.perf_counter()
+  src, cfg, targets, new, agg = validate(job)
+  report: dict[str, Any] = {"model_dir": src, "output_dir": os.path.abspath(job.output_dir),
+                            "importance": job.importance, "aggregation": job.aggregation}
+  extra: dict[str, Any] = {"curves": {}, "layer_scores": {}}
+  needs_layers = targets.drop_layers is None and new.num_hidden_layers != cfg.num_hidden_layers
+
+  if job.scores_npz:  # streaming: plan from saved scores, slice the checkpoint on disk
+    z = np.load(job.scores_npz, allow_pickle=False)
+    scores = I.Scores(heads=z["heads"], neurons=z["neurons"], channels=z["channels"],
+                      kv_groups=z["kv_groups"])
+    layer_scores = z["layer_scores"] if "layer_scores" in z else None
+    plan = P.make_plan(cfg, targets, scores, layer_scores,
+                       drop_block=bool(z["drop_block"]) if "drop_block" in z else False)
+    report.update(P.plan_summary(cfg, plan), streamed=True)
+    P.prune_checkpoint(src, job.output_dir, plan, overwrite=job.overwrite,
+                       extra_files=lambda d: files.write_json(
+                           os.path.join(d, "prune_report.json"), report))
+    return report
+
+  params, cfg, tok, _ = hf_io.load_model(src, job.dtype)
+  root = job.data_root or tasks.default_data_root()
+  _log(f"calibration data: {job.calib_data}")
+  stream = data.load_tokens(job.calib_data, tok)
+  windows = packing.calibration_samples(stream, num_samples=job.calib_samples + job.eval_samples,
+                                     seq_len=job.calib_seq_len, seed=job.seed)
+  calib, held_out = windows[:job.calib_samples], windows[job.calib_samples:]
+  batches = [calib[i:i + job.batch_size] for i in range(0, len(calib), job.batch_size)]
+  report["calibration"] = {"source": job.calib_data, "samples": len(calib),
+                           "seq_len": job.calib_seq_len, "held_out_samples": len(held_out)}
+  ts = time.perf_counter()
+  scores = I.compute_scores(job.importance, params, cfg, batches, agg, seed=job.seed,
+                            progress=_progress(f"{job.importance} importance", len(calib)))
+  report["importance_seconds"] = round(time.perf_counter() - ts, 2)
+  layer_scores, drop_block = None, False
+  if needs_layers or targets.drop_layers is not None:
+    if needs_layers:
+      layer_scores, drop_block = _layer_scores(job, params, cfg, new, tok, batches, root, extra)
+    else:  # explicit list: still measure block importance for the report and the plot
+      extra["curves"]["block importance (1 - cos)"] = (None, LI.block_importance(
+          params, cfg, batches[:4], block_sizes=sorted({1, len(targets.drop_layers)})))
+  plan = P.make_plan(cfg, targets, scores, layer_scores, drop_block)
+  pruned, new_cfg = P.prune(params, cfg, plan)
+  report.update(P.plan_summary(cfg, plan))
+  if len(held_out):
+    report["calibration_ppl_before"] = _ppl(params, cfg, held_out, job.batch_size)
+    report["calibration_ppl_after"] = _ppl(pruned, new_cfg, held_out, job.batch_size)
+  report["layer_importance"] = {k: np.asarray(v).tolist()
+                                for k, v in extra["layer_scores"].items()}
+  report["seconds"] = round(time.perf_counter() - t0, 2)
+
+  def extra_files(d):
+    arrays = scores.to_npz_dict()
+    if layer_scores is not None:
+      arrays.update(layer_scores=np.asarray(layer_scores), drop_block=np.array(drop_block))
+    arrays.update({f"layer_{k}": np.asarray(v) for k, v in extra["layer_scores"].items()})
+    np.savez(os.path.join(d, "importance.npz"), **arrays)
+    if extra["curves"]:
+      LI.plot(os.path.join(d, "layer_importance.png"), extra["curves"],
+              title=f"layer importance of {os.path.basename(src)}")
+    plot_unit_scores(os.path.join(d, "importance.png"), scores)
+    files.write_json(os.path.join(d, "prune_report.json"), report)
+
+  hf_io.save_hf(pruned, new_cfg, job.output_dir, source_dir=src, overwrite=job.overwrite,
+                extra_files=extra_files)
+  return report
+
+
+def plot_unit_scores(path: str, scores: I.Scores) -> None:
+  """Heatmaps of head and neuron importance per layer, and the channel importance curve."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
+  for ax, m, name in ((a, scores.heads, "attention heads"), (b, scores.neurons, "MLP neurons")):
+    m = np.asarray(m, np.float64)
+    # A few outlier neurons dominate a linear scale; log10 shows the ranking that matters.
+    im = ax.imshow(np.log10(m - m.min() + 1e-6 * (np.ptp(m) + 1e-12)).T, aspect="auto",
+                   origin="lower", cmap="viridis")
+    ax.set_title(f"log10 importance: {name}", fontsize=9)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(name)
+    fig.colorbar(im, ax=ax)
+  c.plot(np.sort(np.asarray(scores.channels))[::-1])
+  c.set_xlabel("embedding channels, by rank")
+  c.set_ylabel("importance")
+  c.set_yscale("log")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,39 @@
+"""Where a recipe run keeps each stage's outputs, and the run's settings read with defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from minitron_jax.evaluate import tasks
+
+
+MODEL_STAGES = ("teacher", "corrected", "pruned_width", "pruned_depth", "distill_width",
+                "distill_depth", "baseline_pruned_ce", "baseline_random_ce")
+
+
+def get(cfg, dotted: str, default=None):
+  node = cfg
+  for part in dotted.split("."):
+    if node is None or part not in node:
+      return default
+    node = node[part]
+  return default if node in ("", None) else node
+
+
+def data_root(cfg) -> str:
+  return get(cfg, "data_root") or tasks.default_data_root()
+
+
+def read(run_dir: str, rel: str) -> dict:
+  with open(os.path.join(run_dir, rel)) as f:
+    return json.load(f)
+
+
+def model_dir(run_dir: str, name: str) -> str:
+  """HF directory of a model stage."""
+  if name == "teacher":
+    return read(run_dir, "teacher.json")["model_dir"]
+  if name.startswith("pruned_"):
+    return os.path.join(run_dir, name)
+  return os.path.join(run_dir, name, "hf")

@@ -1,0 +1,265 @@
+"""The Minitron recipe as resumable stages in one run directory.
+
+fetch -> [synthetic data] -> teacher correction -> prune (width, depth) -> distill (width,
+depth) -> baselines -> quantize -> evaluate every model -> report. Each stage writes its
+output atomically and is skipped when that output exists, so the same command continues an
+interrupted run; training stages also resume from their own checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+from minitron_jax.recipe.layout import MODEL_STAGES, data_root, get as _get, model_dir
+from minitron_jax.io import files
+from minitron_jax.io import hf as hf_io
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  output: str                 # relative path whose presence marks the stage done
+  run: Callable[[Any, str], None]
+  needs: tuple[str, ...] = ()  # outputs of earlier stages this one reads
+  enabled: Callable[[Any], bool] = lambda cfg: True
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+def stage_fetch(cfg, run_dir: str) -> None:
+  from minitron_jax.io import hf as hf_io
+  from minitron_jax.io import registry
+
+  path = str(registry.resolve_model_dir(cfg.teacher))
+  hf_io.load_config(path)  # refuse an unsupported teacher before anything else runs
+  files.write_json(os.path.join(run_dir, "teacher.json"), {"model_dir": path})
+
+
+def training_data(cfg, run_dir: str) -> str:
+  return (os.path.join(run_dir, "data", "synthetic.jsonl") if cfg.data.source == "synthetic"
+          else cfg.data.source)
+
+
+def stage_synthetic(cfg, run_dir: str) -> None:
+  from minitron_jax.data import synthetic
+
+  params, mcfg, tok, path = hf_io.load_model(model_dir(run_dir, "teacher"), cfg.dtype)
+  s = cfg.data.synthetic
+  synthetic.generate_corpus(params, mcfg, tok, training_data(cfg, run_dir),
+                            synthetic.SyntheticConfig(
+                                num_documents=s.num_documents, max_new_tokens=s.max_new_tokens,
+                                batch_size=s.batch_size, temperature=s.temperature,
+                                top_p=s.top_p, seed=cfg.seed), model_id=path)
+
+
+def _train_config(cfg, section, mode: str):
+  from minitron_jax.distill import step as train
+
+  t = cfg[section]
+  return train.TrainConfig(
+      mode=mode, steps=t.steps, global_batch_size=t.global_batch_size,
+      micro_batch_size=_get(cfg, f"{section}.micro_batch_size") or None, seq_len=t.seq_len,
+      lr=t.lr,
+      min_lr=t.min_lr, warmup_steps=t.warmup_steps, dtype=cfg.train_dtype,
+      mesh=cfg.mesh, save_every=t.save_every, eval_every=t.eval_every,
+      eval_windows=t.eval_windows, seed=cfg.seed, log_every=max(1, t.steps // 20))
+
+
+def _train(cfg, run_dir: str, name: str, section: str, mode: str, *, teacher: str,
+           student: str | None = None, dcfg=None) -> None:
+  from minitron_jax.distill import run as trainer
+
+  trainer.run(_train_config(cfg, section, mode), teacher_dir=teacher,
+              output_dir=os.path.join(run_dir, name), student_dir=student,
+              data_source=training_data(cfg, run_dir), dcfg=dcfg, export_dtype="float32")
+
+
+def stage_correct(cfg, run_dir: str) -> None:
+  _train(cfg, run_dir, "corrected", "correction", "teacher_correction",
+         teacher=model_dir(run_dir, "teacher"))
+
+
+def _teacher_for_students(cfg, run_dir: str) -> str:
+  return model_dir(run_dir, "corrected" if cfg.correction.steps else "teacher")
+
+
+def _prune(cfg, run_dir: str, kind: str) -> None:
+  from minitron_jax.prune import run as prune_job
+
+  p = cfg.prune
+  targets = dict(p[kind] or {})
+  prune_job.run(prune_job.PruneJob(
+      model_dir=_teacher_for_students(cfg, run_dir), output_dir=os.path.join(run_dir,
+                                                                          f"pruned_{kind}"),
+      importance=p.importance, aggregation=p.aggregation, layer_importance=p.layer_importance,
+      calib_data=training_data(cfg, run_dir), calib_samples=p.calib_samples,
+      calib_seq_len=p.calib_seq_len, eval_samples=p.eval_samples, batch_size=p.batch_size,
+      layer_batches=p.layer_batches,
+      seed=cfg.seed, data_root=data_root(cfg), overwrite=True, dtype=cfg.dtype, **targets))
+
+
+def _distill_config(cfg, run_dir: str, kind: str):
+  from minitron_jax.distill import losses as distill
+
+  d = cfg.distill
+  report = os.path.join(run_dir, f"pruned_{kind}", "prune_report.json")
+  return distill.DistillConfig(temperature=d.kd_temperature, hidden_loss=d.hidden_loss,
+                               layer_map=distill.layer_map_from_report(report))
+
+
+def stage_distill(kind: str):
+  def run(cfg, run_dir):
+    _train(cfg, run_dir, f"distill_{kind}", "distill", "distill",
+           teacher=_teacher_for_students(cfg, run_dir),
+           student=os.path.join(run_dir, f"pruned_{kind}"),
+           dcfg=_distill_config(cfg, run_dir, kind))
+  return run
+
+
+def stage_baseline_pruned_ce(cfg, run_dir: str) -> None:
+  """The width-pruned student trained on the same tokens with cross-entropy, no teacher."""
+  _train(cfg, run_dir, "baseline_pruned_ce", "distill", "teacher_correction",
+         teacher=os.path.join(run_dir, "pruned_width"))
+
+
+def stage_baseline_random_ce(cfg, run_dir: str) -> None:
+  """The same architecture from random initialisation, cross-entropy, same tokens."""
+  import jax
+
+  from minitron_jax import model as M
+  from minitron_jax.io import hf as hf_io
+
+  src = os.path.join(run_dir, "pruned_width")
+  init_dir = os.path.join(run_dir, "baseline_random_ce", "init")
+  if not os.path.isfile(os.path.join(init_dir, "config.json")):
+    mcfg = hf_io.load_config(src)
+    params = M.init_params(mcfg, jax.random.key(cfg.seed))
+    hf_io.save_hf(params, mcfg, init_dir, source_dir=src, overwrite=True)
+  _train(cfg, run_dir, "baseline_random_ce", "distill", "teacher_correction", teacher=init_dir)
+
+
+def stage_quantize(cfg, run_dir: str) -> None:
+  from minitron_jax.quantize import export as quant_export
+
+  src = model_dir(run_dir, cfg.quantize.source)
+  ppl_file = os.path.join(data_root(cfg), "wikitext-2", "test.txt")
+  for fmt in cfg.quantize.formats:
+    out = os.path.join(run_dir, "quantized", fmt)
+    if os.path.isfile(os.path.join(out, "quantize_report.json")):
+      continue
+    quant_export.quantize_checkpoint(src, out, fmt, overwrite=True,
+                                     ppl_file=ppl_file if os.path.isfile(ppl_file) else None,
+                                     max_windows=2)
+
+
+def stage_evaluate(cfg, run_dir: str) -> None:
+  from minitron_jax.recipe import report
+
+  for name in evaluated_models(cfg):
+    out = os.path.join(run_dir, "eval", f"{name}.json")
+    if os.path.isfile(out):
+      continue
+    print(f"[evaluate] {name}", flush=True)
+    files.write_json(out, report.evaluate_model(cfg, run_dir, name, data_root(cfg)))
+
+
+def stage_report(cfg, run_dir: str) -> None:
+  from minitron_jax.recipe import report
+
+  report.write_report(cfg, run_dir, evaluated_models(cfg))
+
+
+def evaluated_models(cfg) -> list[str]:
+  names = ["teacher"]
+  if cfg.correction.steps:
+    names.append("corrected")
+  for kind in ("width", "depth"):
+    if kind in cfg.prune.kinds:
+      names += [f"pruned_{kind}", f"distill_{kind}"]
+  if cfg.baselines and "width" in cfg.prune.kinds:
+    names += ["baseline_pruned_ce", "baseline_random_ce"]
+  names += [f"quantized/{f}" for f in (cfg.quantize.formats or ())]
+  return names
+
+
+def stages() -> tuple[Stage, ...]:
+  width = lambda c: "width" in c.prune.kinds  # noqa: E731
+  depth = lambda c: "depth" in c.prune.kinds  # noqa: E731
+  return (
+      Stage("fetch", "teacher.json", stage_fetch),
+      Stage("synthetic_data", "data/synthetic.jsonl", stage_synthetic, ("teacher.json",),
+            lambda c: c.data.source == "synthetic"),
+      Stage("teacher_correction", "corrected/run.json", stage_correct, ("teacher.json",),
+            lambda c: bool(c.correction.steps)),
+      Stage("prune_width", "pruned_width/prune_report.json", lambda c, r: _prune(c, r, "width"),
+            ("teacher.json",), width),
+      Stage("prune_depth", "pruned_depth/prune_report.json", lambda c, r: _prune(c, r, "depth"),
+            ("teacher.json",), depth),
+      Stage("distill_width", "distill_width/run.json", stage_distill("width"),
+            ("pruned_width/prune_report.json",), width),
+      Stage("distill_depth", "distill_depth/run.json", stage_distill("depth"),
+            ("pruned_depth/prune_report.json",), depth),
+      Stage("baseline_pruned_ce", "baseline_pruned_ce/run.json", stage_baseline_pruned_ce,
+            ("pruned_width/prune_report.json",), lambda c: bool(c.baselines) and width(c)),
+      Stage("baseline_random_ce", "baseline_random_ce/run.json", stage_baseline_random_ce,
+            ("pruned_width/prune_report.json",), lambda c: bool(c.baselines) and width(c)),
+      Stage("quantize", "quantized/done.json", _mark(stage_quantize, "quantized/done.json"),
+            (), lambda c: bool(c.quantize.formats)),
+      Stage("evaluate", "eval/done.json", _mark(stage_evaluate, "eval/done.json")),
+      Stage("report", "report.md", stage_report),
+  )
+
+
+def _mark(fn, rel: str):
+  """Runs `fn`, then writes the marker `rel` (for stages that produce many files)."""
+  def run(cfg, run_dir):
+    fn(cfg, run_dir)
+    files.write_json(os.path.join(run_dir, rel), {"finished": time.time()})
+  return run
+
+
+def _producer(rel: str) -> str:
+  return next((s.name for s in stages() if s.output == rel), "?")
+
+
+def run(cfg, only: tuple[str, ...] | None = None) -> str:
+  """Runs every enabled stage whose output is missing (or just `only`); returns the run dir."""
+  all_stages = stages()
+  known = {s.name for s in all_stages}
+  unknown = sorted(set(only or ()) - known)
+  if unknown:
+    raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(s.name for s in all_stages)}")
+  bad = sorted(set(cfg.prune.kinds) - {"width", "depth"})
+  if bad:
+    raise ValueError(f"config prune.kinds: {bad} not in ('width', 'depth')")
+  if cfg.quantize.formats and cfg.quantize.source not in MODEL_STAGES:
+    raise ValueError(f"config quantize.source={cfg.quantize.source!r} is not one of "
+                     f"{MODEL_STAGES}")
+  src = cfg.quantize.source
+  if cfg.quantize.formats and any(src.endswith(k) and k not in cfg.prune.kinds
+                                  for k in ("width", "depth")):
+    raise ValueError(f"config quantize.source={src!r} is not made: prune.kinds="
+                     f"{tuple(cfg.prune.kinds)}")
+  run_dir = os.path.abspath(cfg.run_dir)
+  os.makedirs(run_dir, exist_ok=True)
+  files.write_json(os.path.join(run_dir, "config.json"), json.loads(cfg.to_json()))
+  for stage in all_stages:
+    if not stage.enabled(cfg) or (only and stage.name not in only):
+      continue
+    if os.path.exists(os.path.join(run_dir, stage.output)):
+      print(f"[{stage.name}] done already ({stage.output}), skipping", flush=True)
+      continue
+    for need in stage.needs:
+      if not os.path.exists(os.path.join(run_dir, need)):
+        raise FileNotFoundError(f"stage {stage.name!r} needs {os.path.join(run_dir, need)} "
+                                f"(the output of stage {_producer(need)!r}), which is missing")
+    print(f"[{stage.name}] running", flush=True)
+    t0 = time.perf_counter()
+    stage.run(cfg, run_dir)
+    print(f"[{stage.name}] finished in {time.perf_counter() - t0:.1f}s", flush=True)
+  print(f"run directory: {run_dir}", flush=True)
+  return run_dir

@@ -1,0 +1,148 @@
+"""Log-likelihood scoring, task metrics and generation against independent references."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_hf_llama
+from minitron_jax import config as C, model as M
+from minitron_jax.evaluate import scoring as E
+from minitron_jax.evaluate import generate as G
+from minitron_jax.io import hf as hf_io
+from minitron_jax.evaluate import tasks
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """A random HF Llama with the real tokenizer's vocabulary size."""
+  model, d = make_hf_llama(tmp_path_factory.mktemp("tiny") / "m", vocab=49152, hidden=32,
+                           inter=48, heads=4, kv_heads=2, max_pos=512)
+  params, cfg = hf_io.load_hf(d)
+  return model, params, cfg
+
+
+def _torch_loglik(model, ctx, cont):
+  x = torch.tensor([list(ctx) + list(cont)])
+  with torch.no_grad():
+    logp = torch.log_softmax(model(x).logits[0].double(), -1)
+  n = len(ctx)
+  targets = x[0, n:]
+  lp = logp[n - 1:-1].gather(1, targets[:, None])[:, 0]
+  greedy = bool((logp[n - 1:-1].argmax(-1) == targets).all())
+  return float(lp.sum()), greedy
+
+
+def test_loglikelihoods_match_torch(tiny):
+  model, params, cfg = tiny
+  rng = np.random.RandomState(0)
+  pairs = [(rng.randint(0, cfg.vocab_size, n).tolist(), rng.randint(0, cfg.vocab_size, m).tolist())
+           for n, m in [(1, 1), (5, 3), (40, 2), (17, 9), (3, 30), (70, 1), (2, 2)]]
+  lls, greedy = E.loglikelihoods(params, cfg, pairs, batch_size=3)
+  for (ctx, cont), ll, g in zip(pairs, lls, greedy):
+    ref_ll, ref_g = _torch_loglik(model, ctx, cont)
+    assert abs(ll - ref_ll) < 1e-3 and g == ref_g
+  # A request longer than max_len keeps its last max_len input tokens.
+  long_ctx, cont = rng.randint(0, cfg.vocab_size, 50).tolist(), [7, 8]
+  ll, _ = E.loglikelihoods(params, cfg, [(long_ctx, cont)], max_len=20)
+  ref_ll, _ = _torch_loglik(model, (long_ctx + cont)[-21:-2], cont)
+  assert abs(ll[0] - ref_ll) < 1e-3
+
+
+def test_greedy_flag_on_constructed_continuation(tiny):
+  _, params, cfg = tiny
+  ctx = [5, 6, 7]
+  logits = M.forward(params, cfg, np.array([ctx]))["logits"][0, -1]
+  best = int(np.argmax(logits))
+  _, greedy = E.loglikelihoods(params, cfg, [(ctx, [best]), (ctx, [(best + 1) % cfg.vocab_size])])
+  assert greedy.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("task", ["piqa", "hellaswag", "lambada", "winogrande"])
+def test_task_metrics_match_independent_scoring(tiny, real_model, data_root, task):
+  model, params, cfg = tiny
+  tok = real_model[2]
+  res = E.evaluate_task(params, cfg, tok, task, data_root, limit=6, batch_size=4,
+                        progress=False)
+  examples = tasks.load_task(task, data_root, limit=6)
+  acc = acc_norm = 0
+  lls = []
+  for ex, pairs in zip(examples, tasks.tokenize_requests(examples, tok)):
+    scored = [_torch_loglik(model, c, k) for c, k in pairs]
+    ll = np.array([s[0] for s in scored])
+    lls.append(ll[0])
+    if task == "lambada":
+      acc += scored[0][1]
+      continue
+    lengths = np.array([len(r.continuation.lstrip(" ")) for r in ex.requests], float)
+    acc += int(np.argmax(ll)) == ex.label
+    acc_norm += int(np.argmax(ll / lengths)) == ex.label
+  assert res["examples"] == 6 and res["acc"] == acc / 6
+  if "acc_norm" in res:
+    assert res["acc_norm"] == acc_norm / 6
+  if task == "lambada":
+    assert abs(res["ppl"] - np.exp(-np.mean(lls))) / res["ppl"] < 1e-6
+
+
+def test_perplexity_protocol_windows():
+  cfg = C.preset("tiny")
+  params = M.init_params(cfg, jax.random.key(0))
+  ids = np.random.RandomState(0).randint(0, cfg.vocab_size, 1000)
+  res = E.perplexity(params, cfg, ids, seq_len=64, batch_size=3, progress=False)
+  assert res["windows"] == 1000 // 64 and res["tokens"] == 15 * 63
+  # Independent: per-window mean NLL from a plain forward.
+  total = 0.0
+  for w in range(15):
+    x = ids[w * 64:(w + 1) * 64]
+    logp = jax.nn.log_softmax(M.forward(params, cfg, x[None])["logits"][0], -1)
+    total -= float(np.sum(np.take_along_axis(np.asarray(logp[:-1]), x[1:, None], 1)))
+  assert abs(res["nll"] - total / (15 * 63)) < 1e-5
+  capped = E.perplexity(params, cfg, ids, seq_len=64, max_windows=4, progress=False)
+  assert capped["windows"] == 4 and capped["tokens"] == 4 * 63
+  with pytest.raises(ValueError, match="fewer than one window"):
+    E.perplexity(params, cfg, ids[:10], seq_len=64)
+
+
+def test_decode_step_compiles_once():
+  cfg = C.preset("tiny", eos_token_id=None)
+  params = M.init_params(cfg, jax.random.key(0))
+  prefill, decode_step = G.steps_for(cfg)
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, *a, **k: compiles.append(name) if name.endswith("backend_compile_duration")
+      else None)
+  res = G.generate(params, cfg, [[3, 4, 5], [6]], G.SamplingConfig(max_new_tokens=32),
+                   stop_at_eos=False)
+  assert len(res.tokens[0]) == 32 and res.decode_steps == 31
+  assert decode_step._cache_size() == 1 and prefill._cache_size() == 1
+  before = len(compiles)
+  assert before >= 2  # the listener sees compilations (prefill and decode at least)
+  G.generate(params, cfg, [[9, 9, 9], [1, 2]], G.SamplingConfig(max_new_tokens=32, temperature=0.7,
+                                                              top_p=0.9), stop_at_eos=False)
+  assert len(compiles) == before  # same bucket, other sampling settings: nothing new compiles
+  assert decode_step._cache_size() == 1
+
+
+def test_generation_stops_at_eos_and_matches_full_forward():
+  cfg = C.preset("tiny")
+  params = M.init_params(cfg, jax.random.key(3))
+  prompt = [5, 6, 7, 8]
+  res = G.generate(params, cfg, [prompt], G.SamplingConfig(max_new_tokens=12),
+                   stop_at_eos=False)
+  seq = list(prompt)
+  for _ in range(12):
+    seq.append(int(np.argmax(M.forward(params, cfg, np.array([seq]))["logits"][0, -1])))
+  assert res.tokens[0] == seq[len(prompt):]
+  stop = res.tokens[0][3]
+  cut = G.generate(params, cfg, [prompt], G.SamplingConfig(max_new_tokens=12), eos_ids=[stop])
+  assert cut.tokens[0] == res.tokens[0][:res.tokens[0].index(stop)]
+
+
+def test_top_p_keeps_only_the_nucleus():
+  logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+  draw = jax.jit(jax.vmap(G.sample, in_axes=(None, 0, None, None)))
+  toks = draw(logits, jax.random.split(jax.random.key(0), 400), np.float32(1.0),
+              np.float32(0.7))
+  seen = set(np.asarray(toks)[:, 0].tolist())
+  assert seen == {0, 1}
+  assert int(G.sample(logits, jax.random.key(0), np.float32(0.0), np.float32(0.7))[0]) == 0

@@ -1,0 +1,103 @@
+"""The whole recipe end to end on a tiny random teacher: every stage, the report, resuming."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import make_hf_llama
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, real_dir):
+  _, d = make_hf_llama(tmp_path_factory.mktemp("teacher") / "tiny", vocab=49152, hidden=128,
+                       inter=256, layers=4, heads=4, kv_heads=2, max_pos=512)
+  for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+            "special_tokens_map.json"):
+    if os.path.exists(os.path.join(real_dir, f)):
+      shutil.copy(os.path.join(real_dir, f), d)
+  return d
+
+
+def command(teacher, run_dir, data_root, *extra):
+  return [sys.executable, os.path.join(ROOT, "launch", "minitron.py"),
+          f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", f"--config.teacher={teacher}",
+          f"--config.run_dir={run_dir}", f"--config.data_root={data_root}", *extra]
+
+
+def test_tiny_recipe_end_to_end(tiny_teacher, data_root, tmp_path):
+  run_dir = tmp_path / "run"
+  p = subprocess.run(command(tiny_teacher, run_dir, data_root), capture_output=True, text=True,
+                     timeout=1200, cwd=ROOT)
+  assert p.returncode == 0, p.stderr[-3000:]
+  report = (run_dir / "report.md").read_text()
+  evals = json.load(open(run_dir / "report.json"))["models"]
+  names = [e["name"] for e in evals]
+  assert names == ["teacher", "corrected", "pruned_width", "distill_width", "pruned_depth",
+                   "distill_depth", "baseline_pruned_ce", "baseline_random_ce",
+                   "quantized/fp8", "quantized/int8", "quantized/int4", "quantized/gguf_q8_0",
+                   "quantized/gguf_q4_0"]
+  table = [l for l in report.splitlines() if l.startswith("| ")]
+  assert len(table) >= 1 + len(names)
+  assert not any("–" in l for l in table[:1 + len(names)]), table
+  for e in evals:
+    assert e["size_bytes"] > 0 and e["params"] > 0 and e["decode_tokens_per_second"] > 0
+  assert "## What wins" in report and "loss_curves.png" in report
+  assert (run_dir / "loss_curves.png").is_file() and (run_dir / "layer_importance.png").is_file()
+  # A second run finds every stage done.
+  p = subprocess.run(command(tiny_teacher, run_dir, data_root), capture_output=True, text=True,
+                     timeout=600, cwd=ROOT)
+  assert p.returncode == 0 and "running" not in p.stdout.replace("run directory", "")
+
+
+def test_interrupted_run_resumes_without_redoing_stages(tiny_teacher, data_root, tmp_path):
+  run_dir = tmp_path / "run"
+  cmd = command(tiny_teacher, run_dir, data_root, "--config.distill.steps=60",
+                "--config.distill.save_every=5", "--config.baselines=False",
+                "--config.quantize.formats=()", "--config.prune.kinds=('width',)")
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)
+  ckpt = run_dir / "distill_width" / "checkpoints"
+  deadline = time.time() + 900
+  while time.time() < deadline and proc.poll() is None:
+    if ckpt.is_dir() and any(n.isdigit() for n in os.listdir(ckpt)):
+      os.killpg(proc.pid, signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
+  assert not (run_dir / "distill_width" / "run.json").exists()
+  p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+  assert p.returncode == 0, p.stderr[-3000:]
+  for stage in ("fetch", "teacher_correction", "prune_width"):
+    assert f"[{stage}] done already" in p.stdout
+  assert "[distill_width] running" in p.stdout
+  summary = json.load(open(run_dir / "distill_width" / "run.json"))
+  assert summary["resumed_from"] and summary["steps"] == 60
+  assert (run_dir / "report.md").is_file()
+
+
+@pytest.mark.parametrize("extra,culprit", [
+    (["--config.no_such_key=1"], "no_such_key"),
+    (["--config.quantize.source=nowhere"], "nowhere"),
+])
+def test_bad_config_is_named(tiny_teacher, data_root, tmp_path, extra, culprit):
+  p = subprocess.run(command(tiny_teacher, tmp_path / "run", data_root, *extra),
+                     capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert p.returncode != 0 and culprit in p.stderr and "Traceback" not in p.stderr
+
+
+def test_stage_with_missing_input_is_named(tiny_teacher, data_root, tmp_path):
+  run_dir = tmp_path / "run"
+  p = subprocess.run(command(tiny_teacher, run_dir, data_root, "--stages=distill_width"),
+                     capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert p.returncode == 1
+  assert "distill_width" in p.stderr and "prune_width" in p.stderr and "missing" in p.stderr
