@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 
 # The repository root (three levels above this file): `../shared/data` beside it is the
@@ -44,31 +44,53 @@ class Example:
 
 
 @dataclasses.dataclass(frozen=True)
+class HubSource:
+  """A split of a Hugging Face hub dataset (``repo`` may also be a local folder laid out alike)."""
+
+  repo: str
+  config: str | None
+  split: str
+
+  def __str__(self) -> str:
+    config = f" config {self.config}" if self.config else ""
+    return f"{self.repo}{config} split {self.split}"
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskSpec:
-  """Static facts about a task: its data files, metrics and option count range."""
+  """Static facts about a task: its local data files, hub split, metrics and option counts."""
 
   name: str
   files: tuple[str, ...]
   metrics: tuple[str, ...]
   min_choices: int
   max_choices: int
+  hub: HubSource
 
 
 _MC = ("acc", "acc_norm")
 # Metric lists copy the harness configs: winogrande reports acc only, and
-# lambada_openai reports acc (greedy match) and perplexity.
+# lambada_openai reports acc (greedy match) and perplexity. The hub splits are the ones
+# the harness scores, and the local files hold the same items.
 TASK_SPECS: dict[str, TaskSpec] = {
   s.name: s
   for s in (
-    TaskSpec("winogrande", ("winogrande/dev.jsonl",), ("acc",), 2, 2),
-    TaskSpec("piqa", ("piqa/valid.jsonl", "piqa/valid-labels.lst"), _MC, 2, 2),
-    TaskSpec("hellaswag", ("hellaswag/hellaswag_val_full.txt",), _MC, 4, 4),
-    TaskSpec("arc_easy", ("arc/ARC-Easy-Test.gptfathom.jsonl",), _MC, 3, 5),
+    TaskSpec("winogrande", ("winogrande/dev.jsonl",), ("acc",), 2, 2,
+             HubSource("allenai/winogrande", "winogrande_xl", "validation")),
+    TaskSpec("piqa", ("piqa/valid.jsonl", "piqa/valid-labels.lst"), _MC, 2, 2,
+             HubSource("baber/piqa", None, "validation")),
+    TaskSpec("hellaswag", ("hellaswag/hellaswag_val_full.txt",), _MC, 4, 4,
+             HubSource("Rowan/hellaswag", None, "validation")),
+    TaskSpec("arc_easy", ("arc/ARC-Easy-Test.gptfathom.jsonl",), _MC, 3, 5,
+             HubSource("allenai/ai2_arc", "ARC-Easy", "test")),
     # The original-layout ARC-Challenge file lacks the 22 numeric-key items; this
     # one has all 1172 test items the harness scores, identical on the overlap.
-    TaskSpec("arc_challenge", ("arc/ARC-Challenge-Test.gptfathom.jsonl",), _MC, 3, 5),
-    TaskSpec("openbookqa", ("openbookqa/test.tsv",), _MC, 4, 4),
-    TaskSpec("lambada", ("lambada/lambada_openai_test.jsonl",), ("acc", "ppl"), 1, 1),
+    TaskSpec("arc_challenge", ("arc/ARC-Challenge-Test.gptfathom.jsonl",), _MC, 3, 5,
+             HubSource("allenai/ai2_arc", "ARC-Challenge", "test")),
+    TaskSpec("openbookqa", ("openbookqa/test.tsv",), _MC, 4, 4,
+             HubSource("allenai/openbookqa", "main", "test")),
+    TaskSpec("lambada", ("lambada/lambada_openai_test.jsonl",), ("acc", "ppl"), 1, 1,
+             HubSource("EleutherAI/lambada_openai", "default", "test")),
   )
 }
 TASKS: tuple[str, ...] = tuple(TASK_SPECS)
@@ -236,10 +258,15 @@ def _openbookqa_choices(packed: str) -> tuple[list[str], list[str]]:
   return keys, texts
 
 
+def _openbookqa_example(stem: str, keys: Sequence[str], texts: Sequence[str],
+                        answer: str) -> Example:
+  # Harness: choices.label.index(answerKey.lstrip()).
+  return _mc("openbookqa", stem, texts, list(keys).index(answer.lstrip()))
+
+
 def _openbookqa(row: dict) -> Example:
   keys, texts = _openbookqa_choices(row["Choices"])
-  # Harness: choices.label.index(answerKey.lstrip()).
-  return _mc("openbookqa", row["Question Stem"], texts, keys.index(row["Answer Key"].lstrip()))
+  return _openbookqa_example(row["Question Stem"], keys, texts, row["Answer Key"])
 
 
 def _load_openbookqa(paths: Sequence[Path]) -> list[Example]:
@@ -302,6 +329,77 @@ def load_task(name: str, data_root: str | os.PathLike, limit: int | None = None)
   paths = [Path(data_root) / rel for rel in TASK_SPECS[name].files]
   examples = _LOADERS[name](paths)
   return examples if limit is None else examples[:limit]
+
+
+# Hub rows use the columns of the datasets the harness reads; each maps onto the local
+# record format (or the same example builder) so that a task has one prompt construction.
+
+
+def _hub_piqa(row: dict) -> Example:
+  return _piqa((row, row["label"]))
+
+
+def _hub_hellaswag(row: dict) -> Example:
+  # The harness's process_docs, which ``_hellaswag_query`` reconstructs for the local file:
+  # the hub keeps ctx_a and ctx_b apart and the WikiHow markup uncleaned.
+  ctx = f"{row['ctx_a']} {row['ctx_b'].capitalize()}"
+  query = hellaswag_preprocess(f"{row['activity_label']}: {ctx}")
+  endings = [hellaswag_preprocess(e) for e in row["endings"]]
+  return _mc("hellaswag", query, endings, int(row["label"]))
+
+
+def _hub_arc(task: str) -> Callable[[dict], Example]:
+  build = _arc_builder(task)
+
+  def from_row(row: dict) -> Example:
+    keys, texts = row["choices"]["label"], row["choices"]["text"]
+    choices = [{"label": k, "text": t} for k, t in zip(keys, texts)]
+    return build({"question": {"stem": row["question"], "choices": choices},
+                  "answerKey": row["answerKey"]})
+
+  return from_row
+
+
+def _hub_openbookqa(row: dict) -> Example:
+  choices = row["choices"]
+  return _openbookqa_example(row["question_stem"], choices["label"], choices["text"],
+                             row["answerKey"])
+
+
+_HUB_BUILDERS: dict[str, Callable[[dict], Example]] = {
+  "winogrande": _winogrande,
+  "piqa": _hub_piqa,
+  "hellaswag": _hub_hellaswag,
+  "arc_easy": _hub_arc("arc_easy"),
+  "arc_challenge": _hub_arc("arc_challenge"),
+  "openbookqa": _hub_openbookqa,
+  "lambada": _lambada,
+}
+
+
+def examples_from_rows(name: str, rows: Iterable[dict], where: str) -> list[Example]:
+  """Build a task's examples from rows of its hub dataset (``TASK_SPECS[name].hub``).
+
+  Args:
+    name: One of ``TASKS``.
+    rows: The split's rows as dicts, in order.
+    where: How to name the source in errors (e.g. the repo, config and split).
+
+  Returns:
+    The examples, equal to those ``load_task`` builds from a local copy of the same items.
+
+  Raises:
+    ValueError: Unknown task, or a row that does not fit the task (row index named).
+  """
+  if name not in _HUB_BUILDERS:
+    raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+  out = []
+  for i, row in enumerate(rows):
+    try:
+      out.append(_HUB_BUILDERS[name](row))
+    except _RECORD_ERRORS as err:
+      raise ValueError(f"{where}: row {i}: {type(err).__name__}: {err}") from None
+  return out
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
