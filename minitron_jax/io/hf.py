@@ -18,6 +18,7 @@ import numpy as np
 
 from minitron_jax import axes
 from minitron_jax.config import LlamaConfig
+from minitron_jax.io import hf_compat
 from minitron_jax.io.files import atomic_output_dir
 from minitron_jax.io.safetensors import SafetensorsFile, write
 
@@ -254,9 +255,20 @@ def load_model(model_dir: str, dtype: str = "float32", with_tokenizer: bool = Tr
 
 
 def load_tokenizer(model_dir: str):
+  """The directory's tokenizer, as `transformers.AutoTokenizer` loads it.
+
+  AutoTokenizer builds the model config to choose the tokenizer class, and transformers 5.x
+  refuses valid pruned configs there (`hf_compat`); for those the relaxation is applied first,
+  so every shape pruning writes gets exactly the tokenizer transformers would pick.
+  """
   import transformers
 
   if not any(os.path.isfile(os.path.join(model_dir, f))
              for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
     raise FileNotFoundError(f"{model_dir}: no tokenizer files (tokenizer.json)")
+  config_path = os.path.join(model_dir, "config.json")
+  if os.path.isfile(config_path):
+    with open(config_path, encoding="utf-8") as f:
+      if hf_compat.refused_by_transformers5(json.load(f)):
+        hf_compat.allow_explicit_head_dim()
   return transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)

@@ -4,13 +4,22 @@ Width pruning keeps `head_dim` while shrinking `hidden_size`, so `hidden_size` n
 multiple of `num_attention_heads` (e.g. hidden 448 with 6 heads of 64). transformers' Llama
 computes every projection from `num_attention_heads * head_dim` and handles this, but the
 config validator of transformers 5.x raises on it even when `head_dim` is explicit (an open
-upstream bug). `allow_explicit_head_dim()` relaxes exactly that check for configs that set
-`head_dim`; older transformers releases need nothing.
+upstream bug, huggingface/transformers#46211). `allow_explicit_head_dim()` relaxes exactly that
+check for configs that set `head_dim`; older transformers releases need nothing. vLLM (>= 0.24
+requires transformers 5) builds the config with `AutoConfig` and so refuses these configs too.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, Mapping
+
+
+def refused_by_transformers5(hf_config: Mapping[str, Any]) -> bool:
+  """Whether transformers 5.x's Llama config check refuses this `config.json` dict: an explicit
+  `head_dim` with `hidden_size` not a multiple of `num_attention_heads` (a valid model)."""
+  heads, hidden = hf_config.get("num_attention_heads"), hf_config.get("hidden_size")
+  return bool(hf_config.get("head_dim") and heads and hidden and hidden % heads)
 
 
 @functools.lru_cache(maxsize=None)
