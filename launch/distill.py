@@ -83,6 +83,8 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of proc
                               lower_bound=1)
 _PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.",
                             lower_bound=0)
+_SCHEDULE = flags.DEFINE_bool("allow_schedule_change", False, "On resume, accept new --steps, "
+                              "--lr, --min_lr or --warmup_steps instead of refusing them.")
 _CRASH = flags.DEFINE_integer("crash_after_save_step", None, "Testing crash recovery: SIGKILL "
                               "the process right after this step's checkpoint is written.")
 
@@ -101,6 +103,7 @@ def main(argv):
       dtype=_DTYPE.value, remat=_REMAT.value, seed=_SEED.value, mesh=_MESH.value,
       save_every=_SAVE.value, keep_checkpoints=_KEEP.value, eval_every=_EVAL.value,
       eval_windows=_EVAL_WIN.value, log_every=_LOG.value,
+      allow_schedule_change=_SCHEDULE.value,
       crash_after_save_step=_CRASH.value)
   dcfg = distill.DistillConfig(
       temperature=_TEMP.value, kl=_KL.value, top_k=_TOPK.value, hidden_loss=_HIDDEN.value,

@@ -4,7 +4,9 @@ Every loss is a pure function over arrays, computes in float32 and checks its ar
 losses come in two forms: per token (`*_bt`, shape (B, T)) and as a masked mean. The training
 step sums per-token values over micro-batches and divides once by the count of the whole
 global batch (`Normalizers`), so gradient accumulation gives exactly the gradient of one big
-batch.
+batch. The dynamic hidden-loss weight is a ratio of two global means, not a sum over
+micro-batches: `distillation_terms` hands the step the terms apart so it can form that ratio
+once over the global batch (see `step.make_train_step`).
 
 Shape letters: B batch, T tokens, V vocab, K top-k, L layers, D student width, E teacher width.
 """
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minitron_jax import model as M
 from minitron_jax.config import expand_ranges
 
 KL_KINDS = ("forward", "reverse")
@@ -294,12 +297,6 @@ def kl_loss(student_btv: jax.Array, teacher_btv: jax.Array, mask_bt: jax.Array |
   return loss, {"distill/kl": loss}
 
 
-def cross_entropy_bt(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:
-  """-log p(label) per token, float32."""
-  logp_btv = jax.nn.log_softmax(_f32(logits_btv), axis=-1)
-  return -jnp.take_along_axis(logp_btv, labels_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
-
-
 # ---------------------------------------------------------------------------- activation losses
 
 
@@ -381,8 +378,78 @@ def lm_loss(logits_btv: jax.Array, tokens_bt: jax.Array, segment_ids_bt: jax.Arr
   """Next-token cross-entropy (teacher correction, or plain fine-tuning)."""
   norm = norm or normalizers(tokens_bt, segment_ids_bt)
   labels_bt, valid_bt = next_token_labels(tokens_bt, segment_ids_bt)
-  ce = masked_mean(cross_entropy_bt(logits_btv, labels_bt), valid_bt, norm.labels)
+  ce = masked_mean(M.token_nll_bt(logits_btv, labels_bt), valid_bt, norm.labels)
   return ce, {f"{prefix}/ce": ce, f"{prefix}/loss": ce}
+
+
+class LossTerms(NamedTuple):
+  """The distillation objective in the pieces the weight alpha of the hidden loss needs.
+
+  loss = rest + alpha * hidden, with dynamic alpha = logits / hidden (under stop_gradient).
+  """
+  rest: jax.Array    # every weighted term but the hidden one (KL, embedding, CE)
+  logits: jax.Array  # logit_weight * KL: the numerator of the dynamic alpha
+  hidden: jax.Array  # the unweighted hidden-state loss (0 when it is off)
+
+
+def dynamic_alpha(logits: jax.Array, hidden: jax.Array) -> jax.Array:
+  """alpha = L_logits / L_hidden under stop_gradient: both terms then have the same size."""
+  return jax.lax.stop_gradient(logits / jnp.maximum(hidden, _EPS))
+
+
+def distillation_terms(student: Mapping[str, Any], teacher: Mapping[str, Any],
+                       tokens_bt: jax.Array, segment_ids_bt: jax.Array | None,
+                       proj_de: jax.Array | None, cfg: DistillConfig,
+                       norm: Normalizers | None = None
+                       ) -> tuple[LossTerms, dict[str, jax.Array]]:
+  """The objective's terms, before the hidden loss is weighted (`distillation_loss` args).
+
+  Returns:
+    (terms, metrics): the unweighted `distill/kl`, `distill/hidden`, `distill/embedding` and
+    `distill/ce`; no `distill/alpha` or `distill/loss` (they need the weight).
+  """
+  norm = norm or normalizers(tokens_bt, segment_ids_bt)
+  mask_bt = token_mask(segment_ids_bt, tokens_bt.shape)
+  kl = masked_mean(kl_bt(student["logits"], teacher["logits"], cfg), mask_bt, norm.tokens)
+  logits_term = cfg.logit_weight * kl
+  rest = logits_term
+  hid = jnp.zeros((), jnp.float32)
+  metrics = {"distill/kl": kl}
+  if cfg.needs_hidden:
+    if cfg.layer_map is None:
+      raise ValueError("resolve cfg.layer_map (resolve_layer_map) before computing the loss")
+    hid = masked_mean(hidden_loss_bt(student["hidden"], teacher["hidden"], cfg.layer_map,
+                                     proj_de, cfg.hidden_loss), mask_bt, norm.tokens)
+    metrics["distill/hidden"] = hid
+  if cfg.embedding_weight > 0:
+    kind = cfg.hidden_loss if cfg.needs_hidden else "cosine"
+    emb_bt = hidden_distance(project(normalize(student["embeddings"]), proj_de),
+                             normalize(teacher["embeddings"]), kind)
+    emb = masked_mean(emb_bt, mask_bt, norm.tokens)
+    rest = rest + cfg.embedding_weight * emb
+    metrics["distill/embedding"] = emb
+  labels_bt, valid_bt = next_token_labels(tokens_bt, segment_ids_bt)
+  ce = masked_mean(M.token_nll_bt(student["logits"], labels_bt), valid_bt, norm.labels)
+  metrics["distill/ce"] = ce  # reported even at weight 0: the student's own LM loss
+  if cfg.ce_weight > 0:
+    rest = rest + cfg.ce_weight * ce
+  return LossTerms(rest, logits_term, hid), metrics
+
+
+def combine_terms(terms: LossTerms, metrics: dict[str, jax.Array], cfg: DistillConfig
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """rest + alpha * hidden, adding `distill/alpha` (hidden loss on) and `distill/loss`."""
+  loss = terms.rest
+  metrics = dict(metrics)
+  if cfg.needs_hidden:
+    if cfg.hidden_weight is None:
+      alpha = dynamic_alpha(terms.logits, terms.hidden)
+    else:
+      alpha = jnp.asarray(cfg.hidden_weight, jnp.float32)
+    loss = loss + alpha * terms.hidden
+    metrics["distill/alpha"] = alpha
+  metrics["distill/loss"] = loss
+  return loss, metrics
 
 
 def distillation_loss(student: Mapping[str, Any], teacher: Mapping[str, Any],
@@ -401,36 +468,9 @@ def distillation_loss(student: Mapping[str, Any], teacher: Mapping[str, Any],
     norm: token counts to divide by (default: this batch's own).
 
   Returns:
-    (loss, metrics) with `distill/*` metrics; each term is reported unweighted.
+    (loss, metrics) with `distill/*` metrics; each term is reported unweighted. A dynamic
+    alpha is this batch's own ratio: over micro-batches use `distillation_terms` instead.
   """
-  norm = norm or normalizers(tokens_bt, segment_ids_bt)
-  mask_bt = token_mask(segment_ids_bt, tokens_bt.shape)
-  kl = masked_mean(kl_bt(student["logits"], teacher["logits"], cfg), mask_bt, norm.tokens)
-  logits_term = cfg.logit_weight * kl
-  loss = logits_term
-  metrics = {"distill/kl": kl}
-  if cfg.needs_hidden:
-    if cfg.layer_map is None:
-      raise ValueError("resolve cfg.layer_map (resolve_layer_map) before computing the loss")
-    hid = masked_mean(hidden_loss_bt(student["hidden"], teacher["hidden"], cfg.layer_map,
-                                     proj_de, cfg.hidden_loss), mask_bt, norm.tokens)
-    if cfg.hidden_weight is None:
-      alpha = jax.lax.stop_gradient(logits_term / jnp.maximum(hid, _EPS))
-    else:
-      alpha = jnp.asarray(cfg.hidden_weight, jnp.float32)
-    loss = loss + alpha * hid
-    metrics.update({"distill/hidden": hid, "distill/alpha": alpha})
-  if cfg.embedding_weight > 0:
-    kind = cfg.hidden_loss if cfg.needs_hidden else "cosine"
-    emb_bt = hidden_distance(project(normalize(student["embeddings"]), proj_de),
-                             normalize(teacher["embeddings"]), kind)
-    emb = masked_mean(emb_bt, mask_bt, norm.tokens)
-    loss = loss + cfg.embedding_weight * emb
-    metrics["distill/embedding"] = emb
-  labels_bt, valid_bt = next_token_labels(tokens_bt, segment_ids_bt)
-  ce = masked_mean(cross_entropy_bt(student["logits"], labels_bt), valid_bt, norm.labels)
-  metrics["distill/ce"] = ce  # reported even at weight 0: the student's own LM loss
-  if cfg.ce_weight > 0:
-    loss = loss + cfg.ce_weight * ce
-  metrics["distill/loss"] = loss
-  return loss, metrics
+  terms, metrics = distillation_terms(student, teacher, tokens_bt, segment_ids_bt, proj_de,
+                                      cfg, norm)
+  return combine_terms(terms, metrics, cfg)

@@ -9,6 +9,8 @@ Output directory layout:
 
     checkpoints/<step>/   orbax train state + data position (resumed automatically)
     metrics.jsonl         one JSON row per update, plus `eval/*` rows
+                          (written every `log_every` updates: metrics leave the device in
+                          windows, so the host never waits on a step)
     losses.png            loss curves
     hf/                   the trained model as an HF directory (tokenizer copied)
     run.json              settings and final numbers
@@ -33,10 +35,17 @@ from minitron_jax.io import checkpoint
 from minitron_jax.data import corpus as data, packing
 from minitron_jax.distill import losses as distill
 from minitron_jax.distill import step as train
+from minitron_jax import plots
 from minitron_jax.config import LlamaConfig
 from minitron_jax.distill.step import TrainConfig
 
 LOSS_CURVES = ("distill/loss", "distill/kl", "distill/hidden", "distill/ce", "train/ce")
+
+# Settings a resume must keep, saved with every checkpoint. The data settings fix the batches,
+# their order and the units of the saved data position; the schedule settings fix the learning
+# rate of every later update (`TrainConfig.allow_schedule_change` lets those change).
+DATA_SETTINGS = ("mode", "global_batch_size", "seq_len", "seed")
+SCHEDULE_SETTINGS = ("steps", "lr", "min_lr", "warmup_steps")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -157,12 +166,13 @@ class _Meter:
     self._tokens = 0
     self._seconds = 0.0
 
-  def add(self, tokens: int, seconds: float) -> None:
-    self.steps_left -= 1
+  def add(self, tokens: int, seconds: float, steps: int = 1) -> None:
+    """`steps` updates that trained on `tokens` tokens in `seconds` of wall time."""
+    self.steps_left -= steps
     self.total_seconds += seconds
     self._tokens += tokens
     self._seconds += seconds
-    self.steps_done += 1
+    self.steps_done += steps
 
   def report(self) -> tuple[float, float]:
     """(tokens per second since the last report, seconds left at the mean step time)."""
@@ -236,12 +246,12 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
 
   ckpt = checkpoint.Checkpointer(os.path.join(output_dir, "checkpoints"),
                                  keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
-  run_meta = {"mode": cfg.mode, "global_batch_size": cfg.global_batch_size,
-              "seq_len": cfg.seq_len, "seed": cfg.seed}
+  run_meta = {k: getattr(cfg, k) for k in DATA_SETTINGS + SCHEDULE_SETTINGS}
   resumed_from, state, data_state = _restore_or_init(
       ckpt, run_meta, train.abstract(state_shape, state_sh),
       lambda: jax.jit(init, out_shardings=state_sh)(
-          train.put_global(model_params, state_sh["params"]["model"]), proj))
+          train.put_global(model_params, state_sh["params"]["model"]), proj),
+      allow_schedule_change=cfg.allow_schedule_change)
   if resumed_from is not None:
     say(f"resuming from the checkpoint at step {resumed_from}")
   teacher = train.put_global(teacher_params, teacher_sh) if distilling else None
@@ -287,33 +297,61 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
 
   preempted = False
   meter = _Meter(cfg.steps - start)
+  window = []  # (step, metrics still on the device) since the last fetch
   with _Stop() as stop:
     pending = None
+    t_window = time.perf_counter()
+
+    def fetch() -> dict | None:
+      """The window's metrics to the host in one transfer (no other per-step wait on the device).
+
+      Checks every row, so a non-finite loss is reported at the step where it first appeared;
+      rows before it are kept and the bad state is never saved (saves follow a fetch).
+      """
+      nonlocal window, tokens
+      if not window:
+        return None
+      steps, fetched = zip(*window)
+      window = []
+      rows = [{"step": s, **{k: float(v) for k, v in m.items()}}
+              for s, m in zip(steps, jax.device_get(list(fetched)))]
+      meter.add(sum(int(r["train/tokens"]) for r in rows), time.perf_counter() - t_window,
+                len(rows))
+      for row in rows:
+        try:
+          _check_finite(row["step"], row, last_saved)
+        except NonFiniteLossError:
+          ckpt.close()  # let the last good save finish; the bad state is never saved
+          raise
+        history.append(row)
+        metrics_log.write(row)
+        tokens += int(row["train/tokens"])
+      return rows[-1]
+
     for step in range(start + 1, cfg.steps + 1):
-      t0 = time.perf_counter()
       batch, data_after = pending or (train.global_batch(next(dataset), mesh, cfg),
                                        dataset.state())
       state, metrics = compiled(state, teacher, batch)
+      window.append((step, metrics))
       pending = None
       if step < cfg.steps:  # build the next batch on the host while the device works
         pending = (train.global_batch(next(dataset), mesh, cfg), dataset.state())
-      row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-      try:
-        _check_finite(step, row, last_saved)
-      except NonFiniteLossError:
-        ckpt.close()  # let the last good save finish; the bad state is never saved
-        raise
-      history.append(row)
-      metrics_log.write(row)
-      tokens += int(row["train/tokens"])
-      meter.add(int(row["train/tokens"]), time.perf_counter() - t0)
-      if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
-        say(_format_row(row, cfg.steps, *meter.report()))
-      if windows is not None and step % cfg.eval_every == 0 and step != cfg.steps:
+      printing = step % cfg.log_every == 0 or step == cfg.steps or step == start + 1
+      evaluating = windows is not None and step % cfg.eval_every == 0 and step != cfg.steps
+      saving = step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
+      fetched = printing or evaluating or saving
+      if fetched:
+        row = fetch()
+        if printing:
+          say(_format_row(row, cfg.steps, *meter.report()))
+      if evaluating:
         evals.append(evaluate(step))
         metrics_log.write(evals[-1])
       stopping = stop.agreed()
-      if stopping or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+      if stopping and not fetched:
+        fetch()
+        fetched = True
+      if stopping or saving:
         if ckpt.save(step, state, {"data": data_after, "run": run_meta, "step": step}):
           last_saved = step
         if cfg.crash_after_save_step == step:
@@ -323,6 +361,8 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
         preempted = True
         say(f"SIGTERM: saved the checkpoint at step {step}; run the same command to resume")
         break
+      if fetched:  # evaluation and checkpoint time is not training time
+        t_window = time.perf_counter()
   seconds = meter.total_seconds
   if windows is not None and not preempted:
     evals.append(evaluate(cfg.steps))
@@ -336,18 +376,39 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
 
 
 def _restore_or_init(ckpt: checkpoint.Checkpointer, run_meta: dict, abstract_state,
-                     init: Callable[[], Any]) -> tuple[int | None, Any, dict | None]:
+                     init: Callable[[], Any], allow_schedule_change: bool = False
+                     ) -> tuple[int | None, Any, dict | None]:
   """(resumed step or None, state, data position) from the latest checkpoint, else fresh."""
   step = ckpt.latest_step()
   if step is None:
     return None, init(), None
   state, meta = ckpt.restore(step, abstract_state)
-  saved = meta.get("run", {})
-  for k, v in run_meta.items():
-    if saved.get(k) != v:
-      raise ValueError(f"{ckpt.directory}: the checkpoint was written with {k}={saved.get(k)!r},"
-                       f" this run has {k}={v!r}; use a new output directory")
+  check_resume(meta.get("run", {}), run_meta, ckpt.directory, allow_schedule_change)
   return step, state, meta["data"]
+
+
+def check_resume(saved: dict, current: dict, directory: str,
+                 allow_schedule_change: bool = False) -> None:
+  """Refuses to resume with settings that differ from the checkpoint's, in one line.
+
+  Checkpoints written before the schedule settings were recorded lack them; those are not
+  checked (nothing to compare with).
+
+  Raises:
+    ValueError: naming each differing setting, its saved and its new value.
+  """
+  differ = [k for k, v in current.items()
+            if saved.get(k) != v and not (k in SCHEDULE_SETTINGS and k not in saved)]
+  if allow_schedule_change:
+    differ = [k for k in differ if k not in SCHEDULE_SETTINGS]
+  if not differ:
+    return
+  what = ", ".join(f"{k} (saved {saved.get(k)!r}, now {current[k]!r})" for k in differ)
+  how = "rerun with the saved values or use a new --output_dir"
+  if all(k in SCHEDULE_SETTINGS for k in differ):
+    how += ", or pass --allow_schedule_change to continue on the new learning-rate schedule"
+  raise ValueError(f"{directory}: cannot resume: this run changes settings the checkpoint was "
+                   f"written with: {what}; {how}")
 
 
 def _check_models(cfg, model_cfg, teacher_cfg, teacher_params, dcfg, projection):
@@ -376,27 +437,12 @@ def _check_models(cfg, model_cfg, teacher_cfg, teacher_params, dcfg, projection)
 
 def plot_losses(metrics_path: str, png_path: str) -> None:
   """Loss curves (log scale) and held-out loss from metrics.jsonl."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   rows = read_metrics(metrics_path)
-  fig, ax = plt.subplots(figsize=(8, 4.5))
-  for key in LOSS_CURVES:
-    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] > 0]
-    if pts:
-      ax.plot(*zip(*pts), label=key, lw=1.2)
-  ev = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
-  if ev:
-    ax.plot(*zip(*ev), "o--", label="eval/loss (held out)")
-  ax.set_yscale("log")
-  ax.set_xlabel("step")
-  ax.set_ylabel("loss")
-  ax.grid(alpha=0.3, which="both")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(png_path, dpi=110)
-  plt.close(fig)
+  curves = [(key, [(r["step"], r[key]) for r in rows if key in r and r[key] > 0], "-", 1.2)
+            for key in LOSS_CURVES]
+  curves.append(("eval/loss (held out)",
+                 [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r], "o--", 1.2))
+  plots.line_chart(curves, png_path)
 
 
 # ---------------------------------------------------------------------------- from directories

@@ -60,7 +60,10 @@ class TrainConfig:
     eval_every: held-out evaluation every N updates, plus before the first and after the last
       (0 = never).
     eval_windows: held-out windows of `seq_len` tokens per evaluation.
-    log_every: console line every N updates.
+    log_every: console line every N updates; metrics leave the device only every N updates
+      (and before evaluations, checkpoints and the end), so the host never waits on a step.
+    allow_schedule_change: on resume, accept new `steps`, `lr`, `min_lr` or `warmup_steps`
+      (the learning-rate schedule) instead of refusing them.
     async_checkpointing: write checkpoints in a background thread.
     nan_at_step: testing: poison the loss of this update (1-based) with NaN.
     crash_after_save_step: testing: SIGKILL the process once this step's checkpoint is on disk.
@@ -88,6 +91,7 @@ class TrainConfig:
   eval_every: int = 0
   eval_windows: int = 8
   log_every: int = 1
+  allow_schedule_change: bool = False
   async_checkpointing: bool = True
   nan_at_step: int | None = None
   crash_after_save_step: int | None = None
@@ -276,20 +280,37 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
   mcfg = model_cfg.replace(dtype=cfg.dtype)
   tcfg = teacher_cfg.replace(dtype=cfg.dtype) if teacher_cfg is not None else None
   hidden = dcfg is not None and dcfg.needs_hidden
+  dynamic = hidden and dcfg.hidden_weight is None
 
-  def micro_loss(params, teacher_params, mb, norm):
+  def forward(params, teacher_params, mb):
     out = M.forward(params["model"], mcfg, mb["tokens"], positions_bt=mb["positions"],
                     segment_ids_bt=mb["segment_ids"], return_hidden=hidden, remat=cfg.remat)
     if cfg.mode == "teacher_correction":
-      return distill.lm_loss(out["logits"], mb["tokens"], mb["segment_ids"], norm)
+      return out, None
     t_out = M.forward(jax.lax.stop_gradient(teacher_params), tcfg, mb["tokens"],
                       positions_bt=mb["positions"], segment_ids_bt=mb["segment_ids"],
                       return_hidden=hidden)
-    t_out = jax.lax.stop_gradient(t_out)
+    return out, jax.lax.stop_gradient(t_out)
+
+  def micro_loss(params, teacher_params, mb, norm):
+    out, t_out = forward(params, teacher_params, mb)
+    if cfg.mode == "teacher_correction":
+      return distill.lm_loss(out["logits"], mb["tokens"], mb["segment_ids"], norm)
     return distill.distillation_loss(out, t_out, mb["tokens"], mb["segment_ids"],
                                      params.get("proj"), dcfg, norm)
 
+  def micro_terms(params, teacher_params, mb, norm):
+    out, t_out = forward(params, teacher_params, mb)
+    terms, metrics = distill.distillation_terms(out, t_out, mb["tokens"], mb["segment_ids"],
+                                                params.get("proj"), dcfg, norm)
+    return (terms.rest, terms.hidden), metrics
+
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def constrain(grads):
+    if grad_shardings is None:
+      return grads
+    return jax.lax.with_sharding_constraint(grads, grad_shardings)
 
   def step(state, teacher_params, batch):
     a = batch["tokens"].shape[0]
@@ -297,12 +318,24 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
     norm = jax.vmap(distill.normalizers)(batch["tokens"], batch["segment_ids"])
     norm = distill.Normalizers(*(jnp.sum(x) for x in norm))
     params = state["params"]
+    # A dynamic alpha = L_logits / L_hidden is a ratio of global-batch means, which a sum of
+    # per-micro-batch ratios is not. alpha is under stop_gradient, so the exact gradient is
+    # g_rest + alpha * g_hidden: each micro-batch's single forward pass is pulled back twice
+    # (cotangents (1, 0) and (0, 1)) into two accumulators, and alpha is formed once from the
+    # summed terms. That costs one more student backward pass and one more param-sized
+    # accumulator, but no second forward pass (the teacher runs once per micro-batch). One
+    # micro-batch is already the global batch: the plain loss is exact there.
+    split = dynamic and a > 1
 
     def one(mb):
+      if split:
+        (rest, hid), pull, metrics = jax.vjp(
+            lambda p: micro_terms(p, teacher_params, mb, norm), params, has_aux=True)
+        on, off = jnp.ones_like(rest), jnp.zeros_like(rest)
+        (g_rest,), (g_hid,) = pull((on, off)), pull((off, on))
+        return (constrain(g_rest), constrain(g_hid)), (metrics, rest)
       (_, metrics), grads = grad_fn(params, teacher_params, mb, norm)
-      if grad_shardings is not None:
-        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-      return grads, metrics
+      return constrain(grads), metrics
 
     if a == 1:
       grads, metrics = one(jax.tree_util.tree_map(lambda x: x[0], batch))
@@ -313,7 +346,15 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
       zeros = jax.eval_shape(one, jax.tree_util.tree_map(lambda x: x[0], batch))
       zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
       (grads, metrics), _ = jax.lax.scan(body, zeros, batch)
-      metrics = {k: v / a if k.endswith("alpha") else v for k, v in metrics.items()}
+      if split:
+        (g_rest, g_hid), (metrics, rest) = grads, metrics
+        terms = distill.LossTerms(rest, dcfg.logit_weight * metrics["distill/kl"],
+                                  metrics["distill/hidden"])
+        _, metrics = distill.combine_terms(terms, metrics, dcfg)
+        alpha = metrics["distill/alpha"]
+        grads = jax.tree_util.tree_map(lambda r, h: r + alpha * h, g_rest, g_hid)
+      else:  # a fixed alpha was summed once per micro-batch
+        metrics = {k: v / a if k.endswith("alpha") else v for k, v in metrics.items()}
     prefix = "train" if cfg.mode == "teacher_correction" else "distill"
     loss = metrics[f"{prefix}/loss"]
     if cfg.nan_at_step is not None:
@@ -378,7 +419,7 @@ def make_eval_fn(model_cfg: LlamaConfig, cfg: TrainConfig, mesh: Mesh, params_sh
 
   def nll(params, windows_bt, weights_b):
     logits = M.forward(params, mcfg, windows_bt[:, :-1])["logits"]
-    per_bt = distill.cross_entropy_bt(logits, windows_bt[:, 1:])
+    per_bt = M.token_nll_bt(logits, windows_bt[:, 1:])
     return jnp.sum(per_bt * weights_b[:, None]), jnp.sum(weights_b) * per_bt.shape[1]
 
   rep = replicated(mesh)

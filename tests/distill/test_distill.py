@@ -260,8 +260,12 @@ def test_hidden_loss_falls_during_training():
   assert last < 0.8 * first, (first, last)
 
 
-def test_gradient_accumulation_equals_one_big_batch():
-  dcfg = DistillConfig(hidden_loss="nmse", hidden_weight=0.3, ce_weight=0.2, layer_map=(0,))
+@pytest.mark.parametrize("dcfg", [
+    DistillConfig(hidden_loss="nmse", hidden_weight=0.3, ce_weight=0.2, layer_map=(0,)),
+    # Dynamic alpha = L_logits / L_hidden: a ratio over the global batch, not per micro-batch.
+    DistillConfig(hidden_loss="cosine", embedding_weight=0.5, ce_weight=0.2, layer_map=(1,)),
+], ids=["fixed_alpha", "dynamic_alpha"])
+def test_gradient_accumulation_equals_one_big_batch(dcfg):
   big = _batch(2, 1, 8)
   # Micro-batch a holds rows a, a + A, ... (see train.global_batch).
   acc = jax.tree_util.tree_map(lambda x: x[0].reshape(4, 2, -1).transpose(1, 0, 2), big)

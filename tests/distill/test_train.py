@@ -231,6 +231,79 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
   assert signal.getsignal(signal.SIGTERM) == handler  # the handler is put back
 
 
+def test_resume_refuses_a_changed_schedule_or_data_order(tmp_path):
+  from minitron_jax.distill import losses as distill
+  from minitron_jax.distill import run as trainer
+  from minitron_jax.distill.step import TrainConfig
+
+  tp, tcfg, sp, scfg, stream = tiny_problem()
+  base = dict(steps=4, global_batch_size=4, seq_len=32, lr=1e-3, warmup_steps=1,
+              dtype="float32", save_every=2, log_every=100)
+  kw = dict(model_params=sp, model_cfg=scfg, train_tokens=stream, output_dir=str(tmp_path),
+            teacher_params=tp, teacher_cfg=tcfg, dcfg=distill.DistillConfig())
+  full = trainer.fit(TrainConfig(**base), **kw)
+  shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if the run had died after step 2
+
+  with pytest.raises(ValueError) as e:
+    trainer.fit(TrainConfig(**{**base, "steps": 6, "lr": 2e-3}), **kw)
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert "steps (saved 4, now 6)" in msg and "lr (saved 0.001, now 0.002)" in msg, msg
+  assert "min_lr" not in msg and "--output_dir" in msg and "--allow_schedule_change" in msg
+  # The override covers the schedule only: data settings still have to match.
+  with pytest.raises(ValueError, match=r"seed \(saved 0, now 1\)") as e:
+    trainer.fit(TrainConfig(**{**base, "steps": 6, "seed": 1, "allow_schedule_change": True}),
+                **kw)
+  assert "allow_schedule_change" not in str(e.value) and "steps" not in str(e.value)
+
+  res = trainer.fit(TrainConfig(**base), **kw)  # the same settings resume
+  assert res.resumed_from == 2 and res.step == 4
+  for a, b in zip(full.history[2:], res.history):
+    assert a == pytest.approx(b, rel=1e-6)
+  res = trainer.fit(TrainConfig(**{**base, "steps": 6, "allow_schedule_change": True}), **kw)
+  assert res.resumed_from == 4 and res.step == 6
+
+
+def test_metrics_leave_the_device_once_per_log_window(tmp_path, monkeypatch):
+  import jax
+  from minitron_jax.distill import losses as distill
+  from minitron_jax.distill import run as trainer
+  from minitron_jax.distill.step import TrainConfig
+
+  tp, tcfg, sp, scfg, stream = tiny_problem()
+  fetches, real_get = [], jax.device_get
+
+  def counting_get(x):  # counts transfers of step metrics (not checkpoint or eval traffic)
+    if "train/lr" in str(jax.tree_util.tree_structure(x)):
+      fetches.append(len(x) if isinstance(x, list) else 1)
+    return real_get(x)
+
+  monkeypatch.setattr(jax, "device_get", counting_get)
+  runs = {}
+  for log_every in (1, 3):
+    fetches.clear()
+    lines = []
+    cfg = TrainConfig(steps=7, global_batch_size=4, seq_len=32, lr=1e-3, warmup_steps=1,
+                      dtype="float32", save_every=0, log_every=log_every)
+    out = tmp_path / str(log_every)
+    res = trainer.fit(cfg, model_params=sp, model_cfg=scfg, train_tokens=stream,
+                      output_dir=str(out), teacher_params=tp, teacher_cfg=tcfg,
+                      dcfg=distill.DistillConfig(hidden_loss="cosine", layer_map=(1,)),
+                      log=lines.append)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [r["step"] for r in res.history] == list(range(1, 8))
+    assert res.tokens == sum(r["train/tokens"] for r in rows) and res.seconds > 0
+    progress = [line for line in lines if line.startswith("step ")]
+    assert all("tok/s" in line and "ETA" in line for line in progress)
+    runs[log_every] = (list(fetches), [line.split(" |")[0] for line in progress], res.history)
+  assert runs[1][0] == [1] * 7
+  # The first step, then every third, then the end: four transfers for seven updates.
+  assert runs[3][0] == [1, 2, 3, 1], runs[3][0]
+  assert runs[3][1] == ["step 1/7", "step 3/7", "step 6/7", "step 7/7"]
+  for a, b in zip(runs[1][2], runs[3][2]):
+    assert a == b  # fetching later changes no number
+
+
 # ---------------------------------------------------------------------------- the CLI
 
 
