@@ -35,7 +35,6 @@ XLA also counts the elementwise work left out above, so it should come out a lit
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,6 +50,7 @@ from minitron_jax.distill import losses as distill  # noqa: E402
 from minitron_jax.prune import importance  # noqa: E402
 from minitron_jax.prune import slicing as prune  # noqa: E402
 from minitron_jax.distill import step as train  # noqa: E402
+from benchmarks.timing import best_seconds  # noqa: E402
 
 _WIDTH = base.get_config().prune.width
 TARGET = 1.1
@@ -111,17 +111,6 @@ def matmul_peak(dtype: str, n: int, repeats: int = 5) -> float:
 
 
 # ---------------------------------------------------------------------------- timing
-
-
-def best_seconds(fn, repeats: int) -> float:
-  """Best wall time of `fn()` (blocking on its result) over `repeats` calls after a warm-up."""
-  jax.block_until_ready(fn())  # compilation / first allocation; not counted
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - t0)
-  return best
 
 
 def temp_gib(mem) -> float:

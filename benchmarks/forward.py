@@ -6,7 +6,6 @@ model, same checkpoint, same inputs, same process, side by side.
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -17,6 +16,7 @@ from absl import app, flags  # noqa: E402
 from minitron_jax import cli, model as M  # noqa: E402
 from minitron_jax.io import hf as hf_io  # noqa: E402
 from minitron_jax.evaluate import generate as G  # noqa: E402
+from benchmarks.timing import best_seconds  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model_dir", "smollm2-135m", "Model directory or short name.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Forward batch size.", lower_bound=1)
@@ -27,14 +27,10 @@ _NEW = flags.DEFINE_integer("new_tokens", 64, "Decoded tokens per row.", lower_b
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.", lower_bound=1)
 
 
-def best_time(fn, repeats):
-  fn()  # warm-up (compilation)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
+def _load() -> str:
+  """1-minute load average: on a shared machine both columns slow down together, so the
+  ratios travel better than the absolute rates."""
+  return f"{os.getloadavg()[0]:.1f}"
 
 
 @cli.main_wrapper
@@ -48,17 +44,18 @@ def main(argv):
   rng = np.random.RandomState(0)
   tokens = rng.randint(0, cfg.vocab_size, (_BATCH.value, _SEQ.value)).astype(np.int32)
   print(f"devices: jax {jax.devices()[0].platform} x{jax.device_count()}, "
-        f"torch threads {torch.get_num_threads()}")
+        f"torch threads {torch.get_num_threads()}, load average {_load()} on "
+        f"{os.cpu_count()} CPUs")
 
   fwd = jax.jit(lambda p, t: M.forward(p, cfg, t)["logits"])
-  t_jax = best_time(lambda: fwd(params, tokens).block_until_ready(), _REPEATS.value)
+  t_jax = best_seconds(lambda: fwd(params, tokens).block_until_ready(), _REPEATS.value)
   tt = torch.as_tensor(tokens, dtype=torch.long)
 
   def torch_fwd():
     with torch.no_grad():
       tmodel(tt, use_cache=False)
 
-  t_torch = best_time(torch_fwd, _REPEATS.value)
+  t_torch = best_seconds(torch_fwd, _REPEATS.value)
   n = tokens.size
   rows = [("forward", f"{_BATCH.value}x{_SEQ.value}", n / t_jax, n / t_torch)]
 
@@ -78,11 +75,12 @@ def main(argv):
 
     # Decode rate without prefill: time k and 1 new tokens, take the difference.
     torch_decode(2)
-    t_full = best_time(lambda: torch_decode(_NEW.value), _REPEATS.value)
-    t_one = best_time(lambda: torch_decode(1), _REPEATS.value)
+    t_full = best_seconds(lambda: torch_decode(_NEW.value), _REPEATS.value)
+    t_one = best_seconds(lambda: torch_decode(1), _REPEATS.value)
     theirs = b * (_NEW.value - 1) / max(t_full - t_one, 1e-9)
-    rows.append((f"greedy decode", f"batch {b}", ours, theirs))
+    rows.append(("greedy decode", f"batch {b}", ours, theirs))
 
+  print(f"\nload average at the end: {_load()}")
   print(f"\n{'what':<14} {'shape':<10} {'jax tok/s':>12} {'torch tok/s':>12} {'ratio':>7}")
   for what, shape, a, b in rows:
     print(f"{what:<14} {shape:<10} {a:>12.1f} {b:>12.1f} {a / b:>6.2f}x")

@@ -38,6 +38,7 @@ from minitron_jax.io import hf as hf_io  # noqa: E402
 from minitron_jax import model as M  # noqa: E402
 from minitron_jax.prune import importance as I  # noqa: E402
 from minitron_jax.prune import layer_importance as LI  # noqa: E402
+from benchmarks.timing import best_seconds  # noqa: E402
 from minitron_jax.prune import slicing as P  # noqa: E402
 
 PARTS = ("overhead", "stream", "ppl")
@@ -94,16 +95,6 @@ def table(header, rows) -> str:
   return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def best_time(fn, repeats):
-  fn()  # warm-up (compilation)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
-
-
 def non_embedding_params(cfg) -> int:
   return cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (
       1 if cfg.tie_word_embeddings else 2)
@@ -135,12 +126,12 @@ def measure_overhead(params, cfg, tok):
     jax.block_until_ready(total)
 
   reps = _REPEATS.value
-  runs = [("forward (logits)", "jit(forward)", best_time(forward, reps)),
+  runs = [("forward (logits)", "jit(forward)", best_seconds(forward, reps)),
           ("activation", "importance.activation_scores",
-           best_time(lambda: I.activation_scores(params, cfg, batches), reps)),
-          ("taylor gradients", "jit(grad(lm_loss)), summed", best_time(gradients, reps)),
+           best_seconds(lambda: I.activation_scores(params, cfg, batches), reps)),
+          ("taylor gradients", "jit(grad(lm_loss)), summed", best_seconds(gradients, reps)),
           # taylor_scores jits a new function per call, so every call compiles again.
-          ("taylor", "importance.taylor_scores", best_time(
+          ("taylor", "importance.taylor_scores", best_seconds(
               lambda: I.taylor_scores(params, cfg, batches), reps))]
   tokens = sum(b.size for b in batches)
   base = runs[0][2]

@@ -72,9 +72,13 @@ def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax
   return x_btnh * cos_bth[:, :, None, :] + rot * sin_bth[:, :, None, :]
 
 
-def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, mask_b1ts, cache_kv,
-           cache_index, taps: Taps):
-  """One decoder layer. Returns (x_btd, new (k, v) cache or None, tap outputs)."""
+def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, mask_b1ts, kv_cache,
+           taps: Taps):
+  """One decoder layer. Returns (x_btd, the updated cache or None, tap outputs).
+
+  `kv_cache`, when given, maps this step's (k_btkh, v_btkh) to (keys, values to attend to,
+  updated cache); see `forward_cached`.
+  """
   dt = x_btd.dtype
   out = {}
 
@@ -92,13 +96,8 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, mask_b1ts, cac
   q_btnh = apply_rope(q_btnh, cos_bth, sin_bth)
   k_btkh = apply_rope(k_btkh, cos_bth, sin_bth)
   new_cache = None
-  if cache_kv is not None:
-    k_bskh = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k_btkh.astype(cache_kv[0].dtype),
-                                                 cache_index, axis=1)
-    v_bskh = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v_btkh.astype(cache_kv[1].dtype),
-                                                 cache_index, axis=1)
-    new_cache = (k_bskh, v_bskh)
-    k_btkh, v_btkh = k_bskh.astype(dt), v_bskh.astype(dt)
+  if kv_cache is not None:
+    k_btkh, v_btkh, new_cache = kv_cache(k_btkh, v_btkh)
   attn_btnh = jax.nn.dot_product_attention(
       q_btnh, k_btkh, v_btkh, mask=mask_b1ts, is_causal=mask_b1ts is None,
       scale=cfg.head_dim ** -0.5)
@@ -189,7 +188,7 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
 
   def body(x, layer):
     lp, keep = layer
-    y, _, tapped = _block(cfg, lp, x, cos_bth, sin_bth, mask, None, None, taps)
+    y, _, tapped = _block(cfg, lp, x, cos_bth, sin_bth, mask, None, taps)
     y = jnp.where(keep, y, x) if layer_mask is not None else y
     return y, (y if return_hidden else None, tapped)
 
@@ -221,35 +220,64 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict[s
 
 
 def forward_cached(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
-                   valid_bt: jax.Array, cache: dict[str, jax.Array]
+                   valid_bt: jax.Array, cache: dict[str, jax.Array], attend_len: int | None = None
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Appends `T` tokens per row to the cache and returns their logits.
 
   All rows advance together (slot `cache['index']` onwards); `valid_bt` marks real tokens, so
   left-padded prompts of different lengths share one cache. RoPE positions count real tokens
   only, so a row's result does not depend on its padding.
+
+  The whole (L, B, S, K, H) cache is the layer scan's carry and each layer writes its new
+  keys/values with one `dynamic_update_slice`, so under `jax.jit` with the cache donated XLA
+  updates the buffers in place instead of re-stacking every layer's cache per call.
+
+  Args:
+    params: param tree.
+    cfg: model config.
+    tokens_bt: int token ids to append.
+    valid_bt: bool, which of them are real tokens.
+    cache: from `init_cache` or a previous call.
+    attend_len: static number of leading cache slots attention reads; must cover the filled
+      slots (`index + T`). Slots past the filled length are masked anyway, so any covering
+      length gives the same logits; callers pass a bucket of the filled length so decode cost
+      follows the filled length while only a few shapes compile. Default: the whole cache.
   """
   b, t = tokens_bt.shape
   s = cache["k"].shape[2]
+  a = s if attend_len is None else int(attend_len)
+  if not t <= a <= s:
+    raise ValueError(f"attend_len {a} must be in [{t}, {s}] (new tokens, cache length)")
   dt = jnp.dtype(cfg.dtype)
   idx = cache["index"]
   positions_bt = cache["next_position"][:, None] + jnp.cumsum(valid_bt, axis=1) - 1
   positions_bt = jnp.maximum(positions_bt, 0).astype(jnp.int32)
   valid_bs = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_bt, idx, axis=1)
   slot_q_t = idx + jnp.arange(t)
-  causal_ts = jnp.arange(s)[None, :] <= slot_q_t[:, None]
-  self_ts = jnp.arange(s)[None, :] == slot_q_t[:, None]
-  mask_b1ts = ((causal_ts[None] & valid_bs[:, None, :]) | self_ts[None])[:, None]
+  causal_ta = jnp.arange(a)[None, :] <= slot_q_t[:, None]
+  self_ta = jnp.arange(a)[None, :] == slot_q_t[:, None]
+  mask_b1ta = ((causal_ta[None] & valid_bs[:, None, :a]) | self_ta[None])[:, None]
   x_btd = embed(params, cfg, tokens_bt)
   cos_bth, sin_bth = rope_tables(cfg, positions_bt, dt)
+  zero = jnp.zeros((), jnp.int32)
 
-  def body(x, layer):
-    lp, k_bskh, v_bskh = layer
-    y, (k_bskh, v_bskh), _ = _block(cfg, lp, x, cos_bth, sin_bth, mask_b1ts,
-                                    (k_bskh, v_bskh), idx, {})
-    return y, (k_bskh, v_bskh)
+  def body(carry, lp):
+    x, k_lbskh, v_lbskh, layer = carry
 
-  x_btd, (k, v) = jax.lax.scan(body, x_btd, (params["layers"], cache["k"], cache["v"]))
+    def kv_cache(k_btkh, v_btkh):
+      at = (layer, zero, idx, zero, zero)
+      k_lbskh2 = jax.lax.dynamic_update_slice(k_lbskh, k_btkh[None].astype(k_lbskh.dtype), at)
+      v_lbskh2 = jax.lax.dynamic_update_slice(v_lbskh, v_btkh[None].astype(v_lbskh.dtype), at)
+      start, size = (layer, zero, zero, zero, zero), (1, b, a) + k_lbskh.shape[3:]
+      k_bakh = jax.lax.dynamic_slice(k_lbskh2, start, size)[0].astype(dt)
+      v_bakh = jax.lax.dynamic_slice(v_lbskh2, start, size)[0].astype(dt)
+      return k_bakh, v_bakh, (k_lbskh2, v_lbskh2)
+
+    y, (k_lbskh, v_lbskh), _ = _block(cfg, lp, x, cos_bth, sin_bth, mask_b1ta, kv_cache, {})
+    return (y, k_lbskh, v_lbskh, layer + 1), None
+
+  (x_btd, k, v, _), _ = jax.lax.scan(body, (x_btd, cache["k"], cache["v"], zero),
+                                     params["layers"])
   new_cache = {"k": k, "v": v, "valid": valid_bs, "index": idx + t,
                "next_position": cache["next_position"] + valid_bt.sum(axis=1).astype(jnp.int32)}
   return unembed(params, cfg, x_btd), new_cache
@@ -257,3 +285,10 @@ def forward_cached(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
 
 def num_params(params: Params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def token_nll_bt(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:
+  """-log p(label) per token, (B, T) float32: the one next-token NLL that losses, perplexity,
+  task scoring and importance all use."""
+  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp_btv, labels_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]

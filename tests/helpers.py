@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -41,3 +42,21 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
 
   with torch.no_grad():
     return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Yields a list that gains one entry per XLA compilation inside the block."""
+  import jax
+
+  seen = []
+
+  def listener(name, *args, **kwargs):
+    if name.endswith("backend_compile_duration"):
+      seen.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

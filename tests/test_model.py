@@ -112,6 +112,40 @@ def test_cached_decode_of_left_padded_batch_equals_full_forward():
     np.testing.assert_allclose(step_logits[i, 0], full[-1], atol=1e-5)
 
 
+def test_cached_decode_attending_to_a_length_bucket_is_unchanged():
+  """Attending only to the first `attend_len` slots (a bucket of the filled length) gives the
+  logits of attending to the whole cache, and the cache is updated in place under a donating
+  jit (no second cache-sized buffer)."""
+  cfg = C.preset("tiny")
+  params = M.init_params(cfg, jax.random.key(2))
+  rng = np.random.RandomState(1)
+  tokens = rng.randint(3, cfg.vocab_size, (2, 6)).astype(np.int32)
+  valid = np.ones((2, 6), bool)
+  valid[1, :2] = False
+  step = jax.jit(M.forward_cached, static_argnums=(1, 5), donate_argnums=(4,))
+  full, short = M.init_cache(cfg, 2, 64), M.init_cache(cfg, 2, 64)
+  lf, full = step(params, cfg, tokens, valid, full, None)
+  ls, short = step(params, cfg, tokens, valid, short, 8)
+  np.testing.assert_allclose(ls, lf, atol=1e-6)
+  for i in range(5):  # decode past the 8-slot bucket into the 16-slot one
+    nxt = rng.randint(3, cfg.vocab_size, (2, 1)).astype(np.int32)
+    lf, full = step(params, cfg, nxt, np.ones((2, 1), bool), full, None)
+    ls, short = step(params, cfg, nxt, np.ones((2, 1), bool), short, 8 if i < 2 else 16)
+    np.testing.assert_allclose(ls, lf, atol=1e-6)
+  for k in ("valid", "index", "next_position"):
+    np.testing.assert_array_equal(np.asarray(short[k]), np.asarray(full[k]))
+  for k in ("k", "v"):  # later layers see attention outputs summed in another order
+    np.testing.assert_allclose(np.asarray(short[k]), np.asarray(full[k]), atol=1e-6)
+  with pytest.raises(ValueError, match="attend_len"):
+    M.forward_cached(params, cfg, nxt, np.ones((2, 1), bool), short, attend_len=128)
+  # Scratch memory of one decode step follows the attended bucket, not the cache: re-stacking
+  # the cache per layer (the old scan outputs) needed twice the cache in temporaries.
+  big = M.init_cache(cfg, 2, 2048)
+  mem = step.lower(params, cfg, nxt, np.ones((2, 1), bool), big, 16).compile().memory_analysis()
+  if mem is not None:
+    assert mem.temp_size_in_bytes < (big["k"].nbytes + big["v"].nbytes) / 4
+
+
 def test_hidden_states_and_taps_match_transformers(tmp_path):
   model, d = make_hf_llama(tmp_path / "hf", layers=3)
   params, cfg = hf_io.load_hf(d)
@@ -134,15 +168,22 @@ def test_hidden_states_and_taps_match_transformers(tmp_path):
                                                   params["layers"]["down"][0]), atol=1e-5)
 
 
+# Each recipe's teacher, as a preset of the same architecture (no download).
+TEACHER_PRESETS = {"smollm2-135m": "smollm2-135m", "meta-llama/Llama-3.1-8B": "llama3.1-8b"}
+
+
 @pytest.mark.parametrize("config_file,billions", [
     ("smollm2_135m", None), ("llama31_8b_to_4b_width", 4.51), ("llama31_8b_to_4b_depth", 4.54)])
 def test_eval_shape_full_size_presets(config_file, billions):
   """Teacher and pruned student of each recipe in configs/, built abstractly (no memory)."""
   import importlib
 
+  from minitron_jax.prune.slicing import Targets
+
   recipe = importlib.import_module(f"configs.{config_file}").get_config()
-  teacher = C.preset(recipe.model_preset, dtype="bfloat16")
-  students = [C.target_config(teacher, **{kind: recipe.prune[kind]})
+  teacher = C.preset(TEACHER_PRESETS[recipe.teacher], dtype="bfloat16")
+  # The students' shapes come from the recipe's targets through the prune run's own checks.
+  students = [Targets.from_flags(teacher, **dict(recipe.prune[kind])).validate(teacher)
               for kind in recipe.prune.kinds]
   for cfg in [teacher] + students:
     shapes = jax.eval_shape(lambda k: M.init_params(cfg, k, jnp.bfloat16), jax.random.key(0))

@@ -1,7 +1,10 @@
-"""Batched generation with a KV cache and one compiled decode step.
+"""Batched generation with a KV cache and a compiled on-device decode loop.
 
-Prompts are left-padded to a bucketed length so one prefill compiles per bucket; every new
-token goes through the same jitted `decode_step` (cache donated), whatever the step number.
+Prompts are left-padded to a bucketed length so one prefill compiles per bucket. Decoding runs
+as a `lax.while_loop` on device (cache donated, updated in place), which stops by itself once
+every row has produced EOS; the host only looks in when attention's span grows to the next
+power-of-two bucket of the filled cache length, so a generation compiles a handful of decode
+shapes and syncs a handful of times, not once per token.
 """
 
 from __future__ import annotations
@@ -67,19 +70,50 @@ def sample(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array, top_p: 
   return jax.lax.cond(temperature > 0, nucleus, greedy, key)
 
 
+def _is_eos(token_b: jax.Array, eos_e: jax.Array) -> jax.Array:
+  return jnp.any(token_b[:, None] == eos_e[None, :], axis=-1)
+
+
 def make_steps(cfg: LlamaConfig):
-  """(prefill, decode_step) jitted for one config; the cache is donated to both."""
+  """(prefill, decode) jitted for one config; both donate the decode state.
 
-  def prefill(params, tokens_bt, valid_bt, cache, key, temperature, top_p):
-    logits_btv, cache = M.forward_cached(params, cfg, tokens_bt, valid_bt, cache)
-    return sample(logits_btv[:, -1], key, temperature, top_p), cache
+  The decode state is a dict: `token` (B,) the last sampled token, `cache`, `key`, `out`
+  (B, W) the sampled tokens so far, `n` how many of them, `done` (B,) whether a row has
+  produced EOS.
+  """
 
-  def decode_step(params, token_b, cache, key, temperature, top_p):
-    logits_btv, cache = M.forward_cached(params, cfg, token_b[:, None],
-                                         jnp.ones_like(token_b[:, None], bool), cache)
-    return sample(logits_btv[:, -1], key, temperature, top_p), cache
+  def prefill(params, tokens_bt, valid_bt, state, key, temperature, top_p, eos_e):
+    # A fresh cache (index 0): the prompt bucket covers every filled slot.
+    logits_btv, cache = M.forward_cached(params, cfg, tokens_bt, valid_bt, state["cache"],
+                                         attend_len=tokens_bt.shape[1])
+    token = sample(logits_btv[:, -1], key, temperature, top_p)
+    return {**state, "token": token, "cache": cache, "n": jnp.ones((), jnp.int32),
+            "out": state["out"].at[:, 0].set(token), "done": _is_eos(token, eos_e)}
 
-  return (jax.jit(prefill, donate_argnums=(3,)), jax.jit(decode_step, donate_argnums=(2,)))
+  def decode(params, state, max_steps, temperature, top_p, eos_e, stop_at_eos, *, attend_len):
+    """At most `max_steps` tokens (all within `attend_len` cache slots); stops as soon as
+    every row is done when `stop_at_eos`."""
+
+    def cond(st):
+      return (st["i"] < max_steps) & ~(stop_at_eos & jnp.all(st["done"]))
+
+    def body(st):
+      key, sub = jax.random.split(st["key"])
+      token_b = st["token"]
+      logits_btv, cache = M.forward_cached(params, cfg, token_b[:, None],
+                                           jnp.ones_like(token_b[:, None], bool), st["cache"],
+                                           attend_len=attend_len)
+      token = sample(logits_btv[:, -1], sub, temperature, top_p)
+      out = jax.lax.dynamic_update_slice_in_dim(st["out"], token[:, None], st["n"], axis=1)
+      return {"token": token, "cache": cache, "key": key, "out": out, "n": st["n"] + 1,
+              "done": st["done"] | _is_eos(token, eos_e), "i": st["i"] + 1}
+
+    st = jax.lax.while_loop(cond, body, {**state, "i": jnp.zeros((), jnp.int32)})
+    del st["i"]
+    return st
+
+  return (jax.jit(prefill, donate_argnums=(3,)),
+          jax.jit(decode, donate_argnums=(1,), static_argnames=("attend_len",)))
 
 
 _STEPS: dict[LlamaConfig, tuple] = {}
@@ -124,7 +158,10 @@ def generate(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
-  eos = np.array(list(cfg.eos_token_ids if eos_ids is None else eos_ids), np.int32)
+  eos = sorted(set(int(e) for e in (cfg.eos_token_ids if eos_ids is None else eos_ids)))
+  # Padded with -1 (never sampled) to a bucketed length: one compile serves any EOS set.
+  eos_e = np.full(bucket(len(eos), minimum=4), -1, np.int32)
+  eos_e[:len(eos)] = eos
   b = len(prompts)
   t = bucket(max(len(p) for p in prompts))
   tokens = np.zeros((b, t), np.int32)
@@ -132,30 +169,36 @@ def generate(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
   for i, p in enumerate(prompts):
     tokens[i, t - len(p):] = p
     valid[i, t - len(p):] = True
-  cache = M.init_cache(cfg, b, bucket(t + sampling.max_new_tokens))
-  prefill, decode_step = steps_for(cfg)
+  max_new = sampling.max_new_tokens
+  state = {"token": jnp.zeros((b,), jnp.int32),
+           "cache": M.init_cache(cfg, b, bucket(t + max_new)),
+           "out": jnp.zeros((b, bucket(max_new)), jnp.int32), "n": jnp.zeros((), jnp.int32),
+           "done": jnp.zeros((b,), bool)}
+  prefill, decode = steps_for(cfg)
   key = jax.random.key(sampling.seed)
   temp, top_p = jnp.float32(sampling.temperature), jnp.float32(sampling.top_p)
+  stop = jnp.bool_(stop_at_eos)
   t0 = time.perf_counter()
   key, sub = jax.random.split(key)
-  token, cache = prefill(params, tokens, valid, cache, sub, temp, top_p)
-  out = [np.asarray(token)]
+  state = prefill(params, tokens, valid, state, sub, temp, top_p, eos_e)
+  state["key"] = key
+  state["token"].block_until_ready()
   t1 = time.perf_counter()
-  done = np.isin(out[-1], eos)
-  steps = 0
-  for _ in range(sampling.max_new_tokens - 1):
-    if stop_at_eos and done.all():
+  steps = 0  # decode steps run so far; the cache holds t + steps tokens
+  while steps < max_new - 1:
+    attend = bucket(t + steps + 1)  # covers the slot the next token writes
+    want = min(attend - t - steps, max_new - 1 - steps)
+    state = decode(params, state, jnp.int32(want), temp, top_p, eos_e, stop, attend_len=attend)
+    ran = int(state["n"]) - 1 - steps  # the one host sync per bucket
+    steps += ran
+    if ran < want:  # stopped on device: every row has produced EOS
       break
-    key, sub = jax.random.split(key)
-    token, cache = decode_step(params, token, cache, sub, temp, top_p)
-    out.append(np.asarray(token))
-    done |= np.isin(out[-1], eos)
-    steps += 1
+  seqs = np.asarray(state["out"])[:, :steps + 1]
   t2 = time.perf_counter()
-  seqs = np.stack(out, axis=1)
+  eos_set = set(eos)
   result = []
   for row in seqs.tolist():
-    cut = next((j for j, tok in enumerate(row) if tok in set(eos.tolist())), len(row))
+    cut = next((j for j, tok in enumerate(row) if tok in eos_set), len(row))
     result.append(row[:cut] if stop_at_eos else row)
   return GenerationResult(result, t1 - t0, t2 - t1, steps)
 

@@ -1,8 +1,9 @@
 """Importance of every prunable unit: attention heads, MLP neurons, embedding channels, layers.
 
 Activation importance (Minitron) needs forward passes only: per calibration batch a jitted
-forward reduces each tapped activation over the sequence inside the layer scan, and the
-per-sample results are aggregated over the batch on the host in float64:
+forward reduces each tapped activation over the sequence inside the layer scan and folds the
+per-sample results into float32 batch statistics kept on device (donated, updated in place);
+the host fetches them once, after the last batch:
 
 - head n of layer l: ||attention output of head n||_2 per token (the input of o_proj);
 - MLP neuron f: act(gate_f) * up_f per token (the input of down_proj);
@@ -74,36 +75,45 @@ def reduce_seq(x: jax.Array, how: str) -> jax.Array:
   return jnp.var(x, axis=1)
 
 
-class BatchAggregator:
-  """Streams per-sample values (B, ...) and aggregates them over all samples (float64)."""
+def batch_stats(x_b: jax.Array, how: str) -> dict[str, jax.Array]:
+  """float32 statistics of per-sample values (B, ...) over the batch axis, enough to finish
+  aggregation `how` after `merge_stats` has combined every batch."""
+  x = x_b.astype(jnp.float32)
+  if how == "mean":
+    return {"sum": jnp.sum(jnp.abs(x), axis=0)}
+  if how == "l2":
+    return {"sum": jnp.sum(x * x, axis=0)}
+  mean = jnp.mean(x, axis=0)  # var: count, mean and centred sum of squares (stable merge)
+  return {"n": jnp.float32(x.shape[0]), "mean": mean, "m2": jnp.sum((x - mean) ** 2, axis=0)}
 
-  def __init__(self):
-    self.n = 0
-    self.sum = self.sum_abs = self.sum_sq = None
 
-  def add(self, x_b: np.ndarray) -> None:
-    x = np.asarray(x_b, np.float64)
-    parts = (x.sum(0), np.abs(x).sum(0), (x * x).sum(0))
-    if self.sum is None:
-      self.sum, self.sum_abs, self.sum_sq = parts
-    else:
-      self.sum, self.sum_abs, self.sum_sq = (a + b for a, b in
-                                             zip((self.sum, self.sum_abs, self.sum_sq), parts))
-    self.n += x.shape[0]
+def merge_stats(a: dict, b: dict) -> dict:
+  """Combines two `batch_stats` (Chan et al.'s pairwise update for the variance)."""
+  if "m2" not in a:
+    return {"sum": a["sum"] + b["sum"]}
+  n = a["n"] + b["n"]
+  delta = b["mean"] - a["mean"]
+  frac = b["n"] / jnp.maximum(n, 1.0)
+  return {"n": n, "mean": a["mean"] + delta * frac,
+          "m2": a["m2"] + b["m2"] + delta * delta * a["n"] * frac}
 
-  def result(self, how: str) -> np.ndarray:
-    if self.n == 0:
-      raise ValueError("no calibration samples")
-    if how == "mean":
-      return self.sum_abs / self.n
-    if how == "l2":
-      return np.sqrt(self.sum_sq)
-    mean = self.sum / self.n
-    return np.maximum(self.sum_sq / self.n - mean * mean, 0.0)
+
+def finish_stats(stats: dict, n: int, how: str) -> np.ndarray:
+  """The aggregate over all `n` samples, from merged statistics fetched to the host."""
+  if n == 0:
+    raise ValueError("no calibration samples")
+  if how == "mean":
+    return np.asarray(stats["sum"], np.float64) / n
+  if how == "l2":
+    return np.sqrt(np.asarray(stats["sum"], np.float64))
+  return np.maximum(np.asarray(stats["m2"], np.float64) / n, 0.0)
 
 
 @functools.lru_cache(maxsize=None)
-def _activation_step(cfg: LlamaConfig, seq: str):
+def _activation_step(cfg: LlamaConfig, seq: str, batch: str):
+  """Jitted (params, tokens, stats) -> stats, stats donated; one per (config, aggregation),
+  so repeated calls reuse the compiled forward."""
+
   def head_norms(x_btnh):
     return reduce_seq(jnp.linalg.norm(x_btnh.astype(jnp.float32), axis=-1), seq)
 
@@ -111,29 +121,39 @@ def _activation_step(cfg: LlamaConfig, seq: str):
           "attn_in": lambda x: reduce_seq(x, seq), "mlp_in": lambda x: reduce_seq(x, seq),
           "final_norm": lambda x: reduce_seq(x, seq)}
 
-  def step(params, tokens_bt):
-    out = M.forward(params, cfg, tokens_bt, taps=taps)
-    t = out["taps"]
-    # Layers first -> batch first, so the host aggregates over axis 0.
-    return {k: jnp.moveaxis(v, 1, 0) if k != "final_norm" else v for k, v in t.items()}
+  def stats(params, tokens_bt):
+    t = M.forward(params, cfg, tokens_bt, taps=taps)["taps"]
+    # Layers first -> batch first, so statistics run over axis 0.
+    return {k: batch_stats(jnp.moveaxis(v, 1, 0) if k != "final_norm" else v, batch)
+            for k, v in t.items()}
 
-  return jax.jit(step)
+  def step(params, tokens_bt, acc):
+    return {k: merge_stats(acc[k], v) for k, v in stats(params, tokens_bt).items()}
+
+  def init(params, tokens_bt):
+    shapes = jax.eval_shape(stats, params, tokens_bt)
+    return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+  return jax.jit(step, donate_argnums=(2,)), init
 
 
 def activation_scores(params, cfg: LlamaConfig, batches: Iterable[np.ndarray],
                       aggregation: Aggregation = Aggregation(), progress=None) -> Scores:
   """Forward-only importance over calibration batches of token ids (B, T)."""
-  step = _activation_step(cfg, aggregation.seq)
-  aggs: dict[str, BatchAggregator] = {}
-  n = 0
+  step, init = _activation_step(cfg, aggregation.seq, aggregation.batch)
+  acc, n = None, 0
   for tokens in batches:
-    out = step(params, np.asarray(tokens, np.int32))
-    for k, v in out.items():
-      aggs.setdefault(k, BatchAggregator()).add(np.asarray(v))
+    tokens = np.asarray(tokens, np.int32)
+    if acc is None:
+      acc = init(params, tokens)
+    acc = step(params, tokens, acc)
     n += len(tokens)
     if progress:
       progress(n)
-  r = {k: a.result(aggregation.batch) for k, a in aggs.items()}
+  if acc is None:
+    raise ValueError("no calibration samples")
+  acc = jax.device_get(acc)  # the one transfer to the host
+  r = {k: finish_stats(v, n, aggregation.batch) for k, v in acc.items()}
   channels = r["attn_in"].sum(0) + r["mlp_in"].sum(0) + r["final_norm"]
   heads = r["attn_heads"]
   return Scores(heads=heads, neurons=r["mlp_act"], channels=channels,
@@ -179,23 +199,51 @@ def magnitude_scores(params, cfg: LlamaConfig) -> Scores:
 def lm_loss(params, cfg: LlamaConfig, tokens_bt, layer_mask=None):
   """Mean next-token cross-entropy of (B, T) token ids."""
   logits = M.forward(params, cfg, tokens_bt, layer_mask=layer_mask)["logits"]
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  return -jnp.mean(jnp.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1))
+  return jnp.mean(M.token_nll_bt(logits[:, :-1], tokens_bt[:, 1:]))
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_lm_loss(cfg: LlamaConfig, masked: bool = False):
+  """`lm_loss` jitted once per config: (params, tokens) -> loss, or (params, tokens,
+  layer_mask) -> loss when `masked`."""
+  if masked:
+    return jax.jit(lambda p, t, m: lm_loss(p, cfg, t, layer_mask=m))
+  return jax.jit(lambda p, t: lm_loss(p, cfg, t))
+
+
+@functools.lru_cache(maxsize=None)
+def _taylor_step(cfg: LlamaConfig):
+  """Jitted (params, tokens, grad_sum) -> grad_sum + dL/dparams (float32, sum donated)."""
+  grad = jax.grad(lambda p, t: lm_loss(p, cfg, t))
+
+  def step(params, tokens_bt, total):
+    return jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), total,
+                                  grad(params, tokens_bt))
+
+  return jax.jit(step, donate_argnums=(2,))
+
+
+# Module-level jit: compiled once per param structure and shapes, reused across calls.
+_abs_weight_times_grad = jax.jit(lambda p, g: jax.tree_util.tree_map(
+    lambda w, x: jnp.abs(w.astype(jnp.float32) * x), p, g))
 
 
 def taylor_scores(params, cfg: LlamaConfig, batches: Iterable[np.ndarray],
                   progress=None) -> Scores:
   """First-order Taylor importance |w * dL/dw| summed per group (LLM-Pruner), gradients of
-  the LM loss accumulated over the calibration batches."""
-  grad_fn = jax.jit(jax.grad(lambda p, t: lm_loss(p, cfg, t)))
+  the LM loss accumulated over the calibration batches (float32, on device)."""
+  step = _taylor_step(cfg)
   total, n = None, 0
   for tokens in batches:
-    g = grad_fn(params, np.asarray(tokens, np.int32))
-    total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
+    if total is None:
+      total = jax.tree_util.tree_map(lambda w: jnp.zeros(w.shape, jnp.float32), params)
+    total = step(params, np.asarray(tokens, np.int32), total)
     n += len(tokens)
     if progress:
       progress(n)
-  wg = jax.tree_util.tree_map(lambda w, g: jnp.abs(w.astype(jnp.float32) * g), params, total)
+  if total is None:
+    raise ValueError("no calibration samples")
+  wg = _abs_weight_times_grad(params, total)
   return _scores_from_groups({a: group_reduce(wg, cfg, a) for a in
                               (axes.Q_HEADS, axes.KV_HEADS, axes.MLP, axes.EMBED)}, cfg)
 

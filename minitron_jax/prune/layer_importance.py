@@ -18,7 +18,7 @@ import numpy as np
 
 from minitron_jax import model as M
 from minitron_jax.config import LlamaConfig
-from minitron_jax.prune.importance import lm_loss
+from minitron_jax.prune.importance import jitted_lm_loss
 
 METRICS = ("block_importance", "lm_loss", "accuracy")
 
@@ -47,13 +47,13 @@ def block_importance(params, cfg: LlamaConfig, batches: Iterable[np.ndarray],
   """{k: (L-k+1,) array}: 1 - mean cos(input of layer i, output of layer i+k-1)."""
   sizes = _check_sizes(cfg, block_sizes)
   step = _bi_step(cfg, sizes)
-  sums, n = {k: 0.0 for k in sizes}, 0
-  for tokens in batches:
-    out = step(params, np.asarray(tokens, np.int32))
-    for k in sizes:
-      sums[k] = sums[k] + np.asarray(out[k], np.float64) * len(tokens)
-    n += len(tokens)
-  return {k: 1.0 - sums[k] / n for k in sizes}
+  outs, counts = [], []
+  for tokens in batches:  # results stay on device until the single fetch below
+    outs.append(step(params, np.asarray(tokens, np.int32)))
+    counts.append(len(tokens))
+  outs, n = jax.device_get(outs), sum(counts)
+  return {k: 1.0 - sum(np.asarray(o[k], np.float64) * c for o, c in zip(outs, counts)) / n
+          for k in sizes}
 
 
 def _check_sizes(cfg: LlamaConfig, block_sizes: Sequence[int]) -> tuple[int, ...]:
@@ -75,11 +75,12 @@ def lm_loss_drop(params, cfg: LlamaConfig, batches: Sequence[np.ndarray],
                  ) -> tuple[float, dict[int, np.ndarray]]:
   """(baseline loss, {k: (L-k+1,) loss with layers [i, i+k) removed})."""
   sizes = _check_sizes(cfg, block_sizes)
-  loss_fn = jax.jit(lambda p, t, m: lm_loss(p, cfg, t, layer_mask=m))
+  loss_fn = jitted_lm_loss(cfg, masked=True)
   batches = [np.asarray(b, np.int32) for b in batches]
 
-  def mean_loss(mask):
-    return float(np.mean([float(loss_fn(params, b, mask)) for b in batches]))
+  def mean_loss(mask):  # one host sync per mask, not per batch
+    return float(np.mean(np.asarray(jax.device_get([loss_fn(params, b, mask)
+                                                     for b in batches]), np.float64)))
 
   base = mean_loss(np.ones(cfg.num_hidden_layers, bool))
   out, done = {}, 0

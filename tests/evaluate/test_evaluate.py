@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_hf_llama
+from helpers import count_compiles, make_hf_llama
 from minitron_jax import config as C, model as M
 from minitron_jax.evaluate import scoring as E
 from minitron_jax.evaluate import generate as G
@@ -103,24 +103,52 @@ def test_perplexity_protocol_windows():
     E.perplexity(params, cfg, ids[:10], seq_len=64)
 
 
-def test_decode_step_compiles_once():
+def test_decode_compiles_once_per_length_bucket():
   cfg = C.preset("tiny", eos_token_id=None)
   params = M.init_params(cfg, jax.random.key(0))
-  prefill, decode_step = G.steps_for(cfg)
-  compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda name, *a, **k: compiles.append(name) if name.endswith("backend_compile_duration")
-      else None)
-  res = G.generate(params, cfg, [[3, 4, 5], [6]], G.SamplingConfig(max_new_tokens=32),
-                   stop_at_eos=False)
+  prefill, decode = G.steps_for(cfg)
+  with count_compiles() as compiles:
+    res = G.generate(params, cfg, [[3, 4, 5], [6]], G.SamplingConfig(max_new_tokens=32),
+                     stop_at_eos=False)
   assert len(res.tokens[0]) == 32 and res.decode_steps == 31
-  assert decode_step._cache_size() == 1 and prefill._cache_size() == 1
-  before = len(compiles)
-  assert before >= 2  # the listener sees compilations (prefill and decode at least)
-  G.generate(params, cfg, [[9, 9, 9], [1, 2]], G.SamplingConfig(max_new_tokens=32, temperature=0.7,
-                                                              top_p=0.9), stop_at_eos=False)
-  assert len(compiles) == before  # same bucket, other sampling settings: nothing new compiles
-  assert decode_step._cache_size() == 1
+  # Prompt bucket 16; decode attends to 32 slots, then to 64 (the whole cache): 2 shapes.
+  assert decode._cache_size() == 2 and prefill._cache_size() == 1
+  assert len(compiles) >= 3  # the listener sees compilations (prefill and both decodes)
+  with count_compiles() as compiles:
+    G.generate(params, cfg, [[9, 9, 9], [1, 2]],
+               G.SamplingConfig(max_new_tokens=32, temperature=0.7, top_p=0.9),
+               stop_at_eos=False)
+    G.generate(params, cfg, [[9, 9, 9], [1, 2]], G.SamplingConfig(max_new_tokens=32),
+               eos_ids=[5, 6, 7])
+  assert compiles == []  # same buckets, other sampling settings or EOS ids: nothing compiles
+  assert decode._cache_size() == 2 and prefill._cache_size() == 1
+
+
+def test_generation_across_length_buckets_matches_full_forward():
+  cfg = C.preset("tiny", eos_token_id=None)
+  params = M.init_params(cfg, jax.random.key(4))
+  prompts = [[5, 6, 7, 8, 9], [10, 11]]
+  # 40 new tokens after a 16-slot prompt bucket: attention spans 32, then 64 slots.
+  res = G.generate(params, cfg, prompts, G.SamplingConfig(max_new_tokens=40), stop_at_eos=False)
+  for prompt, got in zip(prompts, res.tokens):
+    seq = list(prompt)
+    for _ in range(40):
+      seq.append(int(np.argmax(M.forward(params, cfg, np.array([seq]))["logits"][0, -1])))
+    assert got == seq[len(prompt):]
+  assert res.decode_steps == 39
+  # EOS past the first bucket boundary: row 0 stops at its EOS, the batch when both have.
+  a, b = res.tokens[0][20], res.tokens[1][25]
+  eos = [a, b]
+  cut = G.generate(params, cfg, prompts, G.SamplingConfig(max_new_tokens=40), eos_ids=eos)
+  for got, full in zip(cut.tokens, res.tokens):
+    first = min(full.index(e) for e in eos if e in full)
+    assert got == full[:first]
+  assert cut.decode_steps == max(len(t) for t in cut.tokens)
+  assert cut.decode_steps > 16  # it ran into the second bucket (slots 32..63)
+  # EOS as the very first token: no decode step runs.
+  first = G.generate(params, cfg, prompts, G.SamplingConfig(max_new_tokens=40),
+                     eos_ids=[res.tokens[0][0], res.tokens[1][0]])
+  assert first.tokens == [[], []] and first.decode_steps == 0
 
 
 def test_generation_stops_at_eos_and_matches_full_forward():

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import count_compiles
 from minitron_jax import axes, config as C
 from minitron_jax.prune import importance as I
 from minitron_jax.prune import layer_importance as LI
@@ -167,6 +168,45 @@ def test_magnitude_and_taylor_group_sums_match_numpy(params):
                              atol=1e-9)
   r1, r2 = I.random_scores(CFG, 0), I.random_scores(CFG, 0)
   assert np.array_equal(r1.heads, r2.heads) and r1.neurons.shape == (3, 128)
+
+
+def test_importance_reuses_compiled_functions(params):
+  """A second call with the same config and shapes compiles nothing (each function used to
+  build a fresh `jax.jit` per call)."""
+  batches = [tokens(s, b=2, t=11) for s in range(2)]  # a shape no other test compiles
+
+  def run_all():
+    return (I.taylor_scores(params, CFG, batches), I.activation_scores(params, CFG, batches),
+            LI.block_importance(params, CFG, batches, block_sizes=(1,)),
+            LI.lm_loss_drop(params, CFG, batches, block_sizes=(1,)))
+
+  with count_compiles() as first:
+    want = run_all()
+  assert len(first) >= 4  # the listener sees each function's compilation
+  with count_compiles() as second:
+    got = run_all()
+  assert second == []
+  for a, b in zip(want[:2], got[:2]):
+    for k in ("heads", "neurons", "channels", "kv_groups"):
+      np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+  np.testing.assert_array_equal(want[2][1], got[2][1])
+  assert want[3][0] == got[3][0]
+
+
+def test_activation_variance_merges_batches_stably(params):
+  """Chan's pairwise merge on float32 device sums: batches of different sizes, and values
+  with a large common offset, where sum(x^2)/n - mean^2 in float32 would cancel."""
+  rng = np.random.RandomState(0)
+  x = 1000.0 + rng.randn(11, 5).astype(np.float32)
+  acc = {"n": np.float32(0), "mean": np.zeros(5, np.float32), "m2": np.zeros(5, np.float32)}
+  for part in (x[:1], x[1:4], x[4:]):
+    acc = I.merge_stats(acc, I.batch_stats(part, "var"))
+  np.testing.assert_allclose(I.finish_stats(jax.device_get(acc), 11, "var"),
+                             x.astype(np.float64).var(0), rtol=1e-3)
+  with pytest.raises(ValueError, match="no calibration samples"):
+    I.activation_scores(params, CFG, [])
+  with pytest.raises(ValueError, match="no calibration samples"):
+    I.taylor_scores(params, CFG, [])
 
 
 def test_layer_importance_matches_direct_computation(params):
