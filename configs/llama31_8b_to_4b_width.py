@@ -8,11 +8,10 @@ from configs import base
 def get_config():
   c = base.get_config()
   c.teacher = "meta-llama/Llama-3.1-8B"
-  c.model_preset = "llama3.1-8b"
   c.run_dir = "runs/llama3.1-minitron-4b-width"
   c.dtype = "bfloat16"
   c.mesh = "data:-1,fsdp:8"
-  c.data.source = "path/to/distillation/corpus"  # e.g. a Nemotron-CC style jsonl directory
+  c.data.source = ("path/to/distillation/corpus",)  # e.g. a Nemotron-CC style jsonl directory
   c.correction = base._train(steps=200, batch=1152, seq_len=8192, lr=1e-5, min_lr=1e-6,
                              warmup=20)
   c.correction.micro_batch_size = 16
@@ -28,6 +27,7 @@ def get_config():
   c.baselines = False
   c.quantize.source = "distill_width"
   c.quantize.formats = ("fp8",)
+  c.eval.tasks = tuple(base.TASKS)  # every task, all examples
   c.eval.seq_len = 4096
   c.eval.max_windows = 0
   c.eval.limit = 0

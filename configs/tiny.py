@@ -1,13 +1,17 @@
-"""The whole recipe in about a minute on a random tiny Llama (for tests). The teacher must be
-given: --config.teacher=DIR (hidden 128, MLP 256, 4 layers, 4 heads / 2 KV heads)."""
+"""The whole recipe in a few minutes on a random tiny Llama with SmolLM2's tokenizer (a smoke
+test, also of a fresh install):
+
+  python launch/minitron.py --config=configs/tiny.py
+
+The teacher defaults to `smollm2-tiny-random` (hidden 128, MLP 256, 4 layers, 4 heads / 2 KV
+heads); --config.teacher=DIR takes any model with that vocabulary."""
 
 from configs import base
 
 
 def get_config():
   c = base.get_config()
-  c.teacher = ""
-  c.model_preset = "tiny"
+  c.teacher = "smollm2-tiny-random"
   c.run_dir = "runs/tiny"
   c.train_dtype = "float32"
   c.correction = base._train(steps=2, batch=2, seq_len=32, lr=1e-3, min_lr=1e-4, warmup=1)
@@ -20,6 +24,9 @@ def get_config():
   c.distill = base._train(steps=4, batch=2, seq_len=32, lr=1e-3, min_lr=1e-4, warmup=1)
   c.distill.kd_temperature = 1.0
   c.distill.hidden_loss = "none"
+  c.quantize.formats = ("fp8", "int8", "int4", "gguf_q8_0", "gguf_q4_0")  # every format
+  c.data.heldout_chars = 4_000
+  c.baselines = True                   # every stage, as the tests check
   c.eval.tasks = ("ppl", "piqa")
   c.eval.seq_len = 64
   c.eval.max_windows = 2

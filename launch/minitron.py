@@ -3,9 +3,14 @@
   python launch/minitron.py                                   # default: SmolLM2-135M on CPU
   python launch/minitron.py --config=configs/smollm2_135m.py --config.eval.limit=50
 
-Stages: fetch, synthetic_data (with --config.data.source=synthetic), teacher_correction,
-prune_width, prune_depth, distill_width, distill_depth, baseline_pruned_ce,
-baseline_random_ce, quantize, evaluate, report. Outputs go to --config.run_dir.
+Stages: fetch, synthetic_data (when --config.data.source names synthetic), data (the sources
+mixed, with a held-out slice), teacher_correction, prune_width, prune_depth, distill_width,
+distill_depth, baseline_pruned_ce and baseline_random_ce (with --config.baselines=True),
+quantize, evaluate, report. Outputs go to --config.run_dir.
+
+  python launch/minitron.py --config.data.source=shakespeare
+  python launch/minitron.py --config.data.source="('wikitext2','synthetic')" \
+      --config.data.weights="(0.7,0.3)"
 """
 
 import os

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from minitron_jax.evaluate import generate as G
+from minitron_jax.io import files
 
 TOPICS = (
     "the water cycle", "photosynthesis", "the French Revolution", "black holes", "volcanoes",
@@ -51,6 +52,9 @@ class SyntheticConfig:
   top_p: float = 0.95
   seed: int = 0
   min_chars: int = 40
+  # Store each exchange through the chat template (user turn, assistant turn), so a student
+  # distilled on it sees the format it will be prompted with; else "prompt\nanswer".
+  chat_format: bool = True
 
   def key(self, model_id: str) -> str:
     blob = json.dumps([model_id, dataclasses.asdict(self)], sort_keys=True)
@@ -66,6 +70,14 @@ def seed_prompts(n: int, seed: int) -> list[str]:
 
 def normalise(text: str) -> str:
   return re.sub(r"\W+", " ", text.lower()).strip()
+
+
+def _document(tokenizer, prompt: str, answer: str, chat: bool) -> str:
+  if not chat:
+    return f"{prompt}\n{answer}"
+  return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                        {"role": "assistant", "content": answer}],
+                                       tokenize=False)
 
 
 def generate_corpus(params, cfg, tokenizer, out_path: str, sc: SyntheticConfig = SyntheticConfig(),
@@ -96,19 +108,15 @@ def generate_corpus(params, cfg, tokenizer, out_path: str, sc: SyntheticConfig =
       norm = normalise(text)
       if len(text) >= sc.min_chars and norm not in seen and len(docs) < sc.num_documents:
         seen.add(norm)
-        docs.append({"prompt": p, "text": f"{p}\n{text}"})
+        docs.append({"prompt": p, "text": _document(tokenizer, p, text,
+                                                    chat and sc.chat_format)})
     attempts += len(prompts)
     round_ += 1
     rate = len(docs) / max(time.perf_counter() - t0, 1e-9)
     print(f"synthetic data: {len(docs)}/{sc.num_documents} documents ({rate:.2f}/s, ETA "
           f"{(sc.num_documents - len(docs)) / max(rate, 1e-9):.0f}s)", file=sys.stderr,
           flush=True)
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  tmp = out_path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for d in docs:
-      f.write(json.dumps(d) + "\n")
-  os.replace(tmp, out_path)
+  files.write_jsonl(out_path, docs)
   with open(meta_path, "w") as f:
     json.dump({"key": key, "model": model_id, "settings": dataclasses.asdict(sc),
                "generated": attempts, "kept": len(docs)}, f, indent=2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 import time
 from typing import Callable, Sequence
 
@@ -15,15 +14,15 @@ import numpy as np
 
 from minitron_jax import model as M
 from minitron_jax.config import LlamaConfig
+from minitron_jax.progress import Progress
 from minitron_jax.evaluate.generate import bucket
+from minitron_jax.evaluate.stats import stderr
 
 
 def token_logprobs(params, cfg: LlamaConfig, inputs_bt, targets_bt):
   """log p(target_t | inputs_<=t) and whether the target is the argmax, both (B, T)."""
   logits_btv = M.forward(params, cfg, inputs_bt)["logits"]
-  logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
-  lp_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
-  return lp_bt, jnp.argmax(logits_btv, axis=-1) == targets_bt
+  return -M.token_nll_bt(logits_btv, targets_bt), jnp.argmax(logits_btv, axis=-1) == targets_bt
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,25 +35,6 @@ def _scorer(cfg: LlamaConfig):
   return jax.jit(score)
 
 
-class Progress:
-  """A one-line progress report on stderr: done/total, rate and ETA."""
-
-  def __init__(self, label: str, total: int, unit: str = "items", enabled: bool = True):
-    self.label, self.total, self.unit, self.enabled = label, total, unit, enabled
-    self.start = time.perf_counter()
-    self.last = 0.0
-
-  def update(self, done: int, force: bool = False):
-    now = time.perf_counter()
-    if not self.enabled or (not force and now - self.last < 2.0):
-      return
-    self.last = now
-    rate = done / max(now - self.start, 1e-9)
-    eta = (self.total - done) / rate if rate > 0 else float("inf")
-    print(f"\r{self.label}: {done}/{self.total} {self.unit} ({rate:.1f}/s, ETA {eta:.0f}s)",
-          end="\n" if done >= self.total else "", file=sys.stderr, flush=True)
-
-
 def perplexity(params, cfg: LlamaConfig, token_ids: Sequence[int], *, seq_len: int = 1024,
                max_windows: int | None = None, batch_size: int = 4,
                progress: bool = True) -> dict:
@@ -63,7 +43,8 @@ def perplexity(params, cfg: LlamaConfig, token_ids: Sequence[int], *, seq_len: i
   The last partial window is dropped; every token but the first of each window is predicted.
 
   Returns:
-    {"ppl", "nll" (mean), "tokens" (predicted), "windows"}.
+    {"ppl", "nll" (mean), "tokens" (predicted), "windows", "window_nll" (mean NLL of each
+    window, for paired comparisons between models on the same windows)}.
   """
   if seq_len < 2:
     raise ValueError(f"seq_len must be >= 2, got {seq_len}")
@@ -75,7 +56,7 @@ def perplexity(params, cfg: LlamaConfig, token_ids: Sequence[int], *, seq_len: i
     raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
   windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
   score = _scorer(cfg)
-  total, bar = 0.0, Progress("perplexity", n_windows, "windows", progress)
+  per_window, bar = [], Progress("perplexity", n_windows, "windows", progress)
   for i in range(0, n_windows, batch_size):
     chunk = windows[i: i + batch_size]
     real = len(chunk)
@@ -84,12 +65,13 @@ def perplexity(params, cfg: LlamaConfig, token_ids: Sequence[int], *, seq_len: i
     mask = np.zeros((batch_size, seq_len - 1), bool)
     mask[:real] = True
     lp_b, _ = score(params, chunk[:, :-1], chunk[:, 1:], mask)
-    total += float(np.sum(np.asarray(lp_b, np.float64)[:real]))
+    per_window += [float(v) for v in np.asarray(lp_b, np.float64)[:real]]
     bar.update(i + real)
   bar.update(n_windows, force=True)
   count = n_windows * (seq_len - 1)
-  nll = -total / count
-  return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": n_windows}
+  nll = -sum(per_window) / count
+  return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": n_windows,
+          "window_nll": [-v / (seq_len - 1) for v in per_window]}
 
 
 def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -139,7 +121,7 @@ def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int]
   return lls, greedy
 
 
-def evaluate_task(params, cfg: LlamaConfig, tokenizer, name: str, data_root: str, *,
+def evaluate_task(params, cfg: LlamaConfig, tokenizer, name: str, data_root: str | None, *,
                   limit: int | None = None, batch_size: int = 16, max_len: int = 1024,
                   progress: bool = True) -> dict:
   """Zero-shot accuracy of one task (see `tasks.TASKS`).
@@ -147,10 +129,12 @@ def evaluate_task(params, cfg: LlamaConfig, tokenizer, name: str, data_root: str
   Multiple-choice: the option with the highest summed log-likelihood wins (`acc`), or the
   highest log-likelihood per character of the option (`acc_norm`, as lm-evaluation-harness).
   LAMBADA: `acc` is greedy agreement on the target word, `ppl` is exp(-mean log-likelihood).
+  The data comes from `data_root`, the default local folders or the hub (`sources`); the
+  result's `data` says which.
   """
-  from minitron_jax.evaluate import tasks
+  from minitron_jax.evaluate import sources, tasks
 
-  examples = tasks.load_task(name, data_root, limit=limit)
+  examples = sources.load_examples(name, data_root, limit=limit)
   pairs_per_example = tasks.tokenize_requests(examples, tokenizer)
   flat = [pair for pairs in pairs_per_example for pair in pairs]
   bar = Progress(name, len(flat), "requests", progress)
@@ -158,7 +142,8 @@ def evaluate_task(params, cfg: LlamaConfig, tokenizer, name: str, data_root: str
   lls, greedy = loglikelihoods(params, cfg, flat, batch_size=batch_size, max_len=max_len,
                                progress=bar.update)
   bar.update(len(flat), force=True)
-  out = {"examples": len(examples), "seconds": round(time.perf_counter() - t0, 2)}
+  out = {"examples": len(examples), "seconds": round(time.perf_counter() - t0, 2),
+         "data": sources.locate(name, data_root)}
   k = 0
   correct = correct_norm = 0
   for ex in examples:
@@ -172,9 +157,12 @@ def evaluate_task(params, cfg: LlamaConfig, tokenizer, name: str, data_root: str
     correct += int(np.argmax(ll)) == ex.label
     correct_norm += int(np.argmax(ll / lengths)) == ex.label
   metrics = tasks.TASK_SPECS[name].metrics
-  out["acc"] = correct / len(examples)
+  n = len(examples)
+  out["acc"] = correct / n
+  out["acc_stderr"] = stderr(out["acc"], n)
   if "acc_norm" in metrics:
-    out["acc_norm"] = correct_norm / len(examples)
+    out["acc_norm"] = correct_norm / n
+    out["acc_norm_stderr"] = stderr(out["acc_norm"], n)
   if "ppl" in metrics:
     out["ppl"] = math.exp(-float(np.mean(lls)))
   return out
@@ -203,8 +191,12 @@ def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str
                    seq_len: int = 1024, max_windows: int | None = None,
                    limit: int | None = None, batch_size: int = 16,
                    progress: bool = True) -> dict[str, dict]:
-  """Perplexity (task `ppl`) and zero-shot tasks; returns {task: metrics}."""
-  from minitron_jax.evaluate import tasks
+  """Perplexity (task `ppl`) and zero-shot tasks; returns {task: metrics}.
+
+  Perplexity is of `ppl_file`, else of the WikiText-2 test text; that and the tasks' data
+  come from `data_root`, the default local folders or the hub, in that order (`sources`).
+  """
+  from minitron_jax.evaluate import sources, tasks
 
   unknown = [t for t in task_names if t != "ppl" and t not in tasks.TASKS]
   if unknown:
@@ -213,11 +205,12 @@ def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str
   for name in task_names:
     if name == "ppl":
       if ppl_file is None:
-        raise ValueError("task 'ppl' needs a text file (--ppl_file)")
-      if not os.path.isfile(ppl_file):
+        text, where = sources.load_ppl_text(data_root)
+      elif not os.path.isfile(ppl_file):
         raise FileNotFoundError(f"{ppl_file}: no such file (--ppl_file)")
-      with open(ppl_file, encoding="utf-8") as f:
-        text = f.read()
+      else:
+        with open(ppl_file, encoding="utf-8") as f:
+          text, where = f.read(), ppl_file
       max_len = tokenizer.model_max_length
       tokenizer.model_max_length = int(1e30)  # the whole text at once is intended here
       try:
@@ -228,11 +221,9 @@ def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str
       res = perplexity(params, cfg, ids, seq_len=seq_len, max_windows=max_windows,
                        batch_size=max(1, batch_size // 4), progress=progress)
       res["seconds"] = round(time.perf_counter() - t0, 2)
-      res["file"] = ppl_file
+      res["file"] = where
       results["ppl"] = res
     else:
-      if data_root is None:
-        raise ValueError(f"task {name!r} needs --data_root")
       results[name] = evaluate_task(params, cfg, tokenizer, name, data_root, limit=limit,
                                     batch_size=batch_size, max_len=seq_len, progress=progress)
   return results

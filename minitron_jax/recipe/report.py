@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
 import numpy as np
 
+from minitron_jax import plots
+from minitron_jax.evaluate import stats
 from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
 from minitron_jax.recipe import layout
@@ -26,17 +29,6 @@ def label(name: str, quant_source: str = "") -> str:
   if name.startswith("quantized/"):
     return f"{LABELS.get(quant_source, quant_source)}, {name.split('/', 1)[1]}".lstrip(", ")
   return LABELS.get(name, name)
-
-
-def dir_bytes(path: str) -> int:
-  """Bytes of the weight files of a model directory."""
-  total = 0
-  for root, _, names in os.walk(path):
-    if os.path.basename(root) in ("checkpoints", "init"):
-      continue
-    total += sum(os.path.getsize(os.path.join(root, f)) for f in names
-                 if f.endswith((".safetensors", ".gguf")))
-  return total
 
 
 def load_for_eval(cfg, run_dir: str, name: str):
@@ -68,27 +60,50 @@ def decode_rate(params, mcfg, prompt_ids, new_tokens: int = 32) -> float:
                     ).decode_tokens_per_second
 
 
-def evaluate_model(cfg, run_dir: str, name: str, data_root: str) -> dict:
+def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
   from minitron_jax.evaluate import scoring as evaluate
   from minitron_jax.evaluate import generate as G
 
   params, mcfg, tok, path = load_for_eval(cfg, run_dir, name)
   e = cfg.eval
-  ppl_file = e.ppl_file or os.path.join(data_root, "wikitext-2", "test.txt")
-  tasks = [t for t in e.tasks if t == "ppl" or os.path.isdir(data_root)]
-  res = evaluate.run_evaluation(params, mcfg, tok, tasks, data_root=data_root,
-                                ppl_file=ppl_file, seq_len=e.seq_len,
+  # The run refused to start without this data (stages.run), so none of it is skipped here.
+  res = evaluate.run_evaluation(params, mcfg, tok, list(e.tasks), data_root=data_root,
+                                ppl_file=e.ppl_file or None, seq_len=e.seq_len,
                                 max_windows=e.max_windows or None, limit=e.limit or None,
                                 batch_size=e.batch_size, progress=False)
+  held = heldout_ppl(params, mcfg, tok, run_dir, e)
+  if held is not None:
+    res["heldout_ppl"] = held
   g = cfg.generate
+  # The chat template with add_generation_prompt=True, as the instruct teacher was trained.
   prompts = [G.encode_prompt(tok, p, chat=g.chat) for p in g.prompts]
   gen = G.generate(params, mcfg, prompts, G.SamplingConfig(max_new_tokens=g.max_new_tokens),
                    eos_ids=G.eos_ids(mcfg, tok))
+  tokens = [list(map(int, t)) for t in gen.tokens]
   return {"name": name, "label": label(name, cfg.quantize.source), "params": mcfg.num_params(),
-          "size_bytes": dir_bytes(path), "results": res,
+          "size_bytes": files.weight_bytes(path, skip=("checkpoints", "init")), "results": res,
           "decode_tokens_per_second": decode_rate(params, mcfg, prompts[0],
                                                   e.get("decode_tokens", 32)),
-          "samples": [tok.decode(t, skip_special_tokens=True) for t in gen.tokens]}
+          "samples": [tok.decode(t, skip_special_tokens=True) for t in tokens],
+          "repetition": [stats.repeated_ngram_fraction(t, 3) for t in tokens]}
+
+
+def heldout_ppl(params, mcfg, tok, run_dir: str, e) -> dict | None:
+  """Perplexity on the held-out slice of the training sources (documents EOS-separated, as in
+  training), or None when the run has no held-out slice."""
+  from minitron_jax.data import corpus
+  from minitron_jax.evaluate import scoring
+
+  path = os.path.join(run_dir, "data", "heldout.jsonl")
+  if not os.path.isfile(path) or os.path.getsize(path) == 0:
+    return None
+  ids = corpus.tokenize_documents(corpus.load_texts(path), tok).tokens
+  if len(ids) < e.seq_len:
+    return None
+  res = scoring.perplexity(params, mcfg, ids, seq_len=e.seq_len,
+                           max_windows=e.max_windows or None,
+                           batch_size=max(1, e.batch_size // 4), progress=False)
+  return {**res, "file": path}
 
 
 def _fmt(v, kind="f"):
@@ -103,37 +118,105 @@ def _fmt(v, kind="f"):
   return f"{v:.2f}"
 
 
+def _acc(r: dict) -> tuple[float, float, int] | None:
+  """(accuracy, its standard error, examples) of a task result: acc_norm where defined."""
+  if "acc" not in r:
+    return None
+  key = "acc_norm" if "acc_norm" in r else "acc"
+  n = int(r.get("examples", 0))
+  se = r.get(f"{key}_stderr")
+  return r[key], stats.stderr(r[key], n) if se is None else se, n
+
+
 def results_table(evals: list[dict]) -> str:
   tasks = [t for t in TASK_COLUMNS if any(t in e["results"] for e in evals)]
-  head = (["model", "params", "size (MiB)", "WikiText-2 ppl"] + tasks + ["decode tok/s"])
+  held = any("heldout_ppl" in e["results"] for e in evals)
+  counts = {t: max((e["results"].get(t, {}).get("examples", 0) for e in evals), default=0)
+            for t in tasks}
+  head = (["model", "params", "size (MiB)", "WikiText-2 ppl"]
+          + (["held-out ppl"] if held else [])
+          + [f"{t} (n={counts[t]})" for t in tasks] + ["repeated 3-grams", "decode tok/s"])
   rows = []
   for e in evals:
     r = e["results"]
+    cells = []
+    for t in tasks:
+      a = _acc(r.get(t, {}))
+      cells.append("–" if a is None else f"{100 * a[0]:.1f} ± {100 * a[1]:.1f}")
+    rep = e.get("repetition")
     rows.append([e["label"], _fmt(e["params"], "int"), _fmt(e["size_bytes"], "mb"),
                  _fmt(r.get("ppl", {}).get("ppl"))]
-                + [_fmt(r.get(t, {}).get("acc_norm", r.get(t, {}).get("acc")), "pct")
-                   for t in tasks]
-                + [_fmt(e["decode_tokens_per_second"])])
+                + ([_fmt(r.get("heldout_ppl", {}).get("ppl"))] if held else [])
+                + cells
+                + [_fmt(float(np.mean(rep)) if rep else None, "pct"),
+                   _fmt(e["decode_tokens_per_second"])])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _ppl(evals, name):
-  e = next((e for e in evals if e["name"] == name), None)
-  return None if e is None else e["results"].get("ppl", {}).get("ppl")
+def _result(evals, name):
+  return next((e["results"] for e in evals if e["name"] == name), None)
+
+
+def _ppl(evals, name, key="ppl"):
+  r = _result(evals, name)
+  return None if r is None else r.get(key, {}).get("ppl")
+
+
+def compare_ppl(ra: dict, rb: dict, la: str, lb: str) -> str | None:
+  """One clause comparing two models' perplexity on the same windows: the winner when the
+  paired per-window difference of log-perplexity exceeds two standard errors, else "within
+  noise"; always the ratio and the window count."""
+  if not ra or not rb or "ppl" not in ra or "ppl" not in rb:
+    return None
+  wa, wb = ra.get("window_nll"), rb.get("window_nll")
+  pa, pb = ra["ppl"], rb["ppl"]
+  ratio = max(pa, pb) / min(pa, pb)
+  if wa and wb and len(wa) == len(wb):
+    diff, se = stats.paired_difference(wa, wb)
+    n = len(wa)
+  else:  # no per-window numbers (an old eval file): no evidence beyond the point values
+    diff, se, n = math.log(pa / pb), math.inf, ra.get("windows", 0)
+  span = f"{pa:.2f} vs {pb:.2f}, {ratio:.2f}x, {n} windows"
+  if not stats.significant(diff, se):
+    return f"within noise ({span}; log-ppl difference {diff:+.3f} ± {se:.3f})"
+  win = la if diff < 0 else lb
+  return f"**{win}** wins ({span}; log-ppl difference {diff:+.3f} ± {se:.3f})"
+
+
+def compare_tasks(ra: dict, rb: dict, la: str, lb: str) -> str | None:
+  """One clause over the zero-shot tasks: per task the leader when the accuracy difference
+  exceeds two standard errors (sqrt(se_a² + se_b²)), else "within noise"."""
+  parts = []
+  for t in TASK_COLUMNS:
+    a, b = _acc(ra.get(t, {})), _acc(rb.get(t, {}))
+    if a is None or b is None:
+      continue
+    diff, se = a[0] - b[0], math.hypot(a[1], b[1])
+    what = (f"{t} within noise ({100 * diff:+.1f} ± {100 * se:.1f} points)"
+            if not stats.significant(diff, se) else
+            f"{t}: **{la if diff > 0 else lb}** ({100 * diff:+.1f} ± {100 * se:.1f} points)")
+    parts.append(what)
+  return "; ".join(parts) or None
 
 
 def comparisons(evals: list[dict]) -> list[str]:
-  """Sentences stating which recipe choice wins and by how much (WikiText-2 perplexity)."""
+  """Sentences stating which recipe choice wins, only beyond two standard errors."""
   out = []
 
   def versus(a, b, what):
-    pa, pb = _ppl(evals, a), _ppl(evals, b)
-    if pa is None or pb is None:
+    ra, rb = _result(evals, a), _result(evals, b)
+    if ra is None or rb is None:
       return
-    win, lose = (a, b) if pa <= pb else (b, a)
-    out.append(f"- {what}: **{label(win)}** wins, perplexity {min(pa, pb):.2f} against "
-               f"{max(pa, pb):.2f} ({max(pa, pb) / min(pa, pb):.2f}x).")
+    la, lb = label(a), label(b)
+    clauses = [f"WikiText-2: {c}" for c in [compare_ppl(ra.get("ppl"), rb.get("ppl"), la, lb)]
+               if c]
+    clauses += [f"held-out training data: {c}" for c in
+                [compare_ppl(ra.get("heldout_ppl"), rb.get("heldout_ppl"), la, lb)] if c]
+    clauses += [f"zero-shot (acc_norm/acc, {la} − {lb}): {c}" for c in
+                [compare_tasks(ra, rb, la, lb)] if c]
+    if clauses:
+      out.append(f"- {what}: " + "; ".join(clauses) + ".")
 
   versus("distill_width", "baseline_pruned_ce",
          "Distillation against cross-entropy, same pruned student and tokens")
@@ -144,39 +227,52 @@ def comparisons(evals: list[dict]) -> list[str]:
   return out
 
 
+def recovery(evals: list[dict]) -> list[str]:
+  """Per distilled student: the fraction of the teacher-pruned gap (log-perplexity) that
+  distillation recovered, against the teacher the students were distilled from."""
+  teacher = "corrected" if _result(evals, "corrected") else "teacher"
+  out = []
+  for kind in ("width", "depth"):
+    parts = []
+    for key, what in (("ppl", "WikiText-2"), ("heldout_ppl", "held-out training data")):
+      pt, pp, pd = (_ppl(evals, n, key) for n in (teacher, f"pruned_{kind}",
+                                                   f"distill_{kind}"))
+      if None in (pt, pp, pd):
+        continue
+      g = stats.gap_recovered(pt, pp, pd)
+      if g is not None:
+        parts.append(f"{what} {100 * g:.0f} % (perplexity {pp:.1f} → {pd:.1f}, "
+                     f"{label(teacher)} {pt:.1f}; distilled/teacher {pd / pt:.2f}x)")
+    if parts:
+      out.append(f"- {label(f'distill_{kind}')}: " + "; ".join(parts) + ".")
+  return out
+
+
 def plot_losses(run_dir: str, names, png: str) -> bool:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  """Training loss and held-out CE of every trained model of the run, in one chart."""
   from minitron_jax.distill.run import read_metrics
 
-  fig, ax = plt.subplots(figsize=(8, 4.5))
-  drawn = False
+  curves = []
   for name in names:
     path = os.path.join(run_dir, name, "metrics.jsonl")
     if not os.path.isfile(path):
       continue
     rows = read_metrics(path)
     key = "distill/loss" if any("distill/loss" in r for r in rows) else "train/loss"
-    pts = [(r["step"], r[key]) for r in rows if key in r]
-    if pts:
-      ax.plot(*zip(*pts), label=f"{label(name)} ({key})", lw=1.2)
-      drawn = True
-    ev = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
-    if ev:
-      ax.plot(*zip(*ev), "o--", ms=3, lw=0.8, label=f"{label(name)} held-out CE")
-  if drawn:
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-  plt.close(fig)
-  return drawn
+    curves.append((f"{label(name)} ({key})", [(r["step"], r[key]) for r in rows if key in r],
+                   "-", 1.2))
+    curves.append((f"{label(name)} held-out CE",
+                   [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r], "o--", 0.8))
+  return plots.line_chart(curves, png, legend_size=7)
+
+
+def _sources(cfg) -> str:
+  src = cfg.data.source
+  names = (src,) if isinstance(src, str) else tuple(src)
+  weights = tuple(cfg.data.get("weights", ()) or ())
+  if len(names) > 1 and weights:
+    return ", ".join(f"`{n}` ({w:g})" for n, w in zip(names, weights))
+  return ", ".join(f"`{n}`" for n in names)
 
 
 def write_report(cfg, run_dir: str, names: list[str]) -> str:
@@ -187,32 +283,49 @@ def write_report(cfg, run_dir: str, names: list[str]) -> str:
     with open(os.path.join(run_dir, "eval", f"{name}.json")) as f:
       evals.append(json.load(f))
   lines = [f"# Minitron run: {os.path.basename(cfg.teacher)}", "",
-           f"Teacher `{cfg.teacher}`; training data `{cfg.data.source}`; "
-           f"perplexity on WikiText-2 test ({cfg.eval.max_windows or 'all'} windows of "
-           f"{cfg.eval.seq_len} tokens); zero-shot accuracy in % (acc_norm where defined, "
-           f"first {cfg.eval.limit or 'all'} examples per task).", "", results_table(evals), ""]
+           f"Teacher `{cfg.teacher}`; training data {_sources(cfg)}; "
+           f"perplexity on WikiText-2 test and on the held-out slice of the training data "
+           f"({cfg.eval.max_windows or 'all'} windows of {cfg.eval.seq_len} tokens each); "
+           f"zero-shot accuracy in % ± standard error (acc_norm where defined, first "
+           f"{cfg.eval.limit or 'all'} examples per task, n in the header); repeated 3-grams: "
+           f"the share of generated 3-grams that repeat an earlier one in the same answer "
+           f"(mean over the prompts; loops score near 100).", "", results_table(evals), ""]
   comp = comparisons(evals)
   if comp:
-    lines += ["## What wins", ""] + comp + [""]
+    lines += ["## What wins", "",
+              "A difference is stated only beyond two standard errors (perplexity: paired "
+              "per-window log-perplexity differences; accuracy: sqrt(se_a² + se_b²)).", ""]
+    lines += comp + [""]
+  rec = recovery(evals)
+  if rec:
+    lines += ["## Gap recovered by distillation", "",
+              "(log ppl_pruned − log ppl_distilled) / (log ppl_pruned − log ppl_teacher):", ""]
+    lines += rec + [""]
   if plot_losses(run_dir, TRAINED, os.path.join(run_dir, "loss_curves.png")):
     lines += ["## Training", "", "![loss curves](loss_curves.png)", ""]
   layer_png = os.path.join(run_dir, "pruned_depth", "layer_importance.png")
   if os.path.isfile(layer_png):
     shutil.copy(layer_png, os.path.join(run_dir, "layer_importance.png"))
     lines += ["## Layer importance", "", "![layer importance](layer_importance.png)", ""]
-  lines += ["## Generation samples (greedy)", ""]
+  chat = "through the teacher's chat template" if cfg.generate.chat else "as plain text"
+  lines += ["## Generation samples (greedy)", "",
+            f"The same prompts for every model, {chat}, {cfg.generate.max_new_tokens} new "
+            "tokens at most.", ""]
   for i, prompt in enumerate(cfg.generate.prompts):
-    lines += [f"**{prompt}**", "", "| model | completion |", "|---|---|"]
+    lines += [f"**{prompt}**", "", "| model | completion | repeated 3-grams |", "|---|---|---|"]
     for e in evals:
       text = " ".join(e["samples"][i].split()).replace("|", "\\|")
-      lines.append(f"| {e['label']} | {text[:400]} |")
+      rep = e.get("repetition")
+      lines.append(f"| {e['label']} | {text[:400]} | "
+                   f"{_fmt(rep[i] if rep else None, 'pct')} |")
     lines.append("")
+  # report.md marks the stage done, so it is written last.
+  files.write_json(os.path.join(run_dir, "report.json"),
+                   {"models": evals, "comparisons": comp, "recovery": rec})
   path = os.path.join(run_dir, "report.md")
   with open(path + ".tmp", "w") as f:
     f.write("\n".join(lines))
   os.replace(path + ".tmp", path)
-  files.write_json(os.path.join(run_dir, "report.json"),
-                 {"models": evals, "comparisons": comp})
   print("\n".join(lines[:len(evals) + 8]))
   return path
 
