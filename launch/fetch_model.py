@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minitron_jax.io import registry  # noqa: E402
 
-_NAMES = ", ".join(sorted(registry.KNOWN_MODELS))
+_NAMES = ", ".join(registry.known_names())
 _MODEL = flags.DEFINE_string("model", None, f"Known model name, one of: {_NAMES}.")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Directory to write the model to (default: <cache>/models/<model>, "
@@ -23,7 +23,7 @@ _OUTPUT_DIR = flags.DEFINE_string(
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
 
 flags.mark_flag_as_required("model")
-flags.register_validator("model", lambda name: name is None or name in registry.KNOWN_MODELS,
+flags.register_validator("model", lambda name: name is None or name in registry.known_names(),
                          message=f"--model must be one of: {_NAMES}")
 
 

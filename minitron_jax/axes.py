@@ -145,8 +145,3 @@ def tree_from_leaves(items) -> dict:
       node = node.setdefault(k, {})
     node[spec.path[-1]] = value
   return out
-
-
-def logical_axes(cfg: LlamaConfig) -> dict:
-  """The param tree with each leaf replaced by its tuple of logical axis names."""
-  return tree_from_leaves((s, s.axes) for s in param_specs(cfg))

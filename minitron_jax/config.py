@@ -263,6 +263,10 @@ PRESETS: dict[str, LlamaConfig] = {
 PRESETS["minitron-4b-width"] = PRESETS["llama3.1-8b"].replace(
     hidden_size=3072, intermediate_size=9216)
 PRESETS["minitron-4b-depth"] = PRESETS["llama3.1-8b"].replace(num_hidden_layers=16)
+# SmolLM2's vocabulary and RoPE on a body small enough for a recipe smoke test in minutes.
+PRESETS["smollm2-tiny"] = PRESETS["smollm2-135m"].replace(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
 
 
 def preset(name: str, **overrides) -> LlamaConfig:
@@ -347,37 +351,3 @@ def parse_layer_list(spec: str, num_layers: int | None = None) -> tuple[int, ...
   if bad:
     raise ValueError(f"layer list {spec!r}: layer(s) {bad} out of range [0, {num_layers - 1}]")
   return tuple(sorted(out))
-
-
-def target_config(cfg: LlamaConfig, width: Mapping[str, int] | None = None,
-                  depth: Mapping[str, Any] | None = None) -> LlamaConfig:
-  """The architecture after width and/or depth pruning (no weights involved).
-
-  Args:
-    cfg: the source architecture.
-    width: any of hidden_size, intermediate_size, num_attention_heads, num_key_value_heads.
-    depth: {"num_hidden_layers": n} or {"drop_layers": "16-31"}.
-  """
-  changes: dict[str, Any] = {}
-  allowed = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-  for key, value in dict(width or {}).items():
-    if key not in allowed:
-      raise ValueError(f"width target {key!r} is not one of {allowed}")
-    if not isinstance(value, int) or value < 1 or value > getattr(cfg, key):
-      raise ValueError(f"width target {key}={value!r} must be an integer in "
-                       f"[1, {getattr(cfg, key)}]")
-    changes[key] = value
-  depth = dict(depth or {})
-  if "drop_layers" in depth:
-    dropped = parse_layer_list(depth.pop("drop_layers"), cfg.num_hidden_layers)
-    if len(dropped) >= cfg.num_hidden_layers:
-      raise ValueError("drop_layers would remove every layer")
-    changes["num_hidden_layers"] = cfg.num_hidden_layers - len(dropped)
-  if "num_hidden_layers" in depth:
-    n = depth.pop("num_hidden_layers")
-    if not isinstance(n, int) or not 1 <= n <= cfg.num_hidden_layers:
-      raise ValueError(f"num_hidden_layers={n!r} must be in [1, {cfg.num_hidden_layers}]")
-    changes["num_hidden_layers"] = n
-  if depth:
-    raise ValueError(f"unknown depth target(s) {sorted(depth)}")
-  return cfg.replace(**changes)

@@ -115,14 +115,6 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules=RULES) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + ("seq",) * (ndim - 1), rules, mesh))
 
 
-def constrain(x: jax.Array, names: Sequence[str | None], rules=RULES) -> jax.Array:
-  """Sharding hint for an activation inside jit (no-op outside a mesh context)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
-
-
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> None:

@@ -81,3 +81,51 @@ def test_unsupported_architecture_via_cli(tiny_dir, tmp_path):
   json.dump(cfg, open(d / "config.json", "w"))
   rc, _, stderr = run("generate.py", f"--model_dir={d}")
   assert rc == 1 and "model_type 'gpt_neox'" in stderr and "Traceback" not in stderr
+
+
+def _blocking_env(tmp_path, module):
+  """Environment whose interpreter cannot import `module` (as if it were not installed)."""
+  site = tmp_path / "block"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n")
+  return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), ROOT])}
+
+
+def test_missing_package_is_named_with_its_install_command(tiny_dir, tmp_path):
+  text = tmp_path / "calib.txt"
+  text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+  out = tmp_path / "pruned"
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "prune.py"),
+                      f"--model_dir={tiny_dir}", f"--output_dir={out}", "--hidden_size=16",
+                      f"--calib_data={text}", "--calib_samples=4", "--calib_seq_len=32",
+                      "--eval_samples=0", "--batch_size=4"],
+                     capture_output=True, text=True, timeout=600, cwd=ROOT,
+                     env=_blocking_env(tmp_path, "matplotlib"))
+  assert p.returncode == 1, p.stderr[-2000:]
+  assert "error: the Python package 'matplotlib' is not installed; pip install matplotlib" \
+      in p.stderr
+  assert "Traceback" not in p.stderr
+  assert not out.exists()  # the atomic output directory never appeared
+
+
+def test_missing_package_message_leaves_our_own_modules_to_tracebacks():
+  from minitron_jax import cli
+
+  torch = ModuleNotFoundError("No module named 'torch'", name="torch")
+  assert "torch==2.13.0" in cli.missing_package_message(torch)
+  ours = ModuleNotFoundError("x", name="minitron_jax.nothing")
+  assert cli.missing_package_message(ours) is None
+
+
+def test_recipe_with_unreachable_teacher_fails_before_any_stage_is_marked(tmp_path, data_root):
+  run_dir = tmp_path / "run"
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "minitron.py"),
+                      f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
+                      "--config.teacher=no-such-org/no-such-model",
+                      f"--config.run_dir={run_dir}", f"--config.data_root={data_root}"],
+                     capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+  assert p.returncode == 1, p.stderr[-2000:]
+  assert "error: " in p.stderr and "no-such-org/no-such-model" in p.stderr
+  assert "Traceback" not in p.stderr
+  assert not (run_dir / "teacher.json").exists()

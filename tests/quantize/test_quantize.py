@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import make_hf_llama, torch_logits
+from helpers import count_compiles, make_hf_llama, torch_logits
 from minitron_jax import axes
 from minitron_jax.evaluate import generate
 from minitron_jax.quantize import gguf_export
+from minitron_jax.io import gguf_tokenizer
 from minitron_jax.io import hf as hf_io
 from minitron_jax import model as M
 from minitron_jax.quantize import export as E
@@ -45,6 +46,8 @@ def _tiny_tokenizer(out_dir):
       pad_token="<|endoftext|>")
   fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
                         "{{ m['content'] }}<|im_end|>\n{% endfor %}")
+  # It splits text like GPT-2, a tokenizer llama.cpp cannot recognise by its token ids.
+  fast.init_kwargs[gguf_tokenizer.PRE_TOKENIZER_KEY] = "gpt-2"
   fast.save_pretrained(out_dir)
 
 
@@ -229,6 +232,26 @@ def test_scales_follow_the_axis_table():
 # ---------------------------------------------------------------------------- JAX inference
 
 
+def _np_dequantize(q: Q.QuantizedArray) -> np.ndarray:
+  """The stored integers/fp8 times their block scales, in numpy, independently of
+  `QuantizedArray.matrix`: the reference the forward on quantized params must equal."""
+  v = np.asarray(q.values)
+  if q.format.kind == "int4":
+    v = np.stack([v & 0xF, v >> 4], axis=-1).reshape(*v.shape[:-1], -1).astype(np.float32)
+    if q.zero_point is None:
+      v = v - 8.0
+    else:
+      v = v - np.repeat(np.asarray(q.zero_point, np.float32), q.block[1], axis=-1)
+  else:
+    v = v.astype(np.float32)
+  s = np.repeat(np.repeat(np.asarray(q.scale, np.float32), q.block[0], axis=-2), q.block[1],
+                axis=-1)[..., :v.shape[-2], :v.shape[-1]]
+  w = v * s
+  lead = w.ndim - 2
+  w = w.reshape(*w.shape[:lead], *q.out_dims, *q.in_dims)
+  return w.transpose(*range(lead), *(lead + p for p in q.perm))
+
+
 @pytest.mark.parametrize("fmt", list(F))
 def test_forward_on_quantized_equals_dequantized(fmt):
   cfg = preset("tiny")
@@ -236,7 +259,10 @@ def test_forward_on_quantized_equals_dequantized(fmt):
   qp = Q.quantize_params(params, cfg, fmt, include_embeddings=True)
   tok = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 10)))
   fwd = jax.jit(lambda p: M.forward(p, cfg, tok)["logits"])
-  got, want = fwd(qp), fwd(Q.dequantize_params(qp))
+  reference = jax.tree_util.tree_map(
+      lambda x: jnp.asarray(_np_dequantize(x)) if Q.is_quantized(x) else x, qp,
+      is_leaf=Q.is_quantized)
+  got, want = fwd(qp), fwd(reference)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
   assert _rel(np.asarray(got), np.asarray(fwd(params))) < 0.5  # still the same model
 
@@ -289,16 +315,6 @@ def test_export_loads_in_transformers(tiny, tiny_dir, tokens, tmp_path, name):
   assert os.path.isfile(os.path.join(out, "tokenizer.json"))
 
 
-def _writer_keeps_scalars(tmp_path) -> bool:
-  from minitron_jax.io import safetensors as safetensors_io
-  try:
-    safetensors_io.write(tmp_path / "s.safetensors",
-                         [("x", (), np.dtype(np.float32), lambda: np.float32(1.0))])
-    return True
-  except safetensors_io.SafetensorsError:
-    return False
-
-
 def test_fp8_static_activation_scales(tiny, tiny_dir, tokens, tmp_path):
   params, cfg = tiny
   batches = [tokens[:1], tokens[1:]]
@@ -309,8 +325,6 @@ def test_fp8_static_activation_scales(tiny, tiny_dir, tokens, tmp_path):
                              rtol=1e-5)
   qp = _quantized(params, cfg, F.FP8_BLOCK, activation_scales=act)
   assert qp["layers"]["down"].input_scale.shape == (cfg.num_hidden_layers,)
-  if not _writer_keeps_scalars(tmp_path):  # transformers wants 0-d activation scales
-    pytest.skip("safetensors_io.write turns 0-d tensors into shape (1,)")
   out = E.export(qp, cfg, F.FP8_BLOCK, tmp_path / "fp8s", source_dir=tiny_dir)
   assert json.load(open(os.path.join(out, "config.json")))[
       "quantization_config"]["activation_scheme"] == "static"
@@ -321,6 +335,19 @@ def test_fp8_static_activation_scales(tiny, tiny_dir, tokens, tmp_path):
   # transformers' CPU path dequantizes the weights and runs activations unquantized.
   ours = np.asarray(M.forward(qp, cfg, jnp.asarray(tokens))["logits"])
   assert _rel(_hf_logits(out, tokens), ours) <= 1e-3
+
+
+def test_activation_calibration_compiles_once(tiny, tokens):
+  params, cfg = tiny
+  batches = [tokens[:1, :9], tokens[1:, :9]]  # a shape no other test compiles
+  with count_compiles() as first:
+    want = Q.calibrate_activation_scales(params, cfg, batches)
+  assert len(first) >= 1
+  with count_compiles() as second:
+    got = Q.calibrate_activation_scales(params, cfg, batches)
+  assert second == []
+  for n in want:
+    np.testing.assert_array_equal(np.asarray(want[n]), np.asarray(got[n]))
 
 
 def test_dims_that_are_not_multiples_of_128(tmp_path, tokens):
@@ -341,7 +368,7 @@ def test_dims_that_are_not_multiples_of_128(tmp_path, tokens):
   qp = _quantized(params, cfg, F.FP8_BLOCK)
   up = qp["layers"]["up"]
   assert up.scale.shape == (2, 3, 2)  # (layers, ceil(320/128), ceil(192/128))
-  w = np.asarray(Q.to_matrix(params["layers"]["up"], axes.PARAM_SPECS[7]))[0]
+  w = np.asarray(Q.to_matrix(params["layers"]["up"], next(s for s in axes.PARAM_SPECS if s.path == ("layers", "up"))))[0]
   s = np.asarray(up.scale[0])
   for bi, r in enumerate(range(0, 320, 128)):
     for bj, c in enumerate(range(0, 192, 128)):
@@ -374,6 +401,9 @@ def test_gguf_metadata_and_tensor_types(tiny, tiny_dir, tmp_path, name):
   assert meta["llama.block_count"] == 2 and meta["llama.embedding_length"] == 256
   assert meta["llama.attention.head_count_kv"] == 2 and meta["llama.rope.dimension_count"] == 64
   assert meta["tokenizer.ggml.model"] == "gpt2" and len(meta["tokenizer.ggml.tokens"]) == 384
+  assert meta["tokenizer.ggml.pre"] == "gpt-2"
+  assert (meta["tokenizer.ggml.add_bos_token"], meta["tokenizer.ggml.add_eos_token"]) == \
+      (False, False)
   assert meta["tokenizer.ggml.tokens"][320] == "[PAD320]"
   types_ = meta["tokenizer.ggml.token_type"]
   assert types_[:4] == [3, 3, 3, 1] and types_[320] == gguf.TokenType.UNUSED

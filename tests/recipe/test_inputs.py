@@ -1,0 +1,53 @@
+"""The recipe checks its training data before any stage runs."""
+
+from pathlib import Path
+
+import pytest
+
+from minitron_jax.recipe import stages
+
+
+@pytest.fixture
+def cfg(tmp_path, monkeypatch):
+  monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+  from configs import tiny
+
+  c = tiny.get_config()
+  c.data_root = str(tmp_path / "root")
+  return c
+
+
+def test_local_wikitext_needs_no_hub(cfg, tmp_path):
+  valid = tmp_path / "root" / "wikitext-2" / "valid.txt"
+  valid.parent.mkdir(parents=True)
+  valid.write_text(" = Title = \n text \n")
+  cfg.data.source = ("wikitext2",)
+  asked = []
+  assert stages.training_data_problems(cfg, probe=lambda s: asked.append(s) or "down") == []
+  assert asked == []  # a local copy costs no network
+
+
+def test_each_missing_source_is_named_with_the_fix(cfg, tmp_path):
+  text = tmp_path / "corpus.txt"
+  text.write_text("hello")
+  cfg.data.source = ("wikitext2", str(text), str(tmp_path / "missing.txt"), "org/some_data",
+                     "synthetic", "shakespeare")
+  asked = []
+
+  def probe(source):
+    asked.append((source.repo, source.config, source.split))
+    return "no network"
+
+  problems = stages.training_data_problems(cfg, probe=probe)
+  assert asked == [("Salesforce/wikitext", "wikitext-2-v1", "validation"),
+                   ("org/some_data", None, "train")]
+  assert len(problems) == 3
+  assert "'wikitext2'" in problems[0] and "valid.txt is missing" in problems[0]
+  assert "missing.txt" in problems[1]
+  assert "'org/some_data'" in problems[2] and "no network" in problems[2]
+  assert all("--config.data.source" in p for p in problems)
+
+
+def test_reachable_hub_sources_pass(cfg):
+  cfg.data.source = ("wikitext2", "org/some_data:cfg")
+  assert stages.training_data_problems(cfg, probe=lambda s: None) == []
