@@ -15,13 +15,14 @@ class Progress:
     self.label, self.total, self.unit, self.enabled, self.every = label, total, unit, enabled, every
     self.start = time.perf_counter()
     self.last = 0.0
+    self.finished = False
 
   def update(self, done: int, force: bool = False) -> None:
     now = time.perf_counter()
     final = done >= self.total
-    if not self.enabled or (not (force or final) and now - self.last < self.every):
+    if not self.enabled or self.finished or (not (force or final) and now - self.last < self.every):
       return
-    self.last = now
+    self.last, self.finished = now, final
     rate = done / max(now - self.start, 1e-9)
     eta = (self.total - done) / rate if rate > 0 else float("inf")
     print(f"\r{self.label}: {done}/{self.total} {self.unit} ({rate:.1f}/s, ETA {eta:.0f}s)",

@@ -378,8 +378,55 @@ def run(cfg, only: tuple[str, ...] | None = None) -> str:
         raise FileNotFoundError(f"stage {stage.name!r} needs {os.path.join(run_dir, need)} "
                                 f"(the output of stage {_producer(need)!r}), which is missing")
     print(f"[{stage.name}] running", flush=True)
+    reset_peak_rss()
     t0 = time.perf_counter()
     stage.run(cfg, run_dir)
-    print(f"[{stage.name}] finished in {time.perf_counter() - t0:.1f}s", flush=True)
+    seconds, peak = time.perf_counter() - t0, peak_rss_gib()
+    release_memory()
+    print(f"[{stage.name}] finished in {seconds:.1f}s, peak RSS {peak:.2f} GiB", flush=True)
+    _log_stage(run_dir, stage.name, seconds, peak)
   print(f"run directory: {run_dir}", flush=True)
   return run_dir
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def _status_kib(field: str) -> float:
+  try:
+    with open("/proc/self/status") as f:
+      return next(float(l.split()[1]) for l in f if l.startswith(field + ":"))
+  except (OSError, StopIteration):  # not Linux
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+  """Starts a new peak-RSS window (Linux: VmHWM back to the current RSS)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pass
+
+
+def peak_rss_gib() -> float:
+  """Peak resident memory since the last `reset_peak_rss`, GiB (NaN where unknown)."""
+  return _status_kib("VmHWM") / 2**20
+
+
+def release_memory() -> None:
+  """Drops what a finished stage leaves behind: compiled functions (and the constants they
+  hold) and unreachable arrays, so the next stage starts from the same footprint."""
+  import gc
+
+  import jax
+
+  jax.clear_caches()
+  gc.collect()
+
+
+def _log_stage(run_dir: str, name: str, seconds: float, peak_gib: float) -> None:
+  path = os.path.join(run_dir, "stage_times.json")
+  log = json.load(open(path)) if os.path.isfile(path) else {}
+  log[name] = {"seconds": round(seconds, 1), "peak_rss_gib": round(peak_gib, 3)}
+  files.write_json(path, log)

@@ -52,6 +52,9 @@ def test_tiny_recipe_end_to_end(tiny_teacher, data_root, tmp_path):
     assert e["size_bytes"] > 0 and e["params"] > 0 and e["decode_tokens_per_second"] > 0
   assert "## What wins" in report and "loss_curves.png" in report
   assert (run_dir / "loss_curves.png").is_file() and (run_dir / "layer_importance.png").is_file()
+  times = json.load(open(run_dir / "stage_times.json"))
+  assert {"fetch", "data", "prune_width", "evaluate", "report"} <= set(times)
+  assert all(v["seconds"] >= 0 and v["peak_rss_gib"] > 0 for v in times.values())
   # A second run finds every stage done.
   p = subprocess.run(command(tiny_teacher, run_dir, data_root), capture_output=True, text=True,
                      timeout=600, cwd=ROOT)
