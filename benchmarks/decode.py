@@ -45,11 +45,7 @@ def _recipe(path):
 
 def decode_rate(params, cfg, batch, rng):
   prompts = rng.randint(3, cfg.vocab_size, (batch, _PROMPT.value)).tolist()
-  sampling = G.SamplingConfig(max_new_tokens=_NEW.value)
-  G.generate(params, cfg, prompts, sampling, stop_at_eos=False)  # compile
-  runs = [G.generate(params, cfg, prompts, sampling, stop_at_eos=False)
-          for _ in range(_REPEATS.value)]
-  return max(r.decode_tokens_per_second for r in runs)
+  return G.decode_speed(params, cfg, prompts, _NEW.value, _REPEATS.value)
 
 
 @cli.main_wrapper

@@ -29,18 +29,6 @@ _BATCH = flags.DEFINE_integer("decode_batch", 1, "Prompts decoded together.", lo
 _FORMATS = flags.DEFINE_list("formats", None, "Export formats to measure (default: all).")
 
 
-def _decode_rate(params, cfg, prompt, n, batch) -> float:
-  from minitron_jax.evaluate import generate
-
-  sampling = generate.SamplingConfig(max_new_tokens=n)
-  generate.generate(params, cfg, [prompt] * batch, sampling, stop_at_eos=False)  # compile
-  best = 0.0
-  for _ in range(2):
-    res = generate.generate(params, cfg, [prompt] * batch, sampling, stop_at_eos=False)
-    best = max(best, res.decode_tokens_per_second)
-  return best
-
-
 def _row(name, ppl, base, kl, size, bf16, mem, mem0, rate, rate0):
   return [name, f"{ppl:.3f}", f"{ppl - base:+.3f}", f"{ppl / base:.4f}", f"{kl:.5f}",
           f"{size / 1e6:.1f}",
@@ -64,7 +52,7 @@ def main(argv):
   import numpy as np
 
   from minitron_jax.evaluate import tasks
-  from minitron_jax.evaluate import scoring as evaluate
+  from minitron_jax.evaluate import generate, scoring as evaluate
   from minitron_jax.io import hf as hf_io
   from minitron_jax import model as M
   from minitron_jax.quantize import export as E
@@ -94,14 +82,14 @@ def main(argv):
     hf_io.save_hf(params, cfg, os.path.join(tmp, "bf16"), dtype=jnp.bfloat16)
     bf16 = E.model_bytes(os.path.join(tmp, "bf16"))
     base, mem0, ref = ppl(params), Q.param_bytes(params), logp(params)
-    rate0 = _decode_rate(params, cfg, prompt, _DECODE.value, _BATCH.value)
+    rate0 = generate.decode_speed(params, cfg, [prompt] * _BATCH.value, _DECODE.value, 2)
     rows = [_row("float32", base, base, 0.0, bf16, bf16, mem0, mem0, rate0, rate0)]  # disk: bf16
     for name in names:
       t0 = time.perf_counter()
       fmt = E.export_format(name)
       qp = E.export_params(Q.quantize_params(params, cfg, fmt), cfg, fmt)
       out = E.export(qp, cfg, fmt, os.path.join(tmp, name), source_dir=path)
-      rate = _decode_rate(qp, cfg, prompt, _DECODE.value, _BATCH.value)
+      rate = generate.decode_speed(qp, cfg, [prompt] * _BATCH.value, _DECODE.value, 2)
       rows.append(_row(name, ppl(qp), base, kl(qp, ref), E.model_bytes(out), bf16,
                        Q.param_bytes(qp), mem0, rate, rate0))
       print(f"{name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)

@@ -286,17 +286,6 @@ def kl_bt(student_btv, teacher_btv, cfg: DistillConfig) -> jax.Array:
   return forward_kl_bt(student_btv, teacher_btv, cfg.temperature, cfg.top_k)
 
 
-def kl_loss(student_btv: jax.Array, teacher_btv: jax.Array, mask_bt: jax.Array | None = None,
-            *, temperature: float = 1.0, kind: str = "forward", top_k: int | None = None
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Masked mean of the token KL; returns (loss, {"distill/kl": loss})."""
-  cfg = DistillConfig(temperature=temperature, kl=kind, top_k=top_k)
-  per_bt = kl_bt(student_btv, teacher_btv, cfg)
-  mask_bt = jnp.ones(per_bt.shape, bool) if mask_bt is None else mask_bt
-  loss = masked_mean(per_bt, mask_bt)
-  return loss, {"distill/kl": loss}
-
-
 # ---------------------------------------------------------------------------- activation losses
 
 

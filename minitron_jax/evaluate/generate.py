@@ -221,3 +221,13 @@ def eos_ids(cfg: LlamaConfig, tokenizer=None) -> tuple[int, ...]:
   if tokenizer is not None and tokenizer.eos_token_id is not None:
     ids.add(int(tokenizer.eos_token_id))
   return tuple(sorted(ids))
+
+
+def decode_speed(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], new_tokens: int,
+                 repeats: int = 1) -> float:
+  """Decode tokens/s of greedy generation (no early stop), best of `repeats` timed runs after
+  one untimed run that compiles."""
+  sampling = SamplingConfig(max_new_tokens=new_tokens)
+  generate(params, cfg, prompts, sampling, stop_at_eos=False)
+  return max(generate(params, cfg, prompts, sampling, stop_at_eos=False).decode_tokens_per_second
+             for _ in range(repeats))

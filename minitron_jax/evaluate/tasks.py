@@ -432,11 +432,6 @@ def tokenize_requests(examples: Sequence[Example], tokenizer: Any) -> list[list[
   return [[encode_pair(tokenizer, r.context, r.continuation) for r in ex.requests] for ex in examples]
 
 
-def continuation_bytes(request: Request) -> int:
-  """UTF-8 byte length of the continuation (a tokenizer-free length normalizer)."""
-  return len(request.continuation.encode("utf-8"))
-
-
 def choice_length(request: Request) -> int:
   """Characters of the answer choice, the divisor the harness uses for ``acc_norm``.
 

@@ -127,11 +127,6 @@ def accuracy_drop(params, cfg: LlamaConfig, tokenizer, task: str, data_root: str
   return base, out
 
 
-def least_important_block(values: np.ndarray, higher_is_worse: bool) -> int:
-  """Start of the contiguous block whose removal hurts least."""
-  return int(np.argmin(values) if higher_is_worse else np.argmax(values))
-
-
 def plot(path: str, curves: dict[str, tuple[float | None, dict[int, np.ndarray]]],
          title: str = "") -> None:
   """One panel per metric: value against the first removed layer, one line per block size."""

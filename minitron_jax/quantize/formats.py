@@ -409,12 +409,6 @@ def quantize_params(params: dict, cfg: LlamaConfig, fmt: QuantFormat | str, *,
   return axes.tree_from_leaves(items)
 
 
-def dequantize_params(params: dict, dtype=jnp.float32) -> dict:
-  """Every quantized leaf dequantized to `dtype` (others untouched)."""
-  return jax.tree_util.tree_map(lambda x: x.dequantize(dtype) if is_quantized(x) else x,
-                                params, is_leaf=is_quantized)
-
-
 def cast_unquantized(params: dict, dtype) -> dict:
   """Casts the leaves left in high precision (norms, embeddings) to `dtype`."""
   return jax.tree_util.tree_map(lambda x: x if is_quantized(x) else jnp.asarray(x).astype(dtype),

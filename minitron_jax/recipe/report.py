@@ -51,15 +51,6 @@ def load_for_eval(cfg, run_dir: str, name: str):
   return params, mcfg, tok, path
 
 
-def decode_rate(params, mcfg, prompt_ids, new_tokens: int = 32) -> float:
-  from minitron_jax.evaluate import generate as G
-
-  sampling = G.SamplingConfig(max_new_tokens=new_tokens)
-  G.generate(params, mcfg, [prompt_ids], sampling, stop_at_eos=False)  # compile
-  return G.generate(params, mcfg, [prompt_ids], sampling, stop_at_eos=False
-                    ).decode_tokens_per_second
-
-
 def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
   from minitron_jax.evaluate import scoring as evaluate
   from minitron_jax.evaluate import generate as G
@@ -82,8 +73,8 @@ def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
   tokens = [list(map(int, t)) for t in gen.tokens]
   return {"name": name, "label": label(name, cfg.quantize.source), "params": mcfg.num_params(),
           "size_bytes": files.weight_bytes(path, skip=("checkpoints", "init")), "results": res,
-          "decode_tokens_per_second": decode_rate(params, mcfg, prompts[0],
-                                                  e.get("decode_tokens", 32)),
+          "decode_tokens_per_second": G.decode_speed(params, mcfg, prompts[:1],
+                                                     e.get("decode_tokens", 32)),
           "samples": [tok.decode(t, skip_special_tokens=True) for t in tokens],
           "repetition": [stats.repeated_ngram_fraction(t, 3) for t in tokens]}
 
@@ -328,15 +319,3 @@ def write_report(cfg, run_dir: str, names: list[str]) -> str:
   os.replace(path + ".tmp", path)
   print("\n".join(lines[:len(evals) + 8]))
   return path
-
-
-def missing_values(evals: list[dict]) -> list[str]:
-  """(model, column) pairs with no value, for checks."""
-  out = []
-  for e in evals:
-    if e.get("decode_tokens_per_second") is None or not np.isfinite(e["decode_tokens_per_second"]):
-      out.append(f"{e['name']}: decode")
-    for k, v in e["results"].items():
-      if v.get("acc", v.get("ppl")) is None:
-        out.append(f"{e['name']}: {k}")
-  return out

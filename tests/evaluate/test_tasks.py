@@ -202,7 +202,6 @@ def test_real_file_copy_with_broken_line(tmp_path, data_root):
 
 def test_lengths_for_normalization():
   req = Request("Q:", " café")
-  assert tasks.continuation_bytes(req) == 6
   assert tasks.choice_length(req) == 4
 
 

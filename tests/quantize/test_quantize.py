@@ -252,6 +252,12 @@ def _np_dequantize(q: Q.QuantizedArray) -> np.ndarray:
   return w.transpose(*range(lead), *(lead + p for p in q.perm))
 
 
+def _np_dequantized_params(qp: dict) -> dict:
+  return jax.tree_util.tree_map(
+      lambda x: jnp.asarray(_np_dequantize(x)) if Q.is_quantized(x) else x, qp,
+      is_leaf=Q.is_quantized)
+
+
 @pytest.mark.parametrize("fmt", list(F))
 def test_forward_on_quantized_equals_dequantized(fmt):
   cfg = preset("tiny")
@@ -259,10 +265,7 @@ def test_forward_on_quantized_equals_dequantized(fmt):
   qp = Q.quantize_params(params, cfg, fmt, include_embeddings=True)
   tok = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 10)))
   fwd = jax.jit(lambda p: M.forward(p, cfg, tok)["logits"])
-  reference = jax.tree_util.tree_map(
-      lambda x: jnp.asarray(_np_dequantize(x)) if Q.is_quantized(x) else x, qp,
-      is_leaf=Q.is_quantized)
-  got, want = fwd(qp), fwd(reference)
+  got, want = fwd(qp), fwd(_np_dequantized_params(qp))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
   assert _rel(np.asarray(got), np.asarray(fwd(params))) < 0.5  # still the same model
 
@@ -276,7 +279,7 @@ def test_generation_and_memory_on_quantized():
   for fmt in (F.INT8_CHANNEL, F.INT4_GROUP, F.FP8_BLOCK):
     qp = Q.quantize_params(params, cfg, fmt, include_embeddings=True)
     got = generate.generate(qp, cfg, prompts, sampling, stop_at_eos=False).tokens
-    want = generate.generate(Q.dequantize_params(qp), cfg, prompts, sampling,
+    want = generate.generate(_np_dequantized_params(qp), cfg, prompts, sampling,
                              stop_at_eos=False).tokens
     assert got == want
     sizes[fmt] = Q.param_bytes(qp)
