@@ -52,6 +52,20 @@ def data_sources(cfg) -> tuple[str, ...]:
   return (src,) if isinstance(src, str) else tuple(src)
 
 
+def data_weights(cfg) -> tuple[float, ...]:
+  """One weight per training source (`data.weights`; () = equal shares). A single source
+  takes all the weight, so `--config.data.source=NAME` alone replaces a default mixture."""
+  names = data_sources(cfg)
+  if len(names) == 1:
+    return (1.0,)
+  weights = tuple(_get(cfg, "data.weights") or (1.0,) * len(names))
+  if len(weights) != len(names):
+    raise ValueError(f"config data.weights={weights} has {len(weights)} entries for the "
+                     f"{len(names)} source(s) {names} of data.source: give one weight per "
+                     "source, or --config.data.weights='()' for equal shares")
+  return weights
+
+
 def training_data(cfg, run_dir: str) -> str:
   """The mixed training corpus every training and pruning stage reads."""
   return os.path.join(run_dir, "data", "train.jsonl")
@@ -84,11 +98,7 @@ def stage_data(cfg, run_dir: str) -> None:
   """Mixes the sources by weight into data/train.jsonl, holding out data/heldout.jsonl."""
   from minitron_jax.data import mixture
 
-  names = data_sources(cfg)
-  weights = tuple(_get(cfg, "data.weights") or (1.0,) * len(names))
-  if len(weights) != len(names):
-    raise ValueError(f"config data.weights {weights} has {len(weights)} entries for "
-                     f"{len(names)} sources {names}")
+  names, weights = data_sources(cfg), data_weights(cfg)
   comps = [mixture.Component(n, _source_texts(cfg, run_dir, n), float(w))
            for n, w in zip(names, weights)]
   train, held, stats = mixture.mix(comps, heldout_chars=cfg.data.heldout_chars, seed=cfg.seed)
@@ -106,7 +116,9 @@ def stage_synthetic(cfg, run_dir: str) -> None:
                             synthetic.SyntheticConfig(
                                 num_documents=s.num_documents, max_new_tokens=s.max_new_tokens,
                                 batch_size=s.batch_size, temperature=s.temperature,
-                                top_p=s.top_p, seed=cfg.seed), model_id=path)
+                                top_p=s.top_p, seed=cfg.seed,
+                                fact_share=_get(cfg, "data.synthetic.fact_share", 0.0)),
+                            model_id=path)
 
 
 def _train_config(cfg, section, mode: str):
@@ -360,10 +372,12 @@ def run(cfg, only: tuple[str, ...] | None = None) -> str:
                                   for k in ("width", "depth")):
     raise ValueError(f"config quantize.source={src!r} is not made: prune.kinds="
                      f"{tuple(cfg.prune.kinds)}")
+  data_weights(cfg)
   run_dir = os.path.abspath(cfg.run_dir)
   _check_inputs(cfg, run_dir, only, all_stages)
   os.makedirs(run_dir, exist_ok=True)
   files.write_json(os.path.join(run_dir, "config.json"), json.loads(cfg.to_json()))
+  t_run = time.perf_counter()
   for stage in all_stages:
     if not stage.enabled(cfg) or (only and stage.name not in only):
       continue
@@ -375,51 +389,83 @@ def run(cfg, only: tuple[str, ...] | None = None) -> str:
         raise FileNotFoundError(f"stage {stage.name!r} needs {os.path.join(run_dir, need)} "
                                 f"(the output of stage {_producer(need)!r}), which is missing")
     print(f"[{stage.name}] running", flush=True)
-    reset_peak_rss()
     t0 = time.perf_counter()
-    stage.run(cfg, run_dir)
-    seconds, peak = time.perf_counter() - t0, peak_rss_gib()
-    release_memory()
+    status, peak = run_isolated(run_dir, stage.name)
+    seconds = time.perf_counter() - t0
+    if status != 0:
+      # The stage's process has reported its error; stop with its status, marking nothing.
+      raise SystemExit(status)
     print(f"[{stage.name}] finished in {seconds:.1f}s, peak RSS {peak:.2f} GiB", flush=True)
     _log_stage(run_dir, stage.name, seconds, peak)
+  # This process only orders the stages; its own peak shows it never held a model.
+  _log_stage(run_dir, "orchestrator", time.perf_counter() - t_run, _own_peak_rss_gib())
   print(f"run directory: {run_dir}", flush=True)
   return run_dir
 
 
-# ------------------------------------------------------------------------------ memory
+# ------------------------------------------------------------------------------ processes
+# Each stage runs in a process of its own: whatever a stage leaves behind (models, compiled
+# functions, allocator arenas) goes with its process, so the whole run needs no more memory
+# than its hungriest stage alone, and the peak of each stage is measured on its own.
 
 
-def _status_kib(field: str) -> float:
+def run_stage(run_dir: str, name: str) -> None:
+  """Runs one stage in this process, with the settings the run saved in config.json."""
+  by_name = {s.name: s for s in stages()}
+  by_name[name].run(load_run_config(run_dir), run_dir)
+
+
+def load_run_config(run_dir: str):
+  """The run's settings from config.json, lists back to the tuples configs use."""
+  from ml_collections import ConfigDict
+
+  def tuples(x):
+    if isinstance(x, dict):
+      return {k: tuples(v) for k, v in x.items()}
+    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+  with open(os.path.join(run_dir, "config.json")) as f:
+    return ConfigDict(tuples(json.load(f)))
+
+
+def _maxrss_gib(usage) -> float:
+  import sys
+
+  return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2**30  # KiB on Linux
+
+
+def _own_peak_rss_gib() -> float:
   try:
-    with open("/proc/self/status") as f:
-      return next(float(l.split()[1]) for l in f if l.startswith(field + ":"))
-  except (OSError, StopIteration):  # not Linux
+    import resource
+  except ImportError:  # not a Unix
     return float("nan")
+  return _maxrss_gib(resource.getrusage(resource.RUSAGE_SELF))
 
 
-def reset_peak_rss() -> None:
-  """Starts a new peak-RSS window (Linux: VmHWM back to the current RSS)."""
+def run_isolated(run_dir: str, name: str) -> tuple[int, float]:
+  """Runs stage `name` in a child process (`python -m minitron_jax.recipe.worker`) that shares
+  this one's console; returns its exit status and its peak resident memory in GiB (NaN where
+  the platform cannot tell)."""
+  import subprocess
+  import sys
+
+  import minitron_jax
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(minitron_jax.__file__)))
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  proc = subprocess.Popen([sys.executable, "-m", "minitron_jax.recipe.worker", run_dir, name],
+                          env=env)
+  if not hasattr(os, "wait4"):
+    return proc.wait(), float("nan")
   try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-  except OSError:
-    pass
-
-
-def peak_rss_gib() -> float:
-  """Peak resident memory since the last `reset_peak_rss`, GiB (NaN where unknown)."""
-  return _status_kib("VmHWM") / 2**20
-
-
-def release_memory() -> None:
-  """Drops what a finished stage leaves behind: compiled functions (and the constants they
-  hold) and unreachable arrays, so the next stage starts from the same footprint."""
-  import gc
-
-  import jax
-
-  jax.clear_caches()
-  gc.collect()
+    _, status, usage = os.wait4(proc.pid, 0)
+  except BaseException:
+    proc.kill()
+    proc.wait()
+    raise
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  return proc.returncode, _maxrss_gib(usage)
 
 
 def _log_stage(run_dir: str, name: str, seconds: float, peak_gib: float) -> None:

@@ -51,17 +51,3 @@ def test_each_missing_source_is_named_with_the_fix(cfg, tmp_path):
 def test_reachable_hub_sources_pass(cfg):
   cfg.data.source = ("wikitext2", "org/some_data:cfg")
   assert stages.training_data_problems(cfg, probe=lambda s: None) == []
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
-def test_peak_rss_window_starts_at_each_reset():
-  import numpy as np
-
-  stages.reset_peak_rss()
-  base = stages.peak_rss_gib()
-  big = np.ones(2**28 // 8)  # 256 MiB, touched
-  with_big = stages.peak_rss_gib()
-  del big
-  stages.reset_peak_rss()
-  after = stages.peak_rss_gib()
-  assert with_big - base > 0.2 and with_big - after > 0.2

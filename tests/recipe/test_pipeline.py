@@ -55,6 +55,12 @@ def test_tiny_recipe_end_to_end(tiny_teacher, data_root, tmp_path):
   times = json.load(open(run_dir / "stage_times.json"))
   assert {"fetch", "data", "prune_width", "evaluate", "report"} <= set(times)
   assert all(v["seconds"] >= 0 and v["peak_rss_gib"] > 0 for v in times.values())
+  # Every stage runs in a process of its own; the one that orders them holds no model, so the
+  # whole run's peak is its hungriest stage's.
+  stage_peaks = [v["peak_rss_gib"] for k, v in times.items() if k != "orchestrator"]
+  assert times["orchestrator"]["peak_rss_gib"] < min(
+      times[s]["peak_rss_gib"] for s in ("teacher_correction", "distill_width", "evaluate"))
+  assert max(stage_peaks) > times["orchestrator"]["peak_rss_gib"]
   # A second run finds every stage done.
   p = subprocess.run(command(tiny_teacher, run_dir, data_root), capture_output=True, text=True,
                      timeout=600, cwd=ROOT)
@@ -104,3 +110,29 @@ def test_stage_with_missing_input_is_named(tiny_teacher, data_root, tmp_path):
                      capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert p.returncode == 1
   assert "distill_width" in p.stderr and "prune_width" in p.stderr and "missing" in p.stderr
+
+
+def test_failing_stage_reports_one_error_and_marks_nothing(tiny_teacher, data_root, tmp_path):
+  # A width target wider than the teacher is refused inside the prune stage, which runs in a
+  # process of its own: its error must reach the user once, as one line, and stop the run
+  # with nothing of that stage marked done.
+  run_dir = tmp_path / "run"
+  p = subprocess.run(command(tiny_teacher, run_dir, data_root, "--config.prune.kinds=('width',)",
+                             "--config.prune.width.hidden_size=4096", "--config.correction.steps=0",
+                             "--config.quantize.formats=()"),
+                     capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert p.returncode == 1, p.stderr[-2000:]
+  assert p.stderr.count("error:") == 1 and "hidden_size" in p.stderr, p.stderr[-2000:]
+  assert "Traceback" not in p.stderr
+  assert "[prune_width] running" in p.stdout and "[prune_width] finished" not in p.stdout
+  assert not (run_dir / "pruned_width" / "prune_report.json").exists()
+  assert "prune_width" not in json.load(open(run_dir / "stage_times.json"))
+
+
+def test_mismatched_data_weights_are_refused_before_any_work(tiny_teacher, data_root, tmp_path):
+  p = subprocess.run(command(tiny_teacher, tmp_path / "run", data_root,
+                             "--config.data.source=('wikitext2','shakespeare')",
+                             "--config.data.weights=(1.0,)"),
+                     capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert p.returncode == 1 and "data.weights" in p.stderr and "Traceback" not in p.stderr
+  assert "running" not in p.stdout and not (tmp_path / "run" / "teacher.json").exists()
