@@ -124,25 +124,30 @@ def _layer_scores(job, params, cfg, new, tok, batches, data_root, out: dict):
   """Layer importance for a `num_hidden_layers` target: per-layer scores, or the damage of
   each contiguous block of the dropped size (lm_loss / accuracy)."""
   n_drop = cfg.num_hidden_layers - new.num_hidden_layers
-  sizes = sorted({1, n_drop})
   if job.layer_importance == "block_importance":
-    bi = LI.block_importance(params, cfg, batches, block_sizes=sizes)
+    bi = LI.block_importance(params, cfg, batches, block_sizes=sorted({1, n_drop}))
     out["curves"]["block importance (1 - cos)"] = (None, bi)
     out["layer_scores"] = {f"block_importance_k{k}": v for k, v in bi.items()}
     return bi[1], False
+  # A trial per block of the dropped size decides; the per-layer picture for the plot comes
+  # from one forward pass (block importance) rather than a trial per single layer.
+  sizes = [n_drop]
+  bi = LI.block_importance(params, cfg, batches[:job.layer_batches], block_sizes=[1])
+  out["curves"]["block importance (1 - cos)"] = (None, bi)
+  out["layer_scores"]["block_importance_k1"] = bi[1]
   if job.layer_importance == "lm_loss":
     base, loss = LI.lm_loss_drop(params, cfg, batches[:job.layer_batches], block_sizes=sizes,
                                  progress=Progress("layer loss", sum(
                                      cfg.num_hidden_layers - k + 1 for k in sizes)))
     out["curves"]["LM loss"] = (base, loss)
-    out["layer_scores"] = {f"lm_loss_k{k}": v for k, v in loss.items()}
+    out["layer_scores"].update({f"lm_loss_k{k}": v for k, v in loss.items()})
     return loss[n_drop], True
   base, acc = LI.accuracy_drop(params, cfg, tok, job.layer_task, data_root, block_sizes=sizes,
                                limit=job.layer_task_limit,
                                progress=Progress("layer accuracy", sum(
                                    cfg.num_hidden_layers - k + 1 for k in sizes)))
   out["curves"][f"{job.layer_task} accuracy"] = (base, acc)
-  out["layer_scores"] = {f"accuracy_k{k}": v for k, v in acc.items()}
+  out["layer_scores"].update({f"accuracy_k{k}": v for k, v in acc.items()})
   return -acc[n_drop], True  # lower damage = higher accuracy
 
 

@@ -58,7 +58,10 @@ def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
   params, mcfg, tok, path = load_for_eval(cfg, run_dir, name)
   e = cfg.eval
   # The run refused to start without this data (stages.run), so none of it is skipped here.
-  res = evaluate.run_evaluation(params, mcfg, tok, list(e.tasks), data_root=data_root,
+  tasks = list(e.tasks)
+  if name.startswith("quantized/") and layout.get(cfg, "eval.quantized_tasks"):
+    tasks = [t for t in tasks if t in e.quantized_tasks]
+  res = evaluate.run_evaluation(params, mcfg, tok, tasks, data_root=data_root,
                                 ppl_file=e.ppl_file or None, seq_len=e.seq_len,
                                 max_windows=e.max_windows or None, limit=e.limit or None,
                                 batch_size=e.batch_size, progress=False)

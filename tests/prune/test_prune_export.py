@@ -110,4 +110,8 @@ def test_depth_pruning_by_layer_importance_cli(real_dir, tmp_path):
   dropped = sorted(set(range(30)) - set(kept))
   assert len(kept) == 24 and dropped == list(range(dropped[0], dropped[0] + 6))  # contiguous
   assert os.path.isfile(out / "layer_importance.png")
-  assert len(report["layer_importance"]["lm_loss_k6"]) == 25
+  losses = report["layer_importance"]["lm_loss_k6"]
+  assert len(losses) == 25 and dropped[0] == int(np.argmin(losses))  # the least damaging block
+  # Trials only for the dropped block size; per-layer block importance draws the picture.
+  assert set(report["layer_importance"]) == {"lm_loss_k6", "block_importance_k1"}
+  assert len(report["layer_importance"]["block_importance_k1"]) == 30
