@@ -41,6 +41,31 @@ FORMS = (
     "Write a dialogue between a teacher and a student about {t}.",
     "Describe {t} step by step.",
 )
+# Short factual questions: answered in a sentence, they keep the student's recall of facts
+# and the assistant turn's format; rounds of them end at EOS early, so they are cheap. The
+# recipe's own generation prompts are never among them (a test checks).
+FACTS = (
+    *(f"What is the capital of {c}?" for c in (
+        "Germany", "Italy", "Spain", "Japan", "Canada", "Egypt", "Brazil", "Kenya", "India",
+        "Australia", "Mexico", "Norway", "Greece", "Portugal", "Argentina", "China", "Russia",
+        "Poland", "Turkey", "Peru", "Sweden", "Ireland", "Thailand", "Morocco")),
+    *(f"What language is spoken in {c}?" for c in (
+        "Brazil", "Mexico", "Germany", "Japan", "Egypt", "Italy", "Portugal", "Argentina")),
+    *(f"What is the chemical symbol for {e}?" for e in (
+        "gold", "iron", "oxygen", "sodium", "silver", "carbon", "helium", "potassium")),
+    *(f"Who wrote {w}?" for w in (
+        "Romeo and Juliet", "Pride and Prejudice", "War and Peace", "Don Quixote", "Hamlet",
+        "The Odyssey", "Moby-Dick", "Oliver Twist")),
+    *(f"What is the largest {x}?" for x in (
+        "planet in the solar system", "ocean on Earth", "desert in the world",
+        "mammal on Earth", "country by area", "organ of the human body")),
+    *(f"How many {x}?" for x in (
+        "legs does a spider have", "days are in a leap year", "continents are there",
+        "sides does a hexagon have", "planets are in the solar system", "hours are in a day")),
+    *(f"In which country is {p}?" for p in (
+        "the Great Wall", "Machu Picchu", "the Colosseum", "the Taj Mahal", "Mount Fuji",
+        "the Acropolis", "Stonehenge", "the Sydney Opera House")),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,17 +80,27 @@ class SyntheticConfig:
   # Store each exchange through the chat template (user turn, assistant turn), so a student
   # distilled on it sees the format it will be prompted with; else "prompt\nanswer".
   chat_format: bool = True
+  # Share of generation rounds whose prompts are short factual questions (`FACTS`).
+  fact_share: float = 0.0
 
   def key(self, model_id: str) -> str:
     blob = json.dumps([model_id, dataclasses.asdict(self)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def seed_prompts(n: int, seed: int) -> list[str]:
-  """n prompts, cycling through a seeded shuffle of every (form, topic) pair."""
-  pairs = [f.format(t=t) for f in FORMS for t in TOPICS]
-  order = np.random.default_rng(seed).permutation(len(pairs))
-  return [pairs[order[i % len(pairs)]] for i in range(n)]
+def seed_prompts(n: int, seed: int, facts: bool = False) -> list[str]:
+  """n prompts, cycling through a seeded shuffle of every (form, topic) pair, or of the
+  factual questions."""
+  pool = list(FACTS) if facts else [
+      f.format(t=t) for f in FORMS for t in TOPICS]
+  order = np.random.default_rng(seed).permutation(len(pool))
+  return [pool[order[i % len(pool)]] for i in range(n)]
+
+
+def is_fact_round(round_: int, share: float) -> bool:
+  """Whether generation round `round_` asks factual questions: `share` of the rounds, spread
+  evenly (0 never, 1 always)."""
+  return int((round_ + 1) * share) > int(round_ * share)
 
 
 def normalise(text: str) -> str:
@@ -98,7 +133,8 @@ def generate_corpus(params, cfg, tokenizer, out_path: str, sc: SyntheticConfig =
     if attempts > 4 * sc.num_documents:
       raise RuntimeError(f"synthetic data: only {len(docs)} unique documents after "
                          f"{attempts} generations; lower num_documents or raise temperature")
-    prompts = seed_prompts(sc.batch_size, sc.seed * 1000 + round_)
+    prompts = seed_prompts(sc.batch_size, sc.seed * 1000 + round_,
+                           facts=is_fact_round(round_, sc.fact_share))
     ids = [G.encode_prompt(tokenizer, p, chat=chat) for p in prompts]
     res = G.generate(params, cfg, ids, G.SamplingConfig(
         max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_p=sc.top_p,

@@ -39,3 +39,27 @@ def test_synthetic_corpus_is_unique_cached_and_loadable(real_model, tmp_path, mo
 def test_seed_prompts_are_deterministic_and_varied():
   a, b = S.seed_prompts(50, 0), S.seed_prompts(50, 0)
   assert a == b and len(set(a)) == 50 and S.seed_prompts(50, 1) != a
+
+
+def test_fact_rounds_take_their_share_and_ask_short_questions():
+  for share, n in ((0.0, 0), (0.25, 25), (0.5, 50), (1.0, 100)):
+    assert sum(S.is_fact_round(r, share) for r in range(100)) == n
+  facts = S.seed_prompts(40, 0, facts=True)
+  assert set(facts) <= set(S.FACTS) and len(set(facts)) == 40
+  assert not set(facts) & set(S.seed_prompts(40, 0))
+
+
+def test_the_recipe_prompts_are_never_training_prompts(monkeypatch):
+  # The report's generation prompts measure what the students learned; none of them may be a
+  # synthetic-data prompt, in either family.
+  import os
+  import sys
+
+  monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))))
+  sys.modules.pop("configs.base", None)
+  from configs import base
+
+  asked = set(base.get_config().generate.prompts)
+  pool = set(S.seed_prompts(10_000, 0)) | set(S.seed_prompts(10_000, 0, facts=True))
+  assert asked and not asked & pool
