@@ -24,6 +24,9 @@ Params = dict[str, Any]
 # name -> fn(activation) -> reduced value; applied per layer inside the scan.
 Taps = Mapping[str, Callable[[jax.Array], Any]]
 # Per-layer taps (stacked over layers), plus "final_norm" (the normed input of the LM head).
+# Tokens per row whose logits exist at once in losses and scoring (`chunked_token_map`): at a
+# 128K vocabulary, 512 tokens of float32 logits are 256 MiB per row, against 4 GiB at T = 8192.
+LOGITS_CHUNK = 512
 TAP_NAMES = ("block_in", "attn_in", "attn_heads", "mlp_in", "mlp_act", "block_out", "block_io",
              "final_norm")
 
@@ -151,7 +154,8 @@ def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
 def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
             positions_bt: jax.Array | None = None, segment_ids_bt: jax.Array | None = None,
             taps: Taps | None = None, return_hidden: bool = False,
-            remat: bool = False, layer_mask: jax.Array | None = None) -> dict[str, Any]:
+            remat: bool = False, layer_mask: jax.Array | None = None,
+            logits: bool = True) -> dict[str, Any]:
   """Full-sequence forward.
 
   Args:
@@ -166,10 +170,13 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
     remat: rematerialise each layer in the backward pass.
     layer_mask: optional (L,) bool; a False layer is skipped (its input passes through), which
       equals removing it, without a new compile per choice of layers.
+    logits: False returns the final-normed states `normed` (B, T, D) instead of `logits`, for
+      losses that project them a chunk of tokens at a time (`chunked_token_map`) and so never
+      hold the whole (B, T, V).
 
   Returns:
-    dict with `logits` (B, T, V) float32, `embeddings` (B, T, D), and optionally
-    `hidden` (L, B, T, D) and `taps` (name -> value stacked over layers).
+    dict with `logits` (B, T, V) float32 (or `normed`), `embeddings` (B, T, D), and
+    optionally `hidden` (L, B, T, D) and `taps` (name -> value stacked over layers).
   """
   taps = dict(taps or {})
   unknown = set(taps) - set(TAP_NAMES)
@@ -196,7 +203,11 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
     body = jax.checkpoint(body)
   x_last, (hidden, tapped) = jax.lax.scan(body, x_btd, (params["layers"], keep_l))
   normed_btd = rms_norm(x_last, params["final_norm"], cfg.rms_norm_eps)
-  out = {"logits": unembed(params, cfg, normed_btd, normed=True), "embeddings": x_btd}
+  out = {"embeddings": x_btd}
+  if logits:
+    out["logits"] = unembed(params, cfg, normed_btd, normed=True)
+  else:
+    out["normed"] = normed_btd
   if final_tap is not None:
     tapped["final_norm"] = final_tap(normed_btd)
   if return_hidden:
@@ -292,3 +303,44 @@ def token_nll_bt(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:
   task scoring and importance all use."""
   logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
   return -jnp.take_along_axis(logp_btv, labels_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def chunked_token_map(fn: Callable[..., Any], chunk: int, *args_bt: jax.Array) -> Any:
+  """`fn` over chunks of `chunk` tokens, one at a time: fn(*args_bt) without its peak memory.
+
+  `fn` maps arrays whose axis 1 is tokens (B, c, ...) to a pytree of per-token values (B, c)
+  and must treat tokens independently (e.g. project to logits, then a per-token loss). The
+  chunks run in a `lax.scan` whose body is under `jax.checkpoint`, so neither the forward nor
+  the backward pass holds more than one chunk's intermediates (the (B, c, V) logits): the
+  backward recomputes them chunk by chunk. The token axis is zero-padded to a multiple of
+  `chunk` and the padding's values are dropped. `chunk` <= 0 or >= T: one call of `fn`.
+  """
+  t = args_bt[0].shape[1]
+  if chunk <= 0 or chunk >= t:
+    return fn(*args_bt)
+  n = -(-t // chunk)
+
+  def split(x):  # (B, T, ...) -> (n, B, c, ...), zero-padded
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, n * chunk - t)
+    x = jnp.pad(x, pad)
+    x = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  def body(_, xs):
+    return None, fn(*xs)
+
+  _, out = jax.lax.scan(jax.checkpoint(body), None, tuple(split(x) for x in args_bt))
+  # (n, B, c) -> (B, n * c) -> (B, T)
+  return jax.tree_util.tree_map(
+      lambda y: jnp.moveaxis(y, 0, 1).reshape(y.shape[1], n * chunk, *y.shape[3:])[:, :t], out)
+
+
+def token_scores_bt(params: Params, cfg: LlamaConfig, normed_btd: jax.Array,
+                    labels_bt: jax.Array, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Next-token NLL (`token_nll_bt`) and whether the label is the argmax, both (B, T), from
+  the final-normed states (`forward(..., logits=False)`), `chunk` tokens of logits at a time."""
+  def score(x_bcd, labels_bc):
+    logits_bcv = unembed(params, cfg, x_bcd, normed=True)
+    return token_nll_bt(logits_bcv, labels_bc), jnp.argmax(logits_bcv, axis=-1) == labels_bc
+  return chunked_token_map(score, chunk, normed_btd, labels_bt)

@@ -53,6 +53,10 @@ class TrainConfig:
     dtype: compute dtype; parameters and optimizer state stay float32.
     remat: recompute each layer's activations in the backward pass (less memory, ~1/3 more
       compute).
+    logits_chunk: tokens per row whose logits exist at once in the losses and evaluation
+      (student and teacher, forward and backward; `model.chunked_token_map`); 0 = the whole
+      sequence. Exact either way; smaller saves memory (B x chunk x V floats instead of
+      B x T x V) at the cost of a recomputed vocabulary projection in the backward pass.
     seed: data order and the projection's initialisation.
     mesh: device mesh, e.g. "data:2,fsdp:2,tensor:2" (-1 = the remaining devices).
     save_every: checkpoint every N updates (0 = only at the end and on SIGTERM).
@@ -84,6 +88,7 @@ class TrainConfig:
   grad_clip: float = 1.0
   dtype: str = "bfloat16"
   remat: bool = False
+  logits_chunk: int = M.LOGITS_CHUNK
   seed: int = 0
   mesh: str = "data:-1"
   save_every: int = 100
@@ -103,7 +108,7 @@ class TrainConfig:
                  "keep_checkpoints"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-    for name in ("warmup_steps", "save_every", "eval_every"):
+    for name in ("warmup_steps", "save_every", "eval_every", "logits_chunk"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if self.seq_len < 2:
@@ -283,26 +288,30 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
   dynamic = hidden and dcfg.hidden_weight is None
 
   def forward(params, teacher_params, mb):
+    # Final-normed states, not logits: the losses project them `logits_chunk` tokens at a time.
     out = M.forward(params["model"], mcfg, mb["tokens"], positions_bt=mb["positions"],
-                    segment_ids_bt=mb["segment_ids"], return_hidden=hidden, remat=cfg.remat)
+                    segment_ids_bt=mb["segment_ids"], return_hidden=hidden, remat=cfg.remat,
+                    logits=False)
+    head = distill.Head(params["model"], mcfg, cfg.logits_chunk)
     if cfg.mode == "teacher_correction":
-      return out, None
-    t_out = M.forward(jax.lax.stop_gradient(teacher_params), tcfg, mb["tokens"],
-                      positions_bt=mb["positions"], segment_ids_bt=mb["segment_ids"],
-                      return_hidden=hidden)
-    return out, jax.lax.stop_gradient(t_out)
+      return out, None, (head, None)
+    teacher_params = jax.lax.stop_gradient(teacher_params)
+    t_out = M.forward(teacher_params, tcfg, mb["tokens"], positions_bt=mb["positions"],
+                      segment_ids_bt=mb["segment_ids"], return_hidden=hidden, logits=False)
+    t_head = distill.Head(teacher_params, tcfg, cfg.logits_chunk)
+    return out, jax.lax.stop_gradient(t_out), (head, t_head)
 
   def micro_loss(params, teacher_params, mb, norm):
-    out, t_out = forward(params, teacher_params, mb)
+    out, t_out, heads = forward(params, teacher_params, mb)
     if cfg.mode == "teacher_correction":
-      return distill.lm_loss(out["logits"], mb["tokens"], mb["segment_ids"], norm)
+      return distill.lm_loss(out, mb["tokens"], mb["segment_ids"], norm, head=heads[0])
     return distill.distillation_loss(out, t_out, mb["tokens"], mb["segment_ids"],
-                                     params.get("proj"), dcfg, norm)
+                                     params.get("proj"), dcfg, norm, heads)
 
   def micro_terms(params, teacher_params, mb, norm):
-    out, t_out = forward(params, teacher_params, mb)
+    out, t_out, heads = forward(params, teacher_params, mb)
     terms, metrics = distill.distillation_terms(out, t_out, mb["tokens"], mb["segment_ids"],
-                                                params.get("proj"), dcfg, norm)
+                                                params.get("proj"), dcfg, norm, heads)
     return (terms.rest, terms.hidden), metrics
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -418,8 +427,8 @@ def make_eval_fn(model_cfg: LlamaConfig, cfg: TrainConfig, mesh: Mesh, params_sh
   row = sharding.logical_to_spec(("batch",), mesh=mesh)[0]
 
   def nll(params, windows_bt, weights_b):
-    logits = M.forward(params, mcfg, windows_bt[:, :-1])["logits"]
-    per_bt = M.token_nll_bt(logits, windows_bt[:, 1:])
+    normed = M.forward(params, mcfg, windows_bt[:, :-1], logits=False)["normed"]
+    per_bt = M.token_scores_bt(params, mcfg, normed, windows_bt[:, 1:], cfg.logits_chunk)[0]
     return jnp.sum(per_bt * weights_b[:, None]), jnp.sum(weights_b) * per_bt.shape[1]
 
   rep = replicated(mesh)
