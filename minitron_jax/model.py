@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax import axes
+from minitron_jax import attention, axes
 from minitron_jax.config import LlamaConfig, rope_inv_freq_and_scale
 
 Params = dict[str, Any]
@@ -75,12 +75,13 @@ def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax
   return x_btnh * cos_bth[:, :, None, :] + rot * sin_bth[:, :, None, :]
 
 
-def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, mask_b1ts, kv_cache,
+def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, attend, kv_cache,
            taps: Taps):
   """One decoder layer. Returns (x_btd, the updated cache or None, tap outputs).
 
-  `kv_cache`, when given, maps this step's (k_btkh, v_btkh) to (keys, values to attend to,
-  updated cache); see `forward_cached`.
+  `attend(q_btnh, k_bskh, v_bskh)` is the attention (see `attention.attend`). `kv_cache`,
+  when given, maps this step's (k_btkh, v_btkh) to (keys, values to attend to, updated
+  cache); see `forward_cached`.
   """
   dt = x_btd.dtype
   out = {}
@@ -101,9 +102,7 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, mask_b1ts, kv_
   new_cache = None
   if kv_cache is not None:
     k_btkh, v_btkh, new_cache = kv_cache(k_btkh, v_btkh)
-  attn_btnh = jax.nn.dot_product_attention(
-      q_btnh, k_btkh, v_btkh, mask=mask_b1ts, is_causal=mask_b1ts is None,
-      scale=cfg.head_dim ** -0.5)
+  attn_btnh = attend(q_btnh, k_btkh, v_btkh)
   tap("attn_heads", attn_btnh)
   x_btd = x_btd + jnp.einsum("BTNH,NHD->BTD", attn_btnh, weight(lp["o"], dt))
   h_btd = rms_norm(x_btd, lp["mlp_norm"], cfg.rms_norm_eps)
@@ -138,19 +137,6 @@ def unembed(params: Params, cfg: LlamaConfig, x_btd: jax.Array, normed: bool = F
   return logits.astype(jnp.float32)
 
 
-def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
-  """Causal mask within segments, (B, 1, T, T). Segment 0 is padding.
-
-  A padding query attends to itself only, so its (discarded) output stays finite.
-  """
-  t = segment_ids_bt.shape[1]
-  causal_tt = jnp.tril(jnp.ones((t, t), bool))
-  same_btt = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-  real_bt = segment_ids_bt != 0
-  mask = causal_tt[None] & same_btt & real_bt[:, None, :]
-  return (mask | jnp.eye(t, dtype=bool)[None])[:, None]
-
-
 def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
             positions_bt: jax.Array | None = None, segment_ids_bt: jax.Array | None = None,
             taps: Taps | None = None, return_hidden: bool = False,
@@ -164,7 +150,8 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
     tokens_bt: int token ids.
     positions_bt: RoPE positions; default `arange(T)` (restart per document when packing).
     segment_ids_bt: document ids for packed batches (0 = padding); None means one causal
-      sequence per row.
+      sequence per row. Attention takes them without a (T, T) mask where the kernel
+      (`cfg.attention_impl`) allows; padding positions' outputs are unspecified.
     taps: per-layer reductions of intermediate activations (names in `TAP_NAMES`).
     return_hidden: also return every layer's output, stacked `(L, B, T, D)`.
     remat: rematerialise each layer in the backward pass.
@@ -188,14 +175,17 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
   dt = jnp.dtype(cfg.dtype)
   x_btd = embed(params, cfg, tokens_bt)
   cos_bth, sin_bth = rope_tables(cfg, positions_bt, dt)
-  mask = None if segment_ids_bt is None else attention_mask(segment_ids_bt)
+
+  def attend(q_btnh, k_btkh, v_btkh):
+    return attention.attend(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=cfg.head_dim ** -0.5,
+                            impl=cfg.attention_impl)
 
   final_tap = taps.pop("final_norm", None)
   keep_l = jnp.ones((cfg.num_hidden_layers,), bool) if layer_mask is None else layer_mask
 
   def body(x, layer):
     lp, keep = layer
-    y, _, tapped = _block(cfg, lp, x, cos_bth, sin_bth, mask, None, taps)
+    y, _, tapped = _block(cfg, lp, x, cos_bth, sin_bth, attend, None, taps)
     y = jnp.where(keep, y, x) if layer_mask is not None else y
     return y, (y if return_hidden else None, tapped)
 
@@ -272,6 +262,10 @@ def forward_cached(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
   cos_bth, sin_bth = rope_tables(cfg, positions_bt, dt)
   zero = jnp.zeros((), jnp.int32)
 
+  def attend(q_btnh, k_bakh, v_bakh):  # a few queries over the cache: an explicit mask is small
+    return jax.nn.dot_product_attention(q_btnh, k_bakh, v_bakh, mask=mask_b1ta,
+                                        scale=cfg.head_dim ** -0.5)
+
   def body(carry, lp):
     x, k_lbskh, v_lbskh, layer = carry
 
@@ -284,7 +278,7 @@ def forward_cached(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
       v_bakh = jax.lax.dynamic_slice(v_lbskh2, start, size)[0].astype(dt)
       return k_bakh, v_bakh, (k_lbskh2, v_lbskh2)
 
-    y, (k_lbskh, v_lbskh), _ = _block(cfg, lp, x, cos_bth, sin_bth, mask_b1ta, kv_cache, {})
+    y, (k_lbskh, v_lbskh), _ = _block(cfg, lp, x, cos_bth, sin_bth, attend, kv_cache, {})
     return (y, k_lbskh, v_lbskh, layer + 1), None
 
   (x_btd, k, v, _), _ = jax.lax.scan(body, (x_btd, cache["k"], cache["v"], zero),
