@@ -7,6 +7,9 @@ activation inside the scan (importance estimation) without a second code path.
 
 Shape letters: B batch, T query length, S key length, D hidden, N query heads, K KV heads,
 H head dim, F MLP width, V vocab, L layers.
+
+Activations are pinned to the parameters' logical axes (`sharding.constrain`, by the same rules
+table) when a mesh is set, and left to XLA otherwise.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax import attention, axes
+from minitron_jax import attention, axes, sharding
 from minitron_jax.config import LlamaConfig, rope_inv_freq_and_scale
 
 Params = dict[str, Any]
 # name -> fn(activation) -> reduced value; applied per layer inside the scan.
 Taps = Mapping[str, Callable[[jax.Array], Any]]
+# Logical axes of activations (`sharding.RULES`).
+BTD = ("batch", "seq", axes.EMBED)
+BTNH = ("batch", "seq", axes.Q_HEADS, axes.HEAD_DIM)
+BTKH = ("batch", "seq", axes.KV_HEADS, axes.HEAD_DIM)
+BTF = ("batch", "seq", axes.MLP)
+BTV = ("batch", "seq", axes.VOCAB)
 # Per-layer taps (stacked over layers), plus "final_norm" (the normed input of the LM head).
 # Tokens per row whose logits exist at once in losses and scoring (`chunked_token_map`): at a
 # 128K vocabulary, 512 tokens of float32 logits are 256 MiB per row, against 4 GiB at T = 8192.
@@ -97,21 +106,24 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, attend, kv_cac
   q_btnh = jnp.einsum("BTD,DNH->BTNH", h_btd, weight(lp["q"], dt))
   k_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, weight(lp["k"], dt))
   v_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, weight(lp["v"], dt))
-  q_btnh = apply_rope(q_btnh, cos_bth, sin_bth)
-  k_btkh = apply_rope(k_btkh, cos_bth, sin_bth)
+  q_btnh = sharding.constrain(apply_rope(q_btnh, cos_bth, sin_bth), BTNH)
+  k_btkh = sharding.constrain(apply_rope(k_btkh, cos_bth, sin_bth), BTKH)
+  v_btkh = sharding.constrain(v_btkh, BTKH)
   new_cache = None
   if kv_cache is not None:
     k_btkh, v_btkh, new_cache = kv_cache(k_btkh, v_btkh)
-  attn_btnh = attend(q_btnh, k_btkh, v_btkh)
+  attn_btnh = sharding.constrain(attend(q_btnh, k_btkh, v_btkh), BTNH)
   tap("attn_heads", attn_btnh)
   x_btd = x_btd + jnp.einsum("BTNH,NHD->BTD", attn_btnh, weight(lp["o"], dt))
+  x_btd = sharding.constrain(x_btd, BTD)
   h_btd = rms_norm(x_btd, lp["mlp_norm"], cfg.rms_norm_eps)
   tap("mlp_in", h_btd)
   gate_btf = jnp.einsum("BTD,DF->BTF", h_btd, weight(lp["gate"], dt))
   up_btf = jnp.einsum("BTD,DF->BTF", h_btd, weight(lp["up"], dt))
-  act_btf = jax.nn.silu(gate_btf) * up_btf
+  act_btf = sharding.constrain(jax.nn.silu(gate_btf) * up_btf, BTF)
   tap("mlp_act", act_btf)
-  x_btd = x_btd + jnp.einsum("BTF,FD->BTD", act_btf, weight(lp["down"], dt))
+  x_btd = sharding.constrain(x_btd + jnp.einsum("BTF,FD->BTD", act_btf, weight(lp["down"], dt)),
+                             BTD)
   tap("block_out", x_btd)
   if "block_io" in taps:
     out["block_io"] = taps["block_io"]((x_in_btd, x_btd))
@@ -121,8 +133,10 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, attend, kv_cac
 def embed(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array) -> jax.Array:
   table = params["embed"]
   if hasattr(table, "take_rows"):  # quantized: dequantize only the gathered rows
-    return table.take_rows(tokens_bt, jnp.dtype(cfg.dtype))
-  return jnp.take(table, tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
+    x_btd = table.take_rows(tokens_bt, jnp.dtype(cfg.dtype))
+  else:
+    x_btd = jnp.take(table, tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
+  return sharding.constrain(x_btd, BTD)
 
 
 def unembed(params: Params, cfg: LlamaConfig, x_btd: jax.Array, normed: bool = False
@@ -134,7 +148,7 @@ def unembed(params: Params, cfg: LlamaConfig, x_btd: jax.Array, normed: bool = F
     logits = jnp.einsum("BTD,VD->BTV", x_btd, weight(params["embed"], x_btd.dtype))
   else:
     logits = jnp.einsum("BTD,DV->BTV", x_btd, weight(params["lm_head"], x_btd.dtype))
-  return logits.astype(jnp.float32)
+  return sharding.constrain(logits.astype(jnp.float32), BTV)
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,

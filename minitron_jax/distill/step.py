@@ -398,7 +398,8 @@ def compile_step(step_fn: Callable, state_sh, teacher_sh, mesh: Mesh, abstract_s
                     for k, s in batch_sh.items()}
   jitted = jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_sh),
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
-  compiled = jitted.lower(abstract_state, abstract_teacher, abstract_batch).compile()
+  with sharding.use_mesh(mesh):  # the model constrains its activations over the mesh
+    compiled = jitted.lower(abstract_state, abstract_teacher, abstract_batch).compile()
   try:
     mem = compiled.memory_analysis()
   except Exception:  # not every backend reports it
@@ -432,9 +433,14 @@ def make_eval_fn(model_cfg: LlamaConfig, cfg: TrainConfig, mesh: Mesh, params_sh
     return jnp.sum(per_bt * weights_b[:, None]), jnp.sum(weights_b) * per_bt.shape[1]
 
   rep = replicated(mesh)
-  return jax.jit(nll, in_shardings=(params_sh, NamedSharding(mesh, P(row, None)),
-                                    NamedSharding(mesh, P(row))),
-                 out_shardings=(rep, rep))
+  jitted = jax.jit(nll, in_shardings=(params_sh, NamedSharding(mesh, P(row, None)),
+                                      NamedSharding(mesh, P(row))),
+                   out_shardings=(rep, rep))
+
+  def call(*args):
+    with sharding.use_mesh(mesh):  # traced (once) with activation constraints over the mesh
+      return jitted(*args)
+  return call
 
 
 def evaluate_windows(eval_fn: Callable, params, windows: np.ndarray, batch: int, mesh: Mesh
