@@ -19,7 +19,10 @@ before it with the same segment id (0 = padding). Padding queries' outputs are u
 
 The Pallas kernels need the sequence in whole blocks, so T is zero-padded (segment id 0, after
 every real token, hence never attended to by a real query) and the outputs cut back. On CPU they
-run in Pallas' interpreter (`interpret=True`), which is how their parity is tested.
+run in Pallas' interpreter (`interpret=True`), which is how their parity is tested. XLA cannot
+partition a Pallas kernel, so when a mesh is set (`sharding.use_mesh`) they run under
+`shard_map`: rows split as the rules split "batch", heads as they split the head axes (when
+both the query and KV head counts divide), the sequence whole on every device.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from minitron_jax import axes, sharding
 from minitron_jax.config import ATTENTION_IMPLS
 
 
@@ -84,9 +89,24 @@ def attend(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
   interpret = jax.default_backend() == "cpu"
   if segment_ids_bt is None:
     segment_ids_bt = jnp.ones(q_btnh.shape[:2], jnp.int32)
-  if impl == "splash":
-    return _splash(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale, interpret)
-  return _pallas_gpu(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale, interpret)
+  kernel = functools.partial(_splash if impl == "splash" else _pallas_gpu, scale=scale,
+                             interpret=interpret)
+  mesh = sharding.active_mesh()
+  if mesh is None:
+    return kernel(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+  return _shard_mapped(kernel, mesh, q_btnh, k_btkh, v_btkh, segment_ids_bt)
+
+
+def _shard_mapped(kernel, mesh, q_btnh, k_btkh, v_btkh, seg_bt):
+  """`kernel` per device: rows and heads split by the rules, each device's sequence whole."""
+  q_spec = sharding.activation_spec(q_btnh.shape, ("batch", None, axes.Q_HEADS, None), mesh)
+  k_spec = sharding.activation_spec(k_btkh.shape, ("batch", None, axes.KV_HEADS, None), mesh)
+  if q_spec[2] != k_spec[2]:  # one head count does not divide: keep the groups whole
+    q_spec = P(q_spec[0], None, None, None)
+    k_spec = P(k_spec[0], None, None, None)
+  seg_spec = P(q_spec[0], None)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, seg_spec),
+                       out_specs=q_spec, check_vma=False)(q_btnh, k_btkh, v_btkh, seg_bt)
 
 
 def _pad_tokens(block: int, *xs_bt):
@@ -117,7 +137,7 @@ def _splash_kernel(t: int, groups: int, block: int, interpret: bool):
     return sa.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
-def _splash(q_btnh, k_btkh, v_btkh, seg_bt, scale, interpret):
+def _splash(q_btnh, k_btkh, v_btkh, seg_bt, *, scale, interpret):
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
   b, t, n, h = q_btnh.shape
@@ -139,7 +159,7 @@ def _splash(q_btnh, k_btkh, v_btkh, seg_bt, scale, interpret):
   return out_btnh[:, :t].astype(q_btnh.dtype)
 
 
-def _pallas_gpu(q_btnh, k_btkh, v_btkh, seg_bt, scale, interpret):
+def _pallas_gpu(q_btnh, k_btkh, v_btkh, seg_bt, *, scale, interpret):
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
   t, n = q_btnh.shape[1], q_btnh.shape[2]

@@ -60,6 +60,12 @@ def worker(mesh_spec: str) -> dict:
   compiled = lowered.compile()
   logits, hidden = compiled(*args)
   batch = sharding.logical_to_spec(("batch",), mesh=mesh)[0]
+  # The Pallas splash kernel (interpreted on CPU) under shard_map over the same mesh.
+  splash = jax.jit(_forward(cfg.replace(attention_impl="splash")),
+                   in_shardings=(p_sh, b_sh, b_sh, b_sh))
+  with sharding.use_mesh(mesh):
+    splash_logits, _ = splash(*args)
+  real = segs != 0
 
   def constraints(text):  # Shardy's op, or GSPMD's custom call
     return text.count("sdy.sharding_constraint") + text.count("@Sharding")
@@ -74,6 +80,8 @@ def worker(mesh_spec: str) -> dict:
       "hlo": compiled.as_text(),
       "max_diff": max(float(jnp.max(jnp.abs(jnp.asarray(a) - jnp.asarray(b))))
                       for a, b in zip((logits, hidden), single)),
+      "splash_max_diff": float(np.max(np.abs(np.asarray(splash_logits)[real]
+                                             - np.asarray(single[0])[real]))),
   }
 
 
@@ -97,6 +105,7 @@ def test_activations_are_constrained_by_the_rules_on_8_devices(tmp_path):
   # Per device: rows over data x fsdp (8 / 4), the 128-wide MLP over tensor (64).
   assert "f32[2,16,64]" in res["hlo"]
   assert res["max_diff"] <= 1e-5
+  assert res["splash_max_diff"] <= 1e-5  # real tokens; padding outputs are unspecified
 
 
 def test_fsdp_only_mesh_equals_one_device(tmp_path):
