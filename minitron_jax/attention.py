@@ -43,7 +43,7 @@ def resolve_impl(impl: str, packed: bool, platform: str | None = None) -> str:
     raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
   if impl != "auto":
     return impl
-  platform = platform or jax.default_backend()
+  platform = platform or sharding.mesh_platform()
   if platform == "tpu":
     return "splash"
   if platform in ("gpu", "cuda", "rocm"):
@@ -86,7 +86,7 @@ def attend(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
                        "'pallas_gpu' or 'auto'")
     return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True, scale=scale,
                                         implementation="cudnn")
-  interpret = jax.default_backend() == "cpu"
+  interpret = sharding.mesh_platform() == "cpu"
   if segment_ids_bt is None:
     segment_ids_bt = jnp.ones(q_btnh.shape[:2], jnp.int32)
   kernel = functools.partial(_splash if impl == "splash" else _pallas_gpu, scale=scale,
@@ -123,7 +123,6 @@ def _block_size(t: int, largest: int) -> int:
   return min(largest, -(-t // 128) * 128)
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(t: int, groups: int, block: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -131,10 +130,8 @@ def _splash_kernel(t: int, groups: int, block: int, interpret: bool):
   sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                         block_q_dq=block, block_kv_dq=block)
-  # The block-sparsity tables are concrete constants, not values of the trace that first
-  # built them (the kernel is cached across traces).
-  with jax.ensure_compile_time_eval():
-    return sa.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+  # Built per trace, not cached: its block-sparsity tables become constants of this trace.
+  return sa.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
 def _splash(q_btnh, k_btkh, v_btkh, seg_bt, *, scale, interpret):

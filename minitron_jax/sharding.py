@@ -8,7 +8,9 @@ The same code runs on one CPU (a 1x1x1 mesh), one GPU, or a multi-host pod.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import Mapping, Sequence
 
 import jax
@@ -127,9 +129,25 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules=RULES) -> jax.Arr
   return jax.lax.with_sharding_constraint(x, activation_spec(x.shape, names, mesh, rules))
 
 
+_PLATFORM = threading.local()
+
+
+@contextlib.contextmanager
 def use_mesh(mesh: Mesh):
-  """Context in which traced model code constrains its activations over `mesh`."""
-  return jax.set_mesh(mesh)
+  """Context in which traced model code constrains its activations over `mesh` and knows the
+  platform it is compiled for (`mesh_platform`), e.g. TPUs compiled for from a CPU host."""
+  previous = getattr(_PLATFORM, "value", None)
+  _PLATFORM.value = mesh.devices.flat[0].platform
+  try:
+    with jax.set_mesh(mesh):
+      yield mesh
+  finally:
+    _PLATFORM.value = previous
+
+
+def mesh_platform() -> str:
+  """The platform of the mesh set by `use_mesh`, else the default backend."""
+  return getattr(_PLATFORM, "value", None) or jax.default_backend()
 
 
 def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules=RULES, params=None) -> dict:
