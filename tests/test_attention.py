@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from minitron_jax import attention as A, config, model as M
+from minitron_jax.distill import step as train
 
 
 def _qkv(seed, b=2, t=37, n=4, k=2, h=16):
@@ -91,6 +92,8 @@ def test_auto_picks_by_backend_and_bad_choices_are_refused():
     A.resolve_impl("flash", True)
   with pytest.raises(config.ConfigError, match="attention_impl"):
     config.preset("tiny", attention_impl="flash")
+  with pytest.raises(ValueError, match="attention_impl"):
+    train.TrainConfig(attention_impl="flash")
   q, k, v, seg = _qkv(0)
   with pytest.raises(ValueError, match="no segment ids"):
     A.attend(q, k, v, seg, scale=0.25, impl="cudnn")

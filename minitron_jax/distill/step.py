@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from minitron_jax import model as M, sharding
 from minitron_jax.distill import losses as distill
-from minitron_jax.config import LlamaConfig
+from minitron_jax.config import ATTENTION_IMPLS, LlamaConfig
 
 MODES = ("distill", "teacher_correction")
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
@@ -57,6 +57,8 @@ class TrainConfig:
       (student and teacher, forward and backward; `model.chunked_token_map`); 0 = the whole
       sequence. Exact either way; smaller saves memory (B x chunk x V floats instead of
       B x T x V) at the cost of a recomputed vocabulary projection in the backward pass.
+    attention_impl: attention kernel of student and teacher (`config.ATTENTION_IMPLS`; "auto"
+      picks by platform: splash on TPU, Pallas/cuDNN flash on GPU, XLA on CPU).
     seed: data order and the projection's initialisation.
     mesh: device mesh, e.g. "data:2,fsdp:2,tensor:2" (-1 = the remaining devices).
     save_every: checkpoint every N updates (0 = only at the end and on SIGTERM).
@@ -89,6 +91,7 @@ class TrainConfig:
   dtype: str = "bfloat16"
   remat: bool = False
   logits_chunk: int = M.LOGITS_CHUNK
+  attention_impl: str = "auto"
   seed: int = 0
   mesh: str = "data:-1"
   save_every: int = 100
@@ -122,6 +125,9 @@ class TrainConfig:
                        f"min_lr={self.min_lr}")
     if self.weight_decay < 0 or self.grad_clip < 0:
       raise ValueError("weight_decay and grad_clip must be >= 0")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
+                       f"got {self.attention_impl!r}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -282,8 +288,9 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
     optimizer: from `make_optimizer(cfg)`.
     grad_shardings: sharding of `state["params"]`, to pin the gradient accumulator.
   """
-  mcfg = model_cfg.replace(dtype=cfg.dtype)
-  tcfg = teacher_cfg.replace(dtype=cfg.dtype) if teacher_cfg is not None else None
+  mcfg = model_cfg.replace(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
+  tcfg = (teacher_cfg.replace(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
+          if teacher_cfg is not None else None)
   hidden = dcfg is not None and dcfg.needs_hidden
   dynamic = hidden and dcfg.hidden_weight is None
 
@@ -424,7 +431,7 @@ def format_memory(mem) -> str:
 
 def make_eval_fn(model_cfg: LlamaConfig, cfg: TrainConfig, mesh: Mesh, params_sh) -> Callable:
   """Jitted `(model_params, windows_bt, weights_b) -> (nll sum, predicted tokens)`."""
-  mcfg = model_cfg.replace(dtype=cfg.dtype)
+  mcfg = model_cfg.replace(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
   row = sharding.logical_to_spec(("batch",), mesh=mesh)[0]
 
   def nll(params, windows_bt, weights_b):
