@@ -1,6 +1,11 @@
 """Attention kernels that take segment ids equal the masked XLA reference (Pallas kernels run in
 the interpreter on CPU): packed rows, padding, GQA, odd lengths; values and gradients."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,3 +102,39 @@ def test_auto_picks_by_backend_and_bad_choices_are_refused():
   q, k, v, seg = _qkv(0)
   with pytest.raises(ValueError, match="no segment ids"):
     A.attend(q, k, v, seg, scale=0.25, impl="cudnn")
+
+
+_TPU_COMPILE = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from minitron_jax import attention as A, sharding
+devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+mesh = Mesh(np.array(devices).reshape(2, 1, 2), sharding.MESH_AXES)
+q = jax.ShapeDtypeStruct((4, 1000, 8, 128), jnp.bfloat16, sharding=NamedSharding(
+    mesh, P("data", None, "tensor", None)))
+kv = jax.ShapeDtypeStruct((4, 1000, 2, 128), jnp.bfloat16, sharding=NamedSharding(
+    mesh, P("data", None, "tensor", None)))
+seg = jax.ShapeDtypeStruct((4, 1000), jnp.int32, sharding=NamedSharding(mesh, P("data", None)))
+f = jax.jit(jax.value_and_grad(lambda q, k, v, s: jnp.sum(
+    A.attend(q, k, v, s, scale=128 ** -0.5).astype(jnp.float32)), argnums=(0, 1, 2)))
+with sharding.use_mesh(mesh):
+  lowered = f.lower(q, kv, kv, seg)
+assert "tpu_custom_call" in lowered.as_text()  # the splash kernel, not the XLA fallback
+lowered.compile()
+print("COMPILED")
+"""
+
+
+def test_splash_compiles_for_a_tpu_topology_under_a_mesh():
+  """Ahead-of-time, from this host: "auto" picks splash for TPU devices and the kernel lowers
+  and compiles inside shard_map (needs libtpu, e.g. `pip install "jax[tpu]"`)."""
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+  env.pop("JAX_PLATFORMS", None)
+  proc = subprocess.run([sys.executable, "-c", _TPU_COMPILE], env=env, cwd=root,
+                        capture_output=True, text=True, timeout=600)
+  assert "COMPILED" in proc.stdout, proc.stderr[-3000:]
