@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from minitron_jax import model as M, sharding
 from minitron_jax.distill import losses as distill
-from minitron_jax.config import LlamaConfig
+from minitron_jax.config import ATTENTION_IMPLS, LlamaConfig
 
 MODES = ("distill", "teacher_correction")
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
@@ -53,6 +53,12 @@ class TrainConfig:
     dtype: compute dtype; parameters and optimizer state stay float32.
     remat: recompute each layer's activations in the backward pass (less memory, ~1/3 more
       compute).
+    logits_chunk: tokens per row whose logits exist at once in the losses and evaluation
+      (student and teacher, forward and backward; `model.chunked_token_map`); 0 = the whole
+      sequence. Exact either way; smaller saves memory (B x chunk x V floats instead of
+      B x T x V) at the cost of a recomputed vocabulary projection in the backward pass.
+    attention_impl: attention kernel of student and teacher (`config.ATTENTION_IMPLS`; "auto"
+      picks by platform: splash on TPU, Pallas/cuDNN flash on GPU, XLA on CPU).
     seed: data order and the projection's initialisation.
     mesh: device mesh, e.g. "data:2,fsdp:2,tensor:2" (-1 = the remaining devices).
     save_every: checkpoint every N updates (0 = only at the end and on SIGTERM).
@@ -84,6 +90,8 @@ class TrainConfig:
   grad_clip: float = 1.0
   dtype: str = "bfloat16"
   remat: bool = False
+  logits_chunk: int = M.LOGITS_CHUNK
+  attention_impl: str = "auto"
   seed: int = 0
   mesh: str = "data:-1"
   save_every: int = 100
@@ -103,7 +111,7 @@ class TrainConfig:
                  "keep_checkpoints"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-    for name in ("warmup_steps", "save_every", "eval_every"):
+    for name in ("warmup_steps", "save_every", "eval_every", "logits_chunk"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if self.seq_len < 2:
@@ -117,6 +125,9 @@ class TrainConfig:
                        f"min_lr={self.min_lr}")
     if self.weight_decay < 0 or self.grad_clip < 0:
       raise ValueError("weight_decay and grad_clip must be >= 0")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
+                       f"got {self.attention_impl!r}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -277,32 +288,37 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
     optimizer: from `make_optimizer(cfg)`.
     grad_shardings: sharding of `state["params"]`, to pin the gradient accumulator.
   """
-  mcfg = model_cfg.replace(dtype=cfg.dtype)
-  tcfg = teacher_cfg.replace(dtype=cfg.dtype) if teacher_cfg is not None else None
+  mcfg = model_cfg.replace(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
+  tcfg = (teacher_cfg.replace(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
+          if teacher_cfg is not None else None)
   hidden = dcfg is not None and dcfg.needs_hidden
   dynamic = hidden and dcfg.hidden_weight is None
 
   def forward(params, teacher_params, mb):
+    # Final-normed states, not logits: the losses project them `logits_chunk` tokens at a time.
     out = M.forward(params["model"], mcfg, mb["tokens"], positions_bt=mb["positions"],
-                    segment_ids_bt=mb["segment_ids"], return_hidden=hidden, remat=cfg.remat)
+                    segment_ids_bt=mb["segment_ids"], return_hidden=hidden, remat=cfg.remat,
+                    logits=False)
+    head = distill.Head(params["model"], mcfg, cfg.logits_chunk)
     if cfg.mode == "teacher_correction":
-      return out, None
-    t_out = M.forward(jax.lax.stop_gradient(teacher_params), tcfg, mb["tokens"],
-                      positions_bt=mb["positions"], segment_ids_bt=mb["segment_ids"],
-                      return_hidden=hidden)
-    return out, jax.lax.stop_gradient(t_out)
+      return out, None, (head, None)
+    teacher_params = jax.lax.stop_gradient(teacher_params)
+    t_out = M.forward(teacher_params, tcfg, mb["tokens"], positions_bt=mb["positions"],
+                      segment_ids_bt=mb["segment_ids"], return_hidden=hidden, logits=False)
+    t_head = distill.Head(teacher_params, tcfg, cfg.logits_chunk)
+    return out, jax.lax.stop_gradient(t_out), (head, t_head)
 
   def micro_loss(params, teacher_params, mb, norm):
-    out, t_out = forward(params, teacher_params, mb)
+    out, t_out, heads = forward(params, teacher_params, mb)
     if cfg.mode == "teacher_correction":
-      return distill.lm_loss(out["logits"], mb["tokens"], mb["segment_ids"], norm)
+      return distill.lm_loss(out, mb["tokens"], mb["segment_ids"], norm, head=heads[0])
     return distill.distillation_loss(out, t_out, mb["tokens"], mb["segment_ids"],
-                                     params.get("proj"), dcfg, norm)
+                                     params.get("proj"), dcfg, norm, heads)
 
   def micro_terms(params, teacher_params, mb, norm):
-    out, t_out = forward(params, teacher_params, mb)
+    out, t_out, heads = forward(params, teacher_params, mb)
     terms, metrics = distill.distillation_terms(out, t_out, mb["tokens"], mb["segment_ids"],
-                                                params.get("proj"), dcfg, norm)
+                                                params.get("proj"), dcfg, norm, heads)
     return (terms.rest, terms.hidden), metrics
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -389,7 +405,8 @@ def compile_step(step_fn: Callable, state_sh, teacher_sh, mesh: Mesh, abstract_s
                     for k, s in batch_sh.items()}
   jitted = jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_sh),
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
-  compiled = jitted.lower(abstract_state, abstract_teacher, abstract_batch).compile()
+  with sharding.use_mesh(mesh):  # the model constrains its activations over the mesh
+    compiled = jitted.lower(abstract_state, abstract_teacher, abstract_batch).compile()
   try:
     mem = compiled.memory_analysis()
   except Exception:  # not every backend reports it
@@ -414,18 +431,23 @@ def format_memory(mem) -> str:
 
 def make_eval_fn(model_cfg: LlamaConfig, cfg: TrainConfig, mesh: Mesh, params_sh) -> Callable:
   """Jitted `(model_params, windows_bt, weights_b) -> (nll sum, predicted tokens)`."""
-  mcfg = model_cfg.replace(dtype=cfg.dtype)
+  mcfg = model_cfg.replace(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
   row = sharding.logical_to_spec(("batch",), mesh=mesh)[0]
 
   def nll(params, windows_bt, weights_b):
-    logits = M.forward(params, mcfg, windows_bt[:, :-1])["logits"]
-    per_bt = M.token_nll_bt(logits, windows_bt[:, 1:])
+    normed = M.forward(params, mcfg, windows_bt[:, :-1], logits=False)["normed"]
+    per_bt = M.token_scores_bt(params, mcfg, normed, windows_bt[:, 1:], cfg.logits_chunk)[0]
     return jnp.sum(per_bt * weights_b[:, None]), jnp.sum(weights_b) * per_bt.shape[1]
 
   rep = replicated(mesh)
-  return jax.jit(nll, in_shardings=(params_sh, NamedSharding(mesh, P(row, None)),
-                                    NamedSharding(mesh, P(row))),
-                 out_shardings=(rep, rep))
+  jitted = jax.jit(nll, in_shardings=(params_sh, NamedSharding(mesh, P(row, None)),
+                                      NamedSharding(mesh, P(row))),
+                   out_shardings=(rep, rep))
+
+  def call(*args):
+    with sharding.use_mesh(mesh):  # traced (once) with activation constraints over the mesh
+      return jitted(*args)
+  return call
 
 
 def evaluate_windows(eval_fn: Callable, params, windows: np.ndarray, batch: int, mesh: Mesh
