@@ -77,6 +77,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"],
 _EXPORT_DTYPE = flags.DEFINE_enum("export_dtype", None, ["float32", "bfloat16", "float16"],
                                   "Dtype of the exported weights (default: the input's).")
 _REMAT = flags.DEFINE_bool("remat", False, "Recompute layer activations in the backward pass.")
+_CHUNK = flags.DEFINE_integer("logits_chunk", 512, "Tokens per row whose logits exist at once "
+                              "in the losses (0 = the whole sequence).", lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", 0, "Data order and projection init.")
 _COORD = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.",
@@ -100,9 +102,9 @@ def main(argv):
       mode=_MODE.value, steps=_STEPS.value, global_batch_size=_GBS.value,
       micro_batch_size=_MBS.value, seq_len=_SEQ.value, lr=_LR.value, min_lr=_MIN_LR.value,
       warmup_steps=_WARMUP.value, weight_decay=_WD.value, grad_clip=_CLIP.value,
-      dtype=_DTYPE.value, remat=_REMAT.value, seed=_SEED.value, mesh=_MESH.value,
-      save_every=_SAVE.value, keep_checkpoints=_KEEP.value, eval_every=_EVAL.value,
-      eval_windows=_EVAL_WIN.value, log_every=_LOG.value,
+      dtype=_DTYPE.value, remat=_REMAT.value, logits_chunk=_CHUNK.value, seed=_SEED.value,
+      mesh=_MESH.value, save_every=_SAVE.value, keep_checkpoints=_KEEP.value,
+      eval_every=_EVAL.value, eval_windows=_EVAL_WIN.value, log_every=_LOG.value,
       allow_schedule_change=_SCHEDULE.value,
       crash_after_save_step=_CRASH.value)
   dcfg = distill.DistillConfig(

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
+# How attention runs (see `attention.py`): "auto" picks by backend.
+ATTENTION_IMPLS = ("auto", "xla", "splash", "pallas_gpu", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -81,6 +83,7 @@ class LlamaConfig:
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
   dtype: str = "float32"  # compute dtype; not part of the checkpoint
+  attention_impl: str = "auto"  # attention kernel (ATTENTION_IMPLS); not part of the checkpoint
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -96,6 +99,9 @@ class LlamaConfig:
       raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
     if self.dtype not in DTYPES:
       raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
+                        f"got {self.attention_impl!r}")
     if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
       raise ConfigError("rms_norm_eps and rope_theta must be positive")
 

@@ -7,6 +7,9 @@ activation inside the scan (importance estimation) without a second code path.
 
 Shape letters: B batch, T query length, S key length, D hidden, N query heads, K KV heads,
 H head dim, F MLP width, V vocab, L layers.
+
+Activations are pinned to the parameters' logical axes (`sharding.constrain`, by the same rules
+table) when a mesh is set, and left to XLA otherwise.
 """
 
 from __future__ import annotations
@@ -17,13 +20,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax import axes
+from minitron_jax import attention, axes, sharding
 from minitron_jax.config import LlamaConfig, rope_inv_freq_and_scale
 
 Params = dict[str, Any]
 # name -> fn(activation) -> reduced value; applied per layer inside the scan.
 Taps = Mapping[str, Callable[[jax.Array], Any]]
+# Logical axes of activations (`sharding.RULES`).
+BTD = ("batch", "seq", axes.EMBED)
+BTNH = ("batch", "seq", axes.Q_HEADS, axes.HEAD_DIM)
+BTKH = ("batch", "seq", axes.KV_HEADS, axes.HEAD_DIM)
+BTF = ("batch", "seq", axes.MLP)
+BTV = ("batch", "seq", axes.VOCAB)
 # Per-layer taps (stacked over layers), plus "final_norm" (the normed input of the LM head).
+# Tokens per row whose logits exist at once in losses and scoring (`chunked_token_map`): at a
+# 128K vocabulary, 512 tokens of float32 logits are 256 MiB per row, against 4 GiB at T = 8192.
+LOGITS_CHUNK = 512
 TAP_NAMES = ("block_in", "attn_in", "attn_heads", "mlp_in", "mlp_act", "block_out", "block_io",
              "final_norm")
 
@@ -72,12 +84,13 @@ def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax
   return x_btnh * cos_bth[:, :, None, :] + rot * sin_bth[:, :, None, :]
 
 
-def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, mask_b1ts, kv_cache,
+def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, attend, kv_cache,
            taps: Taps):
   """One decoder layer. Returns (x_btd, the updated cache or None, tap outputs).
 
-  `kv_cache`, when given, maps this step's (k_btkh, v_btkh) to (keys, values to attend to,
-  updated cache); see `forward_cached`.
+  `attend(q_btnh, k_bskh, v_bskh)` is the attention (see `attention.attend`). `kv_cache`,
+  when given, maps this step's (k_btkh, v_btkh) to (keys, values to attend to, updated
+  cache); see `forward_cached`.
   """
   dt = x_btd.dtype
   out = {}
@@ -93,23 +106,24 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, mask_b1ts, kv_
   q_btnh = jnp.einsum("BTD,DNH->BTNH", h_btd, weight(lp["q"], dt))
   k_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, weight(lp["k"], dt))
   v_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, weight(lp["v"], dt))
-  q_btnh = apply_rope(q_btnh, cos_bth, sin_bth)
-  k_btkh = apply_rope(k_btkh, cos_bth, sin_bth)
+  q_btnh = sharding.constrain(apply_rope(q_btnh, cos_bth, sin_bth), BTNH)
+  k_btkh = sharding.constrain(apply_rope(k_btkh, cos_bth, sin_bth), BTKH)
+  v_btkh = sharding.constrain(v_btkh, BTKH)
   new_cache = None
   if kv_cache is not None:
     k_btkh, v_btkh, new_cache = kv_cache(k_btkh, v_btkh)
-  attn_btnh = jax.nn.dot_product_attention(
-      q_btnh, k_btkh, v_btkh, mask=mask_b1ts, is_causal=mask_b1ts is None,
-      scale=cfg.head_dim ** -0.5)
+  attn_btnh = sharding.constrain(attend(q_btnh, k_btkh, v_btkh), BTNH)
   tap("attn_heads", attn_btnh)
   x_btd = x_btd + jnp.einsum("BTNH,NHD->BTD", attn_btnh, weight(lp["o"], dt))
+  x_btd = sharding.constrain(x_btd, BTD)
   h_btd = rms_norm(x_btd, lp["mlp_norm"], cfg.rms_norm_eps)
   tap("mlp_in", h_btd)
   gate_btf = jnp.einsum("BTD,DF->BTF", h_btd, weight(lp["gate"], dt))
   up_btf = jnp.einsum("BTD,DF->BTF", h_btd, weight(lp["up"], dt))
-  act_btf = jax.nn.silu(gate_btf) * up_btf
+  act_btf = sharding.constrain(jax.nn.silu(gate_btf) * up_btf, BTF)
   tap("mlp_act", act_btf)
-  x_btd = x_btd + jnp.einsum("BTF,FD->BTD", act_btf, weight(lp["down"], dt))
+  x_btd = sharding.constrain(x_btd + jnp.einsum("BTF,FD->BTD", act_btf, weight(lp["down"], dt)),
+                             BTD)
   tap("block_out", x_btd)
   if "block_io" in taps:
     out["block_io"] = taps["block_io"]((x_in_btd, x_btd))
@@ -119,8 +133,10 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, mask_b1ts, kv_
 def embed(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array) -> jax.Array:
   table = params["embed"]
   if hasattr(table, "take_rows"):  # quantized: dequantize only the gathered rows
-    return table.take_rows(tokens_bt, jnp.dtype(cfg.dtype))
-  return jnp.take(table, tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
+    x_btd = table.take_rows(tokens_bt, jnp.dtype(cfg.dtype))
+  else:
+    x_btd = jnp.take(table, tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
+  return sharding.constrain(x_btd, BTD)
 
 
 def unembed(params: Params, cfg: LlamaConfig, x_btd: jax.Array, normed: bool = False
@@ -132,26 +148,14 @@ def unembed(params: Params, cfg: LlamaConfig, x_btd: jax.Array, normed: bool = F
     logits = jnp.einsum("BTD,VD->BTV", x_btd, weight(params["embed"], x_btd.dtype))
   else:
     logits = jnp.einsum("BTD,DV->BTV", x_btd, weight(params["lm_head"], x_btd.dtype))
-  return logits.astype(jnp.float32)
-
-
-def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
-  """Causal mask within segments, (B, 1, T, T). Segment 0 is padding.
-
-  A padding query attends to itself only, so its (discarded) output stays finite.
-  """
-  t = segment_ids_bt.shape[1]
-  causal_tt = jnp.tril(jnp.ones((t, t), bool))
-  same_btt = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-  real_bt = segment_ids_bt != 0
-  mask = causal_tt[None] & same_btt & real_bt[:, None, :]
-  return (mask | jnp.eye(t, dtype=bool)[None])[:, None]
+  return sharding.constrain(logits.astype(jnp.float32), BTV)
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
             positions_bt: jax.Array | None = None, segment_ids_bt: jax.Array | None = None,
             taps: Taps | None = None, return_hidden: bool = False,
-            remat: bool = False, layer_mask: jax.Array | None = None) -> dict[str, Any]:
+            remat: bool = False, layer_mask: jax.Array | None = None,
+            logits: bool = True) -> dict[str, Any]:
   """Full-sequence forward.
 
   Args:
@@ -160,16 +164,20 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
     tokens_bt: int token ids.
     positions_bt: RoPE positions; default `arange(T)` (restart per document when packing).
     segment_ids_bt: document ids for packed batches (0 = padding); None means one causal
-      sequence per row.
+      sequence per row. Attention takes them without a (T, T) mask where the kernel
+      (`cfg.attention_impl`) allows; padding positions' outputs are unspecified.
     taps: per-layer reductions of intermediate activations (names in `TAP_NAMES`).
     return_hidden: also return every layer's output, stacked `(L, B, T, D)`.
     remat: rematerialise each layer in the backward pass.
     layer_mask: optional (L,) bool; a False layer is skipped (its input passes through), which
       equals removing it, without a new compile per choice of layers.
+    logits: False returns the final-normed states `normed` (B, T, D) instead of `logits`, for
+      losses that project them a chunk of tokens at a time (`chunked_token_map`) and so never
+      hold the whole (B, T, V).
 
   Returns:
-    dict with `logits` (B, T, V) float32, `embeddings` (B, T, D), and optionally
-    `hidden` (L, B, T, D) and `taps` (name -> value stacked over layers).
+    dict with `logits` (B, T, V) float32 (or `normed`), `embeddings` (B, T, D), and
+    optionally `hidden` (L, B, T, D) and `taps` (name -> value stacked over layers).
   """
   taps = dict(taps or {})
   unknown = set(taps) - set(TAP_NAMES)
@@ -181,14 +189,17 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
   dt = jnp.dtype(cfg.dtype)
   x_btd = embed(params, cfg, tokens_bt)
   cos_bth, sin_bth = rope_tables(cfg, positions_bt, dt)
-  mask = None if segment_ids_bt is None else attention_mask(segment_ids_bt)
+
+  def attend(q_btnh, k_btkh, v_btkh):
+    return attention.attend(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=cfg.head_dim ** -0.5,
+                            impl=cfg.attention_impl)
 
   final_tap = taps.pop("final_norm", None)
   keep_l = jnp.ones((cfg.num_hidden_layers,), bool) if layer_mask is None else layer_mask
 
   def body(x, layer):
     lp, keep = layer
-    y, _, tapped = _block(cfg, lp, x, cos_bth, sin_bth, mask, None, taps)
+    y, _, tapped = _block(cfg, lp, x, cos_bth, sin_bth, attend, None, taps)
     y = jnp.where(keep, y, x) if layer_mask is not None else y
     return y, (y if return_hidden else None, tapped)
 
@@ -196,7 +207,11 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
     body = jax.checkpoint(body)
   x_last, (hidden, tapped) = jax.lax.scan(body, x_btd, (params["layers"], keep_l))
   normed_btd = rms_norm(x_last, params["final_norm"], cfg.rms_norm_eps)
-  out = {"logits": unembed(params, cfg, normed_btd, normed=True), "embeddings": x_btd}
+  out = {"embeddings": x_btd}
+  if logits:
+    out["logits"] = unembed(params, cfg, normed_btd, normed=True)
+  else:
+    out["normed"] = normed_btd
   if final_tap is not None:
     tapped["final_norm"] = final_tap(normed_btd)
   if return_hidden:
@@ -261,6 +276,10 @@ def forward_cached(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
   cos_bth, sin_bth = rope_tables(cfg, positions_bt, dt)
   zero = jnp.zeros((), jnp.int32)
 
+  def attend(q_btnh, k_bakh, v_bakh):  # a few queries over the cache: an explicit mask is small
+    return jax.nn.dot_product_attention(q_btnh, k_bakh, v_bakh, mask=mask_b1ta,
+                                        scale=cfg.head_dim ** -0.5)
+
   def body(carry, lp):
     x, k_lbskh, v_lbskh, layer = carry
 
@@ -273,7 +292,7 @@ def forward_cached(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
       v_bakh = jax.lax.dynamic_slice(v_lbskh2, start, size)[0].astype(dt)
       return k_bakh, v_bakh, (k_lbskh2, v_lbskh2)
 
-    y, (k_lbskh, v_lbskh), _ = _block(cfg, lp, x, cos_bth, sin_bth, mask_b1ta, kv_cache, {})
+    y, (k_lbskh, v_lbskh), _ = _block(cfg, lp, x, cos_bth, sin_bth, attend, kv_cache, {})
     return (y, k_lbskh, v_lbskh, layer + 1), None
 
   (x_btd, k, v, _), _ = jax.lax.scan(body, (x_btd, cache["k"], cache["v"], zero),
@@ -292,3 +311,44 @@ def token_nll_bt(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:
   task scoring and importance all use."""
   logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
   return -jnp.take_along_axis(logp_btv, labels_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def chunked_token_map(fn: Callable[..., Any], chunk: int, *args_bt: jax.Array) -> Any:
+  """`fn` over chunks of `chunk` tokens, one at a time: fn(*args_bt) without its peak memory.
+
+  `fn` maps arrays whose axis 1 is tokens (B, c, ...) to a pytree of per-token values (B, c)
+  and must treat tokens independently (e.g. project to logits, then a per-token loss). The
+  chunks run in a `lax.scan` whose body is under `jax.checkpoint`, so neither the forward nor
+  the backward pass holds more than one chunk's intermediates (the (B, c, V) logits): the
+  backward recomputes them chunk by chunk. The token axis is zero-padded to a multiple of
+  `chunk` and the padding's values are dropped. `chunk` <= 0 or >= T: one call of `fn`.
+  """
+  t = args_bt[0].shape[1]
+  if chunk <= 0 or chunk >= t:
+    return fn(*args_bt)
+  n = -(-t // chunk)
+
+  def split(x):  # (B, T, ...) -> (n, B, c, ...), zero-padded
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, n * chunk - t)
+    x = jnp.pad(x, pad)
+    x = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  def body(_, xs):
+    return None, fn(*xs)
+
+  _, out = jax.lax.scan(jax.checkpoint(body), None, tuple(split(x) for x in args_bt))
+  # (n, B, c) -> (B, n * c) -> (B, T)
+  return jax.tree_util.tree_map(
+      lambda y: jnp.moveaxis(y, 0, 1).reshape(y.shape[1], n * chunk, *y.shape[3:])[:, :t], out)
+
+
+def token_scores_bt(params: Params, cfg: LlamaConfig, normed_btd: jax.Array,
+                    labels_bt: jax.Array, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Next-token NLL (`token_nll_bt`) and whether the label is the argmax, both (B, T), from
+  the final-normed states (`forward(..., logits=False)`), `chunk` tokens of logits at a time."""
+  def score(x_bcd, labels_bc):
+    logits_bcv = unembed(params, cfg, x_bcd, normed=True)
+    return token_nll_bt(logits_bcv, labels_bc), jnp.argmax(logits_bcv, axis=-1) == labels_bc
+  return chunked_token_map(score, chunk, normed_btd, labels_bt)

@@ -1,6 +1,8 @@
 """Everything about device placement: mesh, logical-axis rules, shardings, multi-host init.
 
 Parameters carry logical axis names (`axes.PARAM_SPECS`); `RULES` maps each to a mesh axis.
+Activations are constrained inside the model by the same rules (`constrain`, with "batch" and
+"seq" besides the parameter names) whenever a mesh is set (`jax.set_mesh`, see `use_mesh`).
 The same code runs on one CPU (a 1x1x1 mesh), one GPU, or a multi-host pod.
 """
 
@@ -105,6 +107,35 @@ def _divisible(shape, spec: P, mesh: Mesh) -> P:
     size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
     out.append(s if size and dim % size == 0 else None)
   return P(*out)
+
+
+def active_mesh():
+  """The mesh set by `jax.set_mesh` (abstract while tracing), or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  # Inside shard_map the caller places data by hand: nothing to constrain there.
+  return None if mesh.empty or mesh.manual_axes else mesh
+
+
+def activation_spec(shape: Sequence[int], names: Sequence[str | None], mesh, rules=RULES) -> P:
+  """PartitionSpec of an activation with logical axis names, on `mesh` (divisible axes only)."""
+  return _divisible(shape, logical_to_spec(names, rules, mesh), mesh)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules=RULES) -> jax.Array:
+  """Pins an activation's sharding by the logical-axis rules, e.g.
+  `constrain(x_btd, ("batch", "seq", axes.EMBED))`. A no-op when no mesh is set, so the model
+  runs unchanged on one device; a mesh axis that does not divide a dimension is left out."""
+  mesh = active_mesh()
+  if mesh is None:
+    return x
+  if len(names) != x.ndim:
+    raise ValueError(f"{len(names)} axis names {tuple(names)} for an array of shape {x.shape}")
+  return jax.lax.with_sharding_constraint(x, activation_spec(x.shape, names, mesh, rules))
+
+
+def use_mesh(mesh: Mesh):
+  """Context in which traced model code constrains its activations over `mesh`."""
+  return jax.set_mesh(mesh)
 
 
 def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules=RULES, params=None) -> dict:

@@ -361,14 +361,67 @@ def normalizers(tokens_bt: jax.Array, segment_ids_bt: jax.Array | None) -> Norma
   return Normalizers(jnp.sum(mask_bt).astype(jnp.float32), jnp.sum(valid_bt).astype(jnp.float32))
 
 
-def lm_loss(logits_btv: jax.Array, tokens_bt: jax.Array, segment_ids_bt: jax.Array | None = None,
-            norm: Normalizers | None = None, prefix: str = "train"
+class Head(NamedTuple):
+  """What projects final-normed states to logits: a model's params (its `embed` or `lm_head`
+  is used) and config, and how many tokens of logits exist at once (<= 0: all of them)."""
+  params: Any
+  cfg: Any
+  chunk: int = 0
+
+
+def _require_head(*heads):
+  if any(h is None for h in heads):
+    raise ValueError("model outputs without logits need a Head (params, config, chunk) to "
+                     "project their normed states")
+
+
+def lm_loss(out: Mapping[str, Any] | jax.Array, tokens_bt: jax.Array,
+            segment_ids_bt: jax.Array | None = None, norm: Normalizers | None = None,
+            prefix: str = "train", head: Head | None = None
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Next-token cross-entropy (teacher correction, or plain fine-tuning)."""
+  """Next-token cross-entropy (teacher correction, or plain fine-tuning).
+
+  Args:
+    out: logits (B, T, V), or a `model.forward` output: with `logits`, or with `normed`
+      states that `head` projects a chunk of tokens at a time.
+  """
   norm = norm or normalizers(tokens_bt, segment_ids_bt)
   labels_bt, valid_bt = next_token_labels(tokens_bt, segment_ids_bt)
-  ce = masked_mean(M.token_nll_bt(logits_btv, labels_bt), valid_bt, norm.labels)
+  if not isinstance(out, Mapping):
+    out = {"logits": out}
+  if "logits" in out:
+    nll_bt = M.token_nll_bt(out["logits"], labels_bt)
+  else:
+    _require_head(head)
+    nll_bt = M.token_scores_bt(head.params, head.cfg, out["normed"], labels_bt, head.chunk)[0]
+  ce = masked_mean(nll_bt, valid_bt, norm.labels)
   return ce, {f"{prefix}/ce": ce, f"{prefix}/loss": ce}
+
+
+def logit_terms_bt(student: Mapping[str, Any], teacher: Mapping[str, Any],
+                   labels_bt: jax.Array, cfg: DistillConfig,
+                   heads: tuple[Head, Head] | None = None) -> tuple[jax.Array, jax.Array]:
+  """Per-token logit KL and student next-token NLL, both (B, T).
+
+  From the outputs' `logits` when they have them; otherwise each model's `normed` states go
+  through its `Head`, `heads[0].chunk` tokens at a time under `jax.checkpoint`, so neither
+  the student's nor the teacher's (B, T, V) logits exist whole, forward or backward.
+  """
+  def per_token(s_btv, t_btv, labels):
+    return kl_bt(s_btv, t_btv, cfg), M.token_nll_bt(s_btv, labels)
+
+  if "logits" in student and "logits" in teacher:
+    return per_token(student["logits"], teacher["logits"], labels_bt)
+  if heads is None:
+    _require_head(None)
+  s_head, t_head = heads
+
+  def chunk_terms(s_bcd, t_bce, labels_bc):
+    return per_token(M.unembed(s_head.params, s_head.cfg, s_bcd, normed=True),
+                     M.unembed(t_head.params, t_head.cfg, t_bce, normed=True), labels_bc)
+
+  return M.chunked_token_map(chunk_terms, s_head.chunk, student["normed"], teacher["normed"],
+                             labels_bt)
 
 
 class LossTerms(NamedTuple):
@@ -389,7 +442,7 @@ def dynamic_alpha(logits: jax.Array, hidden: jax.Array) -> jax.Array:
 def distillation_terms(student: Mapping[str, Any], teacher: Mapping[str, Any],
                        tokens_bt: jax.Array, segment_ids_bt: jax.Array | None,
                        proj_de: jax.Array | None, cfg: DistillConfig,
-                       norm: Normalizers | None = None
+                       norm: Normalizers | None = None, heads: tuple[Head, Head] | None = None
                        ) -> tuple[LossTerms, dict[str, jax.Array]]:
   """The objective's terms, before the hidden loss is weighted (`distillation_loss` args).
 
@@ -399,7 +452,9 @@ def distillation_terms(student: Mapping[str, Any], teacher: Mapping[str, Any],
   """
   norm = norm or normalizers(tokens_bt, segment_ids_bt)
   mask_bt = token_mask(segment_ids_bt, tokens_bt.shape)
-  kl = masked_mean(kl_bt(student["logits"], teacher["logits"], cfg), mask_bt, norm.tokens)
+  labels_bt, valid_bt = next_token_labels(tokens_bt, segment_ids_bt)
+  kl_tok_bt, nll_bt = logit_terms_bt(student, teacher, labels_bt, cfg, heads)
+  kl = masked_mean(kl_tok_bt, mask_bt, norm.tokens)
   logits_term = cfg.logit_weight * kl
   rest = logits_term
   hid = jnp.zeros((), jnp.float32)
@@ -417,8 +472,7 @@ def distillation_terms(student: Mapping[str, Any], teacher: Mapping[str, Any],
     emb = masked_mean(emb_bt, mask_bt, norm.tokens)
     rest = rest + cfg.embedding_weight * emb
     metrics["distill/embedding"] = emb
-  labels_bt, valid_bt = next_token_labels(tokens_bt, segment_ids_bt)
-  ce = masked_mean(M.token_nll_bt(student["logits"], labels_bt), valid_bt, norm.labels)
+  ce = masked_mean(nll_bt, valid_bt, norm.labels)
   metrics["distill/ce"] = ce  # reported even at weight 0: the student's own LM loss
   if cfg.ce_weight > 0:
     rest = rest + cfg.ce_weight * ce
@@ -444,22 +498,23 @@ def combine_terms(terms: LossTerms, metrics: dict[str, jax.Array], cfg: DistillC
 def distillation_loss(student: Mapping[str, Any], teacher: Mapping[str, Any],
                       tokens_bt: jax.Array, segment_ids_bt: jax.Array | None,
                       proj_de: jax.Array | None, cfg: DistillConfig,
-                      norm: Normalizers | None = None
+                      norm: Normalizers | None = None, heads: tuple[Head, Head] | None = None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The full objective: logit_weight * KL + alpha * hidden + beta * embedding + gamma * CE.
 
   Args:
-    student, teacher: `model.forward` outputs (`logits`, `embeddings`, and `hidden` when the
-      hidden loss is on). The teacher's must already be under stop_gradient.
+    student, teacher: `model.forward` outputs (`logits` or `normed`, `embeddings`, and
+      `hidden` when the hidden loss is on). The teacher's must already be under stop_gradient.
     tokens_bt, segment_ids_bt: the batch (segment 0 = padding; None = unpacked rows).
     proj_de: the shared projection when widths differ, else None.
     cfg: loss settings; `cfg.layer_map` must already be resolved when the hidden loss is on.
     norm: token counts to divide by (default: this batch's own).
+    heads: (student, teacher) `Head`s, for outputs with `normed` states instead of logits.
 
   Returns:
     (loss, metrics) with `distill/*` metrics; each term is reported unweighted. A dynamic
     alpha is this batch's own ratio: over micro-batches use `distillation_terms` instead.
   """
   terms, metrics = distillation_terms(student, teacher, tokens_bt, segment_ids_bt, proj_de,
-                                      cfg, norm)
+                                      cfg, norm, heads)
   return combine_terms(terms, metrics, cfg)

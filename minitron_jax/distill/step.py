@@ -54,6 +54,10 @@ class TrainConfig:
     dtype: compute dtype; parameters and optimizer state stay float32.
     remat: recompute each layer's activations in the backward pass (less memory, ~1/3 more
       compute).
+    logits_chunk: tokens per row whose logits exist at once in the losses and evaluation
+      (student and teacher, forward and backward; `model.chunked_token_map`); 0 = the whole
+      sequence. Exact either way; smaller saves memory (B x chunk x V floats instead of
+      B x T x V) at the cost of a recomputed vocabulary projection in the backward pass.
     seed: data order and the projection's initialisation.
     mesh: device mesh, e.g. "data:2,fsdp:2,tensor:2" (-1 = the remaining devices).
     save_every: checkpoint every N updates (0 = only at the end and on SIGTERM).
@@ -85,6 +89,7 @@ class TrainConfig:
   grad_clip: float = 1.0
   dtype: str = "bfloat16"
   remat: bool = False
+  logits_chunk: int = M.LOGITS_CHUNK
   seed: int = 0
   mesh: str = "data:-1"
   save_every: int = 100
@@ -104,7 +109,7 @@ class TrainConfig:
                  "keep_checkpoints"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-    for name in ("warmup_steps", "save_every", "eval_every"):
+    for name in ("warmup_steps", "save_every", "eval_every", "logits_chunk"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if self.seq_len < 2:
@@ -269,26 +274,30 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
   dynamic = hidden and dcfg.hidden_weight is None
 
   def forward(params, teacher_params, mb):
+    # Final-normed states, not logits: the losses project them `logits_chunk` tokens at a time.
     out = M.forward(params["model"], mcfg, mb["tokens"], positions_bt=mb["positions"],
-                    segment_ids_bt=mb["segment_ids"], return_hidden=hidden, remat=cfg.remat)
+                    segment_ids_bt=mb["segment_ids"], return_hidden=hidden, remat=cfg.remat,
+                    logits=False)
+    head = distill.Head(params["model"], mcfg, cfg.logits_chunk)
     if cfg.mode == "teacher_correction":
-      return out, None
-    t_out = M.forward(jax.lax.stop_gradient(teacher_params), tcfg, mb["tokens"],
-                      positions_bt=mb["positions"], segment_ids_bt=mb["segment_ids"],
-                      return_hidden=hidden)
-    return out, jax.lax.stop_gradient(t_out)
+      return out, None, (head, None)
+    teacher_params = jax.lax.stop_gradient(teacher_params)
+    t_out = M.forward(teacher_params, tcfg, mb["tokens"], positions_bt=mb["positions"],
+                      segment_ids_bt=mb["segment_ids"], return_hidden=hidden, logits=False)
+    t_head = distill.Head(teacher_params, tcfg, cfg.logits_chunk)
+    return out, jax.lax.stop_gradient(t_out), (head, t_head)
 
   def micro_loss(params, teacher_params, mb, norm):
-    out, t_out = forward(params, teacher_params, mb)
+    out, t_out, heads = forward(params, teacher_params, mb)
     if cfg.mode == "teacher_correction":
-      return distill.lm_loss(out["logits"], mb["tokens"], mb["segment_ids"], norm)
+      return distill.lm_loss(out, mb["tokens"], mb["segment_ids"], norm, head=heads[0])
     return distill.distillation_loss(out, t_out, mb["tokens"], mb["segment_ids"],
-                                     params.get("proj"), dcfg, norm)
+                                     params.get("proj"), dcfg, norm, heads)
 
   def micro_terms(params, teacher_params, mb, norm):
-    out, t_out = forward(params, teacher_params, mb)
+    out, t_out, heads = forward(params, teacher_params, mb)
     terms, metrics = distill.distillation_terms(out, t_out, mb["tokens"], mb["segment_ids"],
-                                                params.get("proj"), dcfg, norm)
+                                                params.get("proj"), dcfg, norm, heads)
     return (terms.rest, terms.hidden), metrics
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -375,7 +384,8 @@ def compile_step(step_fn: Callable, state_sh, teacher_sh, mesh: Mesh, abstract_s
                     for k, s in batch_sh.items()}
   jitted = jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_sh),
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
-  compiled = jitted.lower(abstract_state, abstract_teacher, abstract_batch).compile()
+  with sharding.use_mesh(mesh):  # the model constrains its activations over the mesh
+    compiled = jitted.lower(abstract_state, abstract_teacher, abstract_batch).compile()
   try:
     mem = compiled.memory_analysis()
   except Exception:  # not every backend reports it
@@ -404,14 +414,19 @@ def make_eval_fn(model_cfg: LlamaConfig, cfg: TrainConfig, mesh: Mesh, params_sh
   row = sharding.logical_to_spec(("batch",), mesh=mesh)[0]
 
   def nll(params, windows_bt, weights_b):
-    logits = M.forward(params, mcfg, windows_bt[:, :-1])["logits"]
-    per_bt = M.token_nll_bt(logits, windows_bt[:, 1:])
+    normed = M.forward(params, mcfg, windows_bt[:, :-1], logits=False)["normed"]
+    per_bt = M.token_scores_bt(params, mcfg, normed, windows_bt[:, 1:], cfg.logits_chunk)[0]
     return jnp.sum(per_bt * weights_b[:, None]), jnp.sum(weights_b) * per_bt.shape[1]
 
   rep = replicated(mesh)
-  return jax.jit(nll, in_shardings=(params_sh, NamedSharding(mesh, P(row, None)),
-                                    NamedSharding(mesh, P(row))),
-                 out_shardings=(rep, rep))
+  jitted = jax.jit(nll, in_shardings=(params_sh, NamedSharding(mesh, P(row, None)),
+                                      NamedSharding(mesh, P(row))),
+                   out_shardings=(rep, rep))
+
+  def call(*args):
+    with sharding.use_mesh(mesh):  # traced (once) with activation constraints over the mesh
+      return jitted(*args)
+  return call
 
 
 def evaluate_windows(eval_fn: Callable, params, windows: np.ndarray, batch: int, mesh: Mesh

@@ -21,10 +21,13 @@ from minitron_jax.evaluate.generate import bucket
 from minitron_jax.evaluate.stats import stderr
 
 
-def token_logprobs(params, cfg: LlamaConfig, inputs_bt, targets_bt):
-  """log p(target_t | inputs_<=t) and whether the target is the argmax, both (B, T)."""
-  logits_btv = M.forward(params, cfg, inputs_bt)["logits"]
-  return -M.token_nll_bt(logits_btv, targets_bt), jnp.argmax(logits_btv, axis=-1) == targets_bt
+def token_logprobs(params, cfg: LlamaConfig, inputs_bt, targets_bt,
+                   chunk: int = M.LOGITS_CHUNK):
+  """log p(target_t | inputs_<=t) and whether the target is the argmax, both (B, T); the
+  logits exist `chunk` tokens per row at a time (0: all at once)."""
+  normed_btd = M.forward(params, cfg, inputs_bt, logits=False)["normed"]
+  nll_bt, greedy_bt = M.token_scores_bt(params, cfg, normed_btd, targets_bt, chunk)
+  return -nll_bt, greedy_bt
 
 
 @functools.lru_cache(maxsize=None)
