@@ -138,6 +138,30 @@ def use_mesh(mesh: Mesh):
   return jax.set_mesh(mesh)
 
 
+class MeshJit:
+  """`jax.jit(fn)` traced, lowered and run under `use_mesh(mesh)`, so the model constrains
+  its activations and runs its attention kernels per shard. Outputs are replicated (results
+  any host can read) unless `out_shardings` is given, or left to XLA with `replicate=False`."""
+
+  def __init__(self, fn, mesh: Mesh, replicate: bool = True, **kw):
+    if replicate:
+      kw.setdefault("out_shardings", replicated(mesh))
+    self.mesh, self.jitted = mesh, jax.jit(fn, **kw)
+
+  def __call__(self, *args, **kwargs):
+    with use_mesh(self.mesh):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with use_mesh(self.mesh):
+      return self.jitted.lower(*args, **kwargs)
+
+
+def jit_on(fn, mesh: Mesh | None, **kw):
+  """`jax.jit(fn, **kw)` without a mesh, else a `MeshJit`."""
+  return jax.jit(fn, **kw) if mesh is None else MeshJit(fn, mesh, **kw)
+
+
 def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules=RULES, params=None) -> dict:
   """Tree of NamedSharding matching the param tree."""
   leaves = []

@@ -90,7 +90,7 @@ def results(tmp_path_factory):
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(out)], env=env,
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        cwd=ROOT, capture_output=True, text=True, timeout=1200)
   if proc.returncode:
     pytest.fail(f"worker failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
                 f"{proc.stderr[-4000:]}")

@@ -131,9 +131,9 @@ def make_steps(cfg: LlamaConfig, mesh: Mesh | None = None):
             jax.jit(decode, donate_argnums=(1,), static_argnames=("attend_len",)))
   sh = state_shardings(mesh)
   no_key = {k: v for k, v in sh.items() if k != "key"}  # prefill's state has no key yet
-  return (jax.jit(prefill, donate_argnums=(3,), out_shardings=no_key),
-          jax.jit(decode, donate_argnums=(1,), static_argnames=("attend_len",),
-                  out_shardings=sh))
+  return (sharding.MeshJit(prefill, mesh, donate_argnums=(3,), out_shardings=no_key),
+          sharding.MeshJit(decode, mesh, donate_argnums=(1,), static_argnames=("attend_len",),
+                           out_shardings=sh))
 
 
 _STEPS: dict[tuple, tuple] = {}

@@ -8,7 +8,6 @@ import os
 import time
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,9 +41,7 @@ def _scorer(cfg: LlamaConfig, mesh: Mesh | None = None):
     lp_b = jnp.sum(jnp.where(mask_bt, lp_bt, 0.0), axis=-1)
     greedy_b = jnp.all(greedy_bt | ~mask_bt, axis=-1)
     return lp_b, greedy_b
-  if mesh is None:
-    return jax.jit(score)
-  return jax.jit(score, out_shardings=sharding.replicated(mesh))
+  return sharding.jit_on(score, mesh)
 
 
 def _placed(params, cfg: LlamaConfig, mesh: Mesh | None):

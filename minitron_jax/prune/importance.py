@@ -135,13 +135,6 @@ def padded_batch(tokens, mesh: Mesh | None):
   return sharding.shard_rows(tokens, mesh), sharding.shard_rows(weights, mesh)
 
 
-def jit_on(fn, mesh: Mesh | None, **kw):
-  """`jax.jit`, with every output replicated when on a mesh: results any host can fetch."""
-  if mesh is not None:
-    kw["out_shardings"] = sharding.replicated(mesh)
-  return jax.jit(fn, **kw)
-
-
 @functools.lru_cache(maxsize=None)
 def activation_step(cfg: LlamaConfig, seq: str, batch: str, mesh: Mesh | None = None):
   """Jitted (params, tokens, weights, stats) -> stats, stats donated; one per (config,
@@ -168,7 +161,7 @@ def activation_step(cfg: LlamaConfig, seq: str, batch: str, mesh: Mesh | None = 
     rep = None if mesh is None else sharding.replicated(mesh)
     return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype, device=rep), shapes)
 
-  return jit_on(step, mesh, donate_argnums=(3,)), init
+  return sharding.jit_on(step, mesh, donate_argnums=(3,)), init
 
 
 def activation_scores(params, cfg: LlamaConfig, batches: Iterable[np.ndarray],
@@ -262,15 +255,16 @@ def jitted_lm_loss(cfg: LlamaConfig, masked: bool = False, mesh: Mesh | None = N
   row weights from `padded_batch` (one more argument, last)."""
   if mesh is not None:
     if masked:
-      return jit_on(lambda p, t, m, w: lm_loss(p, cfg, t, layer_mask=m, weights_b=w), mesh)
-    return jit_on(lambda p, t, w: lm_loss(p, cfg, t, weights_b=w), mesh)
+      return sharding.MeshJit(lambda p, t, m, w: lm_loss(p, cfg, t, layer_mask=m, weights_b=w),
+                              mesh)
+    return sharding.MeshJit(lambda p, t, w: lm_loss(p, cfg, t, weights_b=w), mesh)
   if masked:
     return jax.jit(lambda p, t, m: lm_loss(p, cfg, t, layer_mask=m))
   return jax.jit(lambda p, t: lm_loss(p, cfg, t))
 
 
 @functools.lru_cache(maxsize=None)
-def _taylor_step(cfg: LlamaConfig):
+def _taylor_step(cfg: LlamaConfig, mesh: Mesh | None = None):
   """Jitted (params, tokens, weights, grad_sum) -> grad_sum + dL/dparams (float32, sum
   donated). Sharded inputs give a gradient sum sharded like the params."""
   grad = jax.grad(lambda p, t, w: lm_loss(p, cfg, t, weights_b=w))
@@ -279,7 +273,9 @@ def _taylor_step(cfg: LlamaConfig):
     return jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), total,
                                   grad(params, tokens_bt, weights_b))
 
-  return jax.jit(step, donate_argnums=(3,))
+  if mesh is None:
+    return jax.jit(step, donate_argnums=(3,))
+  return sharding.MeshJit(step, mesh, replicate=False, donate_argnums=(3,))
 
 
 # Module-level jit: compiled once per param structure and shapes, reused across calls.
@@ -297,7 +293,7 @@ def _taylor_groups(cfg: LlamaConfig, mesh: Mesh):
   def groups(params, total):
     wg = jax.tree_util.tree_map(lambda w, g: jnp.abs(w.astype(jnp.float32) * g), params, total)
     return {a: group_reduce(wg, cfg, a, fn=lambda x: x, load=jnp.asarray) for a in _GROUP_AXES}
-  return jit_on(groups, mesh)
+  return sharding.jit_on(groups, mesh)
 
 
 def taylor_scores(params, cfg: LlamaConfig, batches: Iterable[np.ndarray],
@@ -308,7 +304,7 @@ def taylor_scores(params, cfg: LlamaConfig, batches: Iterable[np.ndarray],
   `activation_scores`."""
   if mesh is not None:
     params = sharding.shard_params(params, cfg, mesh)
-  step = _taylor_step(cfg)
+  step = _taylor_step(cfg, mesh)
   total, n = None, 0
   for tokens in batches:
     x, w = padded_batch(tokens, mesh)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from minitron_jax import model as M, sharding
 from minitron_jax.config import LlamaConfig
-from minitron_jax.prune.importance import jit_on, padded_batch, jitted_lm_loss
+from minitron_jax.prune.importance import padded_batch, jitted_lm_loss
 
 METRICS = ("block_importance", "lm_loss", "accuracy")
 
@@ -48,7 +48,7 @@ def _bi_step(cfg: LlamaConfig, block_sizes: tuple[int, ...], mesh: Mesh | None =
       res[k] = jax.vmap(mean_cos)(jnp.arange(starts))
     return res
 
-  return jit_on(step, mesh)
+  return sharding.jit_on(step, mesh)
 
 
 def block_importance(params, cfg: LlamaConfig, batches: Iterable[np.ndarray],

@@ -473,10 +473,8 @@ def _amax_step(cfg: LlamaConfig, names: tuple[str, ...], mesh=None):
     got = M.forward(params, cfg, tokens_bt, taps={n: amax_fn for n in names})["taps"]
     return {n: jnp.maximum(amax[n], got[n]) for n in names}
 
-  if mesh is None:
-    return jax.jit(step, donate_argnums=(2,))
   from minitron_jax import sharding
-  return jax.jit(step, donate_argnums=(2,), out_shardings=sharding.replicated(mesh))
+  return sharding.jit_on(step, mesh, donate_argnums=(2,))
 
 
 # ---------------------------------------------------------------------------- errors
