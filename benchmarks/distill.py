@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import base  # noqa: E402
-from minitron_jax import cli, model as M, sharding  # noqa: E402
+from minitron_jax import cli, flops, model as M, sharding  # noqa: E402
 from minitron_jax.io import hf as hf_io  # noqa: E402
 from minitron_jax.distill import losses as distill  # noqa: E402
 from minitron_jax.prune import importance  # noqa: E402
@@ -76,11 +76,7 @@ _MESH = flags.DEFINE_string("mesh", "data:-1", "Device mesh.")
 
 def forward_flops_per_token(cfg, seq_len: int) -> int:
   """Model FLOPs of one forward pass per token (see the module docstring)."""
-  d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-  n, k, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
-  matmuls = 2 * layers * (d * h * (2 * n + 2 * k) + 3 * d * f)
-  attention = 4 * layers * seq_len * n * h
-  return matmuls + attention + 2 * d * cfg.vocab_size
+  return flops.forward_flops(cfg, 1, seq_len) // seq_len
 
 
 def step_flops(kind: str, scfg, tcfg, tokens: int, seq_len: int) -> int:

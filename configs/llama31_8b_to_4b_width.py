@@ -10,18 +10,25 @@ def get_config():
   c.teacher = "meta-llama/Llama-3.1-8B"
   c.run_dir = "runs/llama3.1-minitron-4b-width"
   c.dtype = "bfloat16"
-  c.mesh = "data:-1,fsdp:8"
+  c.train_dtype = "bfloat16"  # bf16 compute, float32 master weights and Adam moments
+  # The settings `benchmarks/aot_pod.py` compiled for a v5p-64 slice (32 chips): every stage
+  # sharded over one FSDP axis, one 8192-token row per chip per micro-batch, layers
+  # rematerialised. On a v5e-256 (16 GiB chips): --config.mesh=fsdp:-1,tensor:8 (README,
+  # "Pod scale, proven by compilation").
+  c.mesh = "fsdp:-1"
   c.data.source = ("path/to/distillation/corpus",)  # e.g. a Nemotron-CC style jsonl directory
   c.correction = base._train(steps=200, batch=1152, seq_len=8192, lr=1e-5, min_lr=1e-6,
                              warmup=20)
-  c.correction.micro_batch_size = 16
+  c.correction.micro_batch_size = 32
+  c.correction.remat = True
   c.prune.kinds = ("width",)
   c.prune.width = dict(hidden_size=3072, intermediate_size=9216)
   c.prune.calib_samples = 1024
   c.prune.calib_seq_len = 4096
   c.distill = base._train(steps=14_000, batch=1152, seq_len=8192, lr=1e-4, min_lr=1e-5,
                           warmup=40)
-  c.distill.micro_batch_size = 16
+  c.distill.micro_batch_size = 32
+  c.distill.remat = True
   c.distill.kd_temperature = 1.0
   c.distill.hidden_loss = "none"
   c.baselines = False

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from minitron_jax import cli  # noqa: E402
+from minitron_jax import cli, sharding  # noqa: E402
 from minitron_jax.evaluate import sources  # noqa: E402
 from minitron_jax.io import files  # noqa: E402
 from minitron_jax.io import hf as hf_io  # noqa: E402
@@ -35,17 +35,19 @@ _LIMIT = flags.DEFINE_integer("limit", None, "First N examples per task.", lower
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per batch.", lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _OUT = flags.DEFINE_string("output_json", None, "Write results here.")
+_MESH = flags.DEFINE_string("mesh", "", "Device mesh to shard params and batch rows over, e.g. fsdp:-1 or data:2,fsdp:2,tensor:2 (as launch/distill.py); empty: one device.")
 
 
 @cli.main_wrapper
 def main(argv):
   del argv
+  sharding.initialize_distributed()
   sources.require_eval_data(_TASKS.value, _DATA.value, ppl_file=_PPL.value)
   params, cfg, tok, path = hf_io.load_model(_MODEL.value, _DTYPE.value)
   results = evaluate.run_evaluation(
       params, cfg, tok, _TASKS.value, data_root=_DATA.value, ppl_file=_PPL.value,
       seq_len=_SEQ.value, max_windows=_WIN.value, limit=_LIMIT.value,
-      batch_size=_BATCH.value)
+      batch_size=_BATCH.value, mesh=sharding.stage_mesh(_MESH.value))
   print(evaluate.format_table(list(results.items()),
                               ["ppl", "acc", "acc_norm", "tokens", "examples", "seconds"]))
   if _OUT.value:

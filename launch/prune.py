@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from minitron_jax import cli  # noqa: E402
+from minitron_jax import cli, sharding  # noqa: E402
 from minitron_jax.prune import run as prune_job  # noqa: E402
 from minitron_jax.prune.importance import METHODS  # noqa: E402
 from minitron_jax.prune.layer_importance import METRICS  # noqa: E402
@@ -53,11 +53,13 @@ _SCORES = flags.DEFINE_string("scores_npz", None, "Reuse importance.npz from an 
                               "stream the checkpoint tensor by tensor (no model in memory).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_MESH = flags.DEFINE_string("mesh", "", "Device mesh to shard params and batch rows over, e.g. fsdp:-1 or data:2,fsdp:2,tensor:2 (as launch/distill.py); empty: one device.")
 
 
 @cli.main_wrapper
 def main(argv):
   del argv
+  sharding.initialize_distributed()
   job = prune_job.PruneJob(
       model_dir=_MODEL.value, output_dir=_OUT.value, hidden_size=_HIDDEN.value,
       intermediate_size=_MLP.value, num_attention_heads=_HEADS.value,
@@ -67,7 +69,8 @@ def main(argv):
       eval_samples=_NEVAL.value, batch_size=_BATCH.value, seed=_SEED.value,
       layer_task=_TASK.value, layer_task_limit=_TASK_LIMIT.value, data_root=_DATA.value,
       layer_batches=_LBATCH.value,
-      scores_npz=_SCORES.value, overwrite=_OVERWRITE.value, dtype=_DTYPE.value)
+      scores_npz=_SCORES.value, overwrite=_OVERWRITE.value, dtype=_DTYPE.value,
+      mesh=_MESH.value)
   report = prune_job.run(job)
   before, after = report["params_before"], report["params_after"]
   print(f"pruned {before / 1e6:.1f}M -> {after / 1e6:.1f}M parameters "

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from minitron_jax import cli  # noqa: E402
+from minitron_jax import cli, sharding  # noqa: E402
 from minitron_jax.evaluate import tasks  # noqa: E402
 from minitron_jax.quantize import export as quant_export  # noqa: E402
 
@@ -43,11 +43,13 @@ _DENSE = flags.DEFINE_enum("unquantized_dtype", "bfloat16", ["bfloat16", "float1
 _PRE = flags.DEFINE_string("gguf_tokenizer_pre", "",
                            "llama.cpp pre-tokenizer name for GGUF (e.g. llama-bpe, smollm); "
                            "empty: the one recorded at GGUF import, else detected.")
+_MESH = flags.DEFINE_string("mesh", "", "Device mesh to shard params and batch rows over, e.g. fsdp:-1 or data:2,fsdp:2,tensor:2 (as launch/distill.py); empty: one device.")
 
 
 @cli.main_wrapper
 def main(argv):
   del argv
+  sharding.initialize_distributed()
   if not _OUT.value or not _FORMAT.value:
     raise ValueError("--output_dir and --format are required")
   ppl_file = _PPL.value or os.path.join(_DATA.value or tasks.default_data_root(),
@@ -57,7 +59,8 @@ def main(argv):
       ppl_file=None if ppl_file == "none" else ppl_file, seq_len=_SEQ.value,
       max_windows=_WIN.value, group_size=_GROUP.value, include_embeddings=_EMB.value,
       calibration_file=_CALIB.value, calibration_windows=_CALIB_WIN.value,
-      unquantized_dtype=_DENSE.value, gguf_tokenizer_pre=_PRE.value)
+      unquantized_dtype=_DENSE.value, gguf_tokenizer_pre=_PRE.value,
+      mesh=sharding.stage_mesh(_MESH.value))
   print(quant_export.format_report(report))
 
 

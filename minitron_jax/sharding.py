@@ -77,6 +77,12 @@ def make_mesh(spec: str = "data:-1", devices: Sequence[jax.Device] | None = None
   return Mesh(arr, MESH_AXES)
 
 
+def stage_mesh(spec: str | None) -> Mesh | None:
+  """The mesh a stage runs on: None for an empty spec (plain single-device arrays, no
+  sharding), else `make_mesh(spec)` over every device of every process."""
+  return make_mesh(spec) if spec else None
+
+
 def logical_to_spec(names: Sequence[str | None], rules=RULES, mesh: Mesh | None = None
                     ) -> P:
   """PartitionSpec for logical axis names; a mesh axis is used at most once per array."""
@@ -150,6 +156,30 @@ def mesh_platform() -> str:
   return getattr(_PLATFORM, "value", None) or jax.default_backend()
 
 
+class MeshJit:
+  """`jax.jit(fn)` traced, lowered and run under `use_mesh(mesh)`, so the model constrains
+  its activations and runs its attention kernels per shard. Outputs are replicated (results
+  any host can read) unless `out_shardings` is given, or left to XLA with `replicate=False`."""
+
+  def __init__(self, fn, mesh: Mesh, replicate: bool = True, **kw):
+    if replicate:
+      kw.setdefault("out_shardings", replicated(mesh))
+    self.mesh, self.jitted = mesh, jax.jit(fn, **kw)
+
+  def __call__(self, *args, **kwargs):
+    with use_mesh(self.mesh):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with use_mesh(self.mesh):
+      return self.jitted.lower(*args, **kwargs)
+
+
+def jit_on(fn, mesh: Mesh | None, **kw):
+  """`jax.jit(fn, **kw)` without a mesh, else a `MeshJit`."""
+  return jax.jit(fn, **kw) if mesh is None else MeshJit(fn, mesh, **kw)
+
+
 def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules=RULES, params=None) -> dict:
   """Tree of NamedSharding matching the param tree."""
   leaves = []
@@ -162,6 +192,70 @@ def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules=RULES, params=None) -> d
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=RULES) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + ("seq",) * (ndim - 1), rules, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def put_global(tree, shardings):
+  """Host values (identical on every process) -> global arrays with the given shardings.
+
+  Each process materialises only its addressable shards, which also works across hosts.
+  """
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def batch_shards(mesh: Mesh, rules=RULES) -> int:
+  """How many ways the rows of a batch are split (the product of the `batch` mesh axes)."""
+  spec = logical_to_spec(("batch",), rules, mesh)[0]
+  names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def padded_rows(n: int, mesh: Mesh | None) -> int:
+  """`n` rounded up to a multiple of the batch shards (unchanged without a mesh)."""
+  k = 1 if mesh is None else batch_shards(mesh)
+  return -(-n // k) * k
+
+
+def shard_params(params, cfg: LlamaConfig, mesh: Mesh, rules=RULES):
+  """A param tree on `mesh`, every leaf sharded by the logical-axis rules.
+
+  Leaves already laid out that way are kept (so a stage can take params another stage
+  placed, on any number of hosts); host arrays are put with `put_global`, each process
+  filling only its own shards. Quantized leaves (a pytree of values and scales) are
+  replicated.
+  """
+  def place(x, s):
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim):
+      return x
+    return put_global(x, s)
+
+  rep = replicated(mesh)
+  items = []
+  for spec, leaf in axes.iter_leaves(params, cfg):
+    if hasattr(leaf, "dequantize"):
+      items.append((spec, jax.tree_util.tree_map(lambda x: place(x, rep), leaf)))
+      continue
+    pspec = _divisible(leaf.shape, logical_to_spec(spec.axes, rules, mesh), mesh)
+    items.append((spec, place(leaf, NamedSharding(mesh, pspec))))
+  return axes.tree_from_leaves(items)
+
+
+def shard_rows(x, mesh: Mesh, rules=RULES) -> jax.Array:
+  """A host batch `(B, ...)`, identical on every process, as a global array with its rows
+  split over the batch mesh axes. `B` must be a multiple of `batch_shards(mesh)` (see
+  `padded_rows`); each process transfers only the rows its devices hold."""
+  x = np.asarray(x)
+  if x.shape[0] % batch_shards(mesh, rules):
+    raise ValueError(f"{x.shape[0]} rows do not split over {batch_shards(mesh, rules)} batch "
+                     f"shards of mesh {dict(mesh.shape)}")
+  names = ("batch",) + (None,) * (x.ndim - 1)
+  return put_global(x, NamedSharding(mesh, logical_to_spec(names, rules, mesh)))
 
 
 def initialize_distributed(coordinator_address: str | None = None,

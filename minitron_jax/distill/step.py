@@ -27,6 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from minitron_jax import model as M, sharding
+from minitron_jax.sharding import put_global, replicated  # noqa: F401 (re-exported)
 from minitron_jax.distill import losses as distill
 from minitron_jax.config import ATTENTION_IMPLS, LlamaConfig
 
@@ -184,10 +185,6 @@ def init_state(model_params, optimizer, proj=None) -> dict:
           "opt_state": optimizer.init(params)}
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
 def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
   """Batches are (micro-batches, rows, tokens), rows split over data and fsdp."""
   row = sharding.logical_to_spec(("batch",), mesh=mesh)[0]
@@ -214,17 +211,6 @@ def abstract(tree, shardings):
   """ShapeDtypeStructs carrying shardings (for `lower` and checkpoint restore)."""
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def put_global(tree, shardings):
-  """Host values (identical on every process) -> global arrays with the given shardings.
-
-  Each process materialises only its addressable shards, which also works across hosts.
-  """
-  def put(x, s):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-  return jax.tree_util.tree_map(put, tree, shardings)
 
 
 def batch_rows(mesh: Mesh, cfg: TrainConfig) -> tuple[int, int]:

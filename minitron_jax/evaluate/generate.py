@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax import model as M
+from jax.sharding import Mesh, NamedSharding
+
+from minitron_jax import model as M, sharding
 from minitron_jax.config import LlamaConfig
 
 
@@ -74,12 +76,24 @@ def _is_eos(token_b: jax.Array, eos_e: jax.Array) -> jax.Array:
   return jnp.any(token_b[:, None] == eos_e[None, :], axis=-1)
 
 
-def make_steps(cfg: LlamaConfig):
+def state_shardings(mesh: Mesh) -> dict:
+  """Decode-state layout on `mesh`: rows over the batch axes, KV heads over `tensor` (as the
+  k/v projections), the rest replicated."""
+  def named(*names):
+    return NamedSharding(mesh, sharding.logical_to_spec(names, mesh=mesh))
+  cache = {"k": named(None, "batch", "seq", "kv_heads", "head_dim"),
+           "v": named(None, "batch", "seq", "kv_heads", "head_dim"),
+           "valid": named("batch", "seq"), "index": named(), "next_position": named("batch")}
+  return {"token": named("batch"), "cache": cache, "key": named(), "out": named("batch", None),
+          "n": named(), "done": named("batch")}
+
+
+def make_steps(cfg: LlamaConfig, mesh: Mesh | None = None):
   """(prefill, decode) jitted for one config; both donate the decode state.
 
   The decode state is a dict: `token` (B,) the last sampled token, `cache`, `key`, `out`
   (B, W) the sampled tokens so far, `n` how many of them, `done` (B,) whether a row has
-  produced EOS.
+  produced EOS. On a `mesh` the state keeps the layout of `state_shardings`.
   """
 
   def prefill(params, tokens_bt, valid_bt, state, key, temperature, top_p, eos_e):
@@ -112,17 +126,23 @@ def make_steps(cfg: LlamaConfig):
     del st["i"]
     return st
 
-  return (jax.jit(prefill, donate_argnums=(3,)),
-          jax.jit(decode, donate_argnums=(1,), static_argnames=("attend_len",)))
+  if mesh is None:
+    return (jax.jit(prefill, donate_argnums=(3,)),
+            jax.jit(decode, donate_argnums=(1,), static_argnames=("attend_len",)))
+  sh = state_shardings(mesh)
+  no_key = {k: v for k, v in sh.items() if k != "key"}  # prefill's state has no key yet
+  return (sharding.MeshJit(prefill, mesh, donate_argnums=(3,), out_shardings=no_key),
+          sharding.MeshJit(decode, mesh, donate_argnums=(1,), static_argnames=("attend_len",),
+                           out_shardings=sh))
 
 
-_STEPS: dict[LlamaConfig, tuple] = {}
+_STEPS: dict[tuple, tuple] = {}
 
 
-def steps_for(cfg: LlamaConfig):
-  if cfg not in _STEPS:
-    _STEPS[cfg] = make_steps(cfg)
-  return _STEPS[cfg]
+def steps_for(cfg: LlamaConfig, mesh: Mesh | None = None):
+  if (cfg, mesh) not in _STEPS:
+    _STEPS[cfg, mesh] = make_steps(cfg, mesh)
+  return _STEPS[cfg, mesh]
 
 
 @dataclasses.dataclass
@@ -141,7 +161,7 @@ class GenerationResult:
 
 def generate(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
              sampling: SamplingConfig = SamplingConfig(), eos_ids: Sequence[int] | None = None,
-             stop_at_eos: bool = True) -> GenerationResult:
+             stop_at_eos: bool = True, mesh: Mesh | None = None) -> GenerationResult:
   """Generates continuations for a batch of tokenised prompts.
 
   Args:
@@ -152,6 +172,9 @@ def generate(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
     eos_ids: tokens that end a sequence; default the config's EOS ids.
     stop_at_eos: stop once every row has produced EOS (otherwise run max_new_tokens steps,
       as throughput measurements need).
+    mesh: shard params by the logical-axis rules and the prompts' rows (padded with copies
+      of the first prompt to a multiple of the batch shards) and KV cache over the batch
+      axes; every host passes the same prompts and gets every row's tokens.
 
   Returns:
     A `GenerationResult`.
@@ -162,6 +185,9 @@ def generate(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
   # Padded with -1 (never sampled) to a bucketed length: one compile serves any EOS set.
   eos_e = np.full(bucket(len(eos), minimum=4), -1, np.int32)
   eos_e[:len(eos)] = eos
+  n_prompts = len(prompts)
+  prompts = list(prompts)
+  prompts += [prompts[0]] * (sharding.padded_rows(n_prompts, mesh) - n_prompts)
   b = len(prompts)
   t = bucket(max(len(p) for p in prompts))
   tokens = np.zeros((b, t), np.int32)
@@ -174,7 +200,12 @@ def generate(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
            "cache": M.init_cache(cfg, b, bucket(t + max_new)),
            "out": jnp.zeros((b, bucket(max_new)), jnp.int32), "n": jnp.zeros((), jnp.int32),
            "done": jnp.zeros((b,), bool)}
-  prefill, decode = steps_for(cfg)
+  if mesh is not None:
+    params = sharding.shard_params(params, cfg, mesh)
+    state = sharding.put_global(jax.device_get(state), {
+        k: v for k, v in state_shardings(mesh).items() if k in state})
+    tokens, valid = sharding.shard_rows(tokens, mesh), sharding.shard_rows(valid, mesh)
+  prefill, decode = steps_for(cfg, mesh)
   key = jax.random.key(sampling.seed)
   temp, top_p = jnp.float32(sampling.temperature), jnp.float32(sampling.top_p)
   stop = jnp.bool_(stop_at_eos)
@@ -193,7 +224,10 @@ def generate(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
     steps += ran
     if ran < want:  # stopped on device: every row has produced EOS
       break
-  seqs = np.asarray(state["out"])[:, :steps + 1]
+  out = state["out"]
+  if mesh is not None:  # every host reads every row
+    out = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))(out)
+  seqs = np.asarray(out)[:n_prompts, :steps + 1]
   t2 = time.perf_counter()
   eos_set = set(eos)
   result = []

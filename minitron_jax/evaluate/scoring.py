@@ -8,11 +8,12 @@ import os
 import time
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax import model as M
+from jax.sharding import Mesh
+
+from minitron_jax import model as M, sharding
 from minitron_jax.config import LlamaConfig
 from minitron_jax.progress import Progress
 from minitron_jax.evaluate.generate import bucket
@@ -29,21 +30,37 @@ def token_logprobs(params, cfg: LlamaConfig, inputs_bt, targets_bt,
 
 
 @functools.lru_cache(maxsize=None)
-def _scorer(cfg: LlamaConfig):
+def _scorer(cfg: LlamaConfig, mesh: Mesh | None = None):
+  """Jitted (params, inputs, targets, mask) -> (summed log-likelihood, all greedy) per row.
+
+  On a `mesh` the row arrays must be split over the batch axes (`_rows`); the results come
+  back replicated, so every host can read them.
+  """
   def score(params, inputs_bt, targets_bt, mask_bt):
     lp_bt, greedy_bt = token_logprobs(params, cfg, inputs_bt, targets_bt)
     lp_b = jnp.sum(jnp.where(mask_bt, lp_bt, 0.0), axis=-1)
     greedy_b = jnp.all(greedy_bt | ~mask_bt, axis=-1)
     return lp_b, greedy_b
-  return jax.jit(score)
+  return sharding.jit_on(score, mesh)
+
+
+def _placed(params, cfg: LlamaConfig, mesh: Mesh | None):
+  return params if mesh is None else sharding.shard_params(params, cfg, mesh)
+
+
+def _rows(mesh: Mesh | None, *arrays):
+  return arrays if mesh is None else tuple(sharding.shard_rows(a, mesh) for a in arrays)
 
 
 def perplexity(params, cfg: LlamaConfig, token_ids: Sequence[int], *, seq_len: int = 1024,
                max_windows: int | None = None, batch_size: int = 4,
-               progress: bool = True) -> dict:
+               progress: bool = True, mesh: Mesh | None = None) -> dict:
   """Perplexity over consecutive non-overlapping windows of `seq_len` tokens.
 
   The last partial window is dropped; every token but the first of each window is predicted.
+  With a `mesh`, params are sharded by the logical-axis rules and each batch (rounded up to
+  a multiple of the batch shards) is split over the batch axes; every host passes the same
+  text and feeds only its own rows.
 
   Returns:
     {"ppl", "nll" (mean), "tokens" (predicted), "windows", "window_nll" (mean NLL of each
@@ -58,7 +75,9 @@ def perplexity(params, cfg: LlamaConfig, token_ids: Sequence[int], *, seq_len: i
   if n_windows == 0:
     raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
   windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
-  score = _scorer(cfg)
+  score = _scorer(cfg, mesh)
+  params = _placed(params, cfg, mesh)
+  batch_size = sharding.padded_rows(batch_size, mesh)
   per_window, bar = [], Progress("perplexity", n_windows, "windows", progress)
   for i in range(0, n_windows, batch_size):
     chunk = windows[i: i + batch_size]
@@ -67,7 +86,7 @@ def perplexity(params, cfg: LlamaConfig, token_ids: Sequence[int], *, seq_len: i
       chunk = np.concatenate([chunk, np.zeros((batch_size - real, seq_len), np.int32)])
     mask = np.zeros((batch_size, seq_len - 1), bool)
     mask[:real] = True
-    lp_b, _ = score(params, chunk[:, :-1], chunk[:, 1:], mask)
+    lp_b, _ = score(params, *_rows(mesh, chunk[:, :-1], chunk[:, 1:], mask))
     per_window += [float(v) for v in np.asarray(lp_b, np.float64)[:real]]
     bar.update(i + real)
   bar.update(n_windows, force=True)
@@ -79,7 +98,7 @@ def perplexity(params, cfg: LlamaConfig, token_ids: Sequence[int], *, seq_len: i
 
 def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                    *, batch_size: int = 16, max_len: int | None = None,
-                   progress: Callable[[int], None] | None = None
+                   progress: Callable[[int], None] | None = None, mesh: Mesh | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Summed log-likelihood of each continuation given its context, and greedy agreement.
 
@@ -89,6 +108,7 @@ def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int]
 
   Args:
     pairs: (context ids, continuation ids); the continuation must be non-empty.
+    mesh: shard params and rows as `perplexity` does.
 
   Returns:
     (loglik float64 (R,), is_greedy bool (R,)).
@@ -103,19 +123,21 @@ def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int]
     seqs.append((full, min(len(cont), len(full) - 1)))
   order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
   lls, greedy = np.zeros(len(seqs)), np.zeros(len(seqs), bool)
-  score = _scorer(cfg)
+  score = _scorer(cfg, mesh)
+  params = _placed(params, cfg, mesh)
+  rows = sharding.padded_rows(batch_size, mesh)
   for start in range(0, len(order), batch_size):
     idx = order[start: start + batch_size]
     t = bucket(max(len(seqs[i][0]) - 1 for i in idx))
-    inputs = np.zeros((batch_size, t), np.int32)
-    targets = np.zeros((batch_size, t), np.int32)
-    mask = np.zeros((batch_size, t), bool)
+    inputs = np.zeros((rows, t), np.int32)
+    targets = np.zeros((rows, t), np.int32)
+    mask = np.zeros((rows, t), bool)
     for row, i in enumerate(idx):
       full, n_cont = seqs[i]
       n = len(full) - 1
       inputs[row, :n], targets[row, :n] = full[:-1], full[1:]
       mask[row, n - n_cont: n] = True
-    lp_b, g_b = score(params, inputs, targets, mask)
+    lp_b, g_b = score(params, *_rows(mesh, inputs, targets, mask))
     lp_b, g_b = np.asarray(lp_b, np.float64), np.asarray(g_b)
     for row, i in enumerate(idx):
       lls[i], greedy[i] = lp_b[row], g_b[row]
@@ -126,7 +148,7 @@ def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int]
 
 def evaluate_task(params, cfg: LlamaConfig, tokenizer, name: str, data_root: str | None, *,
                   limit: int | None = None, batch_size: int = 16, max_len: int = 1024,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, mesh: Mesh | None = None) -> dict:
   """Zero-shot accuracy of one task (see `tasks.TASKS`).
 
   Multiple-choice: the option with the highest summed log-likelihood wins (`acc`), or the
@@ -143,7 +165,7 @@ def evaluate_task(params, cfg: LlamaConfig, tokenizer, name: str, data_root: str
   bar = Progress(name, len(flat), "requests", progress)
   t0 = time.perf_counter()
   lls, greedy = loglikelihoods(params, cfg, flat, batch_size=batch_size, max_len=max_len,
-                               progress=bar.update)
+                               progress=bar.update, mesh=mesh)
   bar.update(len(flat), force=True)
   out = {"examples": len(examples), "seconds": round(time.perf_counter() - t0, 2),
          "data": sources.locate(name, data_root)}
@@ -193,8 +215,9 @@ def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str
                    data_root: str | None = None, ppl_file: str | None = None,
                    seq_len: int = 1024, max_windows: int | None = None,
                    limit: int | None = None, batch_size: int = 16,
-                   progress: bool = True) -> dict[str, dict]:
-  """Perplexity (task `ppl`) and zero-shot tasks; returns {task: metrics}.
+                   progress: bool = True, mesh: Mesh | None = None) -> dict[str, dict]:
+  """Perplexity (task `ppl`) and zero-shot tasks; returns {task: metrics}. With a `mesh`,
+  params are sharded once by the logical-axis rules and every batch is split over it.
 
   Perplexity is of `ppl_file`, else of the WikiText-2 test text; that and the tasks' data
   come from `data_root`, the default local folders or the hub, in that order (`sources`).
@@ -205,6 +228,7 @@ def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str
   if unknown:
     raise ValueError(f"unknown task(s) {unknown}; known: ppl, {', '.join(tasks.TASKS)}")
   results = {}
+  params = _placed(params, cfg, mesh)
   for name in task_names:
     if name == "ppl":
       if ppl_file is None:
@@ -222,11 +246,12 @@ def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str
         tokenizer.model_max_length = max_len
       t0 = time.perf_counter()
       res = perplexity(params, cfg, ids, seq_len=seq_len, max_windows=max_windows,
-                       batch_size=max(1, batch_size // 4), progress=progress)
+                       batch_size=max(1, batch_size // 4), progress=progress, mesh=mesh)
       res["seconds"] = round(time.perf_counter() - t0, 2)
       res["file"] = where
       results["ppl"] = res
     else:
       results[name] = evaluate_task(params, cfg, tokenizer, name, data_root, limit=limit,
-                                    batch_size=batch_size, max_len=seq_len, progress=progress)
+                                    batch_size=batch_size, max_len=seq_len, progress=progress,
+                                    mesh=mesh)
   return results

@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax import model as M
+from jax.sharding import Mesh
+
+from minitron_jax import model as M, sharding
 from minitron_jax.config import LlamaConfig
-from minitron_jax.prune.importance import jitted_lm_loss
+from minitron_jax.prune.importance import padded_batch, jitted_lm_loss
 
 METRICS = ("block_importance", "lm_loss", "accuracy")
 
@@ -29,27 +31,40 @@ def _cos(a, b):
 
 
 @functools.lru_cache(maxsize=None)
-def _bi_step(cfg: LlamaConfig, block_sizes: tuple[int, ...]):
-  def step(params, tokens_bt):
+def _bi_step(cfg: LlamaConfig, block_sizes: tuple[int, ...], mesh: Mesh | None = None):
+  def step(params, tokens_bt, weights_b):
     out = M.forward(params, cfg, tokens_bt, return_hidden=True)
     h = jnp.concatenate([out["embeddings"][None], out["hidden"]], 0)  # (L+1, B, T, D)
     res = {}
     for k in block_sizes:
       starts = h.shape[0] - k  # blocks [i, i+k) for i in 0..L-k
-      res[k] = jax.vmap(lambda i: jnp.mean(_cos(h[i], h[i + k])))(jnp.arange(starts))
+
+      def mean_cos(i):
+        cos_bt = _cos(h[i], h[i + k])
+        if weights_b is None:
+          return jnp.mean(cos_bt)
+        return jnp.sum(cos_bt * weights_b[:, None]) / (jnp.sum(weights_b) * cos_bt.shape[1])
+
+      res[k] = jax.vmap(mean_cos)(jnp.arange(starts))
     return res
 
-  return jax.jit(step)
+  return sharding.jit_on(step, mesh)
 
 
 def block_importance(params, cfg: LlamaConfig, batches: Iterable[np.ndarray],
-                     block_sizes: Sequence[int] = (1,)) -> dict[int, np.ndarray]:
-  """{k: (L-k+1,) array}: 1 - mean cos(input of layer i, output of layer i+k-1)."""
+                     block_sizes: Sequence[int] = (1,), mesh: Mesh | None = None
+                     ) -> dict[int, np.ndarray]:
+  """{k: (L-k+1,) array}: 1 - mean cos(input of layer i, output of layer i+k-1).
+
+  With a `mesh`, params are sharded by the rules and batch rows split over the batch axes.
+  """
   sizes = _check_sizes(cfg, block_sizes)
-  step = _bi_step(cfg, sizes)
+  if mesh is not None:
+    params = sharding.shard_params(params, cfg, mesh)
+  step = _bi_step(cfg, sizes, mesh)
   outs, counts = [], []
   for tokens in batches:  # results stay on device until the single fetch below
-    outs.append(step(params, np.asarray(tokens, np.int32)))
+    outs.append(step(params, *padded_batch(tokens, mesh)))
     counts.append(len(tokens))
   outs, n = jax.device_get(outs), sum(counts)
   return {k: 1.0 - sum(np.asarray(o[k], np.float64) * c for o, c in zip(outs, counts)) / n
@@ -71,16 +86,25 @@ def block_mask(num_layers: int, start: int, k: int) -> np.ndarray:
 
 
 def lm_loss_drop(params, cfg: LlamaConfig, batches: Sequence[np.ndarray],
-                 block_sizes: Sequence[int] = (1,), progress=None
+                 block_sizes: Sequence[int] = (1,), progress=None, mesh: Mesh | None = None
                  ) -> tuple[float, dict[int, np.ndarray]]:
-  """(baseline loss, {k: (L-k+1,) loss with layers [i, i+k) removed})."""
+  """(baseline loss, {k: (L-k+1,) loss with layers [i, i+k) removed}); sharded on `mesh`
+  as `block_importance`."""
   sizes = _check_sizes(cfg, block_sizes)
-  loss_fn = jitted_lm_loss(cfg, masked=True)
-  batches = [np.asarray(b, np.int32) for b in batches]
+  loss_fn = jitted_lm_loss(cfg, masked=True, mesh=mesh)
+  if mesh is not None:
+    params = sharding.shard_params(params, cfg, mesh)
+    batches = [padded_batch(b, mesh) for b in batches]
+  else:
+    batches = [(np.asarray(b, np.int32),) for b in batches]
 
   def mean_loss(mask):  # one host sync per mask, not per batch
-    return float(np.mean(np.asarray(jax.device_get([loss_fn(params, b, mask)
-                                                     for b in batches]), np.float64)))
+    if mesh is not None:
+      mask = sharding.put_global(mask, sharding.replicated(mesh))
+      losses = [loss_fn(params, t, mask, w) for t, w in batches]
+    else:
+      losses = [loss_fn(params, t, mask) for (t,) in batches]
+    return float(np.mean(np.asarray(jax.device_get(losses), np.float64)))
 
   base = mean_loss(np.ones(cfg.num_hidden_layers, bool))
   out, done = {}, 0
@@ -105,13 +129,14 @@ def drop_layers_params(params, cfg: LlamaConfig, dropped: Sequence[int]):
 
 def accuracy_drop(params, cfg: LlamaConfig, tokenizer, task: str, data_root: str, *,
                   block_sizes: Sequence[int] = (1,), limit: int | None = 200,
-                  batch_size: int = 16, progress=None) -> tuple[float, dict[int, np.ndarray]]:
+                  batch_size: int = 16, progress=None, mesh: Mesh | None = None
+                  ) -> tuple[float, dict[int, np.ndarray]]:
   """(baseline accuracy, {k: (L-k+1,) accuracy with layers [i, i+k) removed})."""
   from minitron_jax.evaluate import scoring as evaluate
 
   sizes = _check_sizes(cfg, block_sizes)
   base = evaluate.evaluate_task(params, cfg, tokenizer, task, data_root, limit=limit,
-                                batch_size=batch_size, progress=False)["acc"]
+                                batch_size=batch_size, progress=False, mesh=mesh)["acc"]
   out, done = {}, 0
   total = sum(cfg.num_hidden_layers - k + 1 for k in sizes)
   for k in sizes:
@@ -119,7 +144,8 @@ def accuracy_drop(params, cfg: LlamaConfig, tokenizer, task: str, data_root: str
     for i in range(cfg.num_hidden_layers - k + 1):
       p, c = drop_layers_params(params, cfg, range(i, i + k))
       vals.append(evaluate.evaluate_task(p, c, tokenizer, task, data_root, limit=limit,
-                                         batch_size=batch_size, progress=False)["acc"])
+                                         batch_size=batch_size, progress=False,
+                                         mesh=mesh)["acc"])
       done += 1
       if progress:
         progress(done, total)

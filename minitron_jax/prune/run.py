@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from minitron_jax import sharding
 from minitron_jax.config import LlamaConfig
 from minitron_jax.progress import Progress
 from minitron_jax.io import files
@@ -47,6 +48,7 @@ class PruneJob:
   scores_npz: str | None = None  # reuse saved scores: stream the checkpoint, no model in RAM
   overwrite: bool = False
   dtype: str = "float32"
+  mesh: str = ""  # e.g. "fsdp:-1": shard params and calibration rows ("" = one device)
 
   def targets(self) -> dict[str, Any]:
     return {k: getattr(self, k) for k in ("hidden_size", "intermediate_size",
@@ -120,30 +122,30 @@ def compat_warnings(src: LlamaConfig, new: LlamaConfig) -> list[str]:
           f"{alternative}."]
 
 
-def _layer_scores(job, params, cfg, new, tok, batches, data_root, out: dict):
+def _layer_scores(job, params, cfg, new, tok, batches, data_root, out: dict, mesh=None):
   """Layer importance for a `num_hidden_layers` target: per-layer scores, or the damage of
   each contiguous block of the dropped size (lm_loss / accuracy)."""
   n_drop = cfg.num_hidden_layers - new.num_hidden_layers
   if job.layer_importance == "block_importance":
-    bi = LI.block_importance(params, cfg, batches, block_sizes=sorted({1, n_drop}))
+    bi = LI.block_importance(params, cfg, batches, block_sizes=sorted({1, n_drop}), mesh=mesh)
     out["curves"]["block importance (1 - cos)"] = (None, bi)
     out["layer_scores"] = {f"block_importance_k{k}": v for k, v in bi.items()}
     return bi[1], False
   # A trial per block of the dropped size decides; the per-layer picture for the plot comes
   # from one forward pass (block importance) rather than a trial per single layer.
   sizes = [n_drop]
-  bi = LI.block_importance(params, cfg, batches[:job.layer_batches], block_sizes=[1])
+  bi = LI.block_importance(params, cfg, batches[:job.layer_batches], block_sizes=[1], mesh=mesh)
   out["curves"]["block importance (1 - cos)"] = (None, bi)
   out["layer_scores"]["block_importance_k1"] = bi[1]
   if job.layer_importance == "lm_loss":
     base, loss = LI.lm_loss_drop(params, cfg, batches[:job.layer_batches], block_sizes=sizes,
                                  progress=Progress("layer loss", sum(
-                                     cfg.num_hidden_layers - k + 1 for k in sizes)))
+                                     cfg.num_hidden_layers - k + 1 for k in sizes)), mesh=mesh)
     out["curves"]["LM loss"] = (base, loss)
     out["layer_scores"].update({f"lm_loss_k{k}": v for k, v in loss.items()})
     return loss[n_drop], True
   base, acc = LI.accuracy_drop(params, cfg, tok, job.layer_task, data_root, block_sizes=sizes,
-                               limit=job.layer_task_limit,
+                               limit=job.layer_task_limit, mesh=mesh,
                                progress=Progress("layer accuracy", sum(
                                    cfg.num_hidden_layers - k + 1 for k in sizes)))
   out["curves"][f"{job.layer_task} accuracy"] = (base, acc)
@@ -151,12 +153,16 @@ def _layer_scores(job, params, cfg, new, tok, batches, data_root, out: dict):
   return -acc[n_drop], True  # lower damage = higher accuracy
 
 
-def _ppl(params, cfg, windows, batch_size) -> float:
-  loss = I.jitted_lm_loss(cfg)  # compiled once per config, not per call
-  vals = [float(loss(params, windows[i:i + batch_size]))
-          for i in range(0, len(windows), batch_size)]
-  weights = [len(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
-  return math.exp(float(np.average(vals, weights=weights)))
+def _ppl(params, cfg, windows, batch_size, mesh=None) -> float:
+  loss = I.jitted_lm_loss(cfg, mesh=mesh)  # compiled once per config, not per call
+  if mesh is not None:
+    params = sharding.shard_params(params, cfg, mesh)
+  chunks = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+  if mesh is None:
+    vals = [float(loss(params, c)) for c in chunks]
+  else:
+    vals = [float(loss(params, *I.padded_batch(c, mesh))) for c in chunks]
+  return math.exp(float(np.average(vals, weights=[len(c) for c in chunks])))
 
 
 def run(job: PruneJob) -> dict[str, Any]:
@@ -189,6 +195,9 @@ def run(job: PruneJob) -> dict[str, Any]:
     return report
 
   params, cfg, tok, _ = hf_io.load_model(src, job.dtype)
+  mesh = sharding.stage_mesh(job.mesh)
+  # Scoring reads `placed` (sharded over the mesh); slicing and saving read the host copy.
+  placed = params if mesh is None else sharding.shard_params(params, cfg, mesh)
   root = job.data_root or tasks.default_data_root()
   _log(f"calibration data: {job.calib_data}")
   stream = data.load_tokens(job.calib_data, tok)
@@ -199,22 +208,25 @@ def run(job: PruneJob) -> dict[str, Any]:
   report["calibration"] = {"source": job.calib_data, "samples": len(calib),
                            "seq_len": job.calib_seq_len, "held_out_samples": len(held_out)}
   ts = time.perf_counter()
-  scores = I.compute_scores(job.importance, params, cfg, batches, agg, seed=job.seed,
-                            progress=Progress(f"{job.importance} importance", len(calib)))
+  scores = I.compute_scores(job.importance, placed, cfg, batches, agg, seed=job.seed,
+                            progress=Progress(f"{job.importance} importance", len(calib)),
+                            mesh=mesh)
   report["importance_seconds"] = round(time.perf_counter() - ts, 2)
   layer_scores, drop_block = None, False
   if needs_layers or targets.drop_layers is not None:
     if needs_layers:
-      layer_scores, drop_block = _layer_scores(job, params, cfg, new, tok, batches, root, extra)
+      layer_scores, drop_block = _layer_scores(job, placed, cfg, new, tok, batches, root, extra,
+                                               mesh)
     else:  # explicit list: still measure block importance for the report and the plot
       extra["curves"]["block importance (1 - cos)"] = (None, LI.block_importance(
-          params, cfg, batches[:4], block_sizes=sorted({1, len(targets.drop_layers)})))
+          placed, cfg, batches[:4], block_sizes=sorted({1, len(targets.drop_layers)}),
+          mesh=mesh))
   plan = P.make_plan(cfg, targets, scores, layer_scores, drop_block)
   pruned, new_cfg = P.prune(params, cfg, plan)
   report.update(P.plan_summary(cfg, plan))
   if len(held_out):
-    report["calibration_ppl_before"] = _ppl(params, cfg, held_out, job.batch_size)
-    report["calibration_ppl_after"] = _ppl(pruned, new_cfg, held_out, job.batch_size)
+    report["calibration_ppl_before"] = _ppl(placed, cfg, held_out, job.batch_size, mesh)
+    report["calibration_ppl_after"] = _ppl(pruned, new_cfg, held_out, job.batch_size, mesh)
   report["layer_importance"] = {k: np.asarray(v).tolist()
                                 for k, v in extra["layer_scores"].items()}
   report["seconds"] = round(time.perf_counter() - t0, 2)

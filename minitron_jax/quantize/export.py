@@ -316,10 +316,10 @@ def bf16_bytes(cfg: LlamaConfig) -> int:
   return 2 * cfg.num_params()
 
 
-def _ppl(params, cfg, ids, seq_len, max_windows, progress) -> dict:
+def _ppl(params, cfg, ids, seq_len, max_windows, progress, mesh=None) -> dict:
   from minitron_jax.evaluate import scoring as evaluate
   res = evaluate.perplexity(params, cfg, ids, seq_len=seq_len, max_windows=max_windows,
-                            batch_size=1, progress=progress)
+                            batch_size=1, progress=progress, mesh=mesh)
   return {k: res[k] for k in ("ppl", "nll", "tokens", "windows")}
 
 
@@ -335,7 +335,7 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
                         group_size: int = Q.DEFAULT_GROUP_SIZE, include_embeddings: bool = False,
                         calibration_file: str | None = None, calibration_windows: int = 4,
                         unquantized_dtype: str = "bfloat16", gguf_tokenizer_pre: str = "",
-                        progress: bool = True) -> dict:
+                        progress: bool = True, mesh=None) -> dict:
   """Loads an HF Llama checkpoint, quantizes it, exports it and writes `quantize_report.json`.
 
   Every input is checked before any weight is read.
@@ -356,6 +356,8 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
     gguf_tokenizer_pre: llama.cpp pre-tokenizer name written to GGUF exports; empty: found
       automatically (see `gguf_export.write_gguf`).
     progress: print perplexity progress.
+    mesh: a `jax.sharding.Mesh` for the calibration and perplexity forward passes (params
+      sharded by the logical-axis rules, rows over the batch axes).
 
   Returns:
     The report (also written to `<output_dir>/quantize_report.json`).
@@ -390,7 +392,8 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
   if calibration_file is not None:
     with open(calibration_file, encoding="utf-8") as f:
       ids = tok(f.read(), add_special_tokens=False)["input_ids"]
-    act = Q.calibrate_activation_scales(params, cfg, _windows(ids, seq_len, calibration_windows))
+    act = Q.calibrate_activation_scales(params, cfg, _windows(ids, seq_len, calibration_windows),
+                                        mesh=mesh)
   qparams = Q.quantize_params(params, cfg, fmt, include_embeddings=include_embeddings,
                               group_size=group_size, activation_scales=act)
   qparams = export_params(qparams, cfg, fmt, unquantized_dtype)
@@ -410,8 +413,8 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
     if ppl_file is not None:
       with open(ppl_file, encoding="utf-8") as f:
         ids = tok(f.read(), add_special_tokens=False)["input_ids"]
-      before = _ppl(params, cfg, ids, seq_len, max_windows, progress)
-      after = _ppl(qparams, cfg, ids, seq_len, max_windows, progress)
+      before = _ppl(params, cfg, ids, seq_len, max_windows, progress, mesh)
+      after = _ppl(qparams, cfg, ids, seq_len, max_windows, progress, mesh)
       report["perplexity"] = {"file": os.path.abspath(ppl_file), "before": before["ppl"],
                               "after": after["ppl"], "increase": after["ppl"] - before["ppl"],
                               "tokens": after["tokens"], "windows": after["windows"]}

@@ -424,24 +424,37 @@ def param_bytes(params: dict) -> int:
 
 
 def calibrate_activation_scales(params: dict, cfg: LlamaConfig,
-                                batches: Iterable[np.ndarray]) -> dict[str, jax.Array]:
+                                batches: Iterable[np.ndarray], mesh=None
+                                ) -> dict[str, jax.Array]:
   """Static FP8 input scales: amax of each linear layer's input over `batches`, / 448.
 
   Args:
     params: float (or weight-quantized) params.
     cfg: config.
     batches: int token arrays `(B, T)`.
+    mesh: a `jax.sharding.Mesh`: params sharded by the logical-axis rules, each batch's
+      rows split over the batch axes (padded with copies of its first row, which leave a
+      maximum unchanged); the scales come back replicated.
 
   Returns:
     tap name (`attn_in`, `attn_heads`, `mlp_in`, `mlp_act`) -> `(L,)` float32 scales.
   """
+  from minitron_jax import sharding
+
   names = sorted(set(INPUT_TAPS.values()))
-  step = _amax_step(cfg, tuple(names))
+  step = _amax_step(cfg, tuple(names), mesh)
+  if mesh is not None:
+    params = sharding.shard_params(params, cfg, mesh)
   amax = None
   for tokens in batches:
-    tokens = jnp.asarray(tokens, jnp.int32)
+    tokens = np.asarray(tokens, np.int32)
+    if mesh is not None:
+      pad = sharding.padded_rows(len(tokens), mesh) - len(tokens)
+      tokens = sharding.shard_rows(np.concatenate([tokens] + [tokens[:1]] * pad), mesh)
     if amax is None:  # |x| >= 0, so zeros are the identity of the running max
-      amax = {n: jnp.zeros((cfg.num_hidden_layers,), jnp.float32) for n in names}
+      amax = {n: np.zeros((cfg.num_hidden_layers,), np.float32) for n in names}
+      if mesh is not None:
+        amax = sharding.put_global(amax, {n: sharding.replicated(mesh) for n in names})
     amax = step(params, tokens, amax)
   if amax is None:
     raise ValueError("calibration needs at least one batch")
@@ -449,7 +462,7 @@ def calibrate_activation_scales(params: dict, cfg: LlamaConfig,
 
 
 @functools.lru_cache(maxsize=None)
-def _amax_step(cfg: LlamaConfig, names: tuple[str, ...]):
+def _amax_step(cfg: LlamaConfig, names: tuple[str, ...], mesh=None):
   """Jitted (params, tokens, amax) -> running per-layer amax of each tap (amax donated); one
   per config, so repeated calibrations reuse the compiled forward."""
   from minitron_jax import model as M
@@ -460,7 +473,8 @@ def _amax_step(cfg: LlamaConfig, names: tuple[str, ...]):
     got = M.forward(params, cfg, tokens_bt, taps={n: amax_fn for n in names})["taps"]
     return {n: jnp.maximum(amax[n], got[n]) for n in names}
 
-  return jax.jit(step, donate_argnums=(2,))
+  from minitron_jax import sharding
+  return sharding.jit_on(step, mesh, donate_argnums=(2,))
 
 
 # ---------------------------------------------------------------------------- errors

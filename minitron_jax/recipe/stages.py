@@ -130,7 +130,7 @@ def _train_config(cfg, section, mode: str):
       micro_batch_size=_get(cfg, f"{section}.micro_batch_size") or None, seq_len=t.seq_len,
       lr=t.lr,
       min_lr=t.min_lr, warmup_steps=t.warmup_steps, dtype=cfg.train_dtype,
-      mesh=cfg.mesh, save_every=t.save_every, eval_every=t.eval_every,
+      remat=bool(_get(cfg, f"{section}.remat")), mesh=cfg.mesh, save_every=t.save_every, eval_every=t.eval_every,
       eval_windows=t.eval_windows, seed=cfg.seed, log_every=max(1, t.steps // 20))
 
 
@@ -164,7 +164,8 @@ def _prune(cfg, run_dir: str, kind: str) -> None:
       calib_data=training_data(cfg, run_dir), calib_samples=p.calib_samples,
       calib_seq_len=p.calib_seq_len, eval_samples=p.eval_samples, batch_size=p.batch_size,
       layer_batches=p.layer_batches,
-      seed=cfg.seed, data_root=data_root(cfg), overwrite=True, dtype=cfg.dtype, **targets))
+      seed=cfg.seed, data_root=data_root(cfg), overwrite=True, dtype=cfg.dtype,
+      mesh="" if cfg.mesh == "data:-1" else cfg.mesh, **targets))
 
 
 def _distill_config(cfg, run_dir: str, kind: str):
