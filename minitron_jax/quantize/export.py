@@ -218,10 +218,36 @@ def _family(fmt: Q.QuantFormat) -> str:
   return "fp8" if fmt is Q.QuantFormat.FP8_BLOCK else "compressed-tensors"
 
 
+def check_consumer_shape(name: str, out: int, inp: int, fmt: Q.QuantFormat) -> None:
+  """Raises ValueError where the consumers of `fmt` cannot load an `[out, inp]` matrix.
+
+  transformers' fine-grained FP8 (its CPU dequantization, and vLLM's block-FP8 kernels) needs
+  whole 128x128 blocks; compressed-tensors packs `32 / bits` inputs per int32 word.
+  """
+  if fmt is Q.QuantFormat.FP8_BLOCK and (out % Q.FP8_BLOCK or inp % Q.FP8_BLOCK):
+    raise ValueError(f"fp8: {name} is {out}x{inp}, not whole {Q.FP8_BLOCK}x{Q.FP8_BLOCK} "
+                     f"blocks, which transformers and vLLM's block-FP8 kernels need; use "
+                     f"fp8_channel")
+  if fmt.kind in ("int8", "int4") and not fmt.is_gguf:
+    words = 32 // (8 if fmt.kind == "int8" else 4)
+    if inp % words:
+      raise ValueError(f"{fmt.value}: {name} has {inp} inputs; compressed-tensors packs "
+                       f"{words} per int32 word")
+
+
+def check_consumers(cfg: LlamaConfig, fmt: Q.QuantFormat, include_embeddings: bool = False
+                    ) -> None:
+  """`check_consumer_shape` for every matrix `fmt` quantizes, before any weight is read."""
+  for spec in axes.param_specs(cfg):
+    if Q.is_quantizable(spec, include_embeddings):
+      check_consumer_shape(spec.hf_name.replace("{i}", "*"), *axes.hf_shape(spec, cfg), fmt)
+
+
 def _check_exportable(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat) -> None:
   for spec, leaf in axes.iter_leaves(params, cfg):
     if not Q.is_quantized(leaf):
       continue
+    check_consumer_shape(spec.hf_name.replace("{i}", "*"), *leaf.matrix_shape, fmt)
     if leaf.format is not fmt:
       raise ValueError(f"{spec.name} is {leaf.fmt}, the export is {fmt.value}")
     if axes.VOCAB in spec.axes and not fmt.is_gguf:
@@ -379,6 +405,7 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
   path = str(registry.resolve_model_dir(model_dir))
   cfg = hf_io.load_config(path)
   Q.check_dims(cfg, fmt, group_size, include_embeddings)
+  check_consumers(cfg, fmt, include_embeddings)
   if fmt.is_gguf:
     from minitron_jax.quantize import gguf_export
     gguf_export.check_inputs(cfg, path, gguf_tokenizer_pre)
@@ -423,13 +450,8 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
 
 def notes(cfg: LlamaConfig, fmt: Q.QuantFormat) -> list[str]:
   """Known limits of consumers for this model and format."""
+  del cfg
   out = []
-  if fmt is Q.QuantFormat.FP8_BLOCK:
-    shapes = [axes.hf_shape(s, cfg) for s in axes.param_specs(cfg) if Q.is_quantizable(s)]
-    if any(d % Q.FP8_BLOCK for shp in shapes for d in shp):
-      out.append("some dimensions are not multiples of 128: the edge blocks are partial, as "
-                 "GPU FP8 kernels expect, but transformers' CPU dequantization (no FP8 GPU) "
-                 "cannot load it; use fp8_channel for CPU")
   if fmt is Q.QuantFormat.INT4_GROUP_ASYM:
     out.append("transformers loads it with CompressedTensorsConfig(dequantize=True)")
   return out

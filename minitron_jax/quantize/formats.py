@@ -153,6 +153,14 @@ class QuantizedArray:
     w = w.transpose(*range(lead), *(lead + p for p in self.perm))
     return w.astype(dtype)
 
+  def quantize_input(self, x: jax.Array) -> jax.Array:
+    """The layer's input as a static-FP8 (W8A8) consumer computes it: `x / input_scale` cast
+    (saturating) to float8_e4m3fn and scaled back; `x` itself without an `input_scale`."""
+    if self.input_scale is None:
+      return x
+    s = self.input_scale.astype(jnp.float32)
+    return (to_fp8(x.astype(jnp.float32) / s).astype(jnp.float32) * s).astype(x.dtype)
+
   def take_rows(self, ids: jax.Array, dtype) -> jax.Array:
     """Rows `ids` of a `[out, in]`-laid leaf (the embedding), dequantizing only those rows."""
     if self.values.ndim != 2 or self.perm != (0, 1):

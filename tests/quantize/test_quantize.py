@@ -71,11 +71,28 @@ def tokens():
   return np.random.default_rng(0).integers(3, 320, (2, 12))
 
 
-def _hf_logits(out_dir, tokens, **kw):
+def _hf_logits(out_dir, tokens, input_scales=None, **kw):
+  """transformers' logits; `input_scales` (a safetensors file with `<module>.activation_scale`
+  tensors) makes every such linear layer read its input through torch's float8_e4m3fn cast."""
   import torch
   import transformers
 
   model = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, **kw)
+  if input_scales is not None:
+    from safetensors import safe_open
+
+    def fp8_input(scale):
+      def hook(module, args):
+        x = args[0] / scale
+        return (x.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32) * scale,)
+      return hook
+
+    with safe_open(input_scales, "pt") as f:
+      names = [n for n in f.keys() if n.endswith(".activation_scale")]
+      assert names
+      for n in names:
+        model.get_submodule(n.removesuffix(".activation_scale")).register_forward_pre_hook(
+            fp8_input(f.get_tensor(n).float()))
   return torch_logits(model.eval(), tokens)
 
 
@@ -335,9 +352,14 @@ def test_fp8_static_activation_scales(tiny, tiny_dir, tokens, tmp_path):
   with safe_open(os.path.join(out, "model.safetensors"), "np") as f:
     got = f.get_tensor("model.layers.1.mlp.down_proj.activation_scale")
   assert got.shape == () and np.isclose(got, act["mlp_act"][1])
-  # transformers' CPU path dequantizes the weights and runs activations unquantized.
+  # Our forward runs W8A8: each linear input is rounded onto the FP8 grid of its static scale.
+  # Reference: transformers on the export (its CPU path dequantizes the weights and leaves
+  # activations alone), with torch's own float8 cast applied to every linear input by hooks.
   ours = np.asarray(M.forward(qp, cfg, jnp.asarray(tokens))["logits"])
-  assert _rel(_hf_logits(out, tokens), ours) <= 1e-3
+  assert _rel(_hf_logits(out, tokens, input_scales=os.path.join(out, "model.safetensors")),
+              ours) <= 1e-3
+  plain = _quantized(params, cfg, F.FP8_BLOCK)
+  assert _rel(np.asarray(M.forward(plain, cfg, jnp.asarray(tokens))["logits"]), ours) > 1e-3
 
 
 def test_activation_calibration_compiles_once(tiny, tokens):
@@ -377,7 +399,19 @@ def test_dims_that_are_not_multiples_of_128(tmp_path, tokens):
     for bj, c in enumerate(range(0, 192, 128)):
       block = w[r:r + 128, c:c + 128]
       assert np.isclose(s[bi, bj], np.abs(block).max() / 448, rtol=1e-6)
-  assert any("multiples of 128" in n for n in E.notes(cfg, F.FP8_BLOCK))
+  # ... which transformers' CPU dequantization and vLLM's block kernels cannot load: refused.
+  with pytest.raises(ValueError, match=r"model.layers.\*.self_attn.q_proj.weight is 192x192, "
+                     r"not whole 128x128 blocks.*use fp8_channel$"):
+    E.check_consumers(cfg, F.FP8_BLOCK)
+  with pytest.raises(ValueError, match="use fp8_channel"):
+    E.export(qp, cfg, F.FP8_BLOCK, tmp_path / "fp8", source_dir=str(d))
+  assert not (tmp_path / "fp8").exists()
+  with pytest.raises(ValueError, match="use fp8_channel"):
+    E.quantize_checkpoint(str(d), str(tmp_path / "fp8"), "fp8")
+  assert not (tmp_path / "fp8").exists()
+  E.check_consumers(cfg, F.FP8_CHANNEL)
+  with pytest.raises(ValueError, match="int8_channel: w has 6 inputs; compressed-tensors packs 4"):
+    E.check_consumer_shape("w", 8, 6, F.INT8_CHANNEL)
 
 
 @pytest.mark.parametrize("name", ["gguf_q8_0", "gguf_q4_0"])
