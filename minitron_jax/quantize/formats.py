@@ -349,18 +349,23 @@ def to_matrix(x: jax.Array, spec: axes.ParamSpec) -> jax.Array:
   return x.reshape(*x.shape[:lead], n_out, -1)
 
 
+def matrix_layout(spec: axes.ParamSpec, shape: tuple[int, ...]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """(out_dims, in_dims, perm) of a `QuantizedArray` for a leaf of `spec` and `shape`."""
+  lead = 1 if spec.stacked else 0
+  own = spec.axes[lead:]
+  out_axes, in_axes = split_axes(spec)
+  sizes = dict(zip(own, shape[lead:]))
+  flat = (*out_axes, *in_axes)
+  return (tuple(sizes[a] for a in out_axes), tuple(sizes[a] for a in in_axes),
+          tuple(flat.index(a) for a in own))
+
+
 def quantize_leaf(x: jax.Array, spec: axes.ParamSpec, fmt: QuantFormat,
                   group_size: int = DEFAULT_GROUP_SIZE,
                   input_scale: jax.Array | None = None) -> QuantizedArray:
   """Quantizes one parameter leaf of `spec`."""
-  lead = 1 if spec.stacked else 0
-  own = spec.axes[lead:]
-  out_axes, in_axes = split_axes(spec)
-  sizes = dict(zip(own, x.shape[lead:]))
-  out_dims = tuple(sizes[a] for a in out_axes)
-  in_dims = tuple(sizes[a] for a in in_axes)
-  flat = (*out_axes, *in_axes)
-  perm = tuple(flat.index(a) for a in own)
+  out_dims, in_dims, perm = matrix_layout(spec, x.shape)
   m = to_matrix(x, spec)
   block = block_shape(fmt, m.shape[-2], m.shape[-1], group_size)
   if fmt.is_gguf:
