@@ -494,12 +494,45 @@ def test_quantize_checkpoint_report(tiny_dir, tmp_path):
   p = rep["perplexity"]
   assert p["windows"] == 2 and p["before"] > 1 and p["after"] > 1
   assert (out / "tokenizer.json").is_file()
+  assert rep["method"] == "rtn" and rep["calibration"] is None
   with pytest.raises(FileExistsError, match="not empty"):
     E.quantize_checkpoint(tiny_dir, str(out), "int8")
   E.quantize_checkpoint(tiny_dir, str(out), "gguf_q8_0", overwrite=True)
   assert (out / gguf_export.gguf_file_name(F.GGUF_Q8_0)).is_file()
   assert not (out / "model.safetensors").exists()
   assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temp dirs left
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+@pytest.mark.parametrize("name", ["int4", "gguf_q4_0"])
+def test_gptq_checkpoint_loads_and_reports(tiny_dir, tmp_path, tokens, name):
+  calib = tmp_path / "calib.txt"
+  calib.write_text(TEXT)
+  out = tmp_path / name
+  rep = E.quantize_checkpoint(tiny_dir, str(out), name, calib_data=str(calib), calib_samples=4,
+                              calib_seq_len=32, unquantized_dtype="float32", progress=False)
+  assert rep["method"] == "gptq"
+  c = rep["calibration"]
+  assert (c["data"], c["samples"], c["seq_len"], c["act_order"]) == (str(calib), 4, 32, True)
+  assert c["seconds"] > 0
+  # The export holds GPTQ params of those windows: a consumer's logits equal our forward on
+  # GPTQ params computed here from the same windows.
+  cfg = hf_io.load_config(tiny_dir)
+  fmt = E.export_format(name)
+  kw = {"gguf_file": gguf_export.gguf_file_name(fmt)} if fmt.is_gguf else {}
+  params, _ = hf_io.load_hf(tiny_dir)
+  params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
+  from minitron_jax.data import corpus, packing
+  from minitron_jax.quantize import calibrate
+  tok = hf_io.load_tokenizer(tiny_dir)
+  windows = packing.calibration_samples(corpus.load_tokens(str(calib), tok), num_samples=4,
+                                        seq_len=32)
+  qp = E.export_params(calibrate.gptq_params(params, cfg, fmt, [windows]), cfg, fmt, "float32")
+  rtn = E.export_params(Q.quantize_params(params, cfg, fmt), cfg, fmt, "float32")
+  assert not np.array_equal(np.asarray(qp["layers"]["down"].values),
+                            np.asarray(rtn["layers"]["down"].values))
+  ours = np.asarray(M.forward(qp, cfg, jnp.asarray(tokens))["logits"])
+  assert _rel(_hf_logits(str(out), tokens, **kw), ours) <= 1e-3
 
 
 def _cli(*args):
@@ -524,6 +557,12 @@ def test_cli_bad_inputs_fail_before_work(tmp_path):
       ([f"--model_dir={mistral}", f"--output_dir={tmp_path / 'o2'}", "--format=int8"],
        "model_type 'mistral'"),
       ([f"--model_dir={cfg_only}", f"--output_dir={busy}", "--format=int8"], "not empty"),
+      ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4",
+        "--method=gptq"], "--method=gptq needs calibration data (--calib_data)"),
+      ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=fp8_channel",
+        "--method=gptq", "--calib_data=shakespeare"], "--method=gptq supports"),
+      ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4",
+        "--method=awq2"], "unknown quantization method 'awq2'"),
   ]
   for args, msg in cases:
     proc = _cli(*args, "--ppl_file=none")
@@ -531,7 +570,7 @@ def test_cli_bad_inputs_fail_before_work(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and msg in lines[-1], proc.stderr
   assert os.listdir(busy) == ["keep.txt"]
-  assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+  assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 
 
 # ---------------------------------------------------------------------------- real teacher
