@@ -607,3 +607,15 @@ def test_real_gguf_tokenizer_metadata(real_model, real_dir, tmp_path):
   gtok = transformers.AutoTokenizer.from_pretrained(out, gguf_file=name)
   text = "Hello world, 12345 tokens! <|im_start|>user\nhi<|im_end|>"
   assert gtok(text)["input_ids"] == tok(text)["input_ids"]
+
+
+@pytest.mark.slow
+def test_real_fp8_block_scales_are_no_worse_than_per_tensor(real_model):
+  """Finer scales can only shrink the FP8 weight error on the real teacher's weights."""
+  params, cfg, _ = real_model
+  params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
+  err = {fmt: E.summarize(Q.error_stats(params, Q.quantize_params(params, cfg, fmt), cfg))
+         for fmt in (F.FP8_TENSOR, F.FP8_CHANNEL, F.FP8_BLOCK)}
+  mean = {f: e["mean_rel_rms_error"] for f, e in err.items()}
+  assert mean[F.FP8_BLOCK] <= mean[F.FP8_TENSOR] and mean[F.FP8_CHANNEL] <= mean[F.FP8_TENSOR]
+  assert 0 < mean[F.FP8_BLOCK] < 0.05
