@@ -13,7 +13,6 @@ pytree, and optionally JAX KV-cache decode tokens/s (vs the float32 params).
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,6 +28,8 @@ _DECODE = flags.DEFINE_integer("decode_tokens", 0, "Tokens generated per decode 
 _BATCH = flags.DEFINE_integer("decode_batch", 1, "Prompts decoded together.", lower_bound=1)
 _FORMATS = flags.DEFINE_list("formats", None, "Export formats to measure (default: all).")
 _METHODS = flags.DEFINE_list("methods", ["rtn", "gptq"], "Methods (gptq where it applies).")
+_GPTQ_FORMATS = flags.DEFINE_list("gptq_formats", None, "Formats also run with gptq (default: "
+                                  "every format it supports).")
 _CALIB = flags.DEFINE_string("calib_data", None, "GPTQ calibration data (default: "
                              "<data_root>/wikitext-2/valid.txt).")
 _NCAL = flags.DEFINE_integer("calib_samples", 32, "GPTQ calibration sequences.", lower_bound=1)
@@ -80,61 +81,72 @@ def main(argv):
   batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
 
   @jax.jit
-  def scores(p, ref, tokens_bt):  # (sum of next-token NLL, sum of KL(ref || p)) per window
-    logp = jax.nn.log_softmax(M.forward(p, cfg, tokens_bt)["logits"][:, :-1])
-    logq = jax.nn.log_softmax(M.forward(ref, cfg, tokens_bt)["logits"][:, :-1])
+  def logp(p, tokens_bt):
+    return jax.nn.log_softmax(M.forward(p, cfg, tokens_bt)["logits"][:, :-1])
+
+  @jax.jit
+  def scores(logq, logp, tokens_bt):  # (sum of next-token NLL, sum of KL(float || quantized))
     nll = -jnp.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1).sum()
     return nll, jnp.sum(jnp.exp(logq) * (logq - logp))
-
-  def evaluate(p):
-    nll = kl = 0.0
-    for w in windows:
-      a, b = scores(p, params, jnp.asarray(w[None]))
-      nll, kl = nll + float(a), kl + float(b)
-    n = len(windows) * (_SEQ.value - 1)
-    return float(np.exp(nll / n)), kl / n
 
   def decode(p):
     if not _DECODE.value:
       return float("nan")
     return generate.decode_speed(p, cfg, [prompt] * _BATCH.value, _DECODE.value, 2)
 
-  rows = []
+  # Quantize and export every model first, then score them all on each window, so the float
+  # reference runs once per window.
+  models = [("float32", "-", params, 0.0, None)]
   with tempfile.TemporaryDirectory(prefix="quant-bench-") as tmp:
     hf_io.save_hf(params, cfg, os.path.join(tmp, "bf16"), dtype=jnp.bfloat16)
     bf16 = files.weight_bytes(os.path.join(tmp, "bf16"))
-    base, _ = evaluate(params)
-    mem0, rate0 = Q.param_bytes(params), decode(params)
-    rows.append(["float32", "-", f"{base:.3f}", "-", "0", "0", "-", f"{bf16 / 1e6:.1f}",
-                 "1.000", f"{mem0 / 1e6:.1f}", "1.000", f"{rate0:.1f}", "1.00"])
-    print(f"float32: ppl {base:.3f}", file=sys.stderr, flush=True)
     for name in names:
       fmt = E.export_format(name)
       for method in _METHODS.value:
-        if method == "gptq" and fmt not in calibrate.G.GPTQ_FORMATS:
+        if method == "gptq" and (fmt not in calibrate.G.GPTQ_FORMATS or (
+            _GPTQ_FORMATS.value and name not in _GPTQ_FORMATS.value)):
           continue
-        t0 = time.perf_counter()
         qp, secs = calibrate.quantize_with_method(params, cfg, fmt, method,
                                                   batches if method == "gptq" else None)
         qp = E.export_params(qp, cfg, fmt)
         try:
-          out = E.export(qp, cfg, fmt, os.path.join(tmp, f"{name}-{method}"), source_dir=path)
-          size = files.weight_bytes(out)
-          disk = [f"{size / 1e6:.1f}", f"{size / bf16:.3f}"]
+          size = files.weight_bytes(E.export(qp, cfg, fmt, os.path.join(tmp, f"{name}-{method}"),
+                                             source_dir=path))
         except ValueError:  # refused for this model (consumers cannot load it)
-          disk = ["refused", "-"]
-        ppl, kl = evaluate(qp)
-        err = E.summarize(Q.error_stats(params, qp, cfg))["mean_rel_rms_error"]
-        mem, rate = Q.param_bytes(qp), decode(qp)
-        rows.append([name, method, f"{ppl:.3f}", f"{100 * (ppl / base - 1):+.2f} %",
-                     f"{kl:.5f}", f"{err:.4f}", f"{secs:.1f}", *disk, f"{mem / 1e6:.1f}",
-                     f"{mem / mem0:.3f}", f"{rate:.1f}", f"{rate / rate0:.2f}"])
-        print(f"{name} {method}: ppl {ppl:.3f}, KL {kl:.5f}, "
-              f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+          size = None
+        models.append((name, method, qp, secs, size))
+        print(f"{name} {method}: quantized in {secs:.0f}s", file=sys.stderr, flush=True)
+  mem0, rate0 = Q.param_bytes(params), decode(params)
+  extra = [(Q.param_bytes(m[2]), decode(m[2]),
+            E.summarize(Q.error_stats(params, m[2], cfg))["mean_rel_rms_error"])
+           for m in models]
+  nll, kl = np.zeros(len(models)), np.zeros(len(models))
+
+  def table(done):
+    n = done * (_SEQ.value - 1)
+    base = float(np.exp(nll[0] / n))
+    rows = []
+    for (name, method, _, secs, size), (mem, rate, err), a, b in zip(models, extra, nll, kl):
+      ppl = float(np.exp(a / n))
+      disk = ["refused", "-"] if size is None and name != "float32" else \
+          [f"{(size or bf16) / 1e6:.1f}", f"{(size or bf16) / bf16:.3f}"]
+      rows.append([name, method, f"{ppl:.3f}", f"{100 * (ppl / base - 1):+.2f} %",
+                   f"{b / n:.5f}", f"{err:.4f}", f"{secs:.1f}", *disk, f"{mem / 1e6:.1f}",
+                   f"{mem / mem0:.3f}", f"{rate:.1f}", f"{rate / rate0:.2f}"])
+    return _table(rows)
+
+  for k, w in enumerate(windows):
+    tokens = jnp.asarray(w[None])
+    ref = logp(params, tokens)
+    for i, m in enumerate(models):
+      a, b = scores(ref, ref if i == 0 else logp(m[2], tokens), tokens)
+      nll[i], kl[i] = nll[i] + float(a), kl[i] + float(b)
+    if (k + 1) % 8 == 0 and k + 1 < len(windows):
+      print(f"after {k + 1} windows:\n{table(k + 1)}", file=sys.stderr, flush=True)
   print(f"{path}: {len(windows)} x {_SEQ.value}-token WikiText-2 test windows "
         f"({len(windows) * (_SEQ.value - 1)} predicted tokens); GPTQ on {len(calib)} x "
         f"{_LCAL.value} tokens of {os.path.basename(calib_src)}; {jax.devices()[0].platform}")
-  print(_table(rows))
+  print(table(len(windows)))
 
 
 if __name__ == "__main__":
