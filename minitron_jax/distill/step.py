@@ -266,7 +266,8 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, cfg: TrainConfig
 def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
                     dcfg: distill.DistillConfig | None, cfg: TrainConfig,
                     optimizer: optax.GradientTransformation,
-                    grad_shardings: Any = None) -> Callable:
+                    grad_shardings: Any = None,
+                    student_transform: Callable[[dict], dict] | None = None) -> Callable:
   """`(state, teacher_params, batch) -> (state, metrics)` for the configured mode.
 
   Args:
@@ -276,6 +277,8 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
     cfg: train settings.
     optimizer: from `make_optimizer(cfg)`.
     grad_shardings: sharding of `state["params"]`, to pin the gradient accumulator.
+    student_transform: applied to the trained model's params inside the loss (e.g.
+      quantization-aware distillation's fake quantization, `quantize.qad`).
   """
   mcfg = model_cfg.replace(dtype=cfg.dtype)
   tcfg = teacher_cfg.replace(dtype=cfg.dtype) if teacher_cfg is not None else None
@@ -283,7 +286,8 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
   dynamic = hidden and dcfg.hidden_weight is None
 
   def forward(params, teacher_params, mb):
-    out = M.forward(params["model"], mcfg, mb["tokens"], positions_bt=mb["positions"],
+    model = params["model"] if student_transform is None else student_transform(params["model"])
+    out = M.forward(model, mcfg, mb["tokens"], positions_bt=mb["positions"],
                     segment_ids_bt=mb["segment_ids"], return_hidden=hidden, remat=cfg.remat)
     if cfg.mode == "teacher_correction":
       return out, None
