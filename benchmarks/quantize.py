@@ -76,9 +76,9 @@ def main(argv):
   prompt = ids[:16]
   windows = packing.eval_windows(np.asarray(ids, np.int32), _SEQ.value)[:_WINDOWS.value]
   calib_src = _CALIB.value or os.path.join(root, "wikitext-2", "valid.txt")
-  calib = packing.calibration_samples(corpus.load_tokens(calib_src, tok),
-                                      num_samples=_NCAL.value, seq_len=_LCAL.value)
-  batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
+  batches = list(packing.calibration_batches(corpus.load_tokens(calib_src, tok),
+                                             num_samples=_NCAL.value, seq_len=_LCAL.value,
+                                             batch_size=8))
 
   @jax.jit
   def logp(p, tokens_bt):
@@ -144,7 +144,7 @@ def main(argv):
     if (k + 1) % 8 == 0 and k + 1 < len(windows):
       print(f"after {k + 1} windows:\n{table(k + 1)}", file=sys.stderr, flush=True)
   print(f"{path}: {len(windows)} x {_SEQ.value}-token WikiText-2 test windows "
-        f"({len(windows) * (_SEQ.value - 1)} predicted tokens); GPTQ on {len(calib)} x "
+        f"({len(windows) * (_SEQ.value - 1)} predicted tokens); GPTQ on {_NCAL.value} x "
         f"{_LCAL.value} tokens of {os.path.basename(calib_src)}; {jax.devices()[0].platform}")
   print(table(len(windows)))
 

@@ -441,13 +441,13 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
   calib = None
   if method == "gptq":
     from minitron_jax.data import corpus, packing
-    windows = packing.calibration_samples(corpus.load_tokens(calib_data, tok),
-                                          num_samples=calib_samples, seq_len=calib_seq_len)
-    batches = [windows[i:i + 8] for i in range(0, len(windows), 8)]
+    batches = list(packing.calibration_batches(corpus.load_tokens(calib_data, tok),
+                                               num_samples=calib_samples,
+                                               seq_len=calib_seq_len, batch_size=8))
     qparams, secs = calibrate.quantize_with_method(
         params, cfg, fmt, "gptq", batches, include_embeddings=include_embeddings,
         group_size=group_size, damp=gptq_damp, act_order=act_order, progress=progress)
-    calib = {"data": calib_data, "samples": len(windows), "seq_len": calib_seq_len,
+    calib = {"data": calib_data, "samples": calib_samples, "seq_len": calib_seq_len,
              "damp": gptq_damp, "act_order": act_order, "seconds": round(secs, 2)}
   else:
     qparams = Q.quantize_params(params, cfg, fmt, include_embeddings=include_embeddings,
