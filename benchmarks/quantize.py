@@ -107,7 +107,8 @@ def main(argv):
             _GPTQ_FORMATS.value and name not in _GPTQ_FORMATS.value)):
           continue
         qp, secs = calibrate.quantize_with_method(params, cfg, fmt, method,
-                                                  batches if method == "gptq" else None)
+                                                  batches if method == "gptq" else None,
+                                                  progress=True)
         qp = E.export_params(qp, cfg, fmt)
         try:
           size = files.weight_bytes(E.export(qp, cfg, fmt, os.path.join(tmp, f"{name}-{method}"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import scipy.linalg
 
 from minitron_jax.quantize import formats as Q
 
@@ -116,21 +117,26 @@ def gptq(w_oi: np.ndarray, h_ii: np.ndarray, grid: Grid, *, block_size: int = 12
   order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
   w, h = w[:, order], h[np.ix_(order, order)]
   hinv_u = inverse_hessian_factor(h, damp)
-  codes = np.zeros_like(w)
+  # Rows of the transposed matrices are input columns: contiguous updates, per-row scales.
+  wt = np.ascontiguousarray(w.T)
+  s_t = np.repeat(grid.scale, grid.group, axis=1)[:, :n].T[order]
+  z_t = (np.zeros_like(s_t) if grid.zero is None else
+         np.repeat(grid.zero, grid.group, axis=1)[:, :n].T[order])
+  codes = np.empty_like(wt)
   for i1 in range(0, n, block_size):
     i2 = min(i1 + block_size, n)
-    w1 = w[:, i1:i2].copy()
-    err1 = np.zeros_like(w1)
+    w1 = wt[i1:i2].copy()
+    err1 = np.empty_like(w1)
     for i in range(i2 - i1):
-      j = order[i1 + i]
-      c = grid.codes(w1[:, i], j)
-      codes[:, i1 + i] = c
-      e = (w1[:, i] - grid.dequantize(c, j)) / hinv_u[i1 + i, i1 + i]
-      w1[:, i:] -= np.outer(e, hinv_u[i1 + i, i1 + i:i2])
-      err1[:, i] = e
-    w[:, i2:] -= err1 @ hinv_u[i1:i2, i2:]
-  out = np.empty_like(codes)
-  out[:, order] = codes
+      k = i1 + i
+      c = np.clip(np.rint(w1[i] / s_t[k]) + z_t[k], grid.qmin, grid.qmax)
+      codes[k] = c
+      e = (w1[i] - (c - z_t[k]) * s_t[k]) / hinv_u[k, k]
+      w1[i + 1:] -= hinv_u[k, k + 1:i2, None] * e[None]
+      err1[i] = e
+    wt[i2:] -= hinv_u[i1:i2, i2:].T @ err1
+  out = np.empty_like(w)
+  out[:, order] = codes.T
   return out
 
 
@@ -144,9 +150,10 @@ def inverse_hessian_factor(h_ii: np.ndarray, damp: float) -> np.ndarray:
     raise ValueError(f"damp must be >= 0, got {damp}")
   h = h_ii + damp * np.mean(np.diag(h_ii)) * np.eye(len(h_ii))
   try:
-    lower = np.linalg.cholesky(h)
-    inv = np.linalg.inv(lower)
-    return np.linalg.cholesky(inv.T @ inv).T
+    # H = V Vᵀ with V upper (the Cholesky factor of H with its order reversed), so
+    # H⁻¹ = V⁻ᵀ V⁻¹ and U = V⁻¹: one factorisation and one triangular inverse.
+    upper = np.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+    return scipy.linalg.solve_triangular(upper, np.eye(len(h)), lower=False)
   except np.linalg.LinAlgError:
     raise ValueError(f"the damped Hessian is not positive definite (damp={damp}); raise the "
                      f"dampening") from None
