@@ -25,7 +25,7 @@ def _dequantized(qp):
                                 qp, is_leaf=Q.is_quantized)
 
 
-@pytest.mark.parametrize("fmt", [F.INT4_GROUP, F.INT4_GROUP_ASYM, F.FP8_BLOCK])
+@pytest.mark.parametrize("fmt", [F.INT4_GROUP_ASYM, F.FP8_BLOCK])
 def test_fake_quant_values_and_straight_through_gradient(fmt):
   cfg = preset("tiny")
   params = _params(0, cfg)
