@@ -1,18 +1,18 @@
-"""Every quantization format against the float model, measured side by side in one run.
+"""Every quantization format and method against the float model, measured side by side in one run.
 
-  python benchmarks/quantize.py --model_dir=smollm2-135m --windows=8
+  python benchmarks/quantize.py --model_dir=smollm2-135m --windows=64 --methods=rtn,gptq
 
-For each format: WikiText-2 perplexity (and its increase), the mean per-token KL divergence
-from the float model's next-token distribution (first two windows; steadier than a perplexity
-difference), size on disk of the export (vs a
-bfloat16 export written here too), bytes of the JAX param pytree and JAX KV-cache decode
-tokens/s (vs the float32 params), printed as one table of ratios.
+For each format × method (rtn: round to nearest; gptq: calibrated on --calib_data, WikiText-2
+valid by default, never the test text): WikiText-2 test perplexity and its increase, the mean
+per-token KL(float ‖ quantized) of the next-token distributions over the same windows (steady
+where a perplexity difference is noise), the mean relative RMS weight error, calibration time,
+size on disk of the export (vs a bfloat16 export written here too), bytes of the JAX param
+pytree, and optionally JAX KV-cache decode tokens/s (vs the float32 params).
 """
 
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,28 +20,31 @@ from absl import app, flags  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model_dir", "smollm2-135m", "HF directory or known model name.")
 _DATA = flags.DEFINE_string("data_root", None, "Data folder (default: ../shared/data).")
-_WINDOWS = flags.DEFINE_integer("windows", 8, "Perplexity windows of --seq_len tokens.",
+_WINDOWS = flags.DEFINE_integer("windows", 64, "Evaluation windows of --seq_len tokens.",
                                 lower_bound=1)
-_SEQ = flags.DEFINE_integer("seq_len", 512, "Perplexity window length.", lower_bound=2)
-_DECODE = flags.DEFINE_integer("decode_tokens", 64, "Tokens generated per decode timing.",
-                               lower_bound=2)
+_SEQ = flags.DEFINE_integer("seq_len", 512, "Evaluation window length.", lower_bound=2)
+_DECODE = flags.DEFINE_integer("decode_tokens", 0, "Tokens generated per decode timing (0: no "
+                               "decode timing).", lower_bound=0)
 _BATCH = flags.DEFINE_integer("decode_batch", 1, "Prompts decoded together.", lower_bound=1)
 _FORMATS = flags.DEFINE_list("formats", None, "Export formats to measure (default: all).")
+_METHODS = flags.DEFINE_list("methods", ["rtn", "gptq"], "Methods (gptq where it applies).")
+_GPTQ_FORMATS = flags.DEFINE_list("gptq_formats", None, "Formats also run with gptq (default: "
+                                  "every format it supports).")
+_CALIB = flags.DEFINE_string("calib_data", None, "GPTQ calibration data (default: "
+                             "<data_root>/wikitext-2/valid.txt).")
+_NCAL = flags.DEFINE_integer("calib_samples", 32, "GPTQ calibration sequences.", lower_bound=1)
+_LCAL = flags.DEFINE_integer("calib_seq_len", 512, "GPTQ calibration sequence length.",
+                             lower_bound=2)
 
-
-def _row(name, ppl, base, kl, size, bf16, mem, mem0, rate, rate0):
-  return [name, f"{ppl:.3f}", f"{ppl - base:+.3f}", f"{ppl / base:.4f}", f"{kl:.5f}",
-          f"{size / 1e6:.1f}",
-          f"{size / bf16:.3f}", f"{mem / 1e6:.1f}", f"{mem / mem0:.3f}", f"{rate:.1f}",
-          f"{rate / rate0:.2f}"]
+HEADER = ["format", "method", "ppl", "Δppl", "KL nats/tok", "weight rel err", "calib s",
+          "disk MB", "disk/bf16", "param MB", "mem/f32", "decode tok/s", "speed/f32"]
 
 
 def _table(rows) -> str:
-  header = ["format", "ppl", "Δppl", "ppl ratio", "KL", "disk MB", "disk/bf16", "param MB",
-            "mem/f32", "decode tok/s", "speed/f32"]
-  widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-  lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in [header] + rows]
-  lines.insert(1, "  ".join("-" * w for w in widths))
+  widths = [max(len(r[i]) for r in [HEADER] + rows) for i in range(len(HEADER))]
+  lines = ["| " + " | ".join(v.rjust(w) for v, w in zip(r, widths)) + " |"
+           for r in [HEADER] + rows]
+  lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
   return "\n".join(lines)
 
 
@@ -51,51 +54,100 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from minitron_jax.evaluate import tasks
-  from minitron_jax.evaluate import generate, scoring as evaluate
-  from minitron_jax.io import hf as hf_io
   from minitron_jax import model as M
+  from minitron_jax.data import corpus, packing
+  from minitron_jax.evaluate import generate, tasks
+  from minitron_jax.io import files
+  from minitron_jax.io import hf as hf_io
+  from minitron_jax.quantize import calibrate
   from minitron_jax.quantize import export as E
   from minitron_jax.quantize import formats as Q
 
   names = _FORMATS.value or list(E.EXPORT_FORMATS)
   for n in names:
     E.export_format(n)
-  text = os.path.join(_DATA.value or tasks.default_data_root(), "wikitext-2", "test.txt")
+  for m in _METHODS.value:
+    calibrate.check_method(m, Q.QuantFormat.INT8_CHANNEL)
+  root = _DATA.value or tasks.default_data_root()
   params, cfg, tok, path = hf_io.load_model(_MODEL.value, "float32")
   params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
-  with open(text, encoding="utf-8") as f:
+  with open(os.path.join(root, "wikitext-2", "test.txt"), encoding="utf-8") as f:
     ids = tok(f.read(), add_special_tokens=False)["input_ids"]
   prompt = ids[:16]
+  windows = packing.eval_windows(np.asarray(ids, np.int32), _SEQ.value)[:_WINDOWS.value]
+  calib_src = _CALIB.value or os.path.join(root, "wikitext-2", "valid.txt")
+  batches = list(packing.calibration_batches(corpus.load_tokens(calib_src, tok),
+                                             num_samples=_NCAL.value, seq_len=_LCAL.value,
+                                             batch_size=8))
 
-  windows = jnp.asarray(np.asarray(ids[:2 * _SEQ.value], np.int32).reshape(2, _SEQ.value))
-  logp = jax.jit(lambda p: jax.nn.log_softmax(M.forward(p, cfg, windows)["logits"]))
+  @jax.jit
+  def logp(p, tokens_bt):
+    return jax.nn.log_softmax(M.forward(p, cfg, tokens_bt)["logits"][:, :-1])
 
-  def kl(p, ref):  # mean KL(float || quantized) per token over the first two windows
-    return float(jnp.mean(jnp.sum(jnp.exp(ref) * (ref - logp(p)), axis=-1)))
+  @jax.jit
+  def scores(logq, logp, tokens_bt):  # (sum of next-token NLL, sum of KL(float || quantized))
+    nll = -jnp.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1).sum()
+    return nll, jnp.sum(jnp.exp(logq) * (logq - logp))
 
-  def ppl(p):
-    return evaluate.perplexity(p, cfg, ids, seq_len=_SEQ.value, max_windows=_WINDOWS.value,
-                               batch_size=1, progress=False)["ppl"]
+  def decode(p):
+    if not _DECODE.value:
+      return float("nan")
+    return generate.decode_speed(p, cfg, [prompt] * _BATCH.value, _DECODE.value, 2)
 
+  # Quantize and export every model first, then score them all on each window, so the float
+  # reference runs once per window.
+  models = [("float32", "-", params, 0.0, None)]
   with tempfile.TemporaryDirectory(prefix="quant-bench-") as tmp:
     hf_io.save_hf(params, cfg, os.path.join(tmp, "bf16"), dtype=jnp.bfloat16)
-    bf16 = E.model_bytes(os.path.join(tmp, "bf16"))
-    base, mem0, ref = ppl(params), Q.param_bytes(params), logp(params)
-    rate0 = generate.decode_speed(params, cfg, [prompt] * _BATCH.value, _DECODE.value, 2)
-    rows = [_row("float32", base, base, 0.0, bf16, bf16, mem0, mem0, rate0, rate0)]  # disk: bf16
+    bf16 = files.weight_bytes(os.path.join(tmp, "bf16"))
     for name in names:
-      t0 = time.perf_counter()
       fmt = E.export_format(name)
-      qp = E.export_params(Q.quantize_params(params, cfg, fmt), cfg, fmt)
-      out = E.export(qp, cfg, fmt, os.path.join(tmp, name), source_dir=path)
-      rate = generate.decode_speed(qp, cfg, [prompt] * _BATCH.value, _DECODE.value, 2)
-      rows.append(_row(name, ppl(qp), base, kl(qp, ref), E.model_bytes(out), bf16,
-                       Q.param_bytes(qp), mem0, rate, rate0))
-      print(f"{name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
-  print(f"{path}: {_WINDOWS.value} x {_SEQ.value}-token WikiText-2 windows, decode "
-        f"{_DECODE.value} tokens (batch {_BATCH.value}), {jax.devices()[0].platform}")
-  print(_table(rows))
+      for method in _METHODS.value:
+        if method == "gptq" and (fmt not in calibrate.G.GPTQ_FORMATS or (
+            _GPTQ_FORMATS.value and name not in _GPTQ_FORMATS.value)):
+          continue
+        qp, secs = calibrate.quantize_with_method(params, cfg, fmt, method,
+                                                  batches if method == "gptq" else None,
+                                                  progress=True)
+        qp = E.export_params(qp, cfg, fmt)
+        try:
+          size = files.weight_bytes(E.export(qp, cfg, fmt, os.path.join(tmp, f"{name}-{method}"),
+                                             source_dir=path))
+        except ValueError:  # refused for this model (consumers cannot load it)
+          size = None
+        models.append((name, method, qp, secs, size))
+        print(f"{name} {method}: quantized in {secs:.0f}s", file=sys.stderr, flush=True)
+  mem0, rate0 = Q.param_bytes(params), decode(params)
+  extra = [(Q.param_bytes(m[2]), decode(m[2]),
+            E.summarize(Q.error_stats(params, m[2], cfg))["mean_rel_rms_error"])
+           for m in models]
+  nll, kl = np.zeros(len(models)), np.zeros(len(models))
+
+  def table(done):
+    n = done * (_SEQ.value - 1)
+    base = float(np.exp(nll[0] / n))
+    rows = []
+    for (name, method, _, secs, size), (mem, rate, err), a, b in zip(models, extra, nll, kl):
+      ppl = float(np.exp(a / n))
+      disk = ["refused", "-"] if size is None and name != "float32" else \
+          [f"{(size or bf16) / 1e6:.1f}", f"{(size or bf16) / bf16:.3f}"]
+      rows.append([name, method, f"{ppl:.3f}", f"{100 * (ppl / base - 1):+.2f} %",
+                   f"{b / n:.5f}", f"{err:.4f}", f"{secs:.1f}", *disk, f"{mem / 1e6:.1f}",
+                   f"{mem / mem0:.3f}", f"{rate:.1f}", f"{rate / rate0:.2f}"])
+    return _table(rows)
+
+  for k, w in enumerate(windows):
+    tokens = jnp.asarray(w[None])
+    ref = logp(params, tokens)
+    for i, m in enumerate(models):
+      a, b = scores(ref, ref if i == 0 else logp(m[2], tokens), tokens)
+      nll[i], kl[i] = nll[i] + float(a), kl[i] + float(b)
+    if (k + 1) % 8 == 0 and k + 1 < len(windows):
+      print(f"after {k + 1} windows:\n{table(k + 1)}", file=sys.stderr, flush=True)
+  print(f"{path}: {len(windows)} x {_SEQ.value}-token WikiText-2 test windows "
+        f"({len(windows) * (_SEQ.value - 1)} predicted tokens); GPTQ on {_NCAL.value} x "
+        f"{_LCAL.value} tokens of {os.path.basename(calib_src)}; {jax.devices()[0].platform}")
+  print(table(len(windows)))
 
 
 if __name__ == "__main__":

@@ -92,6 +92,27 @@ _SCHEDULE = flags.DEFINE_bool("allow_schedule_change", False, "On resume, accept
                               "--lr, --min_lr or --warmup_steps instead of refusing them.")
 _CRASH = flags.DEFINE_integer("crash_after_save_step", None, "Testing crash recovery: SIGKILL "
                               "the process right after this step's checkpoint is written.")
+_QAD = flags.DEFINE_string("qad_format", None, "Quantization-aware distillation: the student's "
+                           "linear weights pass through fake quantization in this export format "
+                           "(fp8, fp8_channel, fp8_tensor, int8, int4, int4_asym) inside the "
+                           "loss, and the result is also exported in it (<output_dir>/quantized)."
+                           )
+_QAD_GROUP = flags.DEFINE_integer("qad_group_size", 128, "INT4 group size of --qad_format.",
+                                  lower_bound=2)
+
+
+def _qad(name: str):
+  """(student config -> params transform) for --qad_format, checked before any training."""
+  from minitron_jax.quantize import export as quant_export
+  from minitron_jax.quantize import qad
+
+  fmt = qad.check_format(quant_export.export_format(name))
+
+  def transform(mcfg):
+    quant_export.check_consumers(mcfg, fmt)
+    return qad.fake_quant_transform(mcfg, fmt, _QAD_GROUP.value)
+
+  return transform
 
 
 @cli.main_wrapper
@@ -101,6 +122,10 @@ def main(argv):
   if not _OUT.value:
     raise ValueError("--output_dir is required")
   layer_map = distill.parse_layer_map(_LAYER_MAP.value) if _LAYER_MAP.value else None
+  transform = _qad(_QAD.value) if _QAD.value else None
+  if transform and _EXPORT_DTYPE.value not in (None, "float32"):
+    raise ValueError("--qad_format exports float32 weights (then quantizes them exactly as "
+                     "trained); drop --export_dtype")
   cfg = TrainConfig(
       mode=_MODE.value, steps=_STEPS.value, global_batch_size=_GBS.value,
       micro_batch_size=_MBS.value, seq_len=_SEQ.value, lr=_LR.value, min_lr=_MIN_LR.value,
@@ -119,14 +144,21 @@ def main(argv):
     summary = trainer.run(
         cfg, teacher_dir=_TEACHER.value, student_dir=_STUDENT.value, output_dir=_OUT.value,
         data_source=_DATA.value, eval_data=_EVAL_DATA.value, dcfg=dcfg,
-        prune_report=_REPORT.value, export_dtype=_EXPORT_DTYPE.value,
+        prune_report=_REPORT.value,
+        export_dtype="float32" if transform else _EXPORT_DTYPE.value,
         coordinator_address=_COORD.value,
-        num_processes=_NPROC.value, process_id=_PID.value)
+        num_processes=_NPROC.value, process_id=_PID.value, student_transform=transform)
   except trainer.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if summary["preempted"]:
     sys.exit(143)  # like a process ended by SIGTERM: schedulers then requeue the job
+  if transform and "hf_dir" in summary:  # process 0 wrote the float export
+    from minitron_jax.quantize import export as quant_export
+    report = quant_export.quantize_checkpoint(
+        summary["hf_dir"], os.path.join(_OUT.value, "quantized"), _QAD.value, overwrite=True,
+        group_size=_QAD_GROUP.value, method="rtn", progress=False)
+    print(quant_export.format_report(report))
 
 
 if __name__ == "__main__":

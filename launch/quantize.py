@@ -1,11 +1,17 @@
 """Quantize an HF Llama checkpoint and export it for transformers / vLLM / llama.cpp.
 
   python launch/quantize.py --model_dir=smollm2-135m --output_dir=out/smollm2-int8 --format=int8
+  python launch/quantize.py --output_dir=out/smollm2-int4 --format=int4 --method=gptq \
+      --calib_data=shakespeare --calib_samples=128 --calib_seq_len=512
 
 Formats: fp8 (transformers fine-grained FP8, 128x128 blocks), fp8_channel, fp8_tensor, int8,
 int4, int4_asym (compressed-tensors), gguf_q8_0, gguf_q4_0 (llama.cpp). The output directory gets
 the checkpoint, the tokenizer files and quantize_report.json (size, per-tensor errors,
-perplexity before/after).
+perplexity before/after, method, calibration data and time).
+
+--method=gptq (INT8 / INT4 / GGUF formats) rounds each decoder-layer weight with GPTQ on
+Hessians of --calib_data, layer by layer; round to nearest (rtn) is the default when no
+calibration data is given.
 """
 
 import os
@@ -45,6 +51,19 @@ _PRE = flags.DEFINE_string("gguf_tokenizer_pre", "",
                            "empty: the one recorded at GGUF import, else detected.")
 _MESH = flags.DEFINE_string("mesh", "", "Device mesh to shard params and batch rows over, e.g. fsdp:-1 or data:2,fsdp:2,tensor:2 (as launch/distill.py); empty: one device.")
 
+# Plain strings, checked by the library with the other inputs (one-line errors).
+_METHOD = flags.DEFINE_string("method", None, "rtn or gptq (default: gptq when --calib_data is "
+                              "given and the format supports it, else rtn).")
+_CDATA = flags.DEFINE_string("calib_data", None, "GPTQ calibration data: a file, directory, "
+                             "glob, jsonl, hub name or 'shakespeare' (as for pruning).")
+_NCAL = flags.DEFINE_integer("calib_samples", 128, "GPTQ calibration sequences.", lower_bound=1)
+_LCAL = flags.DEFINE_integer("calib_seq_len", 512, "Tokens per GPTQ calibration sequence.",
+                             lower_bound=2)
+_DAMP = flags.DEFINE_float("gptq_damp", 0.01, "GPTQ dampening (fraction of the mean Hessian "
+                           "diagonal).", lower_bound=0.0)
+_ORDER = flags.DEFINE_bool("act_order", True, "GPTQ: quantize columns by decreasing Hessian "
+                           "diagonal.")
+
 
 @cli.main_wrapper
 def main(argv):
@@ -59,8 +78,9 @@ def main(argv):
       ppl_file=None if ppl_file == "none" else ppl_file, seq_len=_SEQ.value,
       max_windows=_WIN.value, group_size=_GROUP.value, include_embeddings=_EMB.value,
       calibration_file=_CALIB.value, calibration_windows=_CALIB_WIN.value,
-      unquantized_dtype=_DENSE.value, gguf_tokenizer_pre=_PRE.value,
-      mesh=sharding.stage_mesh(_MESH.value))
+      unquantized_dtype=_DENSE.value, gguf_tokenizer_pre=_PRE.value, method=_METHOD.value,
+      calib_data=_CDATA.value, calib_samples=_NCAL.value, calib_seq_len=_LCAL.value,
+      gptq_damp=_DAMP.value, act_order=_ORDER.value, mesh=sharding.stage_mesh(_MESH.value))
   print(quant_export.format_report(report))
 
 

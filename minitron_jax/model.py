@@ -63,6 +63,12 @@ def weight(leaf, dtype) -> jax.Array:
   return leaf.astype(dtype)
 
 
+def linear_input(x, leaf):
+  """`x` as the linear layer `leaf` reads it: a leaf with static activation scales
+  (`quantize_input`, W8A8 FP8) rounds it onto its FP8 grid; any other leaf reads `x` as is."""
+  return leaf.quantize_input(x) if hasattr(leaf, "quantize_input") else x
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
   x32 = x.astype(jnp.float32)
@@ -103,6 +109,7 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, attend, kv_cac
   x_in_btd = x_btd
   h_btd = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps)
   tap("attn_in", h_btd)
+  h_btd = linear_input(h_btd, lp["q"])  # q, k, v read one tap: one input scale
   q_btnh = jnp.einsum("BTD,DNH->BTNH", h_btd, weight(lp["q"], dt))
   k_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, weight(lp["k"], dt))
   v_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, weight(lp["v"], dt))
@@ -114,14 +121,17 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, attend, kv_cac
     k_btkh, v_btkh, new_cache = kv_cache(k_btkh, v_btkh)
   attn_btnh = sharding.constrain(attend(q_btnh, k_btkh, v_btkh), BTNH)
   tap("attn_heads", attn_btnh)
+  attn_btnh = linear_input(attn_btnh, lp["o"])
   x_btd = x_btd + jnp.einsum("BTNH,NHD->BTD", attn_btnh, weight(lp["o"], dt))
   x_btd = sharding.constrain(x_btd, BTD)
   h_btd = rms_norm(x_btd, lp["mlp_norm"], cfg.rms_norm_eps)
   tap("mlp_in", h_btd)
+  h_btd = linear_input(h_btd, lp["gate"])
   gate_btf = jnp.einsum("BTD,DF->BTF", h_btd, weight(lp["gate"], dt))
   up_btf = jnp.einsum("BTD,DF->BTF", h_btd, weight(lp["up"], dt))
   act_btf = sharding.constrain(jax.nn.silu(gate_btf) * up_btf, BTF)
   tap("mlp_act", act_btf)
+  act_btf = linear_input(act_btf, lp["down"])
   x_btd = sharding.constrain(x_btd + jnp.einsum("BTF,FD->BTD", act_btf, weight(lp["down"], dt)),
                              BTD)
   tap("block_out", x_btd)

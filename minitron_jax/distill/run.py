@@ -208,7 +208,8 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
         teacher_params: dict | None = None, teacher_cfg: LlamaConfig | None = None,
         dcfg: distill.DistillConfig | None = None, eval_tokens: np.ndarray | None = None,
         projection: np.ndarray | None = None, pad_id: int = 0,
-        log: Callable[[str], None] | None = None) -> FitResult:
+        log: Callable[[str], None] | None = None,
+        student_transform: Callable[[dict], dict] | None = None) -> FitResult:
   """Trains `model_params` (distillation from a teacher, or CE in teacher-correction mode).
 
   Resumes from the latest checkpoint in `output_dir/checkpoints` if there is one.
@@ -224,6 +225,8 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
     projection: initial (D_student, D_teacher) projection; default random when needed.
     pad_id: token id of padding slots.
     log: console sink (process 0); default prints to stdout.
+    student_transform: applied to the trained params inside the loss (see
+      `train.make_train_step`).
 
   Raises:
     NonFiniteLossError: a loss became NaN/inf (the bad state is never saved).
@@ -261,7 +264,8 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
                                pad_id=pad_id, process_index=data_index,
                                process_count=data_count, state=data_state)
   step_fn = train.make_train_step(model_cfg, teacher_cfg, dcfg, cfg, optimizer,
-                                  grad_shardings=state_sh["params"])
+                                  grad_shardings=state_sh["params"],
+                                  student_transform=student_transform)
   t0 = time.perf_counter()
   compiled, mem = train.compile_step(step_fn, state_sh, teacher_sh, mesh,
                                      train.abstract(state_shape, state_sh),
@@ -476,7 +480,9 @@ def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str
         data_source: str = data.SHAKESPEARE, eval_data: str | None = None,
         dcfg: distill.DistillConfig | None = None, prune_report: str | None = None,
         export_dtype: str | None = None, coordinator_address: str | None = None,
-        num_processes: int | None = None, process_id: int | None = None) -> dict:
+        num_processes: int | None = None, process_id: int | None = None,
+        student_transform: Callable[[LlamaConfig], Callable[[dict], dict]] | None = None
+        ) -> dict:
   """Distils `student_dir` from `teacher_dir` (or corrects the teacher) and exports HF.
 
   Args:
@@ -492,6 +498,8 @@ def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str
     export_dtype: dtype of the exported tensors; default that of the trained checkpoint.
     coordinator_address, num_processes, process_id: multi-host settings (or the cluster's
       environment).
+    student_transform: given the student's config, the params transform applied inside the
+      loss (quantization-aware distillation: `quantize.qad.fake_quant_transform`).
 
   Returns:
     A summary (also written to `output_dir/run.json`).
@@ -531,7 +539,8 @@ def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str
     dcfg, projection = _from_report(prune_report, dcfg or distill.DistillConfig(), mcfg, tcfg)
   result = fit(cfg, model_params=params, model_cfg=mcfg, train_tokens=stream,
                output_dir=output_dir, teacher_params=teacher, teacher_cfg=tcfg, dcfg=dcfg,
-               eval_tokens=eval_ids, projection=projection, pad_id=int(pad_id or 0))
+               eval_tokens=eval_ids, projection=projection, pad_id=int(pad_id or 0),
+               student_transform=student_transform(mcfg) if student_transform else None)
   summary = {"mode": cfg.mode, "teacher_dir": tpath, "student_dir": path if distilling else None,
              "steps": result.step, "resumed_from": result.resumed_from,
              "preempted": result.preempted, "tokens_this_run": result.tokens,

@@ -263,7 +263,8 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, cfg: TrainConfig
 def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
                     dcfg: distill.DistillConfig | None, cfg: TrainConfig,
                     optimizer: optax.GradientTransformation,
-                    grad_shardings: Any = None) -> Callable:
+                    grad_shardings: Any = None,
+                    student_transform: Callable[[dict], dict] | None = None) -> Callable:
   """`(state, teacher_params, batch) -> (state, metrics)` for the configured mode.
 
   Args:
@@ -273,6 +274,8 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
     cfg: train settings.
     optimizer: from `make_optimizer(cfg)`.
     grad_shardings: sharding of `state["params"]`, to pin the gradient accumulator.
+    student_transform: applied to the trained model's params inside the loss (e.g.
+      quantization-aware distillation's fake quantization, `quantize.qad`).
   """
   mcfg = model_cfg.replace(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
   tcfg = (teacher_cfg.replace(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
@@ -282,10 +285,11 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
 
   def forward(params, teacher_params, mb):
     # Final-normed states, not logits: the losses project them `logits_chunk` tokens at a time.
-    out = M.forward(params["model"], mcfg, mb["tokens"], positions_bt=mb["positions"],
+    model = params["model"] if student_transform is None else student_transform(params["model"])
+    out = M.forward(model, mcfg, mb["tokens"], positions_bt=mb["positions"],
                     segment_ids_bt=mb["segment_ids"], return_hidden=hidden, remat=cfg.remat,
                     logits=False)
-    head = distill.Head(params["model"], mcfg, cfg.logits_chunk)
+    head = distill.Head(model, mcfg, cfg.logits_chunk)
     if cfg.mode == "teacher_correction":
       return out, None, (head, None)
     teacher_params = jax.lax.stop_gradient(teacher_params)

@@ -218,10 +218,36 @@ def _family(fmt: Q.QuantFormat) -> str:
   return "fp8" if fmt is Q.QuantFormat.FP8_BLOCK else "compressed-tensors"
 
 
+def check_consumer_shape(name: str, out: int, inp: int, fmt: Q.QuantFormat) -> None:
+  """Raises ValueError where the consumers of `fmt` cannot load an `[out, inp]` matrix.
+
+  transformers' fine-grained FP8 (its CPU dequantization, and vLLM's block-FP8 kernels) needs
+  whole 128x128 blocks; compressed-tensors packs `32 / bits` inputs per int32 word.
+  """
+  if fmt is Q.QuantFormat.FP8_BLOCK and (out % Q.FP8_BLOCK or inp % Q.FP8_BLOCK):
+    raise ValueError(f"fp8: {name} is {out}x{inp}, not whole {Q.FP8_BLOCK}x{Q.FP8_BLOCK} "
+                     f"blocks, which transformers and vLLM's block-FP8 kernels need; use "
+                     f"fp8_channel")
+  if fmt.kind in ("int8", "int4") and not fmt.is_gguf:
+    words = 32 // (8 if fmt.kind == "int8" else 4)
+    if inp % words:
+      raise ValueError(f"{fmt.value}: {name} has {inp} inputs; compressed-tensors packs "
+                       f"{words} per int32 word")
+
+
+def check_consumers(cfg: LlamaConfig, fmt: Q.QuantFormat, include_embeddings: bool = False
+                    ) -> None:
+  """`check_consumer_shape` for every matrix `fmt` quantizes, before any weight is read."""
+  for spec in axes.param_specs(cfg):
+    if Q.is_quantizable(spec, include_embeddings):
+      check_consumer_shape(spec.hf_name.replace("{i}", "*"), *axes.hf_shape(spec, cfg), fmt)
+
+
 def _check_exportable(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat) -> None:
   for spec, leaf in axes.iter_leaves(params, cfg):
     if not Q.is_quantized(leaf):
       continue
+    check_consumer_shape(spec.hf_name.replace("{i}", "*"), *leaf.matrix_shape, fmt)
     if leaf.format is not fmt:
       raise ValueError(f"{spec.name} is {leaf.fmt}, the export is {fmt.value}")
     if axes.VOCAB in spec.axes and not fmt.is_gguf:
@@ -335,6 +361,9 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
                         group_size: int = Q.DEFAULT_GROUP_SIZE, include_embeddings: bool = False,
                         calibration_file: str | None = None, calibration_windows: int = 4,
                         unquantized_dtype: str = "bfloat16", gguf_tokenizer_pre: str = "",
+                        method: str | None = None, calib_data: str | None = None,
+                        calib_samples: int = 128, calib_seq_len: int = 512,
+                        gptq_damp: float = 0.01, act_order: bool = True,
                         progress: bool = True, mesh=None) -> dict:
   """Loads an HF Llama checkpoint, quantizes it, exports it and writes `quantize_report.json`.
 
@@ -355,9 +384,16 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
     unquantized_dtype: dtype of the tensors left unquantized in HF exports.
     gguf_tokenizer_pre: llama.cpp pre-tokenizer name written to GGUF exports; empty: found
       automatically (see `gguf_export.write_gguf`).
-    progress: print perplexity progress.
-    mesh: a `jax.sharding.Mesh` for the calibration and perplexity forward passes (params
-      sharded by the logical-axis rules, rows over the batch axes).
+    method: 'rtn' (round to nearest) or 'gptq'; None: 'gptq' when `calib_data` is given and
+      the format supports it, else 'rtn'.
+    calib_data: GPTQ calibration text (any source `data.corpus.load_tokens` reads, as for
+      pruning importance).
+    calib_samples, calib_seq_len: calibration windows drawn from it.
+    gptq_damp, act_order: see `gptq.gptq`.
+    progress: print perplexity and calibration progress.
+    mesh: a `jax.sharding.Mesh` for the activation-scale calibration and perplexity forward
+      passes (params sharded by the logical-axis rules, rows over the batch axes); GPTQ's
+      layer-by-layer calibration runs on one device.
 
   Returns:
     The report (also written to `<output_dir>/quantize_report.json`).
@@ -373,6 +409,17 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
     raise ValueError("static activation calibration is supported for the fp8 format only")
   if unquantized_dtype not in _NP:
     raise ValueError(f"unquantized_dtype must be one of {list(_NP)}, got {unquantized_dtype!r}")
+  from minitron_jax.quantize import calibrate
+  if method is None:
+    method = "gptq" if calib_data is not None and fmt in calibrate.G.GPTQ_FORMATS else "rtn"
+  calibrate.check_method(method, fmt)
+  if method == "gptq" and calib_data is None:
+    raise ValueError("--method=gptq needs calibration data (--calib_data)")
+  if method == "rtn" and calib_data is not None:
+    raise ValueError("--calib_data is used by --method=gptq only")
+  if calib_samples < 1 or calib_seq_len < 2:
+    raise ValueError(f"calib_samples must be >= 1 and calib_seq_len >= 2, got {calib_samples}, "
+                     f"{calib_seq_len}")
   out = os.path.abspath(output_dir)
   files.check_output_dir(out, overwrite)
   for f, flag in ((ppl_file, "ppl_file"), (calibration_file, "calibration_file")):
@@ -381,10 +428,11 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
   path = str(registry.resolve_model_dir(model_dir))
   cfg = hf_io.load_config(path)
   Q.check_dims(cfg, fmt, group_size, include_embeddings)
+  check_consumers(cfg, fmt, include_embeddings)
   if fmt.is_gguf:
     from minitron_jax.quantize import gguf_export
     gguf_export.check_inputs(cfg, path, gguf_tokenizer_pre)
-  need_tok = bool(ppl_file or calibration_file or fmt.is_gguf)
+  need_tok = bool(ppl_file or calibration_file or calib_data or fmt.is_gguf)
 
   params, cfg, tok, _ = hf_io.load_model(path, with_tokenizer=need_tok)
   params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
@@ -394,11 +442,24 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
       ids = tok(f.read(), add_special_tokens=False)["input_ids"]
     act = Q.calibrate_activation_scales(params, cfg, _windows(ids, seq_len, calibration_windows),
                                         mesh=mesh)
-  qparams = Q.quantize_params(params, cfg, fmt, include_embeddings=include_embeddings,
-                              group_size=group_size, activation_scales=act)
+  calib = None
+  if method == "gptq":
+    from minitron_jax.data import corpus, packing
+    batches = list(packing.calibration_batches(corpus.load_tokens(calib_data, tok),
+                                               num_samples=calib_samples,
+                                               seq_len=calib_seq_len, batch_size=8))
+    qparams, secs = calibrate.quantize_with_method(
+        params, cfg, fmt, "gptq", batches, include_embeddings=include_embeddings,
+        group_size=group_size, damp=gptq_damp, act_order=act_order, progress=progress)
+    calib = {"data": calib_data, "samples": calib_samples, "seq_len": calib_seq_len,
+             "damp": gptq_damp, "act_order": act_order, "seconds": round(secs, 2)}
+  else:
+    qparams = Q.quantize_params(params, cfg, fmt, include_embeddings=include_embeddings,
+                                group_size=group_size, activation_scales=act)
   qparams = export_params(qparams, cfg, fmt, unquantized_dtype)
-  report: dict[str, Any] = {"format": format_name, "weight_format": fmt.value,
-                            "model_dir": path, "output_dir": out, "notes": notes(cfg, fmt)}
+  report: dict[str, Any] = {"format": format_name, "weight_format": fmt.value, "method": method,
+                            "calibration": calib, "model_dir": path, "output_dir": out,
+                            "notes": notes(cfg, fmt)}
   _check_exportable(qparams, cfg, fmt)
   with hf_io.atomic_output_dir(out, overwrite) as tmp:
     write_into(qparams, cfg, fmt, tmp, path, gguf_tokenizer_pre)
@@ -426,13 +487,8 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
 
 def notes(cfg: LlamaConfig, fmt: Q.QuantFormat) -> list[str]:
   """Known limits of consumers for this model and format."""
+  del cfg
   out = []
-  if fmt is Q.QuantFormat.FP8_BLOCK:
-    shapes = [axes.hf_shape(s, cfg) for s in axes.param_specs(cfg) if Q.is_quantizable(s)]
-    if any(d % Q.FP8_BLOCK for shp in shapes for d in shp):
-      out.append("some dimensions are not multiples of 128: the edge blocks are partial, as "
-                 "GPU FP8 kernels expect, but transformers' CPU dequantization (no FP8 GPU) "
-                 "cannot load it; use fp8_channel for CPU")
   if fmt is Q.QuantFormat.INT4_GROUP_ASYM:
     out.append("transformers loads it with CompressedTensorsConfig(dequantize=True)")
   return out
@@ -441,7 +497,8 @@ def notes(cfg: LlamaConfig, fmt: Q.QuantFormat) -> list[str]:
 def format_report(report: dict) -> str:
   """A few human lines summarising a report."""
   size = report["size"]
-  lines = [f"wrote {report['output_dir']} ({report['format']}: {size['bytes'] / 1e6:.1f} MB, "
+  lines = [f"wrote {report['output_dir']} ({report['format']}, {report['method']}: "
+           f"{size['bytes'] / 1e6:.1f} MB, "
            f"{size['ratio_vs_bf16']:.3f}x of bf16)",
            f"weights: mean relative RMS error {report['error_summary']['mean_rel_rms_error']:.4f}"
            f", max {report['error_summary']['max_rel_rms_error']:.4f}"]

@@ -153,6 +153,14 @@ class QuantizedArray:
     w = w.transpose(*range(lead), *(lead + p for p in self.perm))
     return w.astype(dtype)
 
+  def quantize_input(self, x: jax.Array) -> jax.Array:
+    """The layer's input as a static-FP8 (W8A8) consumer computes it: `x / input_scale` cast
+    (saturating) to float8_e4m3fn and scaled back; `x` itself without an `input_scale`."""
+    if self.input_scale is None:
+      return x
+    s = self.input_scale.astype(jnp.float32)
+    return (to_fp8(x.astype(jnp.float32) / s).astype(jnp.float32) * s).astype(x.dtype)
+
   def take_rows(self, ids: jax.Array, dtype) -> jax.Array:
     """Rows `ids` of a `[out, in]`-laid leaf (the embedding), dequantizing only those rows."""
     if self.values.ndim != 2 or self.perm != (0, 1):
@@ -341,18 +349,23 @@ def to_matrix(x: jax.Array, spec: axes.ParamSpec) -> jax.Array:
   return x.reshape(*x.shape[:lead], n_out, -1)
 
 
+def matrix_layout(spec: axes.ParamSpec, shape: tuple[int, ...]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """(out_dims, in_dims, perm) of a `QuantizedArray` for a leaf of `spec` and `shape`."""
+  lead = 1 if spec.stacked else 0
+  own = spec.axes[lead:]
+  out_axes, in_axes = split_axes(spec)
+  sizes = dict(zip(own, shape[lead:]))
+  flat = (*out_axes, *in_axes)
+  return (tuple(sizes[a] for a in out_axes), tuple(sizes[a] for a in in_axes),
+          tuple(flat.index(a) for a in own))
+
+
 def quantize_leaf(x: jax.Array, spec: axes.ParamSpec, fmt: QuantFormat,
                   group_size: int = DEFAULT_GROUP_SIZE,
                   input_scale: jax.Array | None = None) -> QuantizedArray:
   """Quantizes one parameter leaf of `spec`."""
-  lead = 1 if spec.stacked else 0
-  own = spec.axes[lead:]
-  out_axes, in_axes = split_axes(spec)
-  sizes = dict(zip(own, x.shape[lead:]))
-  out_dims = tuple(sizes[a] for a in out_axes)
-  in_dims = tuple(sizes[a] for a in in_axes)
-  flat = (*out_axes, *in_axes)
-  perm = tuple(flat.index(a) for a in own)
+  out_dims, in_dims, perm = matrix_layout(spec, x.shape)
   m = to_matrix(x, spec)
   block = block_shape(fmt, m.shape[-2], m.shape[-1], group_size)
   if fmt.is_gguf:

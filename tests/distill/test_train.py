@@ -398,6 +398,8 @@ def test_resume_after_sigkill_is_exact(tiny_dirs, tmp_path):
     (["--layer_map=0,1", "--hidden_loss=cosine"], "layer map"),
     (["--hidden_loss=l2"], "hidden_loss"),
     (["--student_dir=/nonexistent/student"], "/nonexistent/student"),
+    (["--qad_format=gguf_q4_0"], "--qad_format: gguf_q4_0 is quantized on the host"),
+    (["--qad_format=fp8"], "use fp8_channel"),  # the student's 32 dims: no whole 128-blocks
 ])
 def test_bad_flags_are_one_line_errors(tiny_dirs, tmp_path, args, culprit):
   teacher, student = tiny_dirs
@@ -411,6 +413,33 @@ def test_bad_flags_are_one_line_errors(tiny_dirs, tmp_path, args, culprit):
   assert lines and culprit in lines[0], err
   assert "Traceback" not in err
   assert not (tmp_path / "out" / "hf").exists()
+
+
+def test_qad_exports_the_quantized_student(tiny_dirs, tmp_path):
+  import jax
+  from minitron_jax.io import hf as hf_io
+  from minitron_jax.quantize import formats as Q
+
+  teacher, student = tiny_dirs
+  out = tmp_path / "qad"
+  rc, stdout, err = _cli(f"--teacher_dir={teacher}", f"--student_dir={student}",
+                         f"--output_dir={out}", "--steps=2", "--global_batch_size=2",
+                         "--seq_len=32", "--warmup_steps=0", "--eval_every=0",
+                         "--dtype=float32", "--qad_format=int4", "--qad_group_size=16")
+  assert rc == 0, err
+  assert "int4, rtn" in stdout
+  report = json.load(open(out / "quantized" / "quantize_report.json"))
+  assert report["format"] == "int4" and report["method"] == "rtn"
+  # The quantized export is the trained float32 weights in the format trained for.
+  trained, cfg = hf_io.load_hf(out / "hf")
+  assert jax.tree_util.tree_leaves(trained)[0].dtype == np.float32
+  from safetensors import safe_open
+  from minitron_jax.quantize import export as quant_export
+  want = Q.quantize_params(trained, cfg, Q.QuantFormat.INT4_GROUP, group_size=16)
+  with safe_open(str(out / "quantized" / "model.safetensors"), "np") as f:
+    got = f.get_tensor("model.layers.0.mlp.up_proj.weight_packed")
+  np.testing.assert_array_equal(
+      got, quant_export.pack_int32(np.asarray(want["layers"]["up"].values[0]), 4))
 
 
 def test_teacher_correction_writes_an_hf_directory(tiny_dirs, tmp_path):

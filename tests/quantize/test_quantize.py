@@ -71,11 +71,28 @@ def tokens():
   return np.random.default_rng(0).integers(3, 320, (2, 12))
 
 
-def _hf_logits(out_dir, tokens, **kw):
+def _hf_logits(out_dir, tokens, input_scales=None, **kw):
+  """transformers' logits; `input_scales` (a safetensors file with `<module>.activation_scale`
+  tensors) makes every such linear layer read its input through torch's float8_e4m3fn cast."""
   import torch
   import transformers
 
   model = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, **kw)
+  if input_scales is not None:
+    from safetensors import safe_open
+
+    def fp8_input(scale):
+      def hook(module, args):
+        x = args[0] / scale
+        return (x.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32) * scale,)
+      return hook
+
+    with safe_open(input_scales, "pt") as f:
+      names = [n for n in f.keys() if n.endswith(".activation_scale")]
+      assert names
+      for n in names:
+        model.get_submodule(n.removesuffix(".activation_scale")).register_forward_pre_hook(
+            fp8_input(f.get_tensor(n).float()))
   return torch_logits(model.eval(), tokens)
 
 
@@ -335,9 +352,14 @@ def test_fp8_static_activation_scales(tiny, tiny_dir, tokens, tmp_path):
   with safe_open(os.path.join(out, "model.safetensors"), "np") as f:
     got = f.get_tensor("model.layers.1.mlp.down_proj.activation_scale")
   assert got.shape == () and np.isclose(got, act["mlp_act"][1])
-  # transformers' CPU path dequantizes the weights and runs activations unquantized.
+  # Our forward runs W8A8: each linear input is rounded onto the FP8 grid of its static scale.
+  # Reference: transformers on the export (its CPU path dequantizes the weights and leaves
+  # activations alone), with torch's own float8 cast applied to every linear input by hooks.
   ours = np.asarray(M.forward(qp, cfg, jnp.asarray(tokens))["logits"])
-  assert _rel(_hf_logits(out, tokens), ours) <= 1e-3
+  assert _rel(_hf_logits(out, tokens, input_scales=os.path.join(out, "model.safetensors")),
+              ours) <= 1e-3
+  plain = _quantized(params, cfg, F.FP8_BLOCK)
+  assert _rel(np.asarray(M.forward(plain, cfg, jnp.asarray(tokens))["logits"]), ours) > 1e-3
 
 
 def test_activation_calibration_compiles_once(tiny, tokens):
@@ -377,7 +399,19 @@ def test_dims_that_are_not_multiples_of_128(tmp_path, tokens):
     for bj, c in enumerate(range(0, 192, 128)):
       block = w[r:r + 128, c:c + 128]
       assert np.isclose(s[bi, bj], np.abs(block).max() / 448, rtol=1e-6)
-  assert any("multiples of 128" in n for n in E.notes(cfg, F.FP8_BLOCK))
+  # ... which transformers' CPU dequantization and vLLM's block kernels cannot load: refused.
+  with pytest.raises(ValueError, match=r"model.layers.\*.self_attn.q_proj.weight is 192x192, "
+                     r"not whole 128x128 blocks.*use fp8_channel$"):
+    E.check_consumers(cfg, F.FP8_BLOCK)
+  with pytest.raises(ValueError, match="use fp8_channel"):
+    E.export(qp, cfg, F.FP8_BLOCK, tmp_path / "fp8", source_dir=str(d))
+  assert not (tmp_path / "fp8").exists()
+  with pytest.raises(ValueError, match="use fp8_channel"):
+    E.quantize_checkpoint(str(d), str(tmp_path / "fp8"), "fp8")
+  assert not (tmp_path / "fp8").exists()
+  E.check_consumers(cfg, F.FP8_CHANNEL)
+  with pytest.raises(ValueError, match="int8_channel: w has 6 inputs; compressed-tensors packs 4"):
+    E.check_consumer_shape("w", 8, 6, F.INT8_CHANNEL)
 
 
 @pytest.mark.parametrize("name", ["gguf_q8_0", "gguf_q4_0"])
@@ -460,12 +494,45 @@ def test_quantize_checkpoint_report(tiny_dir, tmp_path):
   p = rep["perplexity"]
   assert p["windows"] == 2 and p["before"] > 1 and p["after"] > 1
   assert (out / "tokenizer.json").is_file()
+  assert rep["method"] == "rtn" and rep["calibration"] is None
   with pytest.raises(FileExistsError, match="not empty"):
     E.quantize_checkpoint(tiny_dir, str(out), "int8")
   E.quantize_checkpoint(tiny_dir, str(out), "gguf_q8_0", overwrite=True)
   assert (out / gguf_export.gguf_file_name(F.GGUF_Q8_0)).is_file()
   assert not (out / "model.safetensors").exists()
   assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temp dirs left
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+@pytest.mark.parametrize("name", ["int4", "gguf_q4_0"])
+def test_gptq_checkpoint_loads_and_reports(tiny_dir, tmp_path, tokens, name):
+  calib = tmp_path / "calib.txt"
+  calib.write_text(TEXT)
+  out = tmp_path / name
+  rep = E.quantize_checkpoint(tiny_dir, str(out), name, calib_data=str(calib), calib_samples=4,
+                              calib_seq_len=32, unquantized_dtype="float32", progress=False)
+  assert rep["method"] == "gptq"
+  c = rep["calibration"]
+  assert (c["data"], c["samples"], c["seq_len"], c["act_order"]) == (str(calib), 4, 32, True)
+  assert c["seconds"] > 0
+  # The export holds GPTQ params of those windows: a consumer's logits equal our forward on
+  # GPTQ params computed here from the same windows.
+  cfg = hf_io.load_config(tiny_dir)
+  fmt = E.export_format(name)
+  kw = {"gguf_file": gguf_export.gguf_file_name(fmt)} if fmt.is_gguf else {}
+  params, _ = hf_io.load_hf(tiny_dir)
+  params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
+  from minitron_jax.data import corpus, packing
+  from minitron_jax.quantize import calibrate
+  tok = hf_io.load_tokenizer(tiny_dir)
+  windows = packing.calibration_samples(corpus.load_tokens(str(calib), tok), num_samples=4,
+                                        seq_len=32)
+  qp = E.export_params(calibrate.gptq_params(params, cfg, fmt, [windows]), cfg, fmt, "float32")
+  rtn = E.export_params(Q.quantize_params(params, cfg, fmt), cfg, fmt, "float32")
+  assert not np.array_equal(np.asarray(qp["layers"]["down"].values),
+                            np.asarray(rtn["layers"]["down"].values))
+  ours = np.asarray(M.forward(qp, cfg, jnp.asarray(tokens))["logits"])
+  assert _rel(_hf_logits(str(out), tokens, **kw), ours) <= 1e-3
 
 
 def _cli(*args):
@@ -490,6 +557,12 @@ def test_cli_bad_inputs_fail_before_work(tmp_path):
       ([f"--model_dir={mistral}", f"--output_dir={tmp_path / 'o2'}", "--format=int8"],
        "model_type 'mistral'"),
       ([f"--model_dir={cfg_only}", f"--output_dir={busy}", "--format=int8"], "not empty"),
+      ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4",
+        "--method=gptq"], "--method=gptq needs calibration data (--calib_data)"),
+      ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=fp8_channel",
+        "--method=gptq", "--calib_data=shakespeare"], "--method=gptq supports"),
+      ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4",
+        "--method=awq2"], "unknown quantization method 'awq2'"),
   ]
   for args, msg in cases:
     proc = _cli(*args, "--ppl_file=none")
@@ -497,7 +570,7 @@ def test_cli_bad_inputs_fail_before_work(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and msg in lines[-1], proc.stderr
   assert os.listdir(busy) == ["keep.txt"]
-  assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+  assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 
 
 # ---------------------------------------------------------------------------- real teacher
@@ -534,3 +607,15 @@ def test_real_gguf_tokenizer_metadata(real_model, real_dir, tmp_path):
   gtok = transformers.AutoTokenizer.from_pretrained(out, gguf_file=name)
   text = "Hello world, 12345 tokens! <|im_start|>user\nhi<|im_end|>"
   assert gtok(text)["input_ids"] == tok(text)["input_ids"]
+
+
+@pytest.mark.slow
+def test_real_fp8_block_scales_are_no_worse_than_per_tensor(real_model):
+  """Finer scales can only shrink the FP8 weight error on the real teacher's weights."""
+  params, cfg, _ = real_model
+  params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
+  err = {fmt: E.summarize(Q.error_stats(params, Q.quantize_params(params, cfg, fmt), cfg))
+         for fmt in (F.FP8_TENSOR, F.FP8_CHANNEL, F.FP8_BLOCK)}
+  mean = {f: e["mean_rel_rms_error"] for f, e in err.items()}
+  assert mean[F.FP8_BLOCK] <= mean[F.FP8_TENSOR] and mean[F.FP8_CHANNEL] <= mean[F.FP8_TENSOR]
+  assert 0 < mean[F.FP8_BLOCK] < 0.05

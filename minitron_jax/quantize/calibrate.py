@@ -1,0 +1,141 @@
+"""Calibrated quantization of a whole model, layer by layer (GPTQ).
+
+The calibration batches' hidden states are carried through the model one decoder layer at a
+time: layer `l`'s linear inputs are gathered (the model's own taps, reduced to Hessians
+`X Xᵀ` inside the jitted layer) from the outputs of layers `0..l-1` *already quantized*, so
+each layer's rounding compensates for the error that reaches it. Layer `l` is then quantized
+and run once more, quantized, to give layer `l + 1` its inputs.
+
+The embedding and LM head, when quantized at all (`include_embeddings`), use round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minitron_jax import axes
+from minitron_jax import model as M
+from minitron_jax.config import LlamaConfig
+from minitron_jax.progress import Progress
+from minitron_jax.quantize import formats as Q
+from minitron_jax.quantize import gptq as G
+
+METHODS = ("rtn", "gptq")
+
+
+def check_method(method: str, fmt: Q.QuantFormat) -> None:
+  """Raises ValueError if `method` cannot quantize `fmt`."""
+  if method not in METHODS:
+    raise ValueError(f"unknown quantization method {method!r}; known: {', '.join(METHODS)}")
+  if method == "gptq" and fmt not in G.GPTQ_FORMATS:
+    raise ValueError(f"--method=gptq supports {', '.join(f.value for f in G.GPTQ_FORMATS)}, "
+                     f"not {fmt.value}")
+
+
+def _gram(x: jax.Array) -> jax.Array:
+  """`X Xᵀ` of an activation whose leading two axes are tokens (B, T, ...), float32."""
+  x = x.reshape(x.shape[0] * x.shape[1], -1).astype(jnp.float32)
+  return x.T @ x
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_fn(cfg: LlamaConfig, with_hessians: bool):
+  """Jitted (layer params, x_btd) -> (layer output, tap -> Hessian sum or {})."""
+  taps = {t: _gram for t in sorted(set(Q.INPUT_TAPS.values()))} if with_hessians else {}
+
+  def run(lp, x_btd):
+    b, t = x_btd.shape[:2]
+    positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cos_bth, sin_bth = M.rope_tables(cfg, positions_bt, x_btd.dtype)
+    y_btd, _, tapped = M._block(cfg, lp, x_btd, cos_bth, sin_bth, None, None, taps)
+    return y_btd, tapped
+
+  return jax.jit(run)
+
+
+def _stack(parts: list[tuple]) -> tuple:
+  """Per-layer (values, scale, zero point) -> stacked over a leading layers axis."""
+  values, scale, zp = zip(*parts)
+  return (jnp.asarray(np.stack(values)), jnp.asarray(np.stack(scale)),
+          None if zp[0] is None else jnp.asarray(np.stack(zp)))
+
+
+def gptq_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
+                batches: Iterable[np.ndarray], *, group_size: int = Q.DEFAULT_GROUP_SIZE,
+                include_embeddings: bool = False, damp: float = 0.01, act_order: bool = True,
+                block_size: int = 128, progress: bool = False) -> dict:
+  """`quantize_params` with GPTQ rounding for every decoder-layer linear weight.
+
+  Args:
+    params: float param tree.
+    cfg: its config.
+    fmt: one of `gptq.GPTQ_FORMATS`.
+    batches: calibration token arrays `(B, T)`.
+    group_size, include_embeddings: as in `formats.quantize_params`.
+    damp, act_order, block_size: see `gptq.gptq`.
+    progress: print a progress line per layer.
+
+  Returns:
+    A quantized param tree of the same layout as `formats.quantize_params` gives.
+  """
+  fmt = Q.parse_format(fmt)
+  check_method("gptq", fmt)
+  xs = [M.embed(params, cfg, jnp.asarray(b, jnp.int32)) for b in batches]
+  if not xs:
+    raise ValueError("GPTQ calibration needs at least one batch")
+  specs = {s.path[-1]: s for s in axes.param_specs(cfg) if s.stacked and Q.is_quantizable(s)}
+  mats = {n: Q.to_matrix(params["layers"][n], s) for n, s in specs.items()}
+  layouts = {n: Q.matrix_layout(s, params["layers"][n].shape) for n, s in specs.items()}
+  blocks = {n: Q.block_shape(fmt, *mats[n].shape[-2:], group_size) for n in specs}
+  parts: dict[str, list] = {n: [] for n in specs}
+  float_layer, quant_layer = _layer_fn(cfg, True), _layer_fn(cfg, False)
+  bar = Progress(f"GPTQ {fmt.value}", cfg.num_hidden_layers, "layers", enabled=progress)
+  for i in range(cfg.num_hidden_layers):
+    lp = jax.tree_util.tree_map(lambda a: a[i], params["layers"])
+    hess = None
+    for x in xs:
+      got = float_layer(lp, x)[1]
+      hess = got if hess is None else jax.tree_util.tree_map(jnp.add, hess, got)
+    hess = {k: np.asarray(v, np.float64) for k, v in hess.items()}
+    qlp = dict(lp)
+    for n in specs:
+      part = G.quantize_matrix(np.asarray(mats[n][i]), hess[Q.INPUT_TAPS[n]], fmt,
+                               group_size=group_size, damp=damp, act_order=act_order,
+                               block_size=block_size)
+      parts[n].append(part)
+      values, scale, zp = (None if a is None else jnp.asarray(a) for a in part)
+      qlp[n] = Q.QuantizedArray(values, scale, zp, None, fmt.value, blocks[n], *layouts[n])
+    xs = [quant_layer(qlp, x)[0] for x in xs]
+    bar.update(i + 1)
+  items = []
+  for spec, leaf in axes.iter_leaves(params, cfg):
+    name = spec.path[-1]
+    if spec.stacked and name in specs:
+      leaf = Q.QuantizedArray(*_stack(parts[name]), None, fmt.value, blocks[name],
+                              *layouts[name])
+    elif Q.is_quantizable(spec, include_embeddings):
+      leaf = Q.quantize_leaf(leaf, spec, fmt, group_size)
+    items.append((spec, leaf))
+  return axes.tree_from_leaves(items)
+
+
+def quantize_with_method(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, method: str,
+                         batches: Iterable[np.ndarray] | None = None, **kw) -> tuple[dict, float]:
+  """(quantized params, seconds spent) by `method` ('rtn' or 'gptq' on `batches`)."""
+  check_method(method, fmt)
+  t0 = time.perf_counter()
+  if method == "gptq":
+    if batches is None:
+      raise ValueError("--method=gptq needs calibration data (--calib_data)")
+    out = gptq_params(params, cfg, fmt, batches, **kw)
+  else:
+    kw = {k: v for k, v in kw.items() if k in ("group_size", "include_embeddings")}
+    out = Q.quantize_params(params, cfg, fmt, **kw)
+  jax.block_until_ready(out)
+  return out, time.perf_counter() - t0
