@@ -49,6 +49,15 @@ def test_param_count_equals_the_pruned_models_real_count(params, tie):
     assert cfg == c.config(src)
 
 
+def test_per_layer_mlp_widths_are_accounted_layer_by_layer():
+  """The representation already carries one MLP width per layer (pruning does not yet)."""
+  mixed = S.Candidate(64, (128, 32), 2, 1)
+  same = [S.Candidate(64, (f, f), 2, 1) for f in (128, 32)]
+  assert 2 * S.param_count(SRC, mixed) == sum(S.param_count(SRC, c) for c in same)
+  with pytest.raises(NotImplementedError):
+    mixed.intermediate_size
+
+
 def test_memory_is_weights_at_export_dtype_plus_kv_cache():
   c = S.Candidate(64, (128,) * 3, 2, 1)
   cfg = c.config(SRC)
