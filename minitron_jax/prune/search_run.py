@@ -180,6 +180,8 @@ def run(job: SearchJob) -> dict[str, Any]:
     scores, layer_scores = compute_importance(job, params, cfg, batches)
   teacher_loss = S.mean_loss(params, cfg, held_out, job.batch_size)
   oneshot = score_oneshot(params, cfg, short, scores, layer_scores, held_out, job.batch_size)
+  for c, loss in zip(short, oneshot):
+    _log(f"one-shot {c.label()}: held-out perplexity {math.exp(loss):.1f}")
   order = list(np.argsort(oneshot, kind="stable"))
   top = [int(i) for i in order[:job.top_k]]
   after: dict[int, float] = {}
@@ -189,6 +191,8 @@ def run(job: SearchJob) -> dict[str, Any]:
       _log(f"short distillation {n + 1}/{len(top)}: {short[i].label()}")
       after[i] = short_distill(job, params, cfg, short[i], scores, layer_scores, train_stream,
                                held_out, int(pad_id or 0))
+      _log(f"after {job.search_steps} steps: held-out perplexity {math.exp(after[i]):.1f} "
+           f"(one-shot {math.exp(oneshot[i]):.1f})")
   final = after if after else {i: oneshot[i] for i in top}
   winner = min(final, key=lambda i: (final[i], i))
   changes = S.rank_changes([oneshot[i] for i in top], [final[i] for i in top])
