@@ -536,7 +536,7 @@ def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str
 
   sharding.initialize_distributed(coordinator_address, num_processes, process_id)
   distilling = cfg.mode == "distill"
-  if distilling and not student_dir:
+  if distilling and not student_dir and not cache_teacher_topk:
     raise ValueError("distillation needs --student_dir (or use --mode=teacher_correction)")
   writing = bool(cache_teacher_topk)
   if writing and not teacher_cache:
@@ -572,16 +572,8 @@ def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
   if writing:
     from minitron_jax.distill import teacher_cache as tc
-    t0 = time.perf_counter()
-    tc.write_for_run(teacher_cache, cfg, teacher, tcfg, stream, cache_teacher_topk, cache_dtype,
-                     int(pad_id or 0))
-    summary = {"teacher_cache": os.path.abspath(teacher_cache), "k": cache_teacher_topk,
-               "steps": cfg.steps, "dtype": cache_dtype,
-               "bytes_per_token": tc.bytes_per_token(cache_teacher_topk, cache_dtype),
-               "seconds": round(time.perf_counter() - t0, 2)}
-    print(f"wrote the teacher cache {teacher_cache}: {cfg.steps} steps, "
-          f"{summary['bytes_per_token']} bytes per token", flush=True)
-    return summary
+    return tc.write_for_run(teacher_cache, cfg, teacher, tcfg, stream, cache_teacher_topk,
+                            cache_dtype, int(pad_id or 0))
   projection = None
   found = os.path.join(path, "prune_report.json")
   if distilling and not prune_report and os.path.isfile(found):

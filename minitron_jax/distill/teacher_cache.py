@@ -300,15 +300,27 @@ def compile_step(step_fn: Callable, state_sh, mesh, abstract_state, cfg: train.T
 
 def write_for_run(directory: str, cfg: train.TrainConfig, teacher_params,
                   teacher_cfg: LlamaConfig, train_tokens, k: int, dtype: str = "float32",
-                  pad_id: int = 0, log: Callable[[str], None] = print) -> TeacherCache:
+                  pad_id: int = 0, log: Callable[[str], None] = print) -> dict:
   """Writes the cache of the `cfg.steps` batches a `run.fit` with `cfg` on `train_tokens` reads
-  (the same mesh-derived row split, so each process writes the rows it will train on)."""
+  (the same mesh-derived row split, so each process writes the rows it will train on).
+
+  Returns a summary: the directory, K, steps, dtype, bytes per token and seconds.
+  """
+  import time
+
   from minitron_jax.data import packing
 
+  t0 = time.perf_counter()
   mesh = sharding.make_mesh(cfg.mesh)
   index, count = train.batch_rows(mesh, cfg)
   dataset = packing.PackedDataset(train_tokens, seq_len=cfg.seq_len,
                                   global_batch_size=cfg.global_batch_size, seed=cfg.seed,
                                   pad_id=pad_id, process_index=index, process_count=count)
-  return write(directory, teacher_params, teacher_cfg, dataset, cfg.steps, k, cfg, dtype,
-               process_index=jax.process_index(), log=log)
+  write(directory, teacher_params, teacher_cfg, dataset, cfg.steps, k, cfg, dtype,
+        process_index=jax.process_index(), log=log)
+  summary = {"teacher_cache": os.path.abspath(directory), "k": k, "steps": cfg.steps,
+             "dtype": dtype, "bytes_per_token": bytes_per_token(k, dtype),
+             "seconds": round(time.perf_counter() - t0, 2)}
+  log(f"wrote the teacher cache {directory}: {cfg.steps} steps, {summary['bytes_per_token']} "
+      "bytes per token")
+  return summary
