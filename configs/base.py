@@ -53,6 +53,13 @@ def get_config() -> ConfigDict:
   c.prune.eval_samples = 16
   c.prune.batch_size = 8
   c.prune.layer_batches = 1           # batches per layer-removal trial (46 trials for 30 layers)
+  # Architecture search (prune/search.py): a third student whose shape is chosen to meet a
+  # budget, from the same importance and tokens; then distilled like the width and depth ones.
+  # 81.5M total = about half of SmolLM2-135M's non-embedding parameters, as the hand-set ones.
+  c.prune.search = ConfigDict(dict(
+      enabled=False, target_params=81.5e6, target_memory_gb=0.0, kv_tokens=0,
+      export_dtype="bfloat16", budget_slack=0.05, max_width_cut=0.5, max_depth_cut=0.5,
+      width_multiple=16, max_candidates=8, top_k=2, steps=8))
 
   # 28 x 8 x 256 = 57k tokens per student, 1.9x the earlier default: by hand, 82k tokens of
   # WikiText-2 valid took the width student from WikiText-2 test perplexity 960 to 74 (teacher

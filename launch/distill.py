@@ -7,6 +7,16 @@
   python launch/distill.py --mode=teacher_correction --teacher_dir=smollm2-135m \
       --output_dir=runs/corrected --steps=100
 
+Offline teacher logits: write the teacher's top-K logits of a run's batches once (same data,
+steps, batch, seq_len and seed as the runs that will read it), then distil from them without
+the teacher in memory:
+
+  python launch/distill.py --teacher_dir=smollm2-135m --output_dir=unused --data=wikitext2 \
+      --steps=28 --global_batch_size=8 --seq_len=256 --teacher_cache=cache --cache_teacher_topk=64
+  python launch/distill.py --teacher_dir=smollm2-135m --student_dir=runs/pruned \
+      --output_dir=runs/distill --data=wikitext2 --steps=28 --global_batch_size=8 \
+      --seq_len=256 --teacher_cache=cache
+
 Re-running the same command resumes from the latest checkpoint in --output_dir. Multi-host:
 run it on every host with --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 (or from a cluster environment that jax.distributed reads).
@@ -90,6 +100,14 @@ _PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's inde
                             lower_bound=0)
 _SCHEDULE = flags.DEFINE_bool("allow_schedule_change", False, "On resume, accept new --steps, "
                               "--lr, --min_lr or --warmup_steps instead of refusing them.")
+_CACHE = flags.DEFINE_string("teacher_cache", None, "Directory of offline teacher logits: "
+                             "written with --cache_teacher_topk, else read instead of running "
+                             "the teacher.")
+_CACHE_K = flags.DEFINE_integer("cache_teacher_topk", 0, "Write the teacher's top-K logits of "
+                                "this run's batches to --teacher_cache and stop (0 = read).",
+                                lower_bound=0)
+_CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", "float32", ["float32", "bfloat16"],
+                                 "dtype of the cached logits.")
 _CRASH = flags.DEFINE_integer("crash_after_save_step", None, "Testing crash recovery: SIGKILL "
                               "the process right after this step's checkpoint is written.")
 _QAD = flags.DEFINE_string("qad_format", None, "Quantization-aware distillation: the student's "
@@ -147,11 +165,13 @@ def main(argv):
         prune_report=_REPORT.value,
         export_dtype="float32" if transform else _EXPORT_DTYPE.value,
         coordinator_address=_COORD.value,
-        num_processes=_NPROC.value, process_id=_PID.value, student_transform=transform)
+        num_processes=_NPROC.value, process_id=_PID.value, student_transform=transform,
+        teacher_cache=_CACHE.value, cache_teacher_topk=_CACHE_K.value,
+        cache_dtype=_CACHE_DTYPE.value)
   except trainer.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  if summary["preempted"]:
+  if summary.get("preempted"):
     sys.exit(143)  # like a process ended by SIGTERM: schedulers then requeue the job
   if transform and "hf_dir" in summary:  # process 0 wrote the float export
     from minitron_jax.quantize import export as quant_export

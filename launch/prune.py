@@ -3,6 +3,12 @@
   python launch/prune.py --model_dir=smollm2-135m --output_dir=pruned --hidden_size=432 \
       --intermediate_size=896 --importance=activation --calib_data=shakespeare
   python launch/prune.py --model_dir=DIR --output_dir=OUT --drop_layers=16-31
+
+With a budget instead of a shape, the architecture search picks the shape (prune/search.py):
+
+  python launch/prune.py --model_dir=llama3.1-8b --output_dir=- --target_params=4.5e9 --dry_run
+  python launch/prune.py --model_dir=smollm2-135m --output_dir=searched --target_params=8.1e7 \
+      --width_multiple=16 --calib_data=wikitext2 --search_top_k=3 --search_steps=8
 """
 
 import os
@@ -14,6 +20,8 @@ from absl import app, flags  # noqa: E402
 
 from minitron_jax import cli, sharding  # noqa: E402
 from minitron_jax.prune import run as prune_job  # noqa: E402
+from minitron_jax.prune import search as search_space  # noqa: E402
+from minitron_jax.prune import search_run  # noqa: E402
 from minitron_jax.prune.importance import METHODS  # noqa: E402
 from minitron_jax.prune.layer_importance import METRICS  # noqa: E402
 
@@ -55,9 +63,73 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _MESH = flags.DEFINE_string("mesh", "", "Device mesh to shard params and batch rows over, e.g. fsdp:-1 or data:2,fsdp:2,tensor:2 (as launch/distill.py); empty: one device.")
 
+# Architecture search: a budget instead of a shape.
+_TPARAMS = flags.DEFINE_float("target_params", None, "Search: total parameter budget (a tied "
+                              "embedding counted once); candidates lie in [(1 - budget_slack) "
+                              "x target, target].")
+_TMEM = flags.DEFINE_float("target_memory_gb", None, "Search: weights at --export_dtype plus "
+                           "the KV cache of --kv_tokens tokens must fit in this many GB (1e9 B).")
+_KV_TOKENS = flags.DEFINE_integer("kv_tokens", 0, "Search: KV-cache tokens for the memory "
+                                  "target.", lower_bound=0)
+_EXPORT_DTYPE = flags.DEFINE_enum("export_dtype", "bfloat16", sorted(search_space.DTYPE_BYTES),
+                                  "Search: dtype of the weights and KV cache in the memory "
+                                  "target.")
+_SLACK = flags.DEFINE_float("budget_slack", 0.05, "Search: how far below the budget a "
+                            "candidate may lie (fraction).")
+_WCUT = flags.DEFINE_float("max_width_cut", 0.5, "Search: largest cut of hidden, MLP or query "
+                           "heads (fraction of the teacher's).")
+_DCUT = flags.DEFINE_float("max_depth_cut", 0.5, "Search: largest cut of the layers (fraction).")
+_MULT = flags.DEFINE_integer("width_multiple", 0, "Search: hidden and MLP widths are multiples "
+                             "of this (0 = 128 for teacher sizes >= 2048 that 128 divides, else "
+                             "the largest of 64/32/16/8 dividing the teacher's size).")
+_NCAND = flags.DEFINE_integer("max_candidates", 12, "Search: candidates scored one-shot, closest "
+                              "to the budget first.")
+_TOPK = flags.DEFINE_integer("search_top_k", 3, "Search: best one-shot candidates distilled "
+                             "briefly and re-ranked.")
+_SSTEPS = flags.DEFINE_integer("search_steps", 8, "Search: distillation updates per top "
+                               "candidate (0 = rank one-shot only).")
+_SBATCH = flags.DEFINE_integer("search_batch_size", 8, "Search: sequences per update.")
+_SLR = flags.DEFINE_float("search_lr", 5e-4, "Search: peak learning rate of the short "
+                          "distillation.")
+_DRY = flags.DEFINE_bool("dry_run", False, "Search: print the candidate table (config only, no "
+                         "weights; a preset name such as llama3.1-8b works) and stop.")
+
+
+def search(argv):
+  del argv
+  shape = [n for n, f in (("hidden_size", _HIDDEN), ("intermediate_size", _MLP),
+                          ("num_attention_heads", _HEADS), ("num_key_value_heads", _KV),
+                          ("num_hidden_layers", _LAYERS), ("drop_layers", _DROP))
+           if f.value is not None]
+  if shape:
+    raise ValueError(f"--{shape[0]} and a budget (--target_params / --target_memory_gb) are "
+                     "exclusive: the search chooses the shape")
+  budget = search_space.Budget(
+      target_params=_TPARAMS.value, target_memory_gb=_TMEM.value, kv_tokens=_KV_TOKENS.value,
+      dtype=_EXPORT_DTYPE.value, slack=_SLACK.value, max_width_cut=_WCUT.value,
+      max_depth_cut=_DCUT.value, multiple=_MULT.value)
+  job = search_run.SearchJob(
+      model_dir=_MODEL.value, output_dir=_OUT.value, budget=budget,
+      max_candidates=_NCAND.value, top_k=_TOPK.value, search_steps=_SSTEPS.value,
+      search_batch_size=_SBATCH.value, search_lr=_SLR.value, importance=_IMP.value,
+      aggregation=_AGG.value, calib_data=_CALIB.value, calib_samples=_NCAL.value,
+      calib_seq_len=_LCAL.value, eval_samples=max(1, _NEVAL.value), batch_size=_BATCH.value,
+      seed=_SEED.value, scores_npz=_SCORES.value, dry_run=_DRY.value,
+      overwrite=_OVERWRITE.value, dtype=_DTYPE.value)
+  report = search_run.run(job)
+  if not job.dry_run:
+    w = report["winner"]
+    print(f"search winner: hidden {w['hidden_size']}, MLP {w['intermediate_size']}, heads "
+          f"{w['num_attention_heads']}/{w['num_key_value_heads']}, layers "
+          f"{w['num_hidden_layers']}; wrote {report['output_dir']}")
+
 
 @cli.main_wrapper
 def main(argv):
+  if _TPARAMS.value is not None or _TMEM.value is not None:
+    return search(argv)
+  if _DRY.value:
+    raise ValueError("--dry_run needs a budget (--target_params or --target_memory_gb)")
   del argv
   sharding.initialize_distributed()
   job = prune_job.PruneJob(

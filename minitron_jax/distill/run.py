@@ -209,7 +209,8 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
         dcfg: distill.DistillConfig | None = None, eval_tokens: np.ndarray | None = None,
         projection: np.ndarray | None = None, pad_id: int = 0,
         log: Callable[[str], None] | None = None,
-        student_transform: Callable[[dict], dict] | None = None) -> FitResult:
+        student_transform: Callable[[dict], dict] | None = None,
+        teacher_cache: str | None = None) -> FitResult:
   """Trains `model_params` (distillation from a teacher, or CE in teacher-correction mode).
 
   Resumes from the latest checkpoint in `output_dir/checkpoints` if there is one.
@@ -227,6 +228,8 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
     log: console sink (process 0); default prints to stdout.
     student_transform: applied to the trained params inside the loss (see
       `train.make_train_step`).
+    teacher_cache: a `teacher_cache` directory written for these batches: the step reads the
+      teacher's top-K logits from it instead of running the teacher (no teacher params needed).
 
   Raises:
     NonFiniteLossError: a loss became NaN/inf (the bad state is never saved).
@@ -234,7 +237,23 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
   log = log or (lambda s: print(s, flush=True))
   say = log if _is_main() else (lambda s: None)
   distilling = cfg.mode == "distill"
-  dcfg, proj = _check_models(cfg, model_cfg, teacher_cfg, teacher_params, dcfg, projection)
+  cache = None
+  if distilling and teacher_cache:
+    from minitron_jax.distill import teacher_cache as tc
+    if student_transform is not None:
+      raise ValueError("--teacher_cache cannot be combined with --qad_format: the cached step "
+                       "trains float weights only")
+    dcfg, proj = dcfg or distill.DistillConfig(), None
+    tc.check_loss_settings(dcfg)
+    cache = tc.TeacherCache(teacher_cache)
+    cache_meta = cache.check(cfg, model_cfg.vocab_size, cfg.steps)
+    if dcfg.top_k not in (None, cache_meta["k"]):
+      raise ValueError(f"--kd_top_k={dcfg.top_k} differs from the teacher cache's top-"
+                       f"{cache_meta['k']}")
+    say(f"reading the teacher's top-{cache_meta['k']} logits from {teacher_cache}")
+  else:
+    dcfg, proj = _check_models(cfg, model_cfg, teacher_cfg, teacher_params, dcfg, projection)
+  live_teacher = distilling and cache is None
   mesh = sharding.make_mesh(cfg.mesh)
   data_index, data_count = train.batch_rows(mesh, cfg)
   optimizer = train.make_optimizer(cfg)
@@ -245,7 +264,7 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
   state_shape = jax.eval_shape(init, model_params, proj)
   state_sh = train.state_shardings(state_shape, model_cfg, mesh, optimizer)
   teacher_sh = (sharding.param_shardings(teacher_cfg, mesh, params=teacher_params)
-                if distilling else None)
+                if live_teacher else None)
 
   ckpt = checkpoint.Checkpointer(os.path.join(output_dir, "checkpoints"),
                                  keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
@@ -257,20 +276,26 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
       allow_schedule_change=cfg.allow_schedule_change)
   if resumed_from is not None:
     say(f"resuming from the checkpoint at step {resumed_from}")
-  teacher = train.put_global(teacher_params, teacher_sh) if distilling else None
+  teacher = train.put_global(teacher_params, teacher_sh) if live_teacher else None
 
   dataset = packing.PackedDataset(train_tokens, seq_len=cfg.seq_len,
                                global_batch_size=cfg.global_batch_size, seed=cfg.seed,
                                pad_id=pad_id, process_index=data_index,
                                process_count=data_count, state=data_state)
-  step_fn = train.make_train_step(model_cfg, teacher_cfg, dcfg, cfg, optimizer,
-                                  grad_shardings=state_sh["params"],
-                                  student_transform=student_transform)
   t0 = time.perf_counter()
-  compiled, mem = train.compile_step(step_fn, state_sh, teacher_sh, mesh,
-                                     train.abstract(state_shape, state_sh),
-                                     train.abstract(teacher_params, teacher_sh)
-                                     if distilling else None, cfg)
+  if cache is None:
+    step_fn = train.make_train_step(model_cfg, teacher_cfg, dcfg, cfg, optimizer,
+                                    grad_shardings=state_sh["params"],
+                                    student_transform=student_transform)
+    compiled, mem = train.compile_step(step_fn, state_sh, teacher_sh, mesh,
+                                       train.abstract(state_shape, state_sh),
+                                       train.abstract(teacher_params, teacher_sh)
+                                       if distilling else None, cfg)
+  else:
+    compiled, mem = tc.compile_step(
+        tc.make_step(model_cfg, dcfg, cfg, optimizer, grad_shardings=state_sh["params"]),
+        state_sh, mesh, train.abstract(state_shape, state_sh), cfg, cache_meta["k"],
+        cache_meta["dtype"])
   say(f"compiled the {cfg.mode} step in {time.perf_counter() - t0:.1f}s "
       f"({cfg.accum_steps} x {cfg.micro} rows x {cfg.seq_len} tokens, mesh "
       f"{dict(mesh.shape)}); {train.format_memory(mem)}")
@@ -290,7 +315,7 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
   start = int(resumed_from or 0)
   history, evals, tokens, last_saved = [], [], 0, resumed_from
   if windows is not None and start == 0:
-    if distilling:
+    if live_teacher:
       t_fn = train.make_eval_fn(teacher_cfg, cfg, mesh, teacher_sh)
       ref = train.evaluate_windows(t_fn, teacher, windows, cfg.micro, mesh)
       metrics_log.write({"step": 0, "eval/teacher_loss": ref["eval/loss"],
@@ -298,6 +323,13 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
       say(f"teacher on held-out data: loss {ref['eval/loss']:.4f}, ppl {ref['eval/ppl']:.2f}")
     evals.append(evaluate(0))
     metrics_log.write(evals[-1])
+
+  def make_batch(step: int) -> dict:
+    """The global batch of update `step` (1-based), with its cached teacher logits if any."""
+    local = next(dataset)
+    if cache is None:
+      return train.global_batch(local, mesh, cfg)
+    return tc.batch_with_cache(local, cache.read(step - 1), mesh, cfg, step - 1)
 
   preempted = False
   meter = _Meter(cfg.steps - start)
@@ -333,13 +365,12 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
       return rows[-1]
 
     for step in range(start + 1, cfg.steps + 1):
-      batch, data_after = pending or (train.global_batch(next(dataset), mesh, cfg),
-                                       dataset.state())
+      batch, data_after = pending or (make_batch(step), dataset.state())
       state, metrics = compiled(state, teacher, batch)
       window.append((step, metrics))
       pending = None
       if step < cfg.steps:  # build the next batch on the host while the device works
-        pending = (train.global_batch(next(dataset), mesh, cfg), dataset.state())
+        pending = (make_batch(step + 1), dataset.state())
       printing = step % cfg.log_every == 0 or step == cfg.steps or step == start + 1
       evaluating = windows is not None and step % cfg.eval_every == 0 and step != cfg.steps
       saving = step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
@@ -481,8 +512,9 @@ def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str
         dcfg: distill.DistillConfig | None = None, prune_report: str | None = None,
         export_dtype: str | None = None, coordinator_address: str | None = None,
         num_processes: int | None = None, process_id: int | None = None,
-        student_transform: Callable[[LlamaConfig], Callable[[dict], dict]] | None = None
-        ) -> dict:
+        student_transform: Callable[[LlamaConfig], Callable[[dict], dict]] | None = None,
+        teacher_cache: str | None = None, cache_teacher_topk: int = 0,
+        cache_dtype: str = "float32") -> dict:
   """Distils `student_dir` from `teacher_dir` (or corrects the teacher) and exports HF.
 
   Args:
@@ -500,19 +532,36 @@ def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str
       environment).
     student_transform: given the student's config, the params transform applied inside the
       loss (quantization-aware distillation: `quantize.qad.fake_quant_transform`).
+    teacher_cache: a `teacher_cache` directory: with `cache_teacher_topk`, write the teacher's
+      top-K logits of this run's batches there (resumable) and stop; without, distil from it
+      (the teacher's weights are not loaded).
+    cache_teacher_topk: K of the cache to write (0 = read `teacher_cache`).
+    cache_dtype: dtype of the cached logits (float32 or bfloat16).
 
   Returns:
-    A summary (also written to `output_dir/run.json`).
+    A summary (also written to `output_dir/run.json`; for a cache write, the cache's figures).
   """
   from minitron_jax.io import files
   from minitron_jax.io import hf as hf_io
 
   sharding.initialize_distributed(coordinator_address, num_processes, process_id)
   distilling = cfg.mode == "distill"
-  if distilling and not student_dir:
+  if distilling and not student_dir and not cache_teacher_topk:
     raise ValueError("distillation needs --student_dir (or use --mode=teacher_correction)")
-  teacher, tcfg, _, tpath = hf_io.load_model(teacher_dir, with_tokenizer=False)
-  if distilling:
+  writing = bool(cache_teacher_topk)
+  if writing and not teacher_cache:
+    raise ValueError("--cache_teacher_topk needs --teacher_cache=DIR to write to")
+  if teacher_cache and not distilling:
+    raise ValueError("--teacher_cache is for distillation (--mode=distill)")
+  if teacher_cache and not writing:  # the logits are on disk: the teacher's config is enough
+    from minitron_jax.io import registry
+    tpath = str(registry.resolve_model_dir(teacher_dir))
+    teacher, tcfg = None, hf_io.load_config(tpath)
+  else:
+    teacher, tcfg, _, tpath = hf_io.load_model(teacher_dir, with_tokenizer=False)
+  if writing:
+    params, mcfg, path = None, None, tpath
+  elif distilling:
     params, mcfg, _, path = hf_io.load_model(student_dir, with_tokenizer=False)
   else:
     params, mcfg, path = teacher, tcfg, tpath
@@ -521,7 +570,8 @@ def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str
     tok, tok_dir = hf_io.load_tokenizer(path), path
   except FileNotFoundError:
     tok, tok_dir = hf_io.load_tokenizer(tpath), tpath
-  src_dtype = str(np.dtype(jax.tree_util.tree_leaves(params)[0].dtype))
+  src_dtype = (str(np.dtype(jax.tree_util.tree_leaves(params)[0].dtype)) if params is not None
+               else None)
   stream = data.load_tokens(data_source, tok)
   eval_ids = None
   if cfg.eval_every:
@@ -530,6 +580,10 @@ def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str
     else:
       stream, eval_ids = split_holdout(stream, cfg.eval_windows * cfg.seq_len)
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  if writing:
+    from minitron_jax.distill import teacher_cache as tc
+    return tc.write_for_run(teacher_cache, cfg, teacher, tcfg, stream, cache_teacher_topk,
+                            cache_dtype, int(pad_id or 0))
   projection = None
   found = os.path.join(path, "prune_report.json")
   if distilling and not prune_report and os.path.isfile(found):
@@ -540,7 +594,8 @@ def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str
   result = fit(cfg, model_params=params, model_cfg=mcfg, train_tokens=stream,
                output_dir=output_dir, teacher_params=teacher, teacher_cfg=tcfg, dcfg=dcfg,
                eval_tokens=eval_ids, projection=projection, pad_id=int(pad_id or 0),
-               student_transform=student_transform(mcfg) if student_transform else None)
+               student_transform=student_transform(mcfg) if student_transform else None,
+               teacher_cache=teacher_cache)
   summary = {"mode": cfg.mode, "teacher_dir": tpath, "student_dir": path if distilling else None,
              "steps": result.step, "resumed_from": result.resumed_from,
              "preempted": result.preempted, "tokens_this_run": result.tokens,

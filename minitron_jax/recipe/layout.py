@@ -9,7 +9,8 @@ from minitron_jax.evaluate import tasks
 
 
 MODEL_STAGES = ("teacher", "corrected", "pruned_width", "pruned_depth", "distill_width",
-                "distill_depth", "baseline_pruned_ce", "baseline_random_ce")
+                "distill_depth", "baseline_pruned_ce", "baseline_random_ce", "pruned_search",
+                "distill_search")
 
 
 def get(cfg, dotted: str, default=None):

@@ -18,11 +18,12 @@ LABELS = {"teacher": "teacher", "corrected": "corrected teacher",
           "pruned_width": "pruned, width", "pruned_depth": "pruned, depth",
           "distill_width": "distilled, width", "distill_depth": "distilled, depth",
           "baseline_pruned_ce": "baseline: pruned width + CE (no teacher)",
-          "baseline_random_ce": "baseline: random init + CE"}
+          "baseline_random_ce": "baseline: random init + CE",
+          "pruned_search": "pruned, searched shape", "distill_search": "distilled, searched shape"}
 TASK_COLUMNS = ("winogrande", "piqa", "hellaswag", "arc_easy", "arc_challenge", "lambada",
                 "openbookqa")
-TRAINED = ("corrected", "distill_width", "distill_depth", "baseline_pruned_ce",
-           "baseline_random_ce")
+TRAINED = ("corrected", "distill_width", "distill_depth", "distill_search",
+           "baseline_pruned_ce", "baseline_random_ce")
 
 
 def label(name: str, quant_source: str = "") -> str:
@@ -218,6 +219,10 @@ def comparisons(evals: list[dict]) -> list[str]:
          "Pruning + distillation against training from random initialisation, same tokens")
   versus("distill_width", "distill_depth", "Width against depth pruning, both distilled")
   versus("pruned_width", "pruned_depth", "Width against depth pruning, before distillation")
+  versus("distill_search", "distill_width", "Searched shape against the hand-set width shape, "
+         "both distilled")
+  versus("distill_search", "distill_depth", "Searched shape against the hand-set depth shape, "
+         "both distilled")
   return out
 
 
@@ -226,7 +231,7 @@ def recovery(evals: list[dict]) -> list[str]:
   distillation recovered, against the teacher the students were distilled from."""
   teacher = "corrected" if _result(evals, "corrected") else "teacher"
   out = []
-  for kind in ("width", "depth"):
+  for kind in ("width", "depth", "search"):
     parts = []
     for key, what in (("ppl", "WikiText-2"), ("heldout_ppl", "held-out training data")):
       pt, pp, pd = (_ppl(evals, n, key) for n in (teacher, f"pruned_{kind}",
@@ -258,6 +263,38 @@ def plot_losses(run_dir: str, names, png: str) -> bool:
     curves.append((f"{label(name)} held-out CE",
                    [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r], "o--", 0.8))
   return plots.line_chart(curves, png, legend_size=7)
+
+
+def search_section(run_dir: str) -> list[str]:
+  """The architecture search's candidates (prune_search stage), or nothing when it did not run."""
+  import json
+
+  path = os.path.join(run_dir, "pruned_search", "search_report.json")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    r = json.load(f)
+  lines = ["## Architecture search", "",
+           f"{r['candidates_in_budget']} shapes met the budget; the {r['scored']} closest to it "
+           f"were pruned one-shot from the same importance and scored on held-out windows, the "
+           f"best {r['top_k']} distilled for {r['search_steps']} steps each "
+           f"({r['search_tokens_per_candidate']} tokens) and re-ranked. Perplexity on "
+           f"{r['held_out']['windows']} held-out windows of {r['held_out']['seq_len']} tokens "
+           f"(teacher {math.exp(r['teacher_loss']):.1f}); rank change: one-shot rank minus "
+           "rank after the short distillation.", "",
+           "| hidden | MLP | heads | KV | layers | params (M) | one-shot ppl | distilled ppl "
+           "| rank change | |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for c in sorted(r["candidates"], key=lambda c: c["rank_oneshot"]):
+    lines.append(f"| {c['hidden_size']} | {c['intermediate_size']} | "
+                 f"{c['num_attention_heads']} | {c['num_key_value_heads']} | "
+                 f"{c['num_hidden_layers']} | {c['params'] / 1e6:.1f} | {c['oneshot_ppl']:.1f} | "
+                 f"{_fmt(c.get('distilled_ppl'))} | {c.get('rank_change', '')} | "
+                 f"{'winner' if c['winner'] else ''} |")
+  png = os.path.join(run_dir, "pruned_search", "search.png")
+  if os.path.isfile(png):
+    shutil.copy(png, os.path.join(run_dir, "search.png"))
+    lines += ["", "![search](search.png)"]
+  return lines + [""]
 
 
 def _sources(cfg) -> str:
@@ -295,6 +332,7 @@ def write_report(cfg, run_dir: str, names: list[str]) -> str:
     lines += ["## Gap recovered by distillation", "",
               "(log ppl_pruned − log ppl_distilled) / (log ppl_pruned − log ppl_teacher):", ""]
     lines += rec + [""]
+  lines += search_section(run_dir)
   if plot_losses(run_dir, TRAINED, os.path.join(run_dir, "loss_curves.png")):
     lines += ["## Training", "", "![loss curves](loss_curves.png)", ""]
   layer_png = os.path.join(run_dir, "pruned_depth", "layer_importance.png")

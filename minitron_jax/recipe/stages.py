@@ -168,6 +168,27 @@ def _prune(cfg, run_dir: str, kind: str) -> None:
       mesh="" if cfg.mesh == "data:-1" else cfg.mesh, **targets))
 
 
+def stage_prune_search(cfg, run_dir: str) -> None:
+  """The searched student: the best shape under `prune.search`'s budget (prune/search_run.py)."""
+  from minitron_jax.prune import search, search_run
+
+  p, s = cfg.prune, cfg.prune.search
+  budget = search.Budget(target_params=s.target_params or None,
+                         target_memory_gb=s.target_memory_gb or None, kv_tokens=s.kv_tokens,
+                         dtype=s.export_dtype, slack=s.budget_slack,
+                         max_width_cut=s.max_width_cut, max_depth_cut=s.max_depth_cut,
+                         multiple=s.width_multiple)
+  search_run.run(search_run.SearchJob(
+      model_dir=_teacher_for_students(cfg, run_dir),
+      output_dir=os.path.join(run_dir, "pruned_search"), budget=budget,
+      max_candidates=s.max_candidates, top_k=s.top_k, search_steps=s.steps,
+      search_batch_size=cfg.distill.global_batch_size, search_lr=cfg.distill.lr,
+      importance=p.importance, aggregation=p.aggregation, calib_data=training_data(cfg, run_dir),
+      calib_samples=p.calib_samples, calib_seq_len=p.calib_seq_len,
+      eval_samples=p.eval_samples, batch_size=p.batch_size, seed=cfg.seed, overwrite=True,
+      dtype=cfg.dtype))
+
+
 def _distill_config(cfg, run_dir: str, kind: str):
   from minitron_jax.distill import losses as distill
 
@@ -254,8 +275,14 @@ def evaluated_models(cfg) -> list[str]:
       names += [f"pruned_{kind}", f"distill_{kind}"]
   if cfg.baselines and "width" in cfg.prune.kinds:
     names += ["baseline_pruned_ce", "baseline_random_ce"]
+  if searching(cfg):
+    names += ["pruned_search", "distill_search"]
   names += [f"quantized/{f}" for f in (cfg.quantize.formats or ())]
   return names
+
+
+def searching(cfg) -> bool:
+  return bool(_get(cfg, "prune.search.enabled", False))
 
 
 def stages() -> tuple[Stage, ...]:
@@ -277,6 +304,10 @@ def stages() -> tuple[Stage, ...]:
             ("pruned_width/prune_report.json",), width),
       Stage("distill_depth", "distill_depth/run.json", stage_distill("depth"),
             ("pruned_depth/prune_report.json",), depth),
+      Stage("prune_search", "pruned_search/prune_report.json", stage_prune_search,
+            ("teacher.json", "data/train.jsonl"), searching),
+      Stage("distill_search", "distill_search/run.json", stage_distill("search"),
+            ("pruned_search/prune_report.json",), searching),
       Stage("baseline_pruned_ce", "baseline_pruned_ce/run.json", stage_baseline_pruned_ce,
             ("pruned_width/prune_report.json",), lambda c: bool(c.baselines) and width(c)),
       Stage("baseline_random_ce", "baseline_random_ce/run.json", stage_baseline_random_ce,

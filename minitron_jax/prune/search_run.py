@@ -1,0 +1,268 @@
+"""The search run: budget -> candidates -> one-shot scores -> short distillation -> winner.
+
+Importance (width units and per-layer block importance) is computed once on the teacher and
+every candidate's plan is read from it, so scoring a candidate costs one pruning and one
+held-out evaluation. The `top_k` best one-shot candidates are then distilled from the teacher
+for `search_steps` updates on the same tokens each (the same seed, so the same batches) and
+re-ranked by held-out loss, because one-shot rankings flip after retraining (Minitron report).
+The winner is written as a pruned HF directory (one-shot weights, ready for the full
+distillation) with `prune_report.json`, `importance.npz`, `search_report.json` and `search.png`.
+
+Held-out tokens are the tail of the calibration text (`distill.run.split_holdout`): neither
+importance nor the short distillations see them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from minitron_jax.config import PRESETS
+from minitron_jax.io import files
+from minitron_jax.io import hf as hf_io
+from minitron_jax.progress import Progress
+from minitron_jax.prune import importance as I
+from minitron_jax.prune import layer_importance as LI
+from minitron_jax.prune import search as S
+from minitron_jax.prune import slicing as P
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchJob:
+  model_dir: str
+  output_dir: str
+  budget: S.Budget
+  max_candidates: int = 12      # one-shot scored (closest to the budget first)
+  top_k: int = 3                # distilled briefly and re-ranked
+  search_steps: int = 8         # distillation updates per top candidate (0 = one-shot only)
+  search_batch_size: int = 8
+  search_lr: float = 5e-4
+  importance: str = "activation"
+  aggregation: str = "l2,mean"
+  calib_data: str = "shakespeare"
+  calib_samples: int = 64
+  calib_seq_len: int = 256
+  eval_samples: int = 8
+  batch_size: int = 8
+  seed: int = 0
+  scores_npz: str | None = None  # importance.npz (with layer_scores) from an earlier search
+  dry_run: bool = False
+  overwrite: bool = False
+  dtype: str = "float32"
+
+
+def _log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def validate(job: SearchJob):
+  """Everything checkable before loading weights; returns (source dir, config, candidates)."""
+  from minitron_jax.io import registry
+
+  for name in ("max_candidates", "top_k", "calib_samples", "calib_seq_len", "eval_samples",
+               "batch_size", "search_batch_size"):
+    if getattr(job, name) < 1:
+      raise ValueError(f"--{name}={getattr(job, name)} must be >= 1")
+  if job.search_steps < 0:
+    raise ValueError(f"--search_steps={job.search_steps} must be >= 0")
+  if job.importance not in I.METHODS:
+    raise ValueError(f"--importance={job.importance!r} is not one of {I.METHODS}")
+  I.Aggregation.parse(job.aggregation)
+  if not job.dry_run:
+    files.check_output_dir(job.output_dir, job.overwrite)
+  if job.scores_npz and not os.path.isfile(job.scores_npz):
+    raise FileNotFoundError(f"{job.scores_npz}: no such file (--scores_npz)")
+  if job.dry_run and job.model_dir in PRESETS:  # a full-size space without its weights
+    src, cfg = job.model_dir, PRESETS[job.model_dir].replace(dtype=job.dtype)
+  else:
+    src = str(registry.resolve_model_dir(job.model_dir))
+    cfg = hf_io.load_config(src, dtype=job.dtype)
+  return src, cfg, S.enumerate_candidates(cfg, job.budget)
+
+
+def dry_run(cfg, candidates, job: SearchJob) -> str:
+  """The candidate table a user sees before spending compute (config only, no weights)."""
+  short = S.shortlist(candidates, cfg, job.max_candidates)
+  b = job.budget
+  head = (f"{len(candidates)} candidates meet the budget (target_params={b.target_params}, "
+          f"target_memory_gb={b.target_memory_gb}, kv_tokens={b.kv_tokens}, dtype={b.dtype}); "
+          f"the {len(short)} to score:")
+  return head + "\n" + S.table(cfg, short, b)
+
+
+def load_scores(path: str) -> tuple[I.Scores, np.ndarray]:
+  """(width scores, per-layer scores) saved by a search (`importance.npz`)."""
+  z = np.load(path, allow_pickle=False)
+  if "layer_scores" not in z:
+    raise ValueError(f"{path}: no layer_scores (write it with a search, or prune with "
+                     "--num_hidden_layers)")
+  return I.Scores(heads=z["heads"], neurons=z["neurons"], channels=z["channels"],
+                  kv_groups=z["kv_groups"]), np.asarray(z["layer_scores"])
+
+
+def compute_importance(job: SearchJob, params, cfg, batches) -> tuple[I.Scores, np.ndarray]:
+  """Width scores and per-layer importance (1 - cos between a layer's input and output), once."""
+  agg = I.Aggregation.parse(job.aggregation)
+  n = sum(len(b) for b in batches)
+  scores = I.compute_scores(job.importance, params, cfg, batches, agg, seed=job.seed,
+                            progress=Progress(f"{job.importance} importance", n))
+  layer_scores = LI.block_importance(params, cfg, batches, block_sizes=(1,))[1]
+  return scores, np.asarray(layer_scores, np.float64)
+
+
+def score_oneshot(params, cfg, candidates, scores, layer_scores, held_out, batch_size
+                  ) -> list[float]:
+  """One-shot held-out loss of every candidate, from the same importance."""
+  progress = Progress("one-shot scoring", len(candidates))
+  out = []
+  for i, c in enumerate(candidates):
+    out.append(S.oneshot_loss(params, cfg, c, scores, layer_scores, held_out, batch_size))
+    progress(i + 1)
+  return out
+
+
+def short_distill(job: SearchJob, teacher, cfg, c: S.Candidate, scores, layer_scores,
+                  train_stream, held_out, pad_id: int) -> float:
+  """Held-out loss of `c` after `search_steps` distillation updates from the live teacher."""
+  from minitron_jax.distill import losses as distill
+  from minitron_jax.distill import run as trainer
+  from minitron_jax.distill.step import TrainConfig
+
+  pruned, new_cfg = P.prune(teacher, cfg, S.plan_for(cfg, c, scores, layer_scores))
+  tcfg = TrainConfig(mode="distill", steps=job.search_steps,
+                     global_batch_size=job.search_batch_size, seq_len=job.calib_seq_len,
+                     lr=job.search_lr, min_lr=job.search_lr / 10,
+                     warmup_steps=min(3, job.search_steps - 1), dtype="float32",
+                     seed=job.seed, save_every=0, keep_checkpoints=1,
+                     async_checkpointing=False, log_every=max(1, job.search_steps))
+  work = tempfile.mkdtemp(prefix="search_distill_")
+  try:
+    result = trainer.fit(tcfg, model_params=pruned, model_cfg=new_cfg.replace(dtype="float32"),
+                         train_tokens=train_stream, output_dir=work, teacher_params=teacher,
+                         teacher_cfg=cfg.replace(dtype="float32"),
+                         dcfg=distill.DistillConfig(), pad_id=pad_id, log=_log)
+    trained = trainer.host_params(result.params)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+  return S.mean_loss(trained, new_cfg, held_out, job.batch_size)
+
+
+def run(job: SearchJob) -> dict[str, Any]:
+  """Runs the search; returns the report (also `search_report.json` in the output)."""
+  from minitron_jax.data import corpus as data, packing
+  from minitron_jax.distill.run import split_holdout
+
+  t0 = time.perf_counter()
+  src, cfg, candidates = validate(job)
+  if job.dry_run:
+    print(dry_run(cfg, candidates, job))
+    return {"candidates": len(candidates)}
+  short = S.shortlist(candidates, cfg, job.max_candidates)
+  _log(dry_run(cfg, candidates, job))
+  params, cfg, tok, _ = hf_io.load_model(src, job.dtype)
+  stream = data.load_tokens(job.calib_data, tok)
+  train_stream, tail = split_holdout(stream, job.eval_samples * job.calib_seq_len)
+  held_out = packing.eval_windows(tail, job.calib_seq_len)[:job.eval_samples]
+  if job.scores_npz:
+    scores, layer_scores = load_scores(job.scores_npz)
+  else:
+    calib = packing.calibration_samples(train_stream, num_samples=job.calib_samples,
+                                        seq_len=job.calib_seq_len, seed=job.seed)
+    batches = [calib[i:i + job.batch_size] for i in range(0, len(calib), job.batch_size)]
+    scores, layer_scores = compute_importance(job, params, cfg, batches)
+  teacher_loss = S.mean_loss(params, cfg, held_out, job.batch_size)
+  oneshot = score_oneshot(params, cfg, short, scores, layer_scores, held_out, job.batch_size)
+  for c, loss in zip(short, oneshot):
+    _log(f"one-shot {c.label()}: held-out perplexity {math.exp(loss):.1f}")
+  order = list(np.argsort(oneshot, kind="stable"))
+  top = [int(i) for i in order[:job.top_k]]
+  after: dict[int, float] = {}
+  if job.search_steps:
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for n, i in enumerate(top):
+      _log(f"short distillation {n + 1}/{len(top)}: {short[i].label()}")
+      after[i] = short_distill(job, params, cfg, short[i], scores, layer_scores, train_stream,
+                               held_out, int(pad_id or 0))
+      _log(f"after {job.search_steps} steps: held-out perplexity {math.exp(after[i]):.1f} "
+           f"(one-shot {math.exp(oneshot[i]):.1f})")
+  final = after if after else {i: oneshot[i] for i in top}
+  winner = min(final, key=lambda i: (final[i], i))
+  changes = S.rank_changes([oneshot[i] for i in top], [final[i] for i in top])
+  rows = []
+  for i, c in enumerate(short):
+    row = {"rank_oneshot": order.index(i) + 1, **c.to_json(),
+           "params": S.param_count(cfg, c),
+           "memory_bytes": S.memory_bytes(cfg, c, job.budget.kv_tokens, job.budget.dtype),
+           "oneshot_loss": oneshot[i], "oneshot_ppl": math.exp(oneshot[i])}
+    if i in after:
+      row.update(distilled_loss=after[i], distilled_ppl=math.exp(after[i]),
+                 rank_distilled=sorted(after, key=lambda j: (after[j], j)).index(i) + 1,
+                 rank_change=changes[top.index(i)])
+    row["winner"] = i == winner
+    rows.append(row)
+  plan = S.plan_for(cfg, short[winner], scores, layer_scores)
+  pruned, new_cfg = P.prune(params, cfg, plan)
+  report: dict[str, Any] = {
+      "model_dir": src, "output_dir": os.path.abspath(job.output_dir),
+      "budget": dataclasses.asdict(job.budget), "candidates_in_budget": len(candidates),
+      "scored": len(short), "top_k": len(top), "search_steps": job.search_steps,
+      "search_tokens_per_candidate": job.search_steps * job.search_batch_size
+                                     * job.calib_seq_len,
+      "held_out": {"windows": len(held_out), "seq_len": job.calib_seq_len},
+      "teacher_loss": teacher_loss, "winner": short[winner].to_json(), "candidates": rows}
+  prune_report = {"model_dir": src, "output_dir": report["output_dir"],
+                  "importance": job.importance, "aggregation": job.aggregation,
+                  "search": "search_report.json", **P.plan_summary(cfg, plan)}
+
+  def extra_files(d):
+    arrays = scores.to_npz_dict()
+    arrays.update(layer_scores=np.asarray(layer_scores), drop_block=np.array(False))
+    np.savez(os.path.join(d, "importance.npz"), **arrays)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    files.write_json(os.path.join(d, "search_report.json"), report)
+    files.write_json(os.path.join(d, "prune_report.json"), prune_report)
+    plot(os.path.join(d, "search.png"), rows, teacher_loss)
+
+  hf_io.save_hf(pruned, new_cfg, job.output_dir, source_dir=src, overwrite=job.overwrite,
+                extra_files=extra_files)
+  return report
+
+
+def plot(path: str, rows: list[dict], teacher_loss: float) -> None:
+  """Held-out perplexity against parameters: one-shot, after the short distillation, winner."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  p = np.array([r["params"] for r in rows]) / 1e6
+  ax.scatter(p, [r["oneshot_ppl"] for r in rows], marker="o", facecolors="none",
+             edgecolors="tab:blue", label="one-shot")
+  done = [r for r in rows if "distilled_ppl" in r]
+  for r in done:
+    ax.annotate("", (r["params"] / 1e6, r["distilled_ppl"]), (r["params"] / 1e6, r["oneshot_ppl"]),
+                arrowprops=dict(arrowstyle="->", color="0.6"))
+  if done:
+    ax.scatter([r["params"] / 1e6 for r in done], [r["distilled_ppl"] for r in done],
+               color="tab:orange", label="after short distillation")
+  w = next(r for r in rows if r["winner"])
+  ax.scatter([w["params"] / 1e6], [w.get("distilled_ppl", w["oneshot_ppl"])], marker="*", s=250,
+             color="tab:red", label=f"winner d{w['hidden_size']} f{w['intermediate_size']} "
+             f"n{w['num_attention_heads']} l{w['num_hidden_layers']}")
+  ax.axhline(math.exp(teacher_loss), color="0.3", ls="--", lw=1, label="teacher")
+  ax.set_yscale("log")
+  ax.set_xlabel("parameters (M)")
+  ax.set_ylabel("held-out perplexity")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
