@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax import axes
+from minitron_jax import attention, axes
 from minitron_jax import model as M
 from minitron_jax.config import LlamaConfig
 from minitron_jax.progress import Progress
@@ -53,7 +53,11 @@ def _layer_fn(cfg: LlamaConfig, with_hessians: bool):
     b, t = x_btd.shape[:2]
     positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos_bth, sin_bth = M.rope_tables(cfg, positions_bt, x_btd.dtype)
-    y_btd, _, tapped = M._block(cfg, lp, x_btd, cos_bth, sin_bth, None, None, taps)
+    def attend(q_btnh, k_btkh, v_btkh):  # one causal sequence per row, as `M.forward`
+      return attention.attend(q_btnh, k_btkh, v_btkh, None, scale=cfg.head_dim ** -0.5,
+                              impl=cfg.attention_impl)
+
+    y_btd, _, tapped = M._block(cfg, lp, x_btd, cos_bth, sin_bth, attend, None, taps)
     return y_btd, tapped
 
   return jax.jit(run)
