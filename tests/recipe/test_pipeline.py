@@ -43,7 +43,8 @@ def test_tiny_recipe_end_to_end(tiny_teacher, data_root, tmp_path):
   names = [e["name"] for e in evals]
   assert names == ["teacher", "corrected", "pruned_width", "distill_width", "pruned_depth",
                    "distill_depth", "baseline_pruned_ce", "baseline_random_ce",
-                   "quantized/fp8_channel", "quantized/int8", "quantized/int4", "quantized/gguf_q8_0",
+                   "quantized/fp8_channel", "quantized/int8", "quantized/int4",
+                   "quantized/gguf_q8_0",
                    "quantized/gguf_q4_0"]
   table = [l for l in report.splitlines() if l.startswith("| ")]
   assert len(table) >= 1 + len(names)
