@@ -467,6 +467,13 @@ def _maxrss_gib(usage) -> float:
 
 
 def _own_peak_rss_gib() -> float:
+  """This process's peak resident memory since it started its program. Linux: VmHWM, which
+  (unlike getrusage) does not inherit the peak of the process it was forked from."""
+  try:
+    with open("/proc/self/status") as f:
+      return next(float(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2**20
+  except (OSError, StopIteration, ValueError):
+    pass
   try:
     import resource
   except ImportError:  # not a Unix
@@ -477,7 +484,8 @@ def _own_peak_rss_gib() -> float:
 def run_isolated(run_dir: str, name: str) -> tuple[int, float]:
   """Runs stage `name` in a child process (`python -m minitron_jax.recipe.worker`) that shares
   this one's console; returns its exit status and its peak resident memory in GiB (NaN where
-  the platform cannot tell)."""
+  the platform cannot tell; the operating system's figure, which may include this process's
+  own small footprint at the fork)."""
   import subprocess
   import sys
 
