@@ -395,8 +395,14 @@ def compile_step(step_fn: Callable, state_sh, teacher_sh, mesh: Mesh, abstract_s
                     for k, s in batch_sh.items()}
   jitted = jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_sh),
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
-  with sharding.use_mesh(mesh):  # the model constrains its activations over the mesh
-    compiled = jitted.lower(abstract_state, abstract_teacher, abstract_batch).compile()
+  return compile_on_mesh(jitted, mesh, abstract_state, abstract_teacher, abstract_batch)
+
+
+def compile_on_mesh(jitted, mesh, *abstract_args):
+  """(compiled, memory analysis or None) of `jitted` lowered under `mesh`, where the model
+  constrains its activations and shard-maps its attention kernels."""
+  with sharding.use_mesh(mesh):
+    compiled = jitted.lower(*abstract_args).compile()
   try:
     mem = compiled.memory_analysis()
   except Exception:  # not every backend reports it

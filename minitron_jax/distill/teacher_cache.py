@@ -290,12 +290,7 @@ def compile_step(step_fn: Callable, state_sh, mesh, abstract_state, cfg: train.T
     abstract_batch[key] = jax.ShapeDtypeStruct(shape + (k,), jnp.dtype(dt), sharding=s4)
   jitted = jax.jit(step_fn, in_shardings=(state_sh, None, batch_sh),
                    out_shardings=(state_sh, train.replicated(mesh)), donate_argnums=0)
-  compiled = jitted.lower(abstract_state, None, abstract_batch).compile()
-  try:
-    mem = compiled.memory_analysis()
-  except Exception:  # not every backend reports it
-    mem = None
-  return compiled, mem
+  return train.compile_on_mesh(jitted, mesh, abstract_state, None, abstract_batch)
 
 
 def write_for_run(directory: str, cfg: train.TrainConfig, teacher_params,
