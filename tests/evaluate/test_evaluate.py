@@ -174,3 +174,22 @@ def test_top_p_keeps_only_the_nucleus():
   seen = set(np.asarray(toks)[:, 0].tolist())
   assert seen == {0, 1}
   assert int(G.sample(logits, jax.random.key(0), np.float32(0.0), np.float32(0.7))[0]) == 0
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
+def test_nucleus_through_top_k_keeps_the_sorted_nucleus(top_p):
+  """The top-k path draws only from the full sort's nucleus, and reaches all of it; where the
+  nucleus does not fit inside the top k, the full sort serves the draw."""
+  logits = 3 * jax.random.normal(jax.random.key(1), (2, 300))
+  keep = np.asarray(G.nucleus_keep(logits, np.float32(top_p)))
+  for k in (8, 64, 300):
+    draw = jax.jit(jax.vmap(lambda key: G.nucleus_sample(key, logits, np.float32(top_p), k)))
+    toks = np.asarray(draw(jax.random.split(jax.random.key(0), 3000)))
+    for row in range(2):
+      seen = set(toks[:, row].tolist())
+      assert seen <= set(np.flatnonzero(keep[row]).tolist())
+      probs = np.asarray(jax.nn.softmax(logits[row]))
+      # Every kept token with >= 1 % of the nucleus's mass shows up in 3000 draws.
+      big = {int(i) for i in np.flatnonzero(keep[row])
+             if probs[i] / probs[keep[row]].sum() > 0.01}
+      assert big <= seen
