@@ -179,8 +179,9 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
     taps: per-layer reductions of intermediate activations (names in `TAP_NAMES`).
     return_hidden: also return every layer's output, stacked `(L, B, T, D)`.
     remat: rematerialise each layer in the backward pass.
-    layer_mask: optional (L,) bool; a False layer is skipped (its input passes through), which
-      equals removing it, without a new compile per choice of layers.
+    layer_mask: optional (L,) bool; a False layer is skipped (its input passes through, and
+      it is not computed), which equals removing it, without a new compile per choice of
+      layers.
     logits: False returns the final-normed states `normed` (B, T, D) instead of `logits`, for
       losses that project them a chunk of tokens at a time (`chunked_token_map`) and so never
       hold the whole (B, T, V).
@@ -207,10 +208,19 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
   final_tap = taps.pop("final_norm", None)
   keep_l = jnp.ones((cfg.num_hidden_layers,), bool) if layer_mask is None else layer_mask
 
+  def block(x, lp):
+    y, _, tapped = _block(cfg, lp, x, cos_bth, sin_bth, attend, None, taps)
+    return y, tapped
+
   def body(x, layer):
     lp, keep = layer
-    y, _, tapped = _block(cfg, lp, x, cos_bth, sin_bth, attend, None, taps)
-    y = jnp.where(keep, y, x) if layer_mask is not None else y
+    if layer_mask is None:
+      y, tapped = block(x, lp)
+    else:  # a skipped layer costs nothing: its input passes through, its taps are zeros
+      def skip(x, lp):
+        shapes = jax.eval_shape(block, x, lp)[1]
+        return x, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      y, tapped = jax.lax.cond(keep, block, skip, x, lp)
     return y, (y if return_hidden else None, tapped)
 
   if remat:

@@ -96,18 +96,59 @@ def perplexity(params, cfg: LlamaConfig, token_ids: Sequence[int], *, seq_len: i
           "window_nll": [-v / (seq_len - 1) for v in per_window]}
 
 
+# Zero-shot requests are packed into rows of at least this many tokens (segment ids keep them
+# apart), so short requests share a row instead of each padding one to a power of two.
+MIN_ROW_TOKENS = 256
+
+
+def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+  """First-fit decreasing: indices of `lengths` per row, each row's total <= `row_len`."""
+  rows: list[list[int]] = []
+  free: list[int] = []
+  for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    if lengths[i] > row_len:
+      raise ValueError(f"request of {lengths[i]} tokens does not fit a row of {row_len}")
+    for r, room in enumerate(free):
+      if lengths[i] <= room:
+        rows[r].append(i)
+        free[r] -= lengths[i]
+        break
+    else:
+      rows.append([i])
+      free.append(row_len - lengths[i])
+  return rows
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_scorer(cfg: LlamaConfig, mesh: Mesh | None = None):
+  """Jitted (params, inputs, positions, segments, targets, where_n) -> (log p, is argmax) of
+  the targets at the flat token indices `where_n`: the LM head runs on those tokens only."""
+  def score(params, inputs_bt, positions_bt, segments_bt, targets_bt, where_n):
+    normed_btd = M.forward(params, cfg, inputs_bt, positions_bt=positions_bt,
+                           segment_ids_bt=segments_bt, logits=False)["normed"]
+    x_1nd = normed_btd.reshape(-1, normed_btd.shape[-1])[where_n][None]
+    labels_1n = targets_bt.reshape(-1)[where_n][None]
+    nll_1n, greedy_1n = M.token_scores_bt(params, cfg, x_1nd, labels_1n, M.LOGITS_CHUNK)
+    return -nll_1n[0], greedy_1n[0]
+  return sharding.jit_on(score, mesh)
+
+
 def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                    *, batch_size: int = 16, max_len: int | None = None,
                    progress: Callable[[int], None] | None = None, mesh: Mesh | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Summed log-likelihood of each continuation given its context, and greedy agreement.
 
-  Sequences are sorted by length, cut into batches and right-padded to a power-of-two bucket,
-  so the number of compiled shapes stays logarithmic in the longest request. Requests longer
-  than `max_len` keep their last `max_len` input tokens (the continuation is always kept).
+  Requests are packed (first-fit decreasing) into rows of a power-of-two length of at least
+  `MIN_ROW_TOKENS`, kept apart by segment ids with positions restarting per request, and
+  `batch_size` rows run per call; only the continuation tokens go through the LM head. The
+  number of compiled shapes stays logarithmic in the longest request and in the
+  continuation tokens per call. Requests longer than `max_len` keep their last `max_len` input
+  tokens (the continuation is always kept).
 
   Args:
     pairs: (context ids, continuation ids); the continuation must be non-empty.
+    batch_size: rows per call.
     mesh: shard params and rows as `perplexity` does.
 
   Returns:
@@ -121,28 +162,41 @@ def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int]
     full = list(ctx) + list(cont)
     full = full[-(max_len + 1):]
     seqs.append((full, min(len(cont), len(full) - 1)))
-  order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-  lls, greedy = np.zeros(len(seqs)), np.zeros(len(seqs), bool)
-  score = _scorer(cfg, mesh)
+  lls, greedy = np.zeros(len(seqs)), np.ones(len(seqs), bool)
+  if not seqs:
+    return lls, greedy
+  lengths = [len(full) - 1 for full, _ in seqs]
+  row_len = max(bucket(max(lengths)), MIN_ROW_TOKENS)
+  packed = pack_rows(lengths, row_len)
+  score = _packed_scorer(cfg, mesh)
   params = _placed(params, cfg, mesh)
   rows = sharding.padded_rows(batch_size, mesh)
-  for start in range(0, len(order), batch_size):
-    idx = order[start: start + batch_size]
-    t = bucket(max(len(seqs[i][0]) - 1 for i in idx))
-    inputs = np.zeros((rows, t), np.int32)
-    targets = np.zeros((rows, t), np.int32)
-    mask = np.zeros((rows, t), bool)
-    for row, i in enumerate(idx):
-      full, n_cont = seqs[i]
-      n = len(full) - 1
-      inputs[row, :n], targets[row, :n] = full[:-1], full[1:]
-      mask[row, n - n_cont: n] = True
-    lp_b, g_b = score(params, *_rows(mesh, inputs, targets, mask))
-    lp_b, g_b = np.asarray(lp_b, np.float64), np.asarray(g_b)
-    for row, i in enumerate(idx):
-      lls[i], greedy[i] = lp_b[row], g_b[row]
+  done = 0
+  for start in range(0, len(packed), batch_size):
+    shape = (rows, row_len)
+    inputs, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    positions, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    where, owner = [], []
+    for row, members in enumerate(packed[start: start + batch_size]):
+      at = 0
+      for seg, i in enumerate(members, start=1):
+        full, n_cont = seqs[i]
+        n = len(full) - 1
+        inputs[row, at: at + n], targets[row, at: at + n] = full[:-1], full[1:]
+        positions[row, at: at + n] = np.arange(n)
+        segments[row, at: at + n] = seg
+        where += range(row * row_len + at + n - n_cont, row * row_len + at + n)
+        owner += [i] * n_cont
+        at += n
+      done += len(members)
+    where_n = np.zeros(bucket(len(where), minimum=64), np.int32)
+    where_n[:len(where)] = where
+    lp_n, g_n = score(params, *_rows(mesh, inputs, positions, segments, targets), where_n)
+    owner_n = np.asarray(owner)
+    np.add.at(lls, owner_n, np.asarray(lp_n, np.float64)[:len(owner)])
+    np.logical_and.at(greedy, owner_n, np.asarray(g_n)[:len(owner)])
     if progress:
-      progress(start + len(idx))
+      progress(done)
   return lls, greedy
 
 

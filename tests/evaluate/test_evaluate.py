@@ -33,12 +33,15 @@ def _torch_loglik(model, ctx, cont):
   return float(lp.sum()), greedy
 
 
-def test_loglikelihoods_match_torch(tiny):
+@pytest.mark.parametrize("min_row,batch", [(256, 3), (1, 1)])
+def test_loglikelihoods_match_torch(tiny, monkeypatch, min_row, batch):
+  """Requests packed several to a row (256 tokens), or one row per call (128-token rows)."""
+  monkeypatch.setattr(E, "MIN_ROW_TOKENS", min_row)
   model, params, cfg = tiny
   rng = np.random.RandomState(0)
   pairs = [(rng.randint(0, cfg.vocab_size, n).tolist(), rng.randint(0, cfg.vocab_size, m).tolist())
            for n, m in [(1, 1), (5, 3), (40, 2), (17, 9), (3, 30), (70, 1), (2, 2)]]
-  lls, greedy = E.loglikelihoods(params, cfg, pairs, batch_size=3)
+  lls, greedy = E.loglikelihoods(params, cfg, pairs, batch_size=batch)
   for (ctx, cont), ll, g in zip(pairs, lls, greedy):
     ref_ll, ref_g = _torch_loglik(model, ctx, cont)
     assert abs(ll - ref_ll) < 1e-3 and g == ref_g
@@ -47,6 +50,16 @@ def test_loglikelihoods_match_torch(tiny):
   ll, _ = E.loglikelihoods(params, cfg, [(long_ctx, cont)], max_len=20)
   ref_ll, _ = _torch_loglik(model, (long_ctx + cont)[-21:-2], cont)
   assert abs(ll[0] - ref_ll) < 1e-3
+
+
+def test_pack_rows_first_fit_decreasing():
+  lengths = [70, 5, 40, 17, 3, 60, 2, 64]
+  rows = E.pack_rows(lengths, 128)
+  assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+  assert all(sum(lengths[i] for i in r) <= 128 for r in rows)
+  assert rows == [[0, 2, 3], [7, 5, 4], [1, 6]]  # 261 tokens: three rows are the least
+  with pytest.raises(ValueError, match="does not fit"):
+    E.pack_rows([129], 128)
 
 
 def test_greedy_flag_on_constructed_continuation(tiny):
