@@ -9,8 +9,9 @@ the recipe runs (the distillation step of `distill.step`, the activation-importa
 scorer of evaluation, generation's prefill and decode).
 
 XLA's cost analysis counts the body of a loop once, whatever its trip count, and every model
-pass here is a scan over layers. Compiled FLOPs are therefore measured on the same stage with
-one and with two layers and every scan unrolled (`unrolled_scans`), and extended linearly to
+pass here is a scan over layers (and the TPU compiler makes loops of sharded matmuls, see
+`WHOLE_EINSUMS`). Compiled FLOPs are therefore measured on the same stage with one and with
+two layers, every scan unrolled and every matmul whole (`measuring`), and extended linearly to
 the real depth: cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)), for student and teacher
 separately; gradient accumulation is compiled as one micro-batch and multiplied. The cost
 analysis counts a Pallas kernel as no FLOPs, so the splash attention kernels' work is added
@@ -127,6 +128,38 @@ def unrolled_scans():
     yield
   finally:
     jax.lax.scan = orig
+
+
+# XLA's TPU compiler turns an FSDP all-gather + matmul (and matmul + reduce-scatter) into a
+# "windowed einsum": a loop over the shards, each step one shard's slice of the matmul, which
+# the cost analysis counts once. Measurement compiles keep every matmul whole: the same
+# FLOPs, counted in full.
+WHOLE_EINSUMS = {"xla_jf_spmd_threshold_for_windowed_einsum_mib": 1 << 30,
+                 "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                 "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
+@contextlib.contextmanager
+def compile_options(options: dict):
+  """While inside, every `Lowered.compile` gets these XLA options (e.g. `WHOLE_EINSUMS` for
+  TPU compiles that measure FLOPs)."""
+  orig = jax.stages.Lowered.compile
+
+  def compile(self, compiler_options=None, **kw):
+    return orig(self, {**options, **(compiler_options or {})}, **kw)
+
+  jax.stages.Lowered.compile = compile
+  try:
+    yield
+  finally:
+    jax.stages.Lowered.compile = orig
+
+
+@contextlib.contextmanager
+def measuring():
+  """Scans unrolled and matmuls whole: what XLA's cost analysis counts in full."""
+  with unrolled_scans(), compile_options(WHOLE_EINSUMS):
+    yield
 
 
 @contextlib.contextmanager
@@ -414,7 +447,7 @@ def distill_report(student: LlamaConfig, teacher: LlamaConfig, name: str, mesh: 
 
   def measure_depth(depth):
     micro = dataclasses.replace(plan, accum_steps=1)
-    with unrolled_scans():
+    with measuring():
       c = lower_distill(student.replace(num_hidden_layers=depth["student"]),
                         teacher.replace(num_hidden_layers=depth["teacher"]), mesh, micro)
     kernels.append(kernel_calls(c))
@@ -469,7 +502,7 @@ def forward_report(stage: str, cfg: LlamaConfig, name: str, mesh: Mesh, mesh_spe
   kernels = []
 
   def measure_depth(depth):
-    with unrolled_scans():
+    with measuring():
       c = lower(cfg.replace(num_hidden_layers=depth["model"]), mesh, batch, seq)
     kernels.append(kernel_calls(c))
     return cost(c)
@@ -493,7 +526,7 @@ def generate_reports(cfg: LlamaConfig, name: str, mesh: Mesh, mesh_spec: str, ch
   mems = memory(pre), memory(dec)
 
   def measure_depth(depth):
-    with unrolled_scans():
+    with measuring():
       p, d = lower_generate(cfg.replace(num_hidden_layers=depth["model"]), mesh, batch,
                             prompt_len, new_tokens)
     if kernel_calls(p) or kernel_calls(d):  # the cached attention is plain XLA
