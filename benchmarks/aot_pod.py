@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import json  # noqa: E402
 import time  # noqa: E402
 
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -103,6 +104,11 @@ def main(argv):
         f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s); "
         f"mesh {mesh_spec}; teacher {teacher.num_params() / 1e9:.2f}B, {student_name}",
         flush=True)
+
+  def compiled(event, seconds, **kw):  # progress: the compiles run minutes each
+    if event.endswith("backend_compile_duration") and seconds > 10:
+      print(f"  an XLA compile took {seconds:.0f} s", flush=True)
+  jax.monitoring.register_event_duration_secs_listener(compiled)
 
   jobs = {
       "distill": lambda: [aot.distill_report(student, teacher, student_name, mesh, mesh_spec,

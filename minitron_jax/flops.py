@@ -4,6 +4,10 @@ Only matrix multiplications are counted (2 FLOPs per multiply-add); norms, RoPE,
 the optimizer are a few FLOPs per element and ignored, as in MaxText's and PaLM's MFU. The
 attention core is counted in full (T x T scores per head), as a dense implementation computes
 it; a causal kernel that skips the masked half does half of that (`causal=True`).
+
+XLA's cost analysis does not see inside a Pallas (Mosaic) kernel: a splash attention call
+counts as no FLOPs. `splash_flops` is what those kernels execute, block by block, and is added
+to XLA's count of the rest of a compiled step.
 """
 
 from __future__ import annotations
@@ -42,6 +46,28 @@ def forward_flops(cfg: LlamaConfig, batch: int, seq: int, causal: bool = False) 
 def decode_flops(cfg: LlamaConfig, batch: int, kv_len: int) -> int:
   """One decode step: one new token per row attending to `kv_len` cache slots."""
   return 2 * batch * matmul_params(cfg) + attention_flops(cfg, batch, 1, kv_len)
+
+
+# Matmuls per (query block, key block) pair of the splash kernels: the forward kernel computes
+# q.k^T and p.v; the backward runs a dq kernel (q.k^T again, dO.v^T, dS.k) and a dk/dv kernel
+# (q.k^T again, p^T.dO, dO.v^T, dS^T.q).
+SPLASH_MATMULS = {"forward": 2, "backward": 7}
+
+
+def splash_blocks(seq: int, block: int) -> int:
+  """(query block, key block) pairs a causal splash kernel computes: those on or below the
+  diagonal, the diagonal ones in full although half masked."""
+  n = -(-seq // block)
+  return n * (n + 1) // 2
+
+
+def splash_flops(cfg: LlamaConfig, batch: int, seq: int, block: int, kernel: str = "forward"
+                 ) -> int:
+  """FLOPs of the causal splash attention kernels (`kernel`: "forward" or "backward") over
+  all layers, every query head, `block` x `block` tiles of `head_dim`-wide matmuls."""
+  per_block = SPLASH_MATMULS[kernel] * 2 * block * block * cfg.head_dim
+  return (cfg.num_hidden_layers * batch * cfg.num_attention_heads * splash_blocks(seq, block)
+          * per_block)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,3 +46,61 @@ def test_forward_flops_match_xla_on_an_unrolled_model():
   rolled = jax.jit(lambda p, t: M.forward(p, cfg, t)["logits"]).lower(params, tokens).compile()
   per_layer = (F.forward_flops(cfg, 2, 64) - F.head_flops(cfg, 2, 64)) / cfg.num_hidden_layers
   assert np.isclose(xla - cost(rolled)[0], per_layer * (cfg.num_hidden_layers - 1), rtol=0.1)
+
+
+def _dot_flops(jaxpr) -> int:
+  """2 x output elements x contracted size of every dot_general, in nested jaxprs too."""
+  from jax.extend.core import jaxprs_in_params
+
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[i]
+                                                                        for i in contract]))
+    for sub in jaxprs_in_params(eqn.params):
+      total += _dot_flops(sub)
+  return total
+
+
+def _kernel_bodies(fn, *args) -> list[int]:
+  """Matmul FLOPs of one grid step of every Pallas kernel `fn` calls."""
+  from jax.extend.core import jaxprs_in_params
+
+  out = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        out.append(_dot_flops(eqn.params["jaxpr"]))
+      else:
+        for sub in jaxprs_in_params(eqn.params):
+          walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return out
+
+
+def test_splash_flops_match_the_kernels_block_grid_and_bodies():
+  """The causal splash kernels' own block tables and kernel bodies, traced: 10 of 16 blocks
+  of a 4 x 4 grid, 2 block matmuls per grid step forward and 3 + 4 backward."""
+  from minitron_jax import attention
+
+  t, block, groups, h = 1024, 256, 2, 32
+  kernel = attention._splash_kernel(t, groups, block, True)
+  assert F.splash_blocks(t, block) == 10 == F.splash_blocks(t - 100, block)
+  for info in (kernel.fwd_mask_info, kernel.dq_mask_info, kernel.dkv_mask_info):
+    assert np.count_nonzero(info.block_mask) == 10
+  q = jnp.ones((groups, t, h), jnp.float32)
+  kv = jnp.ones((t, h), jnp.float32)
+  f = lambda q, k, v: kernel(q, k, v).sum()  # noqa: E731
+  per_matmul = 2 * block * block * h
+  assert _kernel_bodies(f, q, kv, kv) == [F.SPLASH_MATMULS["forward"] * per_matmul]
+  fwd, *bwd = _kernel_bodies(jax.grad(f, argnums=(0, 1, 2)), q, kv, kv)
+  assert fwd == F.SPLASH_MATMULS["forward"] * per_matmul
+  assert sorted(bwd) == [3 * per_matmul, 4 * per_matmul]
+  assert sum(bwd) == F.SPLASH_MATMULS["backward"] * per_matmul
+  # One grid step per block pair and query head, every layer and row.
+  cfg = CFG.replace(head_dim=h)
+  assert F.splash_flops(cfg, 3, t, block, "backward") == (
+      cfg.num_hidden_layers * 3 * cfg.num_attention_heads * 10 * sum(bwd))

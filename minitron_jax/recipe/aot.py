@@ -9,10 +9,13 @@ the recipe runs (the distillation step of `distill.step`, the activation-importa
 scorer of evaluation, generation's prefill and decode).
 
 XLA's cost analysis counts the body of a loop once, whatever its trip count, and every model
-pass here is a scan over layers. Compiled FLOPs are therefore measured on the same stage with
-one and with two layers and every scan unrolled (`unrolled_scans`), and extended linearly to
+pass here is a scan over layers (and the TPU compiler makes loops of sharded matmuls, see
+`WHOLE_EINSUMS`). Compiled FLOPs are therefore measured on the same stage with one and with
+two layers, every scan unrolled and every matmul whole (`measuring`), and extended linearly to
 the real depth: cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)), for student and teacher
-separately; gradient accumulation is compiled as one micro-batch and multiplied.
+separately; gradient accumulation is compiled as one micro-batch and multiplied. The cost
+analysis counts a Pallas kernel as no FLOPs, so the splash attention kernels' work is added
+from their block grid (`flops.splash_flops`) where the compiled program calls them.
 """
 
 from __future__ import annotations
@@ -127,6 +130,38 @@ def unrolled_scans():
     jax.lax.scan = orig
 
 
+# XLA's TPU compiler turns an FSDP all-gather + matmul (and matmul + reduce-scatter) into a
+# "windowed einsum": a loop over the shards, each step one shard's slice of the matmul, which
+# the cost analysis counts once. Measurement compiles keep every matmul whole: the same
+# FLOPs, counted in full.
+WHOLE_EINSUMS = {"xla_jf_spmd_threshold_for_windowed_einsum_mib": 1 << 30,
+                 "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                 "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
+@contextlib.contextmanager
+def compile_options(options: dict):
+  """While inside, every `Lowered.compile` gets these XLA options (e.g. `WHOLE_EINSUMS` for
+  TPU compiles that measure FLOPs)."""
+  orig = jax.stages.Lowered.compile
+
+  def compile(self, compiler_options=None, **kw):
+    return orig(self, {**options, **(compiler_options or {})}, **kw)
+
+  jax.stages.Lowered.compile = compile
+  try:
+    yield
+  finally:
+    jax.stages.Lowered.compile = orig
+
+
+@contextlib.contextmanager
+def measuring():
+  """Scans unrolled and matmuls whole: what XLA's cost analysis counts in full."""
+  with unrolled_scans(), compile_options(WHOLE_EINSUMS):
+    yield
+
+
 @contextlib.contextmanager
 def tracing_for_tpu():
   """While tracing inside, the model takes the TPU paths ("auto" attention = Pallas splash,
@@ -191,6 +226,11 @@ def cost(compiled) -> tuple[float, float]:
   c = compiled.cost_analysis()
   c = c[0] if isinstance(c, (list, tuple)) else c
   return float(c.get("flops", 0.0)), float(c.get("bytes accessed", 0.0))
+
+
+def kernel_calls(compiled) -> bool:
+  """Whether a compiled TPU program calls a Pallas (Mosaic) kernel, e.g. splash attention."""
+  return 'custom_call_target="tpu_custom_call"' in compiled.as_text()
 
 
 def _abstract_params(cfg: LlamaConfig, mesh: Mesh, dtype) -> dict:
@@ -318,6 +358,7 @@ class StageReport:
   hbm_bandwidth: float
   calls_per_step: int = 1     # e.g. micro-batches per optimizer update
   notes: str = ""
+  kernel_flops: float = 0.0   # per chip, per call: the splash kernels' part of compiled_flops
 
   @property
   def headroom(self) -> float:
@@ -402,11 +443,14 @@ def distill_report(student: LlamaConfig, teacher: LlamaConfig, name: str, mesh: 
   chips = mesh.devices.size
   mem = memory(lower_distill(student, teacher, mesh, plan))
 
+  kernels = []
+
   def measure_depth(depth):
     micro = dataclasses.replace(plan, accum_steps=1)
-    with unrolled_scans():
+    with measuring():
       c = lower_distill(student.replace(num_hidden_layers=depth["student"]),
                         teacher.replace(num_hidden_layers=depth["teacher"]), mesh, micro)
+    kernels.append(kernel_calls(c))
     return cost(c)
 
   fl, by = depth_extended(measure_depth, {"student": student.num_hidden_layers,
@@ -414,13 +458,40 @@ def distill_report(student: LlamaConfig, teacher: LlamaConfig, name: str, mesh: 
                          ) if measure else (None, None)
   analytic = F.distill_flops(student, teacher, plan.micro_batch_size, plan.seq_len,
                              remat=plan.remat)
+  # Splash kernels: the student's forward (again when rematerialised) and backward, the
+  # teacher's forward.
+  b, t = plan.micro_batch_size, plan.seq_len
+  block = attention._block_size(t, 512)
+  splash = ((2 if plan.remat else 1) * F.splash_flops(student, b, t, block)
+            + F.splash_flops(student, b, t, block, "backward")
+            + F.splash_flops(teacher, b, t, block)) / chips
+  kernel, fl = _with_kernels(fl, splash, kernels)
   return StageReport(
       "distill", name, mesh_spec,
       f"{plan.micro_batch_size} x {plan.seq_len} tokens (x {plan.accum_steps} per update)",
       mem, chip.hbm_bytes, fl, by, analytic.model / chips, chip.peak_flops, chip.hbm_bandwidth,
       calls_per_step=plan.accum_steps,
       notes=f"remat={plan.remat}; analytic incl. recomputation: "
-            f"{analytic.total / chips / 1e12:.2f} TFLOP per chip")
+            f"{analytic.total / chips / 1e12:.2f} TFLOP per chip" + _kernel_note(kernel),
+      kernel_flops=kernel)
+
+
+def _with_kernels(xla_flops: float | None, splash: float, kernels: list[bool]
+                  ) -> tuple[float, float | None]:
+  """(kernel FLOPs, XLA's count plus them): the splash FLOPs where every measured program
+  calls the kernels, none where none does; a mix means the accounting is wrong."""
+  if xla_flops is None:
+    return 0.0, None
+  if all(kernels):
+    return splash, xla_flops + splash
+  if not any(kernels):
+    return 0.0, xla_flops
+  raise ValueError("some measured programs call the splash kernels and some do not")
+
+
+def _kernel_note(kernel: float) -> str:
+  return (f"; incl. {kernel / 1e12:.2f} TFLOP per chip in splash kernels (from their block "
+          f"grid: XLA counts a Pallas kernel as none)" if kernel else "")
 
 
 def forward_report(stage: str, cfg: LlamaConfig, name: str, mesh: Mesh, mesh_spec: str,
@@ -428,16 +499,22 @@ def forward_report(stage: str, cfg: LlamaConfig, name: str, mesh: Mesh, mesh_spe
   """Importance (`stage="importance"`) or evaluation (`"evaluate"`): one forward batch."""
   lower = lower_importance if stage == "importance" else lower_evaluate
   mem = memory(lower(cfg, mesh, batch, seq))
+  kernels = []
 
   def measure_depth(depth):
-    with unrolled_scans():
-      return cost(lower(cfg.replace(num_hidden_layers=depth["model"]), mesh, batch, seq))
+    with measuring():
+      c = lower(cfg.replace(num_hidden_layers=depth["model"]), mesh, batch, seq)
+    kernels.append(kernel_calls(c))
+    return cost(c)
 
   fl, by = (depth_extended(measure_depth, {"model": cfg.num_hidden_layers}) if measure
             else (None, None))
+  splash = F.splash_flops(cfg, batch, seq, attention._block_size(seq, 512)) / mesh.devices.size
+  kernel, fl = _with_kernels(fl, splash, kernels)
   return StageReport(stage, name, mesh_spec, f"{batch} x {seq} tokens", mem, chip.hbm_bytes,
                      fl, by, F.forward_flops(cfg, batch, seq) / mesh.devices.size,
-                     chip.peak_flops, chip.hbm_bandwidth)
+                     chip.peak_flops, chip.hbm_bandwidth, notes=_kernel_note(kernel).lstrip("; "),
+                     kernel_flops=kernel)
 
 
 def generate_reports(cfg: LlamaConfig, name: str, mesh: Mesh, mesh_spec: str, chip: Chip,
@@ -449,9 +526,11 @@ def generate_reports(cfg: LlamaConfig, name: str, mesh: Mesh, mesh_spec: str, ch
   mems = memory(pre), memory(dec)
 
   def measure_depth(depth):
-    with unrolled_scans():
+    with measuring():
       p, d = lower_generate(cfg.replace(num_hidden_layers=depth["model"]), mesh, batch,
                             prompt_len, new_tokens)
+    if kernel_calls(p) or kernel_calls(d):  # the cached attention is plain XLA
+      raise ValueError("generation calls a Pallas kernel, whose FLOPs XLA does not count")
     return cost(p) + cost(d)
 
   if measure:
