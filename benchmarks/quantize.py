@@ -31,6 +31,8 @@ _METHODS = flags.DEFINE_list("methods", ["rtn", "gptq"], "Methods (rtn, gptq, aw
                              "each where it applies).")
 _GPTQ_FORMATS = flags.DEFINE_list("gptq_formats", None, "Formats also run with the calibrated "
                                   "methods (default: every format each supports).")
+_PAIRS = flags.DEFINE_list("pairs", None, "Explicit format:method pairs (e.g. int4:awq_gptq) "
+                           "instead of --formats x --methods.")
 _CALIB = flags.DEFINE_string("calib_data", None, "GPTQ calibration data (default: "
                              "<data_root>/wikitext-2/valid.txt).")
 _NCAL = flags.DEFINE_integer("calib_samples", 32, "GPTQ calibration sequences.", lower_bound=1)
@@ -65,10 +67,12 @@ def main(argv):
   from minitron_jax.quantize import formats as Q
 
   names = _FORMATS.value or list(E.EXPORT_FORMATS)
-  for n in names:
-    E.export_format(n)
-  for m in _METHODS.value:
-    calibrate.check_method(m, Q.QuantFormat.INT4_GROUP)
+  pairs = [(n, m) for n in names for m in _METHODS.value]
+  if _PAIRS.value:
+    pairs = [tuple(p.split(":", 1)) if ":" in p else (p, "") for p in _PAIRS.value]
+  for n, m in pairs:  # names and methods known (pairs: and fitting) before any work
+    fmt = E.export_format(n)
+    calibrate.check_method(m, fmt if _PAIRS.value else Q.QuantFormat.INT4_GROUP)
   root = _DATA.value or tasks.default_data_root()
   params, cfg, tok, path = hf_io.load_model(_MODEL.value, "float32")
   params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
@@ -101,24 +105,23 @@ def main(argv):
   with tempfile.TemporaryDirectory(prefix="quant-bench-") as tmp:
     hf_io.save_hf(params, cfg, os.path.join(tmp, "bf16"), dtype=jnp.bfloat16)
     bf16 = files.weight_bytes(os.path.join(tmp, "bf16"))
-    for name in names:
+    for name, method in pairs:
       fmt = E.export_format(name)
-      for method in _METHODS.value:
-        if not calibrate.applies(method, fmt) or (
-            method != "rtn" and _GPTQ_FORMATS.value and name not in _GPTQ_FORMATS.value):
-          continue
-        calibrated = method in calibrate.CALIBRATED
-        qp, secs = calibrate.quantize_with_method(params, cfg, fmt, method,
-                                                  batches if calibrated else None,
-                                                  progress=True)
-        qp = E.export_params(qp, cfg, fmt)
-        try:
-          size = files.weight_bytes(E.export(qp, cfg, fmt, os.path.join(tmp, f"{name}-{method}"),
-                                             source_dir=path))
-        except ValueError:  # refused for this model (consumers cannot load it)
-          size = None
-        models.append((name, method, qp, secs, size))
-        print(f"{name} {method}: quantized in {secs:.0f}s", file=sys.stderr, flush=True)
+      if not calibrate.applies(method, fmt) or (
+          method != "rtn" and _GPTQ_FORMATS.value and name not in _GPTQ_FORMATS.value):
+        continue
+      calibrated = method in calibrate.CALIBRATED
+      qp, secs = calibrate.quantize_with_method(params, cfg, fmt, method,
+                                                batches if calibrated else None,
+                                                progress=True)
+      qp = E.export_params(qp, cfg, fmt)
+      try:
+        size = files.weight_bytes(E.export(qp, cfg, fmt, os.path.join(tmp, f"{name}-{method}"),
+                                           source_dir=path))
+      except ValueError:  # refused for this model (consumers cannot load it)
+        size = None
+      models.append((name, method, qp, secs, size))
+      print(f"{name} {method}: quantized in {secs:.0f}s", file=sys.stderr, flush=True)
   mem0, rate0 = Q.param_bytes(params), decode(params)
   extra = [(Q.param_bytes(m[2]), decode(m[2]),
             E.summarize(Q.error_stats(params, m[2], cfg))["mean_rel_rms_error"])
