@@ -570,6 +570,10 @@ def test_cli_bad_inputs_fail_before_work(tmp_path):
         "--method=gptq", "--calib_data=shakespeare"], "--method=gptq supports"),
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4",
         "--method=awq2"], "unknown quantization method 'awq2'"),
+      ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=gguf_q4_0",
+        "--method=awq", "--calib_data=shakespeare"], "--method=awq supports int4_group, "),
+      ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4_asym",
+        "--method=awq_gptq"], "--method=awq_gptq needs calibration data (--calib_data)"),
   ]
   for args, msg in cases:
     proc = _cli(*args, "--ppl_file=none")
