@@ -2,8 +2,8 @@
 
   python benchmarks/quantize.py --model_dir=smollm2-135m --windows=64 --methods=rtn,gptq
 
-For each format × method (rtn: round to nearest; gptq: calibrated on --calib_data, WikiText-2
-valid by default, never the test text): WikiText-2 test perplexity and its increase, the mean
+For each format × method (rtn: round to nearest; gptq, awq, awq_gptq: calibrated on
+--calib_data, WikiText-2 valid by default, never the test text): WikiText-2 test perplexity and its increase, the mean
 per-token KL(float ‖ quantized) of the next-token distributions over the same windows (steady
 where a perplexity difference is noise), the mean relative RMS weight error, calibration time,
 size on disk of the export (vs a bfloat16 export written here too), bytes of the JAX param
@@ -27,9 +27,12 @@ _DECODE = flags.DEFINE_integer("decode_tokens", 0, "Tokens generated per decode 
                                "decode timing).", lower_bound=0)
 _BATCH = flags.DEFINE_integer("decode_batch", 1, "Prompts decoded together.", lower_bound=1)
 _FORMATS = flags.DEFINE_list("formats", None, "Export formats to measure (default: all).")
-_METHODS = flags.DEFINE_list("methods", ["rtn", "gptq"], "Methods (gptq where it applies).")
-_GPTQ_FORMATS = flags.DEFINE_list("gptq_formats", None, "Formats also run with gptq (default: "
-                                  "every format it supports).")
+_METHODS = flags.DEFINE_list("methods", ["rtn", "gptq"], "Methods (rtn, gptq, awq, awq_gptq; "
+                             "each where it applies).")
+_GPTQ_FORMATS = flags.DEFINE_list("gptq_formats", None, "Formats also run with the calibrated "
+                                  "methods (default: every format each supports).")
+_PAIRS = flags.DEFINE_list("pairs", None, "Explicit format:method pairs (e.g. int4:awq_gptq) "
+                           "instead of --formats x --methods.")
 _CALIB = flags.DEFINE_string("calib_data", None, "GPTQ calibration data (default: "
                              "<data_root>/wikitext-2/valid.txt).")
 _NCAL = flags.DEFINE_integer("calib_samples", 32, "GPTQ calibration sequences.", lower_bound=1)
@@ -64,10 +67,12 @@ def main(argv):
   from minitron_jax.quantize import formats as Q
 
   names = _FORMATS.value or list(E.EXPORT_FORMATS)
-  for n in names:
-    E.export_format(n)
-  for m in _METHODS.value:
-    calibrate.check_method(m, Q.QuantFormat.INT8_CHANNEL)
+  pairs = [(n, m) for n in names for m in _METHODS.value]
+  if _PAIRS.value:
+    pairs = [tuple(p.split(":", 1)) if ":" in p else (p, "") for p in _PAIRS.value]
+  for n, m in pairs:  # names and methods known (pairs: and fitting) before any work
+    fmt = E.export_format(n)
+    calibrate.check_method(m, fmt if _PAIRS.value else Q.QuantFormat.INT4_GROUP)
   root = _DATA.value or tasks.default_data_root()
   params, cfg, tok, path = hf_io.load_model(_MODEL.value, "float32")
   params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
@@ -100,23 +105,23 @@ def main(argv):
   with tempfile.TemporaryDirectory(prefix="quant-bench-") as tmp:
     hf_io.save_hf(params, cfg, os.path.join(tmp, "bf16"), dtype=jnp.bfloat16)
     bf16 = files.weight_bytes(os.path.join(tmp, "bf16"))
-    for name in names:
+    for name, method in pairs:
       fmt = E.export_format(name)
-      for method in _METHODS.value:
-        if method == "gptq" and (fmt not in calibrate.G.GPTQ_FORMATS or (
-            _GPTQ_FORMATS.value and name not in _GPTQ_FORMATS.value)):
-          continue
-        qp, secs = calibrate.quantize_with_method(params, cfg, fmt, method,
-                                                  batches if method == "gptq" else None,
-                                                  progress=True)
-        qp = E.export_params(qp, cfg, fmt)
-        try:
-          size = files.weight_bytes(E.export(qp, cfg, fmt, os.path.join(tmp, f"{name}-{method}"),
-                                             source_dir=path))
-        except ValueError:  # refused for this model (consumers cannot load it)
-          size = None
-        models.append((name, method, qp, secs, size))
-        print(f"{name} {method}: quantized in {secs:.0f}s", file=sys.stderr, flush=True)
+      if not calibrate.applies(method, fmt) or (
+          method != "rtn" and _GPTQ_FORMATS.value and name not in _GPTQ_FORMATS.value):
+        continue
+      calibrated = method in calibrate.CALIBRATED
+      qp, secs = calibrate.quantize_with_method(params, cfg, fmt, method,
+                                                batches if calibrated else None,
+                                                progress=True)
+      qp = E.export_params(qp, cfg, fmt)
+      try:
+        size = files.weight_bytes(E.export(qp, cfg, fmt, os.path.join(tmp, f"{name}-{method}"),
+                                           source_dir=path))
+      except ValueError:  # refused for this model (consumers cannot load it)
+        size = None
+      models.append((name, method, qp, secs, size))
+      print(f"{name} {method}: quantized in {secs:.0f}s", file=sys.stderr, flush=True)
   mem0, rate0 = Q.param_bytes(params), decode(params)
   extra = [(Q.param_bytes(m[2]), decode(m[2]),
             E.summarize(Q.error_stats(params, m[2], cfg))["mean_rel_rms_error"])
@@ -145,7 +150,7 @@ def main(argv):
     if (k + 1) % 8 == 0 and k + 1 < len(windows):
       print(f"after {k + 1} windows:\n{table(k + 1)}", file=sys.stderr, flush=True)
   print(f"{path}: {len(windows)} x {_SEQ.value}-token WikiText-2 test windows "
-        f"({len(windows) * (_SEQ.value - 1)} predicted tokens); GPTQ on {_NCAL.value} x "
+        f"({len(windows) * (_SEQ.value - 1)} predicted tokens); calibrated on {_NCAL.value} x "
         f"{_LCAL.value} tokens of {os.path.basename(calib_src)}; {jax.devices()[0].platform}")
   print(table(len(windows)))
 

@@ -10,8 +10,10 @@ the checkpoint, the tokenizer files and quantize_report.json (size, per-tensor e
 perplexity before/after, method, calibration data and time).
 
 --method=gptq (INT8 / INT4 / GGUF formats) rounds each decoder-layer weight with GPTQ on
-Hessians of --calib_data, layer by layer; round to nearest (rtn) is the default when no
-calibration data is given.
+Hessians of --calib_data, layer by layer; --method=awq (int4, int4_asym) folds activation-aware
+per-channel scales into the RMSNorm / up / v weights and clips each group's range, then rounds
+to nearest (awq_gptq: with GPTQ). Round to nearest (rtn) is the default when no calibration
+data is given.
 """
 
 import os
@@ -52,12 +54,13 @@ _PRE = flags.DEFINE_string("gguf_tokenizer_pre", "",
 _MESH = flags.DEFINE_string("mesh", "", "Device mesh to shard params and batch rows over, e.g. fsdp:-1 or data:2,fsdp:2,tensor:2 (as launch/distill.py); empty: one device.")
 
 # Plain strings, checked by the library with the other inputs (one-line errors).
-_METHOD = flags.DEFINE_string("method", None, "rtn or gptq (default: gptq when --calib_data is "
-                              "given and the format supports it, else rtn).")
-_CDATA = flags.DEFINE_string("calib_data", None, "GPTQ calibration data: a file, directory, "
-                             "glob, jsonl, hub name or 'shakespeare' (as for pruning).")
-_NCAL = flags.DEFINE_integer("calib_samples", 128, "GPTQ calibration sequences.", lower_bound=1)
-_LCAL = flags.DEFINE_integer("calib_seq_len", 512, "Tokens per GPTQ calibration sequence.",
+_METHOD = flags.DEFINE_string("method", None, "rtn, gptq, awq or awq_gptq (default: gptq when "
+                              "--calib_data is given and the format supports it, else rtn).")
+_CDATA = flags.DEFINE_string("calib_data", None, "GPTQ / AWQ calibration data: a file, "
+                             "directory, glob, jsonl, hub name or 'shakespeare' (as for pruning).")
+_NCAL = flags.DEFINE_integer("calib_samples", 128, "Calibration sequences (gptq, awq).",
+                             lower_bound=1)
+_LCAL = flags.DEFINE_integer("calib_seq_len", 512, "Tokens per calibration sequence.",
                              lower_bound=2)
 _DAMP = flags.DEFINE_float("gptq_damp", 0.01, "GPTQ dampening (fraction of the mean Hessian "
                            "diagonal).", lower_bound=0.0)

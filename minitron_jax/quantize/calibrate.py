@@ -1,10 +1,14 @@
-"""Calibrated quantization of a whole model, layer by layer (GPTQ).
+"""Calibrated quantization of a whole model, layer by layer (GPTQ, AWQ, AWQ then GPTQ).
 
 The calibration batches' hidden states are carried through the model one decoder layer at a
 time: layer `l`'s linear inputs are gathered (the model's own taps, reduced to Hessians
 `X Xᵀ` inside the jitted layer) from the outputs of layers `0..l-1` *already quantized*, so
 each layer's rounding compensates for the error that reaches it. Layer `l` is then quantized
 and run once more, quantized, to give layer `l + 1` its inputs.
+
+AWQ (`awq.py`) first folds its per-channel scales into the layer (the Hessians follow exactly:
+`H' = diag(1/s) H diag(1/s)`), clips each weight's grid, and rounds to nearest (`awq`) or with
+GPTQ (`awq_gptq`) on that grid.
 
 The embedding and LM head, when quantized at all (`include_embeddings`), use round-to-nearest.
 """
@@ -23,10 +27,21 @@ from minitron_jax import attention, axes
 from minitron_jax import model as M
 from minitron_jax.config import LlamaConfig
 from minitron_jax.progress import Progress
+from minitron_jax.quantize import awq as A
 from minitron_jax.quantize import formats as Q
 from minitron_jax.quantize import gptq as G
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq_gptq")
+CALIBRATED = ("gptq", "awq", "awq_gptq")
+
+
+def applies(method: str, fmt: Q.QuantFormat) -> bool:
+  """Whether `method` (one of `METHODS`) can quantize `fmt`."""
+  if method == "gptq":
+    return fmt in G.GPTQ_FORMATS
+  if method.startswith("awq"):
+    return fmt in A.AWQ_FORMATS
+  return True
 
 
 def check_method(method: str, fmt: Q.QuantFormat) -> None:
@@ -36,18 +51,22 @@ def check_method(method: str, fmt: Q.QuantFormat) -> None:
   if method == "gptq" and fmt not in G.GPTQ_FORMATS:
     raise ValueError(f"--method=gptq supports {', '.join(f.value for f in G.GPTQ_FORMATS)}, "
                      f"not {fmt.value}")
+  if method.startswith("awq") and fmt not in A.AWQ_FORMATS:
+    raise ValueError(f"--method={method} supports {', '.join(f.value for f in A.AWQ_FORMATS)}, "
+                     f"not {fmt.value}")
 
 
-def _gram(x: jax.Array) -> jax.Array:
-  """`X Xᵀ` of an activation whose leading two axes are tokens (B, T, ...), float32."""
+def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(`X Xᵀ`, per-channel sum of |x|) of an activation whose leading two axes are tokens
+  (B, T, ...), float32."""
   x = x.reshape(x.shape[0] * x.shape[1], -1).astype(jnp.float32)
-  return x.T @ x
+  return x.T @ x, jnp.sum(jnp.abs(x), axis=0)
 
 
 @functools.lru_cache(maxsize=None)
 def _layer_fn(cfg: LlamaConfig, with_hessians: bool):
-  """Jitted (layer params, x_btd) -> (layer output, tap -> Hessian sum or {})."""
-  taps = {t: _gram for t in sorted(set(Q.INPUT_TAPS.values()))} if with_hessians else {}
+  """Jitted (layer params, x_btd) -> (layer output, tap -> (Hessian, |x| sums) or {})."""
+  taps = {t: _stats for t in sorted(set(Q.INPUT_TAPS.values()))} if with_hessians else {}
 
   def run(lp, x_btd):
     b, t = x_btd.shape[:2]
@@ -71,47 +90,82 @@ def _stack(parts: list[tuple]) -> tuple:
 
 
 def gptq_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
-                batches: Iterable[np.ndarray], *, group_size: int = Q.DEFAULT_GROUP_SIZE,
-                include_embeddings: bool = False, damp: float = 0.01, act_order: bool = True,
-                block_size: int = 128, progress: bool = False) -> dict:
-  """`quantize_params` with GPTQ rounding for every decoder-layer linear weight.
+                batches: Iterable[np.ndarray], **kw) -> dict:
+  """`calibrated_params` with method 'gptq'."""
+  return calibrated_params(params, cfg, fmt, batches, "gptq", **kw)
+
+
+def calibrated_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
+                      batches: Iterable[np.ndarray], method: str = "gptq", *,
+                      group_size: int = Q.DEFAULT_GROUP_SIZE, include_embeddings: bool = False,
+                      damp: float = 0.01, act_order: bool = True, block_size: int = 128,
+                      progress: bool = False) -> dict:
+  """`quantize_params` with calibrated rounding of every decoder-layer linear weight.
 
   Args:
     params: float param tree.
     cfg: its config.
-    fmt: one of `gptq.GPTQ_FORMATS`.
+    fmt: one of `gptq.GPTQ_FORMATS` ('gptq'), `awq.AWQ_FORMATS` ('awq', 'awq_gptq').
     batches: calibration token arrays `(B, T)`.
+    method: 'gptq', 'awq' (AWQ scales and clipping, then round to nearest) or 'awq_gptq'
+      (AWQ scales and clipping, then GPTQ on the clipped grid).
     group_size, include_embeddings: as in `formats.quantize_params`.
     damp, act_order, block_size: see `gptq.gptq`.
     progress: print a progress line per layer.
 
   Returns:
-    A quantized param tree of the same layout as `formats.quantize_params` gives.
+    A quantized param tree of the same layout as `formats.quantize_params` gives; under AWQ
+    the RMSNorm weights (and v / up rows, before quantization) carry the folded scales.
   """
   fmt = Q.parse_format(fmt)
-  check_method("gptq", fmt)
+  check_method(method, fmt)
+  if method not in CALIBRATED:
+    raise ValueError(f"{method!r} is not a calibrated method ({', '.join(CALIBRATED)})")
   xs = [M.embed(params, cfg, jnp.asarray(b, jnp.int32)) for b in batches]
   if not xs:
-    raise ValueError("GPTQ calibration needs at least one batch")
+    raise ValueError(f"{method} calibration needs at least one batch")
   specs = {s.path[-1]: s for s in axes.param_specs(cfg) if s.stacked and Q.is_quantizable(s)}
   mats = {n: Q.to_matrix(params["layers"][n], s) for n, s in specs.items()}
   layouts = {n: Q.matrix_layout(s, params["layers"][n].shape) for n, s in specs.items()}
   blocks = {n: Q.block_shape(fmt, *mats[n].shape[-2:], group_size) for n in specs}
-  parts: dict[str, list] = {n: [] for n in specs}
+  groups = A.scale_groups(cfg.num_attention_heads, cfg.num_key_value_heads)
+  norm_names = ("attn_norm", "mlp_norm")
+  parts: dict[str, list] = {n: [] for n in (*specs, *norm_names)}
   float_layer, quant_layer = _layer_fn(cfg, True), _layer_fn(cfg, False)
-  bar = Progress(f"GPTQ {fmt.value}", cfg.num_hidden_layers, "layers", enabled=progress)
+  tokens = sum(x.shape[0] * x.shape[1] for x in xs)
+  bar = Progress(f"{method} {fmt.value}", cfg.num_hidden_layers, "layers", enabled=progress)
   for i in range(cfg.num_hidden_layers):
     lp = jax.tree_util.tree_map(lambda a: a[i], params["layers"])
-    hess = None
+    stats = None
     for x in xs:
       got = float_layer(lp, x)[1]
-      hess = got if hess is None else jax.tree_util.tree_map(jnp.add, hess, got)
-    hess = {k: np.asarray(v, np.float64) for k, v in hess.items()}
+      stats = got if stats is None else jax.tree_util.tree_map(jnp.add, stats, got)
+    hess = {k: np.asarray(v[0], np.float64) for k, v in stats.items()}
+    w = {n: np.asarray(mats[n][i], np.float64) for n in specs}
+    norms = {n: np.asarray(lp[n], np.float64) for n in norm_names}
+    if method.startswith("awq"):
+      scales = {}
+      for tap, (readers, _) in groups.items():
+        mean_abs = np.asarray(stats[tap][1], np.float64) / tokens
+        scales[tap], _ = A.search_scales([w[n] for n in readers], hess[tap], mean_abs, fmt,
+                                         blocks[readers[0]][1])
+      w, norms = A.fold_layer(w, norms, scales)
+      for tap, s in scales.items():
+        hess[tap] = hess[tap] / np.outer(s, s)
     qlp = dict(lp)
+    for n in norm_names:
+      qlp[n] = jnp.asarray(norms[n], lp[n].dtype)
+      parts[n].append(np.asarray(qlp[n]))
     for n in specs:
-      part = G.quantize_matrix(np.asarray(mats[n][i]), hess[Q.INPUT_TAPS[n]], fmt,
-                               group_size=group_size, damp=damp, act_order=act_order,
-                               block_size=block_size)
+      h = hess[Q.INPUT_TAPS[n]]
+      if method == "gptq":
+        part = G.quantize_matrix(w[n], h, fmt, group_size=group_size, damp=damp,
+                                 act_order=act_order, block_size=block_size)
+      else:
+        grid, (scale, zp), _ = A.search_clip(w[n], h, fmt, blocks[n][1])
+        codes = (A.rtn_codes(w[n], grid) if method == "awq" else
+                 G.gptq(w[n], h, grid, damp=damp, act_order=act_order, block_size=block_size))
+        part = G.encode(codes, fmt), scale, zp
       parts[n].append(part)
       values, scale, zp = (None if a is None else jnp.asarray(a) for a in part)
       qlp[n] = Q.QuantizedArray(values, scale, zp, None, fmt.value, blocks[n], *layouts[n])
@@ -123,6 +177,8 @@ def gptq_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
     if spec.stacked and name in specs:
       leaf = Q.QuantizedArray(*_stack(parts[name]), None, fmt.value, blocks[name],
                               *layouts[name])
+    elif spec.stacked and name in norm_names:
+      leaf = jnp.asarray(np.stack(parts[name]))
     elif Q.is_quantizable(spec, include_embeddings):
       leaf = Q.quantize_leaf(leaf, spec, fmt, group_size)
     items.append((spec, leaf))
@@ -131,13 +187,13 @@ def gptq_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
 
 def quantize_with_method(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, method: str,
                          batches: Iterable[np.ndarray] | None = None, **kw) -> tuple[dict, float]:
-  """(quantized params, seconds spent) by `method` ('rtn' or 'gptq' on `batches`)."""
+  """(quantized params, seconds spent) by `method` ('rtn', or a calibrated one on `batches`)."""
   check_method(method, fmt)
   t0 = time.perf_counter()
-  if method == "gptq":
+  if method in CALIBRATED:
     if batches is None:
-      raise ValueError("--method=gptq needs calibration data (--calib_data)")
-    out = gptq_params(params, cfg, fmt, batches, **kw)
+      raise ValueError(f"--method={method} needs calibration data (--calib_data)")
+    out = calibrated_params(params, cfg, fmt, batches, method, **kw)
   else:
     kw = {k: v for k, v in kw.items() if k in ("group_size", "include_embeddings")}
     out = Q.quantize_params(params, cfg, fmt, **kw)

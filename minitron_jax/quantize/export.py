@@ -384,9 +384,10 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
     unquantized_dtype: dtype of the tensors left unquantized in HF exports.
     gguf_tokenizer_pre: llama.cpp pre-tokenizer name written to GGUF exports; empty: found
       automatically (see `gguf_export.write_gguf`).
-    method: 'rtn' (round to nearest) or 'gptq'; None: 'gptq' when `calib_data` is given and
-      the format supports it, else 'rtn'.
-    calib_data: GPTQ calibration text (any source `data.corpus.load_tokens` reads, as for
+    method: 'rtn' (round to nearest), 'gptq', 'awq' or 'awq_gptq' (INT4 group formats; see
+      `calibrate.calibrated_params`); None: 'gptq' when `calib_data` is given and the format
+      supports it, else 'rtn'.
+    calib_data: GPTQ / AWQ calibration text (any source `data.corpus.load_tokens` reads, as for
       pruning importance).
     calib_samples, calib_seq_len: calibration windows drawn from it.
     gptq_damp, act_order: see `gptq.gptq`.
@@ -413,10 +414,11 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
   if method is None:
     method = "gptq" if calib_data is not None and fmt in calibrate.G.GPTQ_FORMATS else "rtn"
   calibrate.check_method(method, fmt)
-  if method == "gptq" and calib_data is None:
-    raise ValueError("--method=gptq needs calibration data (--calib_data)")
+  if method in calibrate.CALIBRATED and calib_data is None:
+    raise ValueError(f"--method={method} needs calibration data (--calib_data)")
   if method == "rtn" and calib_data is not None:
-    raise ValueError("--calib_data is used by --method=gptq only")
+    raise ValueError("--calib_data is used by the calibrated methods only "
+                     f"({', '.join(calibrate.CALIBRATED)})")
   if calib_samples < 1 or calib_seq_len < 2:
     raise ValueError(f"calib_samples must be >= 1 and calib_seq_len >= 2, got {calib_samples}, "
                      f"{calib_seq_len}")
@@ -443,13 +445,13 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
     act = Q.calibrate_activation_scales(params, cfg, _windows(ids, seq_len, calibration_windows),
                                         mesh=mesh)
   calib = None
-  if method == "gptq":
+  if method in calibrate.CALIBRATED:
     from minitron_jax.data import corpus, packing
     batches = list(packing.calibration_batches(corpus.load_tokens(calib_data, tok),
                                                num_samples=calib_samples,
                                                seq_len=calib_seq_len, batch_size=8))
     qparams, secs = calibrate.quantize_with_method(
-        params, cfg, fmt, "gptq", batches, include_embeddings=include_embeddings,
+        params, cfg, fmt, method, batches, include_embeddings=include_embeddings,
         group_size=group_size, damp=gptq_damp, act_order=act_order, progress=progress)
     calib = {"data": calib_data, "samples": calib_samples, "seq_len": calib_seq_len,
              "damp": gptq_damp, "act_order": act_order, "seconds": round(secs, 2)}

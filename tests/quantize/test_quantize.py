@@ -504,22 +504,28 @@ def test_quantize_checkpoint_report(tiny_dir, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
-@pytest.mark.parametrize("name", ["int4", "gguf_q4_0"])
-def test_gptq_checkpoint_loads_and_reports(tiny_dir, tmp_path, tokens, name):
+@pytest.mark.parametrize("name,method", [("int4", "gptq"), ("gguf_q4_0", "gptq"),
+                                         ("int4_asym", "awq"), ("int4", "awq_gptq")])
+def test_gptq_checkpoint_loads_and_reports(tiny_dir, tmp_path, tokens, name, method):
   calib = tmp_path / "calib.txt"
   calib.write_text(TEXT)
   out = tmp_path / name
   rep = E.quantize_checkpoint(tiny_dir, str(out), name, calib_data=str(calib), calib_samples=4,
-                              calib_seq_len=32, unquantized_dtype="float32", progress=False)
-  assert rep["method"] == "gptq"
+                              calib_seq_len=32, unquantized_dtype="float32", progress=False,
+                              method=None if method == "gptq" else method)
+  assert rep["method"] == method
   c = rep["calibration"]
   assert (c["data"], c["samples"], c["seq_len"], c["act_order"]) == (str(calib), 4, 32, True)
   assert c["seconds"] > 0
-  # The export holds GPTQ params of those windows: a consumer's logits equal our forward on
-  # GPTQ params computed here from the same windows.
+  # The export holds the calibrated params of those windows (under AWQ with the scales folded
+  # into the norms, the same layout): a consumer's logits equal our forward on params
+  # calibrated here from the same windows.
   cfg = hf_io.load_config(tiny_dir)
   fmt = E.export_format(name)
   kw = {"gguf_file": gguf_export.gguf_file_name(fmt)} if fmt.is_gguf else {}
+  if fmt is F.INT4_GROUP_ASYM:  # see quant_export.notes
+    import transformers
+    kw["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
   params, _ = hf_io.load_hf(tiny_dir)
   params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
   from minitron_jax.data import corpus, packing
@@ -527,7 +533,8 @@ def test_gptq_checkpoint_loads_and_reports(tiny_dir, tmp_path, tokens, name):
   tok = hf_io.load_tokenizer(tiny_dir)
   windows = packing.calibration_samples(corpus.load_tokens(str(calib), tok), num_samples=4,
                                         seq_len=32)
-  qp = E.export_params(calibrate.gptq_params(params, cfg, fmt, [windows]), cfg, fmt, "float32")
+  qp = E.export_params(calibrate.calibrated_params(params, cfg, fmt, [windows], method), cfg,
+                       fmt, "float32")
   rtn = E.export_params(Q.quantize_params(params, cfg, fmt), cfg, fmt, "float32")
   assert not np.array_equal(np.asarray(qp["layers"]["down"].values),
                             np.asarray(rtn["layers"]["down"].values))
@@ -563,6 +570,10 @@ def test_cli_bad_inputs_fail_before_work(tmp_path):
         "--method=gptq", "--calib_data=shakespeare"], "--method=gptq supports"),
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4",
         "--method=awq2"], "unknown quantization method 'awq2'"),
+      ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=gguf_q4_0",
+        "--method=awq", "--calib_data=shakespeare"], "--method=awq supports int4_group, "),
+      ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4_asym",
+        "--method=awq_gptq"], "--method=awq_gptq needs calibration data (--calib_data)"),
   ]
   for args, msg in cases:
     proc = _cli(*args, "--ppl_file=none")

@@ -1,0 +1,144 @@
+"""AWQ: folding is exact in float, both searches against a numpy reference of their objective,
+and neither does worse than plain round to nearest on it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minitron_jax import model as M
+from minitron_jax.config import preset
+from minitron_jax.quantize import awq as A
+from minitron_jax.quantize import calibrate as C
+from minitron_jax.quantize import formats as Q
+
+F = Q.QuantFormat
+
+
+def _rel(a, b):
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # MHA: o is scaled too; GQA: o is skipped
+def test_folded_float_model_has_the_same_logits(kv_heads):
+  cfg = preset("tiny", num_hidden_layers=2, num_key_value_heads=kv_heads)
+  params = M.init_params(cfg, jax.random.PRNGKey(0), std=0.1)
+  rng = np.random.default_rng(0)
+  widths = {"attn_in": cfg.hidden_size, "mlp_in": cfg.hidden_size,
+            "mlp_act": cfg.intermediate_size, "attn_heads": cfg.num_attention_heads * cfg.head_dim}
+  groups = A.scale_groups(cfg.num_attention_heads, cfg.num_key_value_heads)
+  assert ("attn_heads" in groups) == (kv_heads == cfg.num_attention_heads)
+  scales = {t: rng.lognormal(0, 0.7, (2, widths[t])) for t in groups}
+  folded = A.fold_params(params, cfg, scales)
+  for name in ("attn_norm", "q", "v", "o" if "attn_heads" in groups else "k", "up", "down"):
+    assert not np.allclose(folded["layers"][name], params["layers"][name]), name
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 16)))
+  want = np.asarray(M.forward(params, cfg, tokens)["logits"])
+  got = np.asarray(M.forward(folded, cfg, tokens)["logits"])
+  assert _rel(got, want) <= 1e-5
+  if kv_heads != cfg.num_attention_heads:
+    with pytest.raises(ValueError, match="no GQA"):
+      A.fold_params(params, cfg, {"attn_heads": np.ones((2, 64))})
+
+
+def _activations(seed, fmt, out=24, inp=64, tokens=512):
+  """Weights and inputs with a few outlier channels (as real LLM activations have)."""
+  rng = np.random.default_rng(seed)
+  w = rng.standard_normal((out, inp)) * 0.05
+  if not fmt.asymmetric:
+    # The largest weight of a group lands on ±7.5 scales: -7.5 rounds to -8 or -7 by float
+    # noise (division order), +7.5 is clipped to 7 either way; positive weights keep the
+    # references free of such ties.
+    w = np.abs(w)
+  x = rng.standard_normal((tokens, inp)) * rng.lognormal(0, 0.5, inp)
+  x[:, [5, 17, 40]] *= 20.0
+  return w, x
+
+
+def _np_rtn(w, fmt, group, ratio=1.0):
+  """Group round to nearest, written out per group in numpy (float64)."""
+  out, inp = w.shape
+  deq = np.empty_like(w)
+  for o in range(out):
+    for g in range(0, inp, group):
+      v = w[o, g:g + group]
+      r = ratio if np.ndim(ratio) == 0 else ratio[o, g // group]
+      if fmt.asymmetric:
+        lo, hi = min(v.min() * r, 0.0), max(v.max() * r, 0.0)
+        s = (hi - lo) / 15 or 1.0
+        z = np.clip(np.round(-lo / s), 0, 15)
+        deq[o, g:g + group] = (np.clip(np.round(v / s) + z, 0, 15) - z) * s
+      else:
+        s = np.abs(v).max() * r / 7.5 or 1.0
+        deq[o, g:g + group] = np.clip(np.round(v / s), -8, 7) * s
+  return deq
+
+
+@pytest.mark.parametrize("fmt", A.AWQ_FORMATS)
+def test_scale_objective_equals_numpy_reference(fmt):
+  w, x = _activations(0, fmt)
+  h = x.T @ x
+  mean_abs = np.abs(x).mean(0)
+  # Round to nearest with no scaling is the format's own quantizer.
+  block = Q.block_shape(fmt, *w.shape, 16)
+  values, scale, zp = Q.quantize_matrix(jnp.asarray(w, jnp.float32), fmt, block)
+  qa = Q.QuantizedArray(values, scale, zp, None, fmt.value, block, (24,), (64,), (0, 1))
+  np.testing.assert_allclose(np.asarray(A.fake_quant(w, fmt, 16)), np.asarray(qa.matrix()),
+                             atol=1e-7)
+  np.testing.assert_allclose(_np_rtn(w, fmt, 16), np.asarray(qa.matrix()), atol=1e-6)
+  alphas = (0.0, 0.25, 0.5, 0.75)
+  got = np.asarray(A.scale_errors(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
+                                  mean_abs, fmt, 16, alphas))
+  for a, e in zip(alphas, got):
+    s = mean_abs ** a
+    s = s / np.sqrt(s.max() * s.min())
+    dw = _np_rtn(w * s, fmt, 16) / s - w
+    want = np.sum((dw @ x.T) ** 2)  # ‖ΔW X‖² from the inputs themselves, not from H
+    assert abs(e - want) <= 1e-4 * want, (a, e, want)
+
+
+@pytest.mark.parametrize("fmt", A.AWQ_FORMATS)
+def test_searches_never_worse_than_round_to_nearest(fmt):
+  w, x = _activations(1, fmt)
+  h = x.T @ x
+  s, errs = A.search_scales([w, 2 * w[:8]], h, np.abs(x).mean(0), fmt, 16)
+  assert errs[0] == pytest.approx(sum(np.sum(((_np_rtn(v, fmt, 16) - v) @ x.T) ** 2)
+                                      for v in (w, 2 * w[:8])), rel=1e-4)  # α = 0: plain RTN
+  assert min(errs) == errs[int(np.argmin(errs))] <= errs[0]
+  assert min(errs) < 0.9 * errs[0]  # the outlier channels make scaling pay
+  np.testing.assert_allclose(s, A.channel_scales(np.abs(x).mean(0),
+                                                 A.ALPHAS[int(np.argmin(errs))]), rtol=1e-6)
+  ws = w * s
+  hs = h / np.outer(s, s)
+  grid, (scale, zp), ratio = A.search_clip(ws, hs, fmt, 16)
+  assert ratio.shape == (24, 4) and ratio.min() < 1.0  # some groups are clipped
+  # Per (row, group), the clipped grid's error (numpy, from the grid itself) is at most
+  # round to nearest's on the unclipped one.
+  deq = A.dequantize(A.rtn_codes(ws, grid), grid)
+  np.testing.assert_allclose(deq, _np_rtn(ws, fmt, 16, ratio), atol=1e-6)
+
+  def per_group(d):
+    return np.stack([np.einsum("oi,ij,oj->o", d[:, g:g + 16], hs[g:g + 16, g:g + 16],
+                               d[:, g:g + 16]) for g in range(0, 64, 16)], 1)
+
+  clipped, plain = per_group(deq - ws), per_group(_np_rtn(ws, fmt, 16) - ws)
+  assert np.all(clipped <= plain * (1 + 1e-5) + 1e-9)
+  assert clipped.sum() < plain.sum()
+  assert scale.dtype == np.float32 and (zp is None) == (not fmt.asymmetric)
+
+
+def test_awq_model_layout_and_checks():
+  cfg = preset("tiny", num_hidden_layers=2)
+  params = M.init_params(cfg, jax.random.PRNGKey(0), std=0.1)
+  batches = [np.random.default_rng(k).integers(0, 256, (2, 24)) for k in range(2)]
+  qp = C.calibrated_params(params, cfg, F.INT4_GROUP_ASYM, batches, "awq", group_size=32)
+  rtn = Q.quantize_params(params, cfg, F.INT4_GROUP_ASYM, group_size=32)
+  assert jax.tree_util.tree_structure(qp) == jax.tree_util.tree_structure(rtn)
+  for a, b in zip(jax.tree_util.tree_leaves(qp), jax.tree_util.tree_leaves(rtn)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+  assert not np.allclose(qp["layers"]["attn_norm"], params["layers"]["attn_norm"])
+  assert np.all(np.isfinite(np.asarray(M.forward(qp, cfg, jnp.asarray(batches[0]))["logits"])))
+  with pytest.raises(ValueError, match="--method=awq supports int4_group, int4_group_asym"):
+    C.check_method("awq", F.GGUF_Q4_0)
+  with pytest.raises(ValueError, match="needs calibration data"):
+    C.quantize_with_method(params, cfg, F.INT4_GROUP, "awq_gptq")
