@@ -67,6 +67,11 @@ def get_config() -> ConfigDict:
   c.distill = _train(steps=28, batch=8, seq_len=256, lr=5e-4, min_lr=5e-5, warmup=3)
   c.distill.kd_temperature = 1.0
   c.distill.hidden_loss = "none"
+  # > 0: the teacher runs once over the distillation batches and its top-K logits are cached
+  # (stage teacher_logits); every student then reads them instead of running the teacher.
+  # Off by default: on the default run the width student from the top-64 cache reached
+  # WikiText-2 perplexity 57.7 against 55.1 with the live teacher's full distribution.
+  c.distill.teacher_topk = 0
 
   # CE-trained pruned student and random-init student on the same tokens: two more trainings
   # as long as a distillation, so off by default (--config.baselines=True).

@@ -24,6 +24,7 @@ def get_config():
   c.distill = base._train(steps=4, batch=2, seq_len=32, lr=1e-3, min_lr=1e-4, warmup=1)
   c.distill.kd_temperature = 1.0
   c.distill.hidden_loss = "none"
+  c.distill.teacher_topk = 16          # the students read one cached teacher pass
   c.quantize.formats = ("fp8_channel", "int8", "int4", "gguf_q8_0", "gguf_q4_0")
   c.data.heldout_chars = 4_000
   c.baselines = True                   # every stage, as the tests check

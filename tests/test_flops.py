@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from minitron_jax import config, flops as F, model as M
 
@@ -104,3 +105,20 @@ def test_splash_flops_match_the_kernels_block_grid_and_bodies():
   cfg = CFG.replace(head_dim=h)
   assert F.splash_flops(cfg, 3, t, block, "backward") == (
       cfg.num_hidden_layers * 3 * cfg.num_attention_heads * 10 * sum(bwd))
+
+
+def test_mfu_counts_causal_attention_once():
+  """A causal forward at peak speed is 100 % MFU, not more, although the analytic column
+  counts the whole T x T attention."""
+  from minitron_jax.recipe import aot
+
+  cfg = config.preset("tiny")
+  full, causal = F.forward_flops(cfg, 2, 512), F.forward_flops(cfg, 2, 512, causal=True)
+  assert causal < full
+  mem = aot.Memory(arguments=1, outputs=1, temporaries=1, aliased=0, code=0)
+  rep = aot.StageReport("evaluate", "m", "fsdp:1", "2 x 512", mem, 2 ** 30, causal, 0.0, full,
+                        1e12, 1e12, useful_flops=causal)
+  assert rep.mfu == pytest.approx(1.0)
+  old = aot.StageReport("evaluate", "m", "fsdp:1", "2 x 512", mem, 2 ** 30, causal, 0.0, full,
+                        1e12, 1e12)
+  assert old.mfu == pytest.approx(full / causal) and old.mfu > 1

@@ -359,6 +359,9 @@ class StageReport:
   calls_per_step: int = 1     # e.g. micro-batches per optimizer update
   notes: str = ""
   kernel_flops: float = 0.0   # per chip, per call: the splash kernels' part of compiled_flops
+  # Per chip, per call: the useful work with causal attention counted once (half of T x T);
+  # 0 = `analytic_flops`. MFU divides this, so a causal kernel cannot exceed 100 %.
+  useful_flops: float = 0.0
 
   @property
   def headroom(self) -> float:
@@ -388,8 +391,9 @@ class StageReport:
 
   @property
   def mfu(self) -> float:
-    """Useful FLOPs over what the chip could do in the roofline time."""
-    return self.analytic_flops / (self.roofline_seconds * self.peak_flops)
+    """Useful FLOPs (causal attention counted once) over what the chip could do in the
+    roofline time."""
+    return (self.useful_flops or self.analytic_flops) / (self.roofline_seconds * self.peak_flops)
 
   def to_json(self) -> dict:
     out = dataclasses.asdict(self)
@@ -473,7 +477,8 @@ def distill_report(student: LlamaConfig, teacher: LlamaConfig, name: str, mesh: 
       calls_per_step=plan.accum_steps,
       notes=f"remat={plan.remat}; analytic incl. recomputation: "
             f"{analytic.total / chips / 1e12:.2f} TFLOP per chip" + _kernel_note(kernel),
-      kernel_flops=kernel)
+      kernel_flops=kernel,
+      useful_flops=F.distill_flops(student, teacher, b, t, causal=True).model / chips)
 
 
 def _with_kernels(xla_flops: float | None, splash: float, kernels: list[bool]
@@ -514,7 +519,8 @@ def forward_report(stage: str, cfg: LlamaConfig, name: str, mesh: Mesh, mesh_spe
   return StageReport(stage, name, mesh_spec, f"{batch} x {seq} tokens", mem, chip.hbm_bytes,
                      fl, by, F.forward_flops(cfg, batch, seq) / mesh.devices.size,
                      chip.peak_flops, chip.hbm_bandwidth, notes=_kernel_note(kernel).lstrip("; "),
-                     kernel_flops=kernel)
+                     kernel_flops=kernel,
+                     useful_flops=F.forward_flops(cfg, batch, seq, causal=True) / mesh.devices.size)
 
 
 def generate_reports(cfg: LlamaConfig, name: str, mesh: Mesh, mesh_spec: str, chip: Chip,
@@ -544,7 +550,8 @@ def generate_reports(cfg: LlamaConfig, name: str, mesh: Mesh, mesh_spec: str, ch
       StageReport("generate: prefill", name, mesh_spec, f"{batch} x {prompt_len} tokens",
                   mems[0], chip.hbm_bytes, full[0], full[1],
                   F.forward_flops(cfg, batch, prompt_len) / chips, chip.peak_flops,
-                  chip.hbm_bandwidth),
+                  chip.hbm_bandwidth,
+                  useful_flops=F.forward_flops(cfg, batch, prompt_len, causal=True) / chips),
       StageReport("generate: decode", name, mesh_spec,
                   f"{batch} rows x 1 token, cache {cache_len} (x {new_tokens} tokens)",
                   mems[1], chip.hbm_bytes, full[2], full[3],

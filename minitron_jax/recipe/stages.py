@@ -135,12 +135,36 @@ def _train_config(cfg, section, mode: str):
 
 
 def _train(cfg, run_dir: str, name: str, section: str, mode: str, *, teacher: str,
-           student: str | None = None, dcfg=None) -> None:
+           student: str | None = None, dcfg=None, teacher_cache: str | None = None) -> None:
   from minitron_jax.distill import run as trainer
 
   trainer.run(_train_config(cfg, section, mode), teacher_dir=teacher,
               output_dir=os.path.join(run_dir, name), student_dir=student,
-              data_source=training_data(cfg, run_dir), dcfg=dcfg, export_dtype="float32")
+              data_source=training_data(cfg, run_dir), dcfg=dcfg, export_dtype="float32",
+              teacher_cache=teacher_cache)
+
+
+def caching_teacher(cfg) -> bool:
+  """Whether the students distil from one cached pass of the teacher (`distill.teacher_topk`)."""
+  return bool(_get(cfg, "distill.teacher_topk", 0))
+
+
+def teacher_cache_dir(run_dir: str) -> str:
+  return os.path.join(run_dir, "teacher_logits", "cache")
+
+
+def stage_teacher_logits(cfg, run_dir: str) -> None:
+  """The teacher's top-K logits of the distillation batches, written once and read by every
+  student's distillation (the batches are the same: same data, seed, batch and length)."""
+  from minitron_jax.distill import run as trainer
+
+  summary = trainer.run(_train_config(cfg, "distill", "distill"),
+                        teacher_dir=_teacher_for_students(cfg, run_dir),
+                        output_dir=os.path.join(run_dir, "teacher_logits"),
+                        data_source=training_data(cfg, run_dir),
+                        teacher_cache=teacher_cache_dir(run_dir),
+                        cache_teacher_topk=int(cfg.distill.teacher_topk))
+  files.write_json(os.path.join(run_dir, "teacher_logits", "run.json"), summary)
 
 
 def stage_correct(cfg, run_dir: str) -> None:
@@ -203,7 +227,8 @@ def stage_distill(kind: str):
     _train(cfg, run_dir, f"distill_{kind}", "distill", "distill",
            teacher=_teacher_for_students(cfg, run_dir),
            student=os.path.join(run_dir, f"pruned_{kind}"),
-           dcfg=_distill_config(cfg, run_dir, kind))
+           dcfg=_distill_config(cfg, run_dir, kind),
+           teacher_cache=teacher_cache_dir(run_dir) if caching_teacher(cfg) else None)
   return run
 
 
@@ -300,6 +325,8 @@ def stages() -> tuple[Stage, ...]:
             ("teacher.json", "data/train.jsonl"), width),
       Stage("prune_depth", "pruned_depth/prune_report.json", lambda c, r: _prune(c, r, "depth"),
             ("teacher.json", "data/train.jsonl"), depth),
+      Stage("teacher_logits", "teacher_logits/run.json", stage_teacher_logits,
+            ("teacher.json", "data/train.jsonl"), caching_teacher),
       Stage("distill_width", "distill_width/run.json", stage_distill("width"),
             ("pruned_width/prune_report.json",), width),
       Stage("distill_depth", "distill_depth/run.json", stage_distill("depth"),

@@ -54,8 +54,11 @@ def test_tiny_recipe_end_to_end(tiny_teacher, data_root, tmp_path):
   assert "## What wins" in report and "loss_curves.png" in report
   assert (run_dir / "loss_curves.png").is_file() and (run_dir / "layer_importance.png").is_file()
   times = json.load(open(run_dir / "stage_times.json"))
-  assert {"fetch", "data", "prune_width", "evaluate", "report"} <= set(times)
-  assert all(v["seconds"] >= 0 and v["peak_rss_gib"] > 0 for v in times.values())
+  assert {"fetch", "data", "prune_width", "teacher_logits", "evaluate", "report"} <= set(times)
+  cache = json.load(open(run_dir / "teacher_logits" / "run.json"))
+  assert cache["k"] == 16 and cache["steps"] == 4
+  # Both students read the one cached teacher pass.
+  assert p.stdout.count("reading the teacher's top-16 logits") == 2, p.stdout[-3000:]
   # Every stage runs in a process of its own; the one that orders them holds no model, so the
   # whole run's peak is its hungriest stage's.
   stage_peaks = [v["peak_rss_gib"] for k, v in times.items() if k != "orchestrator"]
