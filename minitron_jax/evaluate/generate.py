@@ -54,10 +54,14 @@ def nucleus_keep(scaled_bv: jax.Array, top_p: jax.Array) -> jax.Array:
   when the probability mass of the tokens sorted before it is below `top_p`; ties of the last
   kept value are kept too."""
   sorted_bv = jnp.sort(scaled_bv, axis=-1)[:, ::-1]
-  probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
-  before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv  # mass strictly before each token
-  cutoff_b = jnp.min(jnp.where(before_bv < top_p, sorted_bv, jnp.inf), axis=-1, keepdims=True)
-  return scaled_bv >= cutoff_b
+  return scaled_bv >= _cutoff(sorted_bv, jax.nn.softmax(sorted_bv, axis=-1), top_p)
+
+
+def _cutoff(desc_bk: jax.Array, probs_bk: jax.Array, top_p: jax.Array) -> jax.Array:
+  """(B, 1) smallest kept logit, from logits in descending order and their probabilities: the
+  last one whose predecessors' mass is below `top_p`."""
+  before_bk = jnp.cumsum(probs_bk, axis=-1) - probs_bk  # mass strictly before each token
+  return jnp.min(jnp.where(before_bk < top_p, desc_bk, jnp.inf), axis=-1, keepdims=True)
 
 
 def nucleus_sample(key: jax.Array, scaled_bv: jax.Array, top_p: jax.Array,
@@ -69,8 +73,7 @@ def nucleus_sample(key: jax.Array, scaled_bv: jax.Array, top_p: jax.Array,
   k = min(k, v)
   top_bk, ids_bk = jax.lax.top_k(scaled_bv, k)
   probs_bk = jnp.exp(top_bk - jax.nn.logsumexp(scaled_bv, axis=-1, keepdims=True))
-  before_bk = jnp.cumsum(probs_bk, axis=-1) - probs_bk
-  cutoff_b1 = jnp.min(jnp.where(before_bk < top_p, top_bk, jnp.inf), axis=-1, keepdims=True)
+  cutoff_b1 = _cutoff(top_bk, probs_bk, top_p)
 
   def from_top(key):
     j_b = jax.random.categorical(key, jnp.where(top_bk >= cutoff_b1, top_bk, -jnp.inf), axis=-1)
