@@ -1,6 +1,7 @@
 """Every stage besides training on a device mesh: importance (activation, Taylor), layer
 importance, perplexity, zero-shot scoring, generation and quantization (calibration and the
-quantized params) give the single-device results on 8 forced CPU devices.
+quantized params) give the single-device results on 8 forced CPU devices; so does the
+recipe's evaluate stage, which runs on the recipe's `mesh`.
 
 The stages run in one subprocess (this file doubles as its worker script) because the number of
 forced CPU devices must be set before jax is imported. Batches have row counts that do not
@@ -71,7 +72,50 @@ def _results(mesh_spec: str | None) -> dict[str, np.ndarray]:
     if Q.is_quantized(leaf):
       out[f"int8/{spec.name}/values"] = np.asarray(leaf.values, np.float64)
       out[f"int8/{spec.name}/scale"] = np.asarray(leaf.scale, np.float64)
+  out.update(_recipe_evaluation(mesh_spec))
   return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+def _recipe_evaluation(mesh_spec: str | None) -> dict[str, np.ndarray]:
+  """The recipe's evaluation of a model (perplexity, held-out perplexity, generation) with the
+  recipe's `mesh` set to `mesh_spec` (None: the default `data:-1`, one device)."""
+  import tempfile
+
+  from configs import tiny
+  from minitron_jax.evaluate import generate as G
+  from minitron_jax.evaluate import scoring
+  from minitron_jax.io import files, registry
+  from minitron_jax.recipe import report
+
+  cfg = tiny.get_config()
+  cfg.mesh = mesh_spec or "data:-1"
+  text = " ".join(f"The {w} of the {v} is {n}." for n, (w, v) in enumerate(
+      zip(["king", "house", "river", "song"] * 40, ["city", "field", "sea", "day"] * 40)))
+  with tempfile.TemporaryDirectory(prefix="recipe_eval_") as run_dir:
+    cfg.eval.tasks, cfg.eval.ppl_file = ("ppl",), os.path.join(run_dir, "text.txt")
+    files.write_text(cfg.eval.ppl_file, text)
+    files.write_text(os.path.join(run_dir, "data", "heldout.jsonl"),
+                     json.dumps({"text": text[::-1]}) + "\n")
+    files.write_json(os.path.join(run_dir, "teacher.json"), {
+        "model_dir": str(registry.resolve_model_dir("smollm2-tiny-random"))})
+    seen = []  # the mesh each evaluation function was given
+
+    def spy(fn):
+      def wrapped(*a, **kw):
+        seen.append(kw.get("mesh"))
+        return fn(*a, **kw)
+      return wrapped
+    originals = scoring.run_evaluation, scoring.perplexity, G.generate
+    scoring.run_evaluation, scoring.perplexity, G.generate = map(spy, originals)
+    try:
+      got = report.evaluate_model(cfg, run_dir, "teacher", data_root=None)
+    finally:
+      scoring.run_evaluation, scoring.perplexity, G.generate = originals
+  sizes = {0 if m is None else m.size for m in seen}
+  assert sizes == {8 if mesh_spec else 0}, (mesh_spec, sizes)
+  return {"recipe/ppl_window_nll": np.array(got["results"]["ppl"]["window_nll"]),
+          "recipe/heldout_window_nll": np.array(got["results"]["heldout_ppl"]["window_nll"]),
+          "recipe/samples": np.array([[ord(c) for c in "|".join(got["samples"])]])}
 
 
 def worker(out_dir: str) -> None:
@@ -104,7 +148,8 @@ def test_every_stage_on_a_mesh_equals_one_device(results, mesh):
   # Every stage is there, and the numbers are not trivially equal (e.g. all zeros).
   for stage in ("activation[var,l2]/heads", "taylor/channels", "block_importance/2",
                 "lm_loss/2", "ppl/window_nll", "loglik/ll", "generate/tokens",
-                "fp8_scales/mlp_act", "int8/layers/down/values"):
+                "fp8_scales/mlp_act", "int8/layers/down/values", "recipe/ppl_window_nll",
+                "recipe/heldout_window_nll", "recipe/samples"):
     assert stage in one and np.ptp(one[stage]) > 0, stage
   for k in one:
     np.testing.assert_allclose(sharded[k], one[k], rtol=TOL, atol=TOL, err_msg=k)

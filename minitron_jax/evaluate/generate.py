@@ -294,10 +294,11 @@ def eos_ids(cfg: LlamaConfig, tokenizer=None) -> tuple[int, ...]:
 
 
 def decode_speed(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], new_tokens: int,
-                 repeats: int = 1) -> float:
+                 repeats: int = 1, mesh: Mesh | None = None) -> float:
   """Decode tokens/s of greedy generation (no early stop), best of `repeats` timed runs after
   one untimed run that compiles."""
   sampling = SamplingConfig(max_new_tokens=new_tokens)
-  generate(params, cfg, prompts, sampling, stop_at_eos=False)
-  return max(generate(params, cfg, prompts, sampling, stop_at_eos=False).decode_tokens_per_second
+  generate(params, cfg, prompts, sampling, stop_at_eos=False, mesh=mesh)
+  return max(generate(params, cfg, prompts, sampling, stop_at_eos=False,
+                      mesh=mesh).decode_tokens_per_second
              for _ in range(repeats))

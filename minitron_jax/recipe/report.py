@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 
-from minitron_jax import plots
+from minitron_jax import plots, sharding
 from minitron_jax.evaluate import stats
 from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
@@ -57,6 +57,7 @@ def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
   from minitron_jax.evaluate import generate as G
 
   params, mcfg, tok, path = load_for_eval(cfg, run_dir, name)
+  mesh = sharding.stage_mesh(layout.stage_mesh(cfg))
   e = cfg.eval
   # The run refused to start without this data (stages.run), so none of it is skipped here.
   tasks = list(e.tasks)
@@ -65,25 +66,25 @@ def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
   res = evaluate.run_evaluation(params, mcfg, tok, tasks, data_root=data_root,
                                 ppl_file=e.ppl_file or None, seq_len=e.seq_len,
                                 max_windows=e.max_windows or None, limit=e.limit or None,
-                                batch_size=e.batch_size, progress=False)
-  held = heldout_ppl(params, mcfg, tok, run_dir, e)
+                                batch_size=e.batch_size, progress=False, mesh=mesh)
+  held = heldout_ppl(params, mcfg, tok, run_dir, e, mesh)
   if held is not None:
     res["heldout_ppl"] = held
   g = cfg.generate
   # The chat template with add_generation_prompt=True, as the instruct teacher was trained.
   prompts = [G.encode_prompt(tok, p, chat=g.chat) for p in g.prompts]
   gen = G.generate(params, mcfg, prompts, G.SamplingConfig(max_new_tokens=g.max_new_tokens),
-                   eos_ids=G.eos_ids(mcfg, tok))
+                   eos_ids=G.eos_ids(mcfg, tok), mesh=mesh)
   tokens = [list(map(int, t)) for t in gen.tokens]
   return {"name": name, "label": label(name, cfg.quantize.source), "params": mcfg.num_params(),
           "size_bytes": files.weight_bytes(path, skip=("checkpoints", "init")), "results": res,
           "decode_tokens_per_second": G.decode_speed(params, mcfg, prompts[:1],
-                                                     e.get("decode_tokens", 32)),
+                                                     e.get("decode_tokens", 32), mesh=mesh),
           "samples": [tok.decode(t, skip_special_tokens=True) for t in tokens],
           "repetition": [stats.repeated_ngram_fraction(t, 3) for t in tokens]}
 
 
-def heldout_ppl(params, mcfg, tok, run_dir: str, e) -> dict | None:
+def heldout_ppl(params, mcfg, tok, run_dir: str, e, mesh=None) -> dict | None:
   """Perplexity on the held-out slice of the training sources (documents EOS-separated, as in
   training), or None when the run has no held-out slice."""
   from minitron_jax.data import corpus
@@ -97,7 +98,7 @@ def heldout_ppl(params, mcfg, tok, run_dir: str, e) -> dict | None:
     return None
   res = scoring.perplexity(params, mcfg, ids, seq_len=e.seq_len,
                            max_windows=e.max_windows or None,
-                           batch_size=max(1, e.batch_size // 4), progress=False)
+                           batch_size=max(1, e.batch_size // 4), progress=False, mesh=mesh)
   return {**res, "file": path}
 
 

@@ -15,7 +15,8 @@ import time
 from typing import Any, Callable
 
 from minitron_jax.evaluate import sources
-from minitron_jax.recipe.layout import MODEL_STAGES, data_root, get as _get, model_dir
+from minitron_jax.recipe.layout import (MODEL_STAGES, data_root, get as _get, model_dir,
+                                        stage_mesh)
 from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
 
@@ -189,7 +190,7 @@ def _prune(cfg, run_dir: str, kind: str) -> None:
       calib_seq_len=p.calib_seq_len, eval_samples=p.eval_samples, batch_size=p.batch_size,
       layer_batches=p.layer_batches,
       seed=cfg.seed, data_root=data_root(cfg), overwrite=True, dtype=cfg.dtype,
-      mesh="" if cfg.mesh == "data:-1" else cfg.mesh, **targets))
+      mesh=stage_mesh(cfg), **targets))
 
 
 def stage_prune_search(cfg, run_dir: str) -> None:
@@ -255,6 +256,7 @@ def stage_baseline_random_ce(cfg, run_dir: str) -> None:
 
 
 def stage_quantize(cfg, run_dir: str) -> None:
+  from minitron_jax import sharding
   from minitron_jax.quantize import export as quant_export
 
   src = model_dir(run_dir, cfg.quantize.source)
@@ -271,7 +273,7 @@ def stage_quantize(cfg, run_dir: str) -> None:
       continue
     quant_export.quantize_checkpoint(src, out, fmt, overwrite=True,
                                      ppl_file=ppl_file,
-                                     max_windows=2)
+                                     max_windows=2, mesh=sharding.stage_mesh(stage_mesh(cfg)))
 
 
 def stage_evaluate(cfg, run_dir: str) -> None:
