@@ -9,7 +9,7 @@ int4, int4_asym (compressed-tensors), gguf_q8_0, gguf_q4_0 (llama.cpp). The outp
 the checkpoint, the tokenizer files and quantize_report.json (size, per-tensor errors,
 perplexity before/after, method, calibration data and time).
 
---method=gptq (INT8 / INT4 / GGUF formats) rounds each decoder-layer weight with GPTQ on
+--method=gptq (every format, FP8 included) rounds each decoder-layer weight with GPTQ on
 Hessians of --calib_data, layer by layer; --method=awq (int4, int4_asym) folds activation-aware
 per-channel scales into the RMSNorm / up / v weights and clips each group's range, then rounds
 to nearest (awq_gptq: with GPTQ). Round to nearest (rtn) is the default when no calibration

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +99,7 @@ def calibrated_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
                       batches: Iterable[np.ndarray], method: str = "gptq", *,
                       group_size: int = Q.DEFAULT_GROUP_SIZE, include_embeddings: bool = False,
                       damp: float = 0.01, act_order: bool = True, block_size: int = 128,
+                      activation_scales: Mapping[str, jax.Array] | None = None,
                       progress: bool = False) -> dict:
   """`quantize_params` with calibrated rounding of every decoder-layer linear weight.
 
@@ -111,6 +112,9 @@ def calibrated_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
       (AWQ scales and clipping, then GPTQ on the clipped grid).
     group_size, include_embeddings: as in `formats.quantize_params`.
     damp, act_order, block_size: see `gptq.gptq`.
+    activation_scales: static FP8 input scales per tap (`formats.calibrate_activation_scales`),
+      attached as in `formats.quantize_params`; the layers after each quantized layer see its
+      output with the activations rounded to FP8 by them, as the deployed model computes it.
     progress: print a progress line per layer.
 
   Returns:
@@ -119,6 +123,10 @@ def calibrated_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
   """
   fmt = Q.parse_format(fmt)
   check_method(method, fmt)
+  if activation_scales and fmt.kind != "fp8":
+    raise ValueError("static activation scales are FP8 only")
+  act = {n: (None if not activation_scales or t not in activation_scales else
+             jnp.asarray(activation_scales[t], jnp.float32)) for n, t in Q.INPUT_TAPS.items()}
   if method not in CALIBRATED:
     raise ValueError(f"{method!r} is not a calibrated method ({', '.join(CALIBRATED)})")
   xs = [M.embed(params, cfg, jnp.asarray(b, jnp.int32)) for b in batches]
@@ -168,14 +176,15 @@ def calibrated_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
         part = G.encode(codes, fmt), scale, zp
       parts[n].append(part)
       values, scale, zp = (None if a is None else jnp.asarray(a) for a in part)
-      qlp[n] = Q.QuantizedArray(values, scale, zp, None, fmt.value, blocks[n], *layouts[n])
+      qlp[n] = Q.QuantizedArray(values, scale, zp, None if act[n] is None else act[n][i],
+                                fmt.value, blocks[n], *layouts[n])
     xs = [quant_layer(qlp, x)[0] for x in xs]
     bar.update(i + 1)
   items = []
   for spec, leaf in axes.iter_leaves(params, cfg):
     name = spec.path[-1]
     if spec.stacked and name in specs:
-      leaf = Q.QuantizedArray(*_stack(parts[name]), None, fmt.value, blocks[name],
+      leaf = Q.QuantizedArray(*_stack(parts[name]), act[name], fmt.value, blocks[name],
                               *layouts[name])
     elif spec.stacked and name in norm_names:
       leaf = jnp.asarray(np.stack(parts[name]))

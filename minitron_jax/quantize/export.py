@@ -452,7 +452,8 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
                                                seq_len=calib_seq_len, batch_size=8))
     qparams, secs = calibrate.quantize_with_method(
         params, cfg, fmt, method, batches, include_embeddings=include_embeddings,
-        group_size=group_size, damp=gptq_damp, act_order=act_order, progress=progress)
+        group_size=group_size, damp=gptq_damp, act_order=act_order, activation_scales=act,
+        progress=progress)
     calib = {"data": calib_data, "samples": calib_samples, "seq_len": calib_seq_len,
              "damp": gptq_damp, "act_order": act_order, "seconds": round(secs, 2)}
   else:

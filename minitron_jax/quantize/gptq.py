@@ -1,4 +1,4 @@
-"""GPTQ: Hessian-aware rounding of one weight matrix onto a fixed integer grid.
+"""GPTQ: Hessian-aware rounding of one weight matrix onto a fixed grid (integer or FP8).
 
 GPTQ (Frantar et al., 2022) quantizes the input columns of `W` (`[out, in]`, HF layout) one at
 a time and spreads each column's rounding error over the columns not yet quantized, weighted
@@ -9,8 +9,10 @@ of `H⁻¹` (lazy batch updates), with act-order (columns by decreasing `H_jj`) 
 The grid (scales, zero points) is fixed before the search, from the float weights by the
 format's own round-to-nearest rule ("static groups"): act-order then needs no group
 bookkeeping, the exported layout is the format's usual one (groups of consecutive inputs,
-llama.cpp's 32-input Q4_0 blocks with their float16 scales), and GPTQ changes only which grid
-point each weight takes.
+llama.cpp's 32-input Q4_0 blocks with their float16 scales, FP8's per-tensor, per-channel or
+128 x 128 block scales), and GPTQ changes only which grid point each weight takes. For FP8 the
+grid points of a scale are the float8_e4m3fn values times it: not evenly spaced, but GPTQ only
+needs the nearest point of each column, and the error it spreads is what that rounding left.
 
 Numerics run in float64 numpy on the host: one matrix at a time, a few `in × in` factorisations
 and `in` rank-one updates, cheap next to the forward passes that collect `H`.
@@ -20,25 +22,28 @@ from __future__ import annotations
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 import scipy.linalg
 
 from minitron_jax.quantize import formats as Q
 
-GPTQ_FORMATS = (Q.QuantFormat.INT8_CHANNEL, Q.QuantFormat.INT4_GROUP,
+GPTQ_FORMATS = (Q.QuantFormat.FP8_TENSOR, Q.QuantFormat.FP8_CHANNEL, Q.QuantFormat.FP8_BLOCK,
+                Q.QuantFormat.INT8_CHANNEL, Q.QuantFormat.INT4_GROUP,
                 Q.QuantFormat.INT4_GROUP_ASYM, Q.QuantFormat.GGUF_Q8_0,
                 Q.QuantFormat.GGUF_Q4_0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-  """Integer grid of one `[out, in]` matrix: value = (code - zero) * scale per element.
+  """Grid of one `[out, in]` matrix: value = (code - zero) * scale per element.
 
   Attributes:
     scale: `(out, groups)` float64, one per `(1, group)` block of inputs.
     zero: `(out, groups)` float64 zero points (asymmetric), or None (zero is 0).
     group: inputs per scale.
     qmin, qmax: code range.
+    fp8: codes are float8_e4m3fn values (in [qmin, qmax] = ±448), not integers.
   """
 
   scale: np.ndarray
@@ -46,6 +51,14 @@ class Grid:
   group: int
   qmin: int
   qmax: int
+  fp8: bool = False
+
+  def snap(self, v: np.ndarray) -> np.ndarray:
+    """The nearest code to each scaled value `v` (zero point added), clipped to the range."""
+    v = np.clip(v, self.qmin, self.qmax)
+    if self.fp8:  # round to nearest even, as the float8 cast of the export
+      return v.astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    return np.rint(v)
 
   def column(self, j: int) -> tuple[np.ndarray, np.ndarray]:
     """(scale, zero) of input column `j`, each `(out,)`."""
@@ -56,7 +69,7 @@ class Grid:
   def codes(self, w_o: np.ndarray, j: int) -> np.ndarray:
     """Nearest codes of column `j`'s values `w_o`."""
     s, z = self.column(j)
-    return np.clip(np.rint(w_o / s) + z, self.qmin, self.qmax)
+    return self.snap(w_o / s + z)
 
   def dequantize(self, c_o: np.ndarray, j: int) -> np.ndarray:
     s, z = self.column(j)
@@ -80,7 +93,10 @@ def format_grid(w_oi: np.ndarray, fmt: Q.QuantFormat, group_size: int = Q.DEFAUL
   else:
     _, scale, zp = Q.quantize_matrix(np.asarray(w_oi, np.float32), fmt, block)
   s = np.asarray(scale, np.float64)
-  if fmt.asymmetric:
+  if fmt.kind == "fp8":  # block scales `(out / block_out, in / block_in)` -> one row each
+    s = np.repeat(s, block[0], axis=0)[:out]
+    grid = Grid(s, None, block[1], -Q.FP8_MAX, Q.FP8_MAX, fp8=True)
+  elif fmt.asymmetric:
     grid = Grid(s, np.asarray(zp, np.float64), block[1], 0, 15)
   elif fmt.kind == "int8":
     grid = Grid(s, None, block[1], -127, 127)
@@ -102,7 +118,7 @@ def gptq(w_oi: np.ndarray, h_ii: np.ndarray, grid: Grid, *, block_size: int = 12
     act_order: quantize columns by decreasing `H_jj` (largest input energy first).
 
   Returns:
-    `[out, in]` float64 integer codes in `[grid.qmin, grid.qmax]`.
+    `[out, in]` float64 codes in `[grid.qmin, grid.qmax]` (integers, or FP8 values).
   """
   w = np.array(w_oi, np.float64)
   h = np.array(h_ii, np.float64)
@@ -129,7 +145,7 @@ def gptq(w_oi: np.ndarray, h_ii: np.ndarray, grid: Grid, *, block_size: int = 12
     err1 = np.empty_like(w1)
     for i in range(i2 - i1):
       k = i1 + i
-      c = np.clip(np.rint(w1[i] / s_t[k]) + z_t[k], grid.qmin, grid.qmax)
+      c = grid.snap(w1[i] / s_t[k] + z_t[k])
       codes[k] = c
       e = (w1[i] - (c - z_t[k]) * s_t[k]) / hinv_u[k, k]
       w1[i + 1:] -= hinv_u[k, k + 1:i2, None] * e[None]
@@ -160,7 +176,9 @@ def inverse_hessian_factor(h_ii: np.ndarray, damp: float) -> np.ndarray:
 
 
 def encode(codes_oi: np.ndarray, fmt: Q.QuantFormat) -> np.ndarray:
-  """Codes -> `QuantizedArray.values` storage (int8, or packed int4 nibbles)."""
+  """Codes -> `QuantizedArray.values` storage (float8, int8, or packed int4 nibbles)."""
+  if fmt.kind == "fp8":
+    return np.asarray(codes_oi).astype(ml_dtypes.float8_e4m3fn)  # exact: codes are FP8 values
   c = np.asarray(codes_oi).astype(np.int16)
   if fmt.kind == "int8":
     return c.astype(np.int8)

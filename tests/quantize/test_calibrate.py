@@ -1,6 +1,8 @@
 """Layer-by-layer GPTQ of a whole model: the layout of round-to-nearest, Hessians taken behind
 already-quantized layers, and lower output error than round-to-nearest on real activations."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,11 +67,47 @@ def test_each_layer_sees_the_quantized_layers_before_it(fmt):
   assert np.all(np.isfinite(np.asarray(logits)))
 
 
+@pytest.mark.parametrize("fmt", [F.FP8_CHANNEL, F.FP8_BLOCK])
+def test_fp8_gptq_with_static_activation_scales(fmt):
+  """FP8 GPTQ keeps the static input scales, and each layer's Hessian comes from the earlier
+  layers as deployed: FP8 weights and FP8-rounded activations."""
+  params, cfg = _tiny()
+  batches = [np.random.default_rng(k).integers(0, 256, (2, 24)) for k in range(2)]
+  act = Q.calibrate_activation_scales(params, cfg, batches)
+  qp = C.calibrated_params(params, cfg, fmt, batches, "gptq", activation_scales=act)
+  for name, tap in Q.INPUT_TAPS.items():
+    leaf = qp["layers"][name]
+    assert leaf.values.dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(np.asarray(leaf.input_scale), np.asarray(act[tap]))
+  # Reference for layer 1's q / k / v: the whole-model forward of layers 0-1 as exported
+  # (the attn_in tap of layer 1 reads layer 0's output only).
+  two = cfg.replace(num_hidden_layers=2)
+  few = dict(qp, layers=jax.tree_util.tree_map(lambda a: a[:2], qp["layers"]))
+  plain = dict(few, layers={k: (dataclasses.replace(v, input_scale=None) if Q.is_quantized(v)
+                                else v) for k, v in few["layers"].items()})
+
+  def hessian(p):
+    h = [M.forward(p, two, jnp.asarray(b), taps={"attn_in": _gram})["taps"]["attn_in"][1]
+         for b in batches]
+    return np.asarray(sum(h), np.float64)
+
+  h, h_weights_only = hessian(few), hessian(plain)
+  assert not np.allclose(h, h_weights_only, rtol=1e-4)  # the activation rounding is seen
+  for name in ("q", "k", "v"):
+    w = np.asarray(Q.to_matrix(params["layers"][name], SPECS[name]))[1]
+    values, scale, _ = G.quantize_matrix(w, h, fmt)
+    got = np.asarray(qp["layers"][name].values[1], np.float32)
+    assert np.mean(got == np.asarray(values, np.float32)) > 0.99, name
+    np.testing.assert_array_equal(np.asarray(qp["layers"][name].scale[1]), scale)
+  with pytest.raises(ValueError, match="FP8 only"):
+    C.calibrated_params(params, cfg, F.INT8_CHANNEL, batches, "gptq", activation_scales=act)
+
+
 def test_method_checks():
   with pytest.raises(ValueError, match="unknown quantization method 'awq2'"):
     C.check_method("awq2", F.INT4_GROUP)
-  with pytest.raises(ValueError, match="--method=gptq supports .* not fp8_block"):
-    C.check_method("gptq", F.FP8_BLOCK)
+  with pytest.raises(ValueError, match="--method=awq supports .* not fp8_block"):
+    C.check_method("awq", F.FP8_BLOCK)
   params, cfg = _tiny()
   with pytest.raises(ValueError, match="needs calibration data"):
     C.quantize_with_method(params, cfg, F.INT4_GROUP, "gptq")

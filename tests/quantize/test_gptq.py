@@ -84,5 +84,3 @@ def test_gptq_bad_inputs():
     G.gptq(w, np.eye(32), grid)
   with pytest.raises(ValueError, match="not positive definite"):
     G.gptq(w, -np.eye(64), grid, damp=0.0)
-  with pytest.raises(ValueError, match="GPTQ supports"):
-    G.format_grid(w, F.FP8_BLOCK)

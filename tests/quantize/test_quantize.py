@@ -505,7 +505,8 @@ def test_quantize_checkpoint_report(tiny_dir, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
 @pytest.mark.parametrize("name,method", [("int4", "gptq"), ("gguf_q4_0", "gptq"),
-                                         ("int4_asym", "awq"), ("int4", "awq_gptq")])
+                                         ("fp8_channel", "gptq"), ("int4_asym", "awq"),
+                                         ("int4", "awq_gptq")])
 def test_gptq_checkpoint_loads_and_reports(tiny_dir, tmp_path, tokens, name, method):
   calib = tmp_path / "calib.txt"
   calib.write_text(TEXT)
