@@ -144,10 +144,11 @@ def test_generation_across_length_buckets_matches_full_forward():
   # 40 new tokens after a 16-slot prompt bucket: attention spans 32, then 64 slots.
   res = G.generate(params, cfg, prompts, G.SamplingConfig(max_new_tokens=40), stop_at_eos=False)
   for prompt, got in zip(prompts, res.tokens):
-    seq = list(prompt)
-    for _ in range(40):
-      seq.append(int(np.argmax(M.forward(params, cfg, np.array([seq]))["logits"][0, -1])))
-    assert got == seq[len(prompt):]
+    # Greedy decoding: every token is the argmax of the causal forward over what precedes it,
+    # read here from one forward of the whole sequence (position p sees tokens 0..p only).
+    seq = np.array([list(prompt) + got])
+    want = np.argmax(np.asarray(M.forward(params, cfg, seq)["logits"][0]), axis=-1)
+    assert len(got) == 40 and got == want[len(prompt) - 1:-1].tolist()
   assert res.decode_steps == 39
   # EOS past the first bucket boundary: row 0 stops at its EOS, the batch when both have.
   a, b = res.tokens[0][20], res.tokens[1][25]

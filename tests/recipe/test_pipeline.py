@@ -33,11 +33,33 @@ def command(teacher, run_dir, data_root, *extra):
           f"--config.run_dir={run_dir}", f"--config.data_root={data_root}", *extra]
 
 
-def test_tiny_recipe_end_to_end(tiny_teacher, data_root, tmp_path):
+def test_tiny_recipe_end_to_end_resumes_after_a_kill(tiny_teacher, data_root, tmp_path):
+  """The whole recipe, killed (SIGKILL) in the middle of the first student's distillation and
+  run again: the finished stages are not redone, the distillation resumes from its checkpoint,
+  and the report has every model."""
   run_dir = tmp_path / "run"
-  p = subprocess.run(command(tiny_teacher, run_dir, data_root), capture_output=True, text=True,
-                     timeout=1200, cwd=ROOT)
+  cmd = command(tiny_teacher, run_dir, data_root, "--config.distill.steps=24",
+                "--config.distill.save_every=4")
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)
+  ckpt = run_dir / "distill_width" / "checkpoints"
+  deadline = time.time() + 900
+  while time.time() < deadline and proc.poll() is None:
+    if ckpt.is_dir() and any(n.isdigit() for n in os.listdir(ckpt)):
+      os.killpg(proc.pid, signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
+  assert not (run_dir / "distill_width" / "run.json").exists()
+
+  p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
   assert p.returncode == 0, p.stderr[-3000:]
+  for stage in ("fetch", "teacher_correction", "prune_width", "prune_depth", "teacher_logits"):
+    assert f"[{stage}] done already" in p.stdout, stage
+  assert "[distill_width] running" in p.stdout
+  summary = json.load(open(run_dir / "distill_width" / "run.json"))
+  assert summary["resumed_from"] and summary["steps"] == 24
   report = (run_dir / "report.md").read_text()
   evals = json.load(open(run_dir / "report.json"))["models"]
   names = [e["name"] for e in evals]
@@ -56,8 +78,8 @@ def test_tiny_recipe_end_to_end(tiny_teacher, data_root, tmp_path):
   times = json.load(open(run_dir / "stage_times.json"))
   assert {"fetch", "data", "prune_width", "teacher_logits", "evaluate", "report"} <= set(times)
   cache = json.load(open(run_dir / "teacher_logits" / "run.json"))
-  assert cache["k"] == 16 and cache["steps"] == 4
-  # Both students read the one cached teacher pass.
+  assert cache["k"] == 16 and cache["steps"] == 24
+  # Both students read the one cached teacher pass (the width student again, resumed).
   assert p.stdout.count("reading the teacher's top-16 logits") == 2, p.stdout[-3000:]
   # Every stage runs in a process of its own; the one that orders them holds no model, so the
   # whole run's peak is its hungriest stage's.
@@ -65,37 +87,9 @@ def test_tiny_recipe_end_to_end(tiny_teacher, data_root, tmp_path):
   assert times["orchestrator"]["peak_rss_gib"] < min(
       times[s]["peak_rss_gib"] for s in ("teacher_correction", "distill_width", "evaluate"))
   assert max(stage_peaks) > times["orchestrator"]["peak_rss_gib"]
-  # A second run finds every stage done.
-  p = subprocess.run(command(tiny_teacher, run_dir, data_root), capture_output=True, text=True,
-                     timeout=600, cwd=ROOT)
+  # A third run finds every stage done.
+  p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert p.returncode == 0 and "running" not in p.stdout.replace("run directory", "")
-
-
-def test_interrupted_run_resumes_without_redoing_stages(tiny_teacher, data_root, tmp_path):
-  run_dir = tmp_path / "run"
-  cmd = command(tiny_teacher, run_dir, data_root, "--config.distill.steps=60",
-                "--config.distill.save_every=5", "--config.baselines=False",
-                "--config.quantize.formats=()", "--config.prune.kinds=('width',)")
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, start_new_session=True)
-  ckpt = run_dir / "distill_width" / "checkpoints"
-  deadline = time.time() + 900
-  while time.time() < deadline and proc.poll() is None:
-    if ckpt.is_dir() and any(n.isdigit() for n in os.listdir(ckpt)):
-      os.killpg(proc.pid, signal.SIGKILL)
-      break
-    time.sleep(0.05)
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
-  assert not (run_dir / "distill_width" / "run.json").exists()
-  p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
-  assert p.returncode == 0, p.stderr[-3000:]
-  for stage in ("fetch", "teacher_correction", "prune_width"):
-    assert f"[{stage}] done already" in p.stdout
-  assert "[distill_width] running" in p.stdout
-  summary = json.load(open(run_dir / "distill_width" / "run.json"))
-  assert summary["resumed_from"] and summary["steps"] == 60
-  assert (run_dir / "report.md").is_file()
 
 
 @pytest.mark.parametrize("extra,culprit", [
