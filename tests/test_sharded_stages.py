@@ -72,7 +72,8 @@ def _results(mesh_spec: str | None) -> dict[str, np.ndarray]:
     if Q.is_quantized(leaf):
       out[f"int8/{spec.name}/values"] = np.asarray(leaf.values, np.float64)
       out[f"int8/{spec.name}/scale"] = np.asarray(leaf.scale, np.float64)
-  out.update(_recipe_evaluation(mesh_spec))
+  if mesh_spec in (None, MESHES[0]):  # the plumbing of one mesh; the numbers are above
+    out.update(_recipe_evaluation(mesh_spec))
   return {k: np.asarray(v, np.float64) for k, v in out.items()}
 
 
@@ -144,14 +145,15 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("mesh", MESHES)
 def test_every_stage_on_a_mesh_equals_one_device(results, mesh):
   one, sharded = results["one"], results[mesh.replace(":", "_").replace(",", "-")]
-  assert one.keys() == sharded.keys()
+  recipe = {k for k in one if k.startswith("recipe/")}
+  assert recipe and set(one) == set(sharded) | (recipe if mesh != MESHES[0] else set())
   # Every stage is there, and the numbers are not trivially equal (e.g. all zeros).
   for stage in ("activation[var,l2]/heads", "taylor/channels", "block_importance/2",
                 "lm_loss/2", "ppl/window_nll", "loglik/ll", "generate/tokens",
                 "fp8_scales/mlp_act", "int8/layers/down/values", "recipe/ppl_window_nll",
                 "recipe/heldout_window_nll", "recipe/samples"):
     assert stage in one and np.ptp(one[stage]) > 0, stage
-  for k in one:
+  for k in sharded:
     np.testing.assert_allclose(sharded[k], one[k], rtol=TOL, atol=TOL, err_msg=k)
 
 
