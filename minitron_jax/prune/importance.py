@@ -148,7 +148,7 @@ def activation_step(cfg: LlamaConfig, seq: str, batch: str, mesh: Mesh | None = 
           "final_norm": lambda x: reduce_seq(x, seq)}
 
   def stats(params, tokens_bt, weights_b):
-    t = M.forward(params, cfg, tokens_bt, taps=taps)["taps"]
+    t = M.forward(params, cfg, tokens_bt, taps=taps, logits=False)["taps"]
     # Layers first -> batch first, so statistics run over axis 0.
     return {k: batch_stats(jnp.moveaxis(v, 1, 0) if k != "final_norm" else v, batch, weights_b)
             for k, v in t.items()}

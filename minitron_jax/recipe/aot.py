@@ -516,11 +516,13 @@ def forward_report(stage: str, cfg: LlamaConfig, name: str, mesh: Mesh, mesh_spe
             else (None, None))
   splash = F.splash_flops(cfg, batch, seq, attention._block_size(seq, 512)) / mesh.devices.size
   kernel, fl = _with_kernels(fl, splash, kernels)
+  # Importance reads the layers' activations and the final norm: it computes no logits.
+  head = F.head_flops(cfg, batch, seq) if stage == "importance" else 0
+  analytic, useful = (F.forward_flops(cfg, batch, seq, causal=c) - head for c in (False, True))
   return StageReport(stage, name, mesh_spec, f"{batch} x {seq} tokens", mem, chip.hbm_bytes,
-                     fl, by, F.forward_flops(cfg, batch, seq) / mesh.devices.size,
+                     fl, by, analytic / mesh.devices.size,
                      chip.peak_flops, chip.hbm_bandwidth, notes=_kernel_note(kernel).lstrip("; "),
-                     kernel_flops=kernel,
-                     useful_flops=F.forward_flops(cfg, batch, seq, causal=True) / mesh.devices.size)
+                     kernel_flops=kernel, useful_flops=useful / mesh.devices.size)
 
 
 def generate_reports(cfg: LlamaConfig, name: str, mesh: Mesh, mesh_spec: str, chip: Chip,
