@@ -568,7 +568,7 @@ def test_cli_bad_inputs_fail_before_work(tmp_path):
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4",
         "--method=gptq"], "--method=gptq needs calibration data (--calib_data)"),
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=fp8_channel",
-        "--method=gptq", "--calib_data=shakespeare"], "--method=gptq supports"),
+        "--method=awq_gptq", "--calib_data=shakespeare"], "--method=awq_gptq supports int4_group"),
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4",
         "--method=awq2"], "unknown quantization method 'awq2'"),
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=gguf_q4_0",
