@@ -58,6 +58,8 @@ def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
 
   params, mcfg, tok, path = load_for_eval(cfg, run_dir, name)
   mesh = sharding.stage_mesh(layout.stage_mesh(cfg))
+  if mesh is not None:  # placed once: every call below keeps leaves already laid out so
+    params = sharding.shard_params(params, mcfg, mesh)
   e = cfg.eval
   # The run refused to start without this data (stages.run), so none of it is skipped here.
   tasks = list(e.tasks)
