@@ -183,8 +183,11 @@ def run(job: PruneJob) -> dict[str, Any]:
 
   if job.scores_npz:  # streaming: plan from saved scores, slice the checkpoint on disk
     z = np.load(job.scores_npz, allow_pickle=False)
-    scores = I.Scores(heads=z["heads"], neurons=z["neurons"], channels=z["channels"],
-                      kv_groups=z["kv_groups"])
+    if "heads" not in z and P.cuts_width(cfg, new):
+      raise ValueError(f"{job.scores_npz} holds layer scores only (it came from a depth-only "
+                       "prune); a width target needs a width prune's importance.npz")
+    scores = (I.Scores(heads=z["heads"], neurons=z["neurons"], channels=z["channels"],
+                       kv_groups=z["kv_groups"]) if "heads" in z else None)
     layer_scores = z["layer_scores"] if "layer_scores" in z else None
     plan = P.make_plan(cfg, targets, scores, layer_scores,
                        drop_block=bool(z["drop_block"]) if "drop_block" in z else False)
@@ -207,11 +210,13 @@ def run(job: PruneJob) -> dict[str, Any]:
   batches = [calib[i:i + job.batch_size] for i in range(0, len(calib), job.batch_size)]
   report["calibration"] = {"source": job.calib_data, "samples": len(calib),
                            "seq_len": job.calib_seq_len, "held_out_samples": len(held_out)}
-  ts = time.perf_counter()
-  scores = I.compute_scores(job.importance, placed, cfg, batches, agg, seed=job.seed,
-                            progress=Progress(f"{job.importance} importance", len(calib)),
-                            mesh=mesh)
-  report["importance_seconds"] = round(time.perf_counter() - ts, 2)
+  scores = None
+  if P.cuts_width(cfg, new):  # a depth-only target ranks layers: no unit scores to compute
+    ts = time.perf_counter()
+    scores = I.compute_scores(job.importance, placed, cfg, batches, agg, seed=job.seed,
+                              progress=Progress(f"{job.importance} importance", len(calib)),
+                              mesh=mesh)
+    report["importance_seconds"] = round(time.perf_counter() - ts, 2)
   layer_scores, drop_block = None, False
   if needs_layers or targets.drop_layers is not None:
     if needs_layers:
@@ -232,7 +237,7 @@ def run(job: PruneJob) -> dict[str, Any]:
   report["seconds"] = round(time.perf_counter() - t0, 2)
 
   def extra_files(d):
-    arrays = scores.to_npz_dict()
+    arrays = scores.to_npz_dict() if scores is not None else {}
     if layer_scores is not None:
       arrays.update(layer_scores=np.asarray(layer_scores), drop_block=np.array(drop_block))
     arrays.update({f"layer_{k}": np.asarray(v) for k, v in extra["layer_scores"].items()})
@@ -240,7 +245,8 @@ def run(job: PruneJob) -> dict[str, Any]:
     if extra["curves"]:
       LI.plot(os.path.join(d, "layer_importance.png"), extra["curves"],
               title=f"layer importance of {os.path.basename(src)}")
-    plot_unit_scores(os.path.join(d, "importance.png"), scores)
+    if scores is not None:
+      plot_unit_scores(os.path.join(d, "importance.png"), scores)
     files.write_json(os.path.join(d, "prune_report.json"), report)
 
   hf_io.save_hf(pruned, new_cfg, job.output_dir, source_dir=src, overwrite=job.overwrite,

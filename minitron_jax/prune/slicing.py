@@ -122,6 +122,13 @@ def select_heads(head_scores: np.ndarray, group_scores: np.ndarray, cfg: LlamaCo
   return kv_keep, q_keep
 
 
+def cuts_width(cfg: LlamaConfig, new: LlamaConfig) -> bool:
+  """Whether `new` drops any hidden channel, MLP neuron or head of `cfg` (not only layers)."""
+  return (new.hidden_size, new.intermediate_size, new.num_attention_heads,
+          new.num_key_value_heads) != (cfg.hidden_size, cfg.intermediate_size,
+                                       cfg.num_attention_heads, cfg.num_key_value_heads)
+
+
 def make_plan(cfg: LlamaConfig, targets: Targets, scores: Scores | None = None,
               layer_scores: np.ndarray | None = None, drop_block: bool = False) -> PrunePlan:
   """Ranks units by `scores` and keeps the most important ones to reach `targets`.
@@ -135,10 +142,7 @@ def make_plan(cfg: LlamaConfig, targets: Targets, scores: Scores | None = None,
       least damaging block is dropped).
   """
   new = targets.validate(cfg)
-  width = (new.hidden_size, new.intermediate_size, new.num_attention_heads,
-           new.num_key_value_heads) != (cfg.hidden_size, cfg.intermediate_size,
-                                        cfg.num_attention_heads, cfg.num_key_value_heads)
-  if width and scores is None:
+  if cuts_width(cfg, new) and scores is None:
     raise ValueError("width pruning needs importance scores")
   kw: dict[str, Any] = {}
   if new.hidden_size != cfg.hidden_size:

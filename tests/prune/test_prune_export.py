@@ -115,3 +115,17 @@ def test_depth_pruning_by_layer_importance_cli(real_dir, tmp_path):
   # Trials only for the dropped block size; per-layer block importance draws the picture.
   assert set(report["layer_importance"]) == {"lm_loss_k6", "block_importance_k1"}
   assert len(report["layer_importance"]["block_importance_k1"]) == 30
+  # A depth-only target ranks layers only: no head/neuron/channel importance is computed.
+  npz = out / "importance.npz"
+  assert "importance_seconds" not in report and not os.path.isfile(out / "importance.png")
+  assert "heads" not in np.load(npz) and "layer_scores" in np.load(npz)
+  # Its scores prune the same layers again tensor by tensor; a width target is refused by name.
+  again = tmp_path / "again"
+  p = _run_prune(f"--model_dir={real_dir}", f"--output_dir={again}", "--num_hidden_layers=24",
+                 f"--scores_npz={npz}")
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert json.load(open(again / "prune_report.json"))["kept"]["layers"] == kept
+  p = _run_prune(f"--model_dir={real_dir}", f"--output_dir={tmp_path / 'wide'}",
+                 "--hidden_size=432", f"--scores_npz={npz}")
+  assert p.returncode == 1 and f"{npz} holds layer scores only" in p.stderr
+  assert not (tmp_path / "wide").exists()
