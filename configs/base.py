@@ -83,10 +83,11 @@ def get_config() -> ConfigDict:
 
   # Tuples, not lists: ml_collections overrides tuples from the command line.
   # max_windows applies to WikiText-2 test and to the held-out slice of the training data.
-  # Quantized models: only these tasks (() = all of `tasks`); their zero-shot scores move
-  # within noise of their source's, perplexity shows the loss.
+  # reference_tasks: the only tasks for the models the report does not compare on zero-shot
+  # (the teacher before correction, one-shot pruned and quantized models: their scores sit at
+  # chance or within noise of their source's; perplexity shows the change). () = all of `tasks`.
   c.eval = ConfigDict(dict(tasks=DEFAULT_TASKS, ppl_file="", seq_len=512, max_windows=8,
-                           limit=100, batch_size=16, decode_tokens=16, quantized_tasks=("ppl",)))
+                           limit=100, batch_size=16, decode_tokens=16, reference_tasks=("ppl",)))
   c.generate = ConfigDict(dict(
       prompts=("What is the capital of France?",
                "Explain in two sentences why the sky is blue.",

@@ -29,7 +29,7 @@ def get_config():
   c.data.heldout_chars = 4_000
   c.baselines = True                   # every stage, as the tests check
   c.eval.tasks = ("ppl", "piqa")
-  c.eval.quantized_tasks = ()          # every task for every model, as the tests check
+  c.eval.reference_tasks = ()          # every task for every model, as the tests check
   c.eval.seq_len = 64
   c.eval.max_windows = 2
   c.eval.limit = 2

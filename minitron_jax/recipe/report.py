@@ -52,6 +52,17 @@ def load_for_eval(cfg, run_dir: str, name: str):
   return params, mcfg, tok, path
 
 
+def model_tasks(cfg, name: str) -> list[str]:
+  """All of `eval.tasks` for the models the report compares (the teacher the students come
+  from, distilled students, baselines); only those also in `eval.reference_tasks` for the
+  others (the teacher before correction, one-shot pruned and quantized models), whose zero-shot
+  scores sit at chance or within noise of their source's. () = every task for every model."""
+  ref = layout.get(cfg, "eval.reference_tasks")
+  reference = (name.startswith(("quantized/", "pruned_"))
+               or (name == "teacher" and cfg.correction.steps > 0))
+  return [t for t in cfg.eval.tasks if not (ref and reference) or t in ref]
+
+
 def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
   from minitron_jax.evaluate import scoring as evaluate
   from minitron_jax.evaluate import generate as G
@@ -62,9 +73,7 @@ def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
     params = sharding.shard_params(params, mcfg, mesh)
   e = cfg.eval
   # The run refused to start without this data (stages.run), so none of it is skipped here.
-  tasks = list(e.tasks)
-  if name.startswith("quantized/") and layout.get(cfg, "eval.quantized_tasks"):
-    tasks = [t for t in tasks if t in e.quantized_tasks]
+  tasks = model_tasks(cfg, name)
   res = evaluate.run_evaluation(params, mcfg, tok, tasks, data_root=data_root,
                                 ppl_file=e.ppl_file or None, seq_len=e.seq_len,
                                 max_windows=e.max_windows or None, limit=e.limit or None,

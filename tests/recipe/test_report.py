@@ -60,3 +60,20 @@ def test_table_shows_stderr_examples_and_repetition():
   table = report.results_table([_ev("teacher", [3.0], {"piqa": (0.6, 101)})])
   assert "piqa (n=101)" in table and "60.0 ± 4.9" in table and "repeated 3-grams" in table
   assert "| 50.0 |" in table
+
+
+def test_zero_shot_only_for_the_models_the_report_compares():
+  from configs import base
+
+  cfg = base.get_config()
+  full, ref = list(cfg.eval.tasks), ["ppl"]
+  assert len(full) > 1 and cfg.correction.steps > 0
+  want = {"teacher": ref, "corrected": full, "pruned_width": ref, "distill_width": full,
+          "pruned_depth": ref, "distill_depth": full, "pruned_search": ref,
+          "distill_search": full, "baseline_pruned_ce": full, "baseline_random_ce": full,
+          "quantized/int8": ref}
+  assert {n: report.model_tasks(cfg, n) for n in want} == want
+  cfg.correction.steps = 0  # the downloaded teacher is then the one the students come from
+  assert report.model_tasks(cfg, "teacher") == full
+  cfg.eval.reference_tasks = ()
+  assert all(report.model_tasks(cfg, n) == full for n in want)
