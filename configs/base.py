@@ -78,8 +78,10 @@ def get_config() -> ConfigDict:
   c.baselines = False
 
   # The depth student keeps hidden 576, a multiple of 32 as GGUF blocks need (432 is not).
-  # Formats: fp8, int8, int4, int4_asym, gguf_q8_0, gguf_q4_0 (README, "Quantization").
-  c.quantize = ConfigDict(dict(source="distill_depth", formats=("int8", "gguf_q4_0")))
+  # Formats: fp8, int8, int4, int4_asym, gguf_q8_0, gguf_q4_0 (README, "Quantization"). One by
+  # default (each adds a quantization and an evaluated model); e.g.
+  # --config.quantize.formats="('int8','gguf_q4_0')" for more.
+  c.quantize = ConfigDict(dict(source="distill_depth", formats=("gguf_q4_0",)))
 
   # Tuples, not lists: ml_collections overrides tuples from the command line.
   # max_windows applies to WikiText-2 test and to the held-out slice of the training data.
