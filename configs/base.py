@@ -59,7 +59,8 @@ def get_config() -> ConfigDict:
   c.prune.search = ConfigDict(dict(
       enabled=False, target_params=81.5e6, target_memory_gb=0.0, kv_tokens=0,
       export_dtype="bfloat16", budget_slack=0.05, max_width_cut=0.5, max_depth_cut=0.5,
-      width_multiple=16, max_candidates=8, top_k=2, steps=8))
+      width_multiple=16, max_candidates=8, top_k=2, steps=8, teacher_topk=64, task="",
+      task_limit=100))
 
   # 24 x 8 x 256 = 49k tokens per student (the most that fits the 30-minute budget): by hand,
   # 82k tokens of WikiText-2 valid took the width student from WikiText-2 test perplexity 960

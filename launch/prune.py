@@ -91,6 +91,14 @@ _SSTEPS = flags.DEFINE_integer("search_steps", 8, "Search: distillation updates 
 _SBATCH = flags.DEFINE_integer("search_batch_size", 8, "Search: sequences per update.")
 _SLR = flags.DEFINE_float("search_lr", 5e-4, "Search: peak learning rate of the short "
                           "distillation.")
+_STOPK = flags.DEFINE_integer("search_teacher_topk", 64, "Search: the short distillations read "
+                              "the teacher's top-K logits, written once for all of them (0 = "
+                              "each runs the live teacher).", lower_bound=0)
+_STASK = flags.DEFINE_string("search_task", "", "Search: rank the one-shot candidates by this "
+                             "zero-shot task's accuracy (e.g. arc_easy; held-out loss breaks "
+                             "ties); empty: by held-out loss.")
+_STASK_LIMIT = flags.DEFINE_integer("search_task_limit", 100, "Search: examples of --search_task.",
+                                    lower_bound=1)
 _DRY = flags.DEFINE_bool("dry_run", False, "Search: print the candidate table (config only, no "
                          "weights; a preset name such as llama3.1-8b works) and stop.")
 
@@ -111,7 +119,9 @@ def search(argv):
   job = search_run.SearchJob(
       model_dir=_MODEL.value, output_dir=_OUT.value, budget=budget,
       max_candidates=_NCAND.value, top_k=_TOPK.value, search_steps=_SSTEPS.value,
-      search_batch_size=_SBATCH.value, search_lr=_SLR.value, importance=_IMP.value,
+      search_batch_size=_SBATCH.value, search_lr=_SLR.value, teacher_topk=_STOPK.value,
+      score_task=_STASK.value, task_limit=_STASK_LIMIT.value, data_root=_DATA.value,
+      importance=_IMP.value,
       aggregation=_AGG.value, calib_data=_CALIB.value, calib_samples=_NCAL.value,
       calib_seq_len=_LCAL.value, eval_samples=max(1, _NEVAL.value), batch_size=_BATCH.value,
       seed=_SEED.value, scores_npz=_SCORES.value, dry_run=_DRY.value,

@@ -5,6 +5,11 @@ every candidate's plan is read from it, so scoring a candidate costs one pruning
 held-out evaluation. The `top_k` best one-shot candidates are then distilled from the teacher
 for `search_steps` updates on the same tokens each (the same seed, so the same batches) and
 re-ranked by held-out loss, because one-shot rankings flip after retraining (Minitron report).
+The short distillations read the teacher's top-`teacher_topk` logits of their batches from one
+cache, written by a single teacher pass (`distill/teacher_cache.py`): the teacher runs once
+for all `top_k` candidates, not once per candidate. With `score_task`, every candidate is also
+scored one-shot on that zero-shot task, and the one-shot ranking is by its accuracy (ModelOpt's
+"score function after pruning"); the held-out loss breaks ties.
 The winner is written as a pruned HF directory (one-shot weights, ready for the full
 distillation) with `prune_report.json`, `importance.npz`, `search_report.json` and `search.png`.
 
@@ -45,6 +50,11 @@ class SearchJob:
   search_steps: int = 8         # distillation updates per top candidate (0 = one-shot only)
   search_batch_size: int = 8
   search_lr: float = 5e-4
+  teacher_topk: int = 64        # K of the teacher cache the short distillations share (0 = each
+                                # runs the live teacher, its whole distribution)
+  score_task: str = ""          # zero-shot task ranking the one-shot candidates ("" = the loss)
+  task_limit: int = 100         # examples of `score_task`
+  data_root: str | None = None  # where `score_task`'s data is (else the default folders, hub)
   importance: str = "activation"
   aggregation: str = "l2,mean"
   calib_data: str = "shakespeare"
@@ -73,6 +83,15 @@ def validate(job: SearchJob):
       raise ValueError(f"--{name}={getattr(job, name)} must be >= 1")
   if job.search_steps < 0:
     raise ValueError(f"--search_steps={job.search_steps} must be >= 0")
+  if job.teacher_topk < 0:
+    raise ValueError(f"--search_teacher_topk={job.teacher_topk} must be >= 0")
+  if job.score_task:
+    from minitron_jax.evaluate import tasks
+
+    if job.score_task not in tasks.TASKS:
+      raise ValueError(f"--search_task={job.score_task!r} is not one of {sorted(tasks.TASKS)}")
+    if job.task_limit < 1:
+      raise ValueError(f"--search_task_limit={job.task_limit} must be >= 1")
   if job.importance not in I.METHODS:
     raise ValueError(f"--importance={job.importance!r} is not one of {I.METHODS}")
   I.Aggregation.parse(job.aggregation)
@@ -101,9 +120,9 @@ def dry_run(cfg, candidates, job: SearchJob) -> str:
 def load_scores(path: str) -> tuple[I.Scores, np.ndarray]:
   """(width scores, per-layer scores) saved by a search (`importance.npz`)."""
   z = np.load(path, allow_pickle=False)
-  if "layer_scores" not in z:
-    raise ValueError(f"{path}: no layer_scores (write it with a search, or prune with "
-                     "--num_hidden_layers)")
+  if "layer_scores" not in z or "heads" not in z:
+    raise ValueError(f"{path}: needs unit and layer scores (write it with a search, or prune "
+                     "to a width and --num_hidden_layers target)")
   return I.Scores(heads=z["heads"], neurons=z["neurons"], channels=z["channels"],
                   kv_groups=z["kv_groups"]), np.asarray(z["layer_scores"])
 
@@ -129,26 +148,54 @@ def score_oneshot(params, cfg, candidates, scores, layer_scores, held_out, batch
   return out
 
 
-def short_distill(job: SearchJob, teacher, cfg, c: S.Candidate, scores, layer_scores,
-                  train_stream, held_out, pad_id: int) -> float:
-  """Held-out loss of `c` after `search_steps` distillation updates from the live teacher."""
-  from minitron_jax.distill import losses as distill
-  from minitron_jax.distill import run as trainer
+def task_oneshot(params, cfg, candidates, scores, layer_scores, tok, job: SearchJob
+                 ) -> list[dict]:
+  """Zero-shot accuracy (acc_norm where the task has it) of every one-shot pruned candidate."""
+  from minitron_jax.evaluate import scoring
+
+  progress = Progress(f"one-shot {job.score_task}", len(candidates))
+  out = []
+  for i, c in enumerate(candidates):
+    pruned, ccfg = P.prune(params, cfg, S.plan_for(cfg, c, scores, layer_scores))
+    r = scoring.evaluate_task(pruned, ccfg, tok, job.score_task, job.data_root,
+                              limit=job.task_limit, batch_size=job.batch_size,
+                              max_len=job.calib_seq_len, progress=False)
+    key = "acc_norm" if "acc_norm" in r else "acc"
+    out.append({"task": job.score_task, "metric": key, "acc": r[key],
+                "stderr": r[f"{key}_stderr"], "examples": r["examples"]})
+    progress(i + 1)
+  return out
+
+
+def short_config(job: SearchJob):
+  """The settings of every candidate's short distillation (and of the shared teacher cache)."""
   from minitron_jax.distill.step import TrainConfig
 
-  pruned, new_cfg = P.prune(teacher, cfg, S.plan_for(cfg, c, scores, layer_scores))
-  tcfg = TrainConfig(mode="distill", steps=job.search_steps,
+  return TrainConfig(mode="distill", steps=job.search_steps,
                      global_batch_size=job.search_batch_size, seq_len=job.calib_seq_len,
                      lr=job.search_lr, min_lr=job.search_lr / 10,
                      warmup_steps=min(3, job.search_steps - 1), dtype="float32",
                      seed=job.seed, save_every=0, keep_checkpoints=1,
                      async_checkpointing=False, log_every=max(1, job.search_steps))
+
+
+def short_distill(job: SearchJob, teacher, cfg, c: S.Candidate, scores, layer_scores,
+                  train_stream, held_out, pad_id: int, teacher_cache: str | None = None
+                  ) -> float:
+  """Held-out loss of `c` after `search_steps` distillation updates: from the teacher's cached
+  top-K logits (`teacher_cache`), else from the live teacher."""
+  from minitron_jax.distill import losses as distill
+  from minitron_jax.distill import run as trainer
+
+  pruned, new_cfg = P.prune(teacher, cfg, S.plan_for(cfg, c, scores, layer_scores))
   work = tempfile.mkdtemp(prefix="search_distill_")
   try:
-    result = trainer.fit(tcfg, model_params=pruned, model_cfg=new_cfg.replace(dtype="float32"),
-                         train_tokens=train_stream, output_dir=work, teacher_params=teacher,
+    result = trainer.fit(short_config(job), model_params=pruned,
+                         model_cfg=new_cfg.replace(dtype="float32"), train_tokens=train_stream,
+                         output_dir=work, teacher_params=None if teacher_cache else teacher,
                          teacher_cfg=cfg.replace(dtype="float32"),
-                         dcfg=distill.DistillConfig(), pad_id=pad_id, log=_log)
+                         dcfg=distill.DistillConfig(), pad_id=pad_id, log=_log,
+                         teacher_cache=teacher_cache)
     trained = trainer.host_params(result.params)
   finally:
     shutil.rmtree(work, ignore_errors=True)
@@ -180,28 +227,48 @@ def run(job: SearchJob) -> dict[str, Any]:
     scores, layer_scores = compute_importance(job, params, cfg, batches)
   teacher_loss = S.mean_loss(params, cfg, held_out, job.batch_size)
   oneshot = score_oneshot(params, cfg, short, scores, layer_scores, held_out, job.batch_size)
-  for c, loss in zip(short, oneshot):
-    _log(f"one-shot {c.label()}: held-out perplexity {math.exp(loss):.1f}")
-  order = list(np.argsort(oneshot, kind="stable"))
-  top = [int(i) for i in order[:job.top_k]]
+  accs = (task_oneshot(params, cfg, short, scores, layer_scores, tok, job) if job.score_task
+          else None)
+  for i, (c, loss) in enumerate(zip(short, oneshot)):
+    task = f", {job.score_task} {100 * accs[i]['acc']:.1f} %" if accs else ""
+    _log(f"one-shot {c.label()}: held-out perplexity {math.exp(loss):.1f}{task}")
+  # Best first: by the task's accuracy when one is given (ties by loss), else by loss.
+  keys = [(-accs[i]["acc"] if accs else 0.0, oneshot[i]) for i in range(len(short))]
+  order = sorted(range(len(short)), key=lambda i: keys[i])
+  top = order[:job.top_k]
   after: dict[int, float] = {}
+  cache_info = None
   if job.search_steps:
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    for n, i in enumerate(top):
-      _log(f"short distillation {n + 1}/{len(top)}: {short[i].label()}")
-      after[i] = short_distill(job, params, cfg, short[i], scores, layer_scores, train_stream,
-                               held_out, int(pad_id or 0))
-      _log(f"after {job.search_steps} steps: held-out perplexity {math.exp(after[i]):.1f} "
-           f"(one-shot {math.exp(oneshot[i]):.1f})")
+    pad_id = int((tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id) or 0)
+    cache_dir = tempfile.mkdtemp(prefix="search_teacher_") if job.teacher_topk else None
+    try:
+      if cache_dir:  # one teacher pass for every candidate's batches (the same batches each)
+        from minitron_jax.distill import teacher_cache as tc
+
+        cache_info = tc.write_for_run(cache_dir, short_config(job), params,
+                                      cfg.replace(dtype="float32"), train_stream,
+                                      job.teacher_topk, pad_id=pad_id, log=_log)
+        cache_info.pop("teacher_cache")
+      for n, i in enumerate(top):
+        _log(f"short distillation {n + 1}/{len(top)}: {short[i].label()}")
+        after[i] = short_distill(job, params, cfg, short[i], scores, layer_scores,
+                                 train_stream, held_out, pad_id, teacher_cache=cache_dir)
+        _log(f"after {job.search_steps} steps: held-out perplexity {math.exp(after[i]):.1f} "
+             f"(one-shot {math.exp(oneshot[i]):.1f})")
+    finally:
+      if cache_dir:
+        shutil.rmtree(cache_dir, ignore_errors=True)
   final = after if after else {i: oneshot[i] for i in top}
   winner = min(final, key=lambda i: (final[i], i))
-  changes = S.rank_changes([oneshot[i] for i in top], [final[i] for i in top])
+  changes = S.rank_changes(range(len(top)), [final[i] for i in top])  # `top` is in rank order
   rows = []
   for i, c in enumerate(short):
     row = {"rank_oneshot": order.index(i) + 1, **c.to_json(),
            "params": S.param_count(cfg, c),
            "memory_bytes": S.memory_bytes(cfg, c, job.budget.kv_tokens, job.budget.dtype),
            "oneshot_loss": oneshot[i], "oneshot_ppl": math.exp(oneshot[i])}
+    if accs:
+      row["oneshot_task"] = accs[i]
     if i in after:
       row.update(distilled_loss=after[i], distilled_ppl=math.exp(after[i]),
                  rank_distilled=sorted(after, key=lambda j: (after[j], j)).index(i) + 1,
@@ -216,6 +283,9 @@ def run(job: SearchJob) -> dict[str, Any]:
       "scored": len(short), "top_k": len(top), "search_steps": job.search_steps,
       "search_tokens_per_candidate": job.search_steps * job.search_batch_size
                                      * job.calib_seq_len,
+      "ranked_by": f"{job.score_task} accuracy (one-shot), then held-out loss" if accs else
+                   "held-out loss",
+      "teacher_cache": cache_info,
       "held_out": {"windows": len(held_out), "seq_len": job.calib_seq_len},
       "teacher_loss": teacher_loss, "winner": short[winner].to_json(), "candidates": rows}
   prune_report = {"model_dir": src, "output_dir": report["output_dir"],

@@ -208,6 +208,8 @@ def stage_prune_search(cfg, run_dir: str) -> None:
       output_dir=os.path.join(run_dir, "pruned_search"), budget=budget,
       max_candidates=s.max_candidates, top_k=s.top_k, search_steps=s.steps,
       search_batch_size=cfg.distill.global_batch_size, search_lr=cfg.distill.lr,
+      teacher_topk=s.get("teacher_topk", 64), score_task=s.get("task", ""),
+      task_limit=s.get("task_limit", 100), data_root=data_root(cfg),
       importance=p.importance, aggregation=p.aggregation, calib_data=training_data(cfg, run_dir),
       calib_samples=p.calib_samples, calib_seq_len=p.calib_seq_len,
       eval_samples=p.eval_samples, batch_size=p.batch_size, seed=cfg.seed, overwrite=True,

@@ -211,7 +211,8 @@ def test_search_end_to_end_is_deterministic(tmp_path):
   a, b = (json.load(open(tmp_path / n / "search_report.json")) for n in "ab")
   for k in ("seconds", "output_dir"):
     a.pop(k), b.pop(k)
-  assert a == b
+  a["teacher_cache"].pop("seconds"), b["teacher_cache"].pop("seconds")  # times only
+  assert a == b and a["teacher_cache"]["k"] == 64
   rows = a["candidates"]
   assert sum(r["winner"] for r in rows) == 1 and sum("distilled_loss" in r for r in rows) == 2
   winner = next(r for r in rows if r["winner"])
@@ -223,3 +224,60 @@ def test_search_end_to_end_is_deterministic(tmp_path):
   pa, _, _, _ = hf_io.load_model(str(tmp_path / "a"), with_tokenizer=False)
   pb, _, _, _ = hf_io.load_model(str(tmp_path / "b"), with_tokenizer=False)
   jax.tree_util.tree_map(np.testing.assert_array_equal, pa, pb)
+
+
+def test_short_distillations_share_one_teacher_pass_and_a_task_ranks(tmp_path, monkeypatch,
+                                                                     data_root):
+  """The top candidates' short distillations read one teacher cache (written once, no teacher
+  in the step), and `score_task` ranks the one-shot candidates by its accuracy, each equal to
+  the task scored on that pruned model directly."""
+  from minitron_jax.distill import run as trainer
+  from minitron_jax.distill import teacher_cache as tc
+  from minitron_jax.evaluate import scoring
+  from minitron_jax.io import hf as hf_io
+  from minitron_jax.io import registry
+
+  writes, fits = [], []
+  real_write, real_fit = tc.write_for_run, trainer.fit
+
+  def write(*a, **kw):
+    writes.append(a[5])  # k
+    return real_write(*a, **kw)
+
+  def fit(*a, **kw):
+    fits.append((kw["teacher_cache"], kw["teacher_params"]))
+    return real_fit(*a, **kw)
+
+  monkeypatch.setattr(tc, "write_for_run", write)
+  monkeypatch.setattr(trainer, "fit", fit)
+  job = R.SearchJob(model_dir="smollm2-tiny-random", output_dir=str(tmp_path / "s"),
+                    budget=S.Budget(target_params=5e6, slack=0.1, multiple=16),
+                    max_candidates=3, top_k=2, search_steps=1, search_batch_size=2,
+                    calib_samples=4, calib_seq_len=32, eval_samples=2, batch_size=4,
+                    teacher_topk=8, score_task="piqa", task_limit=6, data_root=data_root)
+  report = R.run(job)
+  assert writes == [8] and len(fits) == 2
+  assert all(cache and params is None for cache, params in fits)
+  assert report["teacher_cache"]["k"] == 8 and report["teacher_cache"]["steps"] == 1
+  rows = sorted(report["candidates"], key=lambda r: r["rank_oneshot"])
+  assert report["ranked_by"].startswith("piqa")
+  keys = [(-r["oneshot_task"]["acc"], r["oneshot_loss"]) for r in rows]
+  assert keys == sorted(keys) and all(r["oneshot_task"]["examples"] == 6 for r in rows)
+  assert [r["rank_oneshot"] for r in rows if "distilled_loss" in r] == [1, 2]
+  src = str(registry.resolve_model_dir("smollm2-tiny-random"))
+  params, cfg, tok, _ = hf_io.load_model(src)
+  scores, layers = R.load_scores(str(tmp_path / "s" / "importance.npz"))
+  for r in rows:
+    c = S.Candidate(r["hidden_size"], (r["intermediate_size"],) * r["num_hidden_layers"],
+                    r["num_attention_heads"] // r["num_key_value_heads"],
+                    r["num_key_value_heads"])
+    pruned, pcfg = P.prune(params, cfg, S.plan_for(cfg, c, scores, layers))
+    direct = scoring.evaluate_task(pruned, pcfg, tok, "piqa", data_root, limit=6, batch_size=4,
+                                   max_len=32, progress=False)
+    assert r["oneshot_task"]["acc"] == direct[r["oneshot_task"]["metric"]]
+
+
+def test_bad_search_task_is_refused_before_work():
+  with pytest.raises(ValueError, match="--search_task='nope'"):
+    R.validate(R.SearchJob(model_dir="smollm2-tiny-random", output_dir="-",
+                           budget=S.Budget(target_params=5e6), score_task="nope"))
