@@ -8,6 +8,12 @@ per-token KL(float ‖ quantized) of the next-token distributions over the same 
 where a perplexity difference is noise), the mean relative RMS weight error, calibration time,
 size on disk of the export (vs a bfloat16 export written here too), bytes of the JAX param
 pytree, and optionally JAX KV-cache decode tokens/s (vs the float32 params).
+
+With --qad_steps, every calibrated (non-GGUF) model is also trained by quantization-aware
+distillation from its own frozen grid (teacher: the float model; `quantize/qad.FrozenGrid`) on
+--calib_data, and measured beside it as `<method>+qad` (its "calib s" column: the training):
+
+  python benchmarks/quantize.py --pairs=int4_asym:awq_gptq --qad_steps=32
 """
 
 import os
@@ -38,6 +44,11 @@ _CALIB = flags.DEFINE_string("calib_data", None, "GPTQ calibration data (default
 _NCAL = flags.DEFINE_integer("calib_samples", 32, "GPTQ calibration sequences.", lower_bound=1)
 _LCAL = flags.DEFINE_integer("calib_seq_len", 512, "GPTQ calibration sequence length.",
                              lower_bound=2)
+_QAD_STEPS = flags.DEFINE_integer("qad_steps", 0, "QAD updates from each calibrated model's "
+                                  "frozen grid (0: no QAD rows).", lower_bound=0)
+_QAD_BATCH = flags.DEFINE_integer("qad_batch", 8, "QAD sequences per update.", lower_bound=1)
+_QAD_SEQ = flags.DEFINE_integer("qad_seq_len", 256, "QAD sequence length.", lower_bound=2)
+_QAD_LR = flags.DEFINE_float("qad_lr", 3e-5, "QAD peak learning rate (cosine to a tenth).")
 
 HEADER = ["format", "method", "ppl", "Δppl", "KL nats/tok", "weight rel err", "calib s",
           "disk MB", "disk/bf16", "param MB", "mem/f32", "decode tok/s", "speed/f32"]
@@ -49,6 +60,30 @@ def _table(rows) -> str:
            for r in [HEADER] + rows]
   lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
   return "\n".join(lines)
+
+
+def _qad(params, cfg, quantized, tok, source: str, work: str):
+  """(the QAD-trained model on the frozen grids of `quantized`, seconds)."""
+  import time
+
+  from minitron_jax.data import corpus
+  from minitron_jax.distill import run as trainer
+  from minitron_jax.distill.losses import DistillConfig
+  from minitron_jax.distill.step import TrainConfig
+  from minitron_jax.quantize import qad
+
+  t0 = time.perf_counter()
+  grid = qad.FrozenGrid(quantized, cfg)
+  tcfg = TrainConfig(mode="distill", steps=_QAD_STEPS.value, global_batch_size=_QAD_BATCH.value,
+                     seq_len=_QAD_SEQ.value, lr=_QAD_LR.value, min_lr=_QAD_LR.value / 10,
+                     warmup_steps=min(2, _QAD_STEPS.value - 1), dtype="float32", save_every=0,
+                     async_checkpointing=False, log_every=max(1, _QAD_STEPS.value // 8))
+  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  result = trainer.fit(tcfg, model_params=grid.start_params(), model_cfg=cfg,
+                       train_tokens=corpus.load_tokens(source, tok), output_dir=work,
+                       teacher_params=params, teacher_cfg=cfg, dcfg=DistillConfig(),
+                       pad_id=int(pad or 0), student_transform=grid.transform())
+  return grid.encode(trainer.host_params(result.params)), time.perf_counter() - t0
 
 
 def main(argv):
@@ -111,10 +146,10 @@ def main(argv):
           method != "rtn" and _GPTQ_FORMATS.value and name not in _GPTQ_FORMATS.value):
         continue
       calibrated = method in calibrate.CALIBRATED
-      qp, secs = calibrate.quantize_with_method(params, cfg, fmt, method,
-                                                batches if calibrated else None,
-                                                progress=True)
-      qp = E.export_params(qp, cfg, fmt)
+      raw, secs = calibrate.quantize_with_method(params, cfg, fmt, method,
+                                                 batches if calibrated else None,
+                                                 progress=True)
+      qp = E.export_params(raw, cfg, fmt)
       try:
         size = files.weight_bytes(E.export(qp, cfg, fmt, os.path.join(tmp, f"{name}-{method}"),
                                            source_dir=path))
@@ -122,6 +157,11 @@ def main(argv):
         size = None
       models.append((name, method, qp, secs, size))
       print(f"{name} {method}: quantized in {secs:.0f}s", file=sys.stderr, flush=True)
+      if _QAD_STEPS.value and calibrated and not fmt.is_gguf:
+        qq, secs = _qad(params, cfg, raw, tok, calib_src, os.path.join(tmp, f"qad-{name}"))
+        models.append((name, f"{method}+qad", E.export_params(qq, cfg, fmt), secs, size))
+        print(f"{name} {method}+qad: {_QAD_STEPS.value} steps in {secs:.0f}s", file=sys.stderr,
+              flush=True)
   mem0, rate0 = Q.param_bytes(params), decode(params)
   extra = [(Q.param_bytes(m[2]), decode(m[2]),
             E.summarize(Q.error_stats(params, m[2], cfg))["mean_rel_rms_error"])

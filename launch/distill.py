@@ -117,20 +117,49 @@ _QAD = flags.DEFINE_string("qad_format", None, "Quantization-aware distillation:
                            )
 _QAD_GROUP = flags.DEFINE_integer("qad_group_size", 128, "INT4 group size of --qad_format.",
                                   lower_bound=2)
+_QAD_METHOD = flags.DEFINE_enum("qad_method", "rtn", ["rtn", "gptq", "awq", "awq_gptq"],
+                                "Grid of --qad_format: rtn = round to nearest, re-derived from "
+                                "the moving weights at every step; a calibrated method = the "
+                                "grid of that method's quantization of the student, frozen, "
+                                "training starting from its quantized weights.")
+_QAD_CALIB = flags.DEFINE_string("qad_calib_data", None, "Calibration text of --qad_method "
+                                 "(default --data).")
+_QAD_NCAL = flags.DEFINE_integer("qad_calib_samples", 32, "Calibration windows of --qad_method.",
+                                 lower_bound=1)
+_QAD_LCAL = flags.DEFINE_integer("qad_calib_seq_len", 512, "Tokens per calibration window.",
+                                 lower_bound=2)
 
 
-def _qad(name: str):
-  """(student config -> params transform) for --qad_format, checked before any training."""
+def _qad(name: str, grids: list):
+  """The student setup of --qad_format (checked before any training): (start params, transform)
+  given the student; a calibrated method's frozen grid is appended to `grids` for the export."""
+  from minitron_jax.quantize import calibrate
   from minitron_jax.quantize import export as quant_export
   from minitron_jax.quantize import qad
 
   fmt = qad.check_format(quant_export.export_format(name))
+  method = _QAD_METHOD.value
+  if not calibrate.applies(method, fmt):
+    raise ValueError(f"--qad_method={method} cannot quantize {fmt.value}")
 
-  def transform(mcfg):
+  def setup(params, mcfg, tok):
     quant_export.check_consumers(mcfg, fmt)
-    return qad.fake_quant_transform(mcfg, fmt, _QAD_GROUP.value)
+    if method == "rtn":
+      return params, qad.fake_quant_transform(mcfg, fmt, _QAD_GROUP.value)
+    from minitron_jax.data import corpus, packing
 
-  return transform
+    source = _QAD_CALIB.value or _DATA.value
+    batches = list(packing.calibration_batches(
+        corpus.load_tokens(source, tok), num_samples=_QAD_NCAL.value,
+        seq_len=_QAD_LCAL.value, batch_size=8))
+    print(f"calibrating the {name} grid by {method} on {source}", flush=True)
+    quantized = calibrate.calibrated_params(params, mcfg, fmt, batches, method,
+                                            group_size=_QAD_GROUP.value, progress=True)
+    grid = qad.FrozenGrid(quantized, mcfg)
+    grids.append(grid)
+    return grid.start_params(), grid.transform()
+
+  return setup
 
 
 @cli.main_wrapper
@@ -140,7 +169,12 @@ def main(argv):
   if not _OUT.value:
     raise ValueError("--output_dir is required")
   layer_map = distill.parse_layer_map(_LAYER_MAP.value) if _LAYER_MAP.value else None
-  transform = _qad(_QAD.value) if _QAD.value else None
+  if (_QAD_METHOD.value != "rtn" or _QAD_CALIB.value) and not _QAD.value:
+    raise ValueError("--qad_method and --qad_calib_data need --qad_format")
+  if _QAD_CALIB.value and _QAD_METHOD.value == "rtn":
+    raise ValueError("--qad_calib_data is for a calibrated --qad_method (gptq, awq, awq_gptq)")
+  grids = []
+  transform = _qad(_QAD.value, grids) if _QAD.value else None
   if transform and _EXPORT_DTYPE.value not in (None, "float32"):
     raise ValueError("--qad_format exports float32 weights (then quantizes them exactly as "
                      "trained); drop --export_dtype")
@@ -165,7 +199,7 @@ def main(argv):
         prune_report=_REPORT.value,
         export_dtype="float32" if transform else _EXPORT_DTYPE.value,
         coordinator_address=_COORD.value,
-        num_processes=_NPROC.value, process_id=_PID.value, student_transform=transform,
+        num_processes=_NPROC.value, process_id=_PID.value, student_setup=transform,
         teacher_cache=_CACHE.value, cache_teacher_topk=_CACHE_K.value,
         cache_dtype=_CACHE_DTYPE.value)
   except trainer.NonFiniteLossError as e:
@@ -177,7 +211,8 @@ def main(argv):
     from minitron_jax.quantize import export as quant_export
     report = quant_export.quantize_checkpoint(
         summary["hf_dir"], os.path.join(_OUT.value, "quantized"), _QAD.value, overwrite=True,
-        group_size=_QAD_GROUP.value, method="rtn", progress=False)
+        group_size=_QAD_GROUP.value, method="rtn", progress=False,
+        frozen_grid=grids[0] if grids else None)
     print(quant_export.format_report(report))
 
 

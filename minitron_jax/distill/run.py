@@ -512,7 +512,8 @@ def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str
         dcfg: distill.DistillConfig | None = None, prune_report: str | None = None,
         export_dtype: str | None = None, coordinator_address: str | None = None,
         num_processes: int | None = None, process_id: int | None = None,
-        student_transform: Callable[[LlamaConfig], Callable[[dict], dict]] | None = None,
+        student_setup: Callable[[dict, LlamaConfig, Any], tuple[dict, Callable[[dict], dict]]]
+        | None = None,
         teacher_cache: str | None = None, cache_teacher_topk: int = 0,
         cache_dtype: str = "float32") -> dict:
   """Distils `student_dir` from `teacher_dir` (or corrects the teacher) and exports HF.
@@ -530,8 +531,9 @@ def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str
     export_dtype: dtype of the exported tensors; default that of the trained checkpoint.
     coordinator_address, num_processes, process_id: multi-host settings (or the cluster's
       environment).
-    student_transform: given the student's config, the params transform applied inside the
-      loss (quantization-aware distillation: `quantize.qad.fake_quant_transform`).
+    student_setup: given the student's params, config and tokenizer, (the params to start
+      from, the transform applied to them inside the loss): quantization-aware distillation
+      (`quantize.qad`: a fake-quantization transform, or a calibrated model's frozen grid).
     teacher_cache: a `teacher_cache` directory: with `cache_teacher_topk`, write the teacher's
       top-K logits of this run's batches there (resumable) and stop; without, distil from it
       (the teacher's weights are not loaded).
@@ -591,10 +593,13 @@ def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str
     print(f"using the pruning report {found}", flush=True)
   if distilling and prune_report:
     dcfg, projection = _from_report(prune_report, dcfg or distill.DistillConfig(), mcfg, tcfg)
+  transform = None
+  if student_setup is not None:
+    params, transform = student_setup(params, mcfg, tok)
   result = fit(cfg, model_params=params, model_cfg=mcfg, train_tokens=stream,
                output_dir=output_dir, teacher_params=teacher, teacher_cfg=tcfg, dcfg=dcfg,
                eval_tokens=eval_ids, projection=projection, pad_id=int(pad_id or 0),
-               student_transform=student_transform(mcfg) if student_transform else None,
+               student_transform=transform,
                teacher_cache=teacher_cache)
   summary = {"mode": cfg.mode, "teacher_dir": tpath, "student_dir": path if distilling else None,
              "steps": result.step, "resumed_from": result.resumed_from,

@@ -364,7 +364,7 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
                         method: str | None = None, calib_data: str | None = None,
                         calib_samples: int = 128, calib_seq_len: int = 512,
                         gptq_damp: float = 0.01, act_order: bool = True,
-                        progress: bool = True, mesh=None) -> dict:
+                        progress: bool = True, mesh=None, frozen_grid=None) -> dict:
   """Loads an HF Llama checkpoint, quantizes it, exports it and writes `quantize_report.json`.
 
   Every input is checked before any weight is read.
@@ -395,6 +395,9 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
     mesh: a `jax.sharding.Mesh` for the activation-scale calibration and perplexity forward
       passes (params sharded by the logical-axis rules, rows over the batch axes); GPTQ's
       layer-by-layer calibration runs on one device.
+    frozen_grid: a `qad.FrozenGrid` (of a quantization-aware distillation from a calibrated
+      model): the weights are encoded on its grids instead of grids derived here
+      (`method` must be None or 'rtn'; the report says 'frozen_grid').
 
   Returns:
     The report (also written to `<output_dir>/quantize_report.json`).
@@ -414,6 +417,11 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
   if method is None:
     method = "gptq" if calib_data is not None and fmt in calibrate.G.GPTQ_FORMATS else "rtn"
   calibrate.check_method(method, fmt)
+  if frozen_grid is not None:
+    if method != "rtn" or calibration_file is not None or include_embeddings:
+      raise ValueError("a frozen grid is encoded as it is: no --method, static activation "
+                       "scales or embedding quantization with it")
+    method = "frozen_grid"
   if method in calibrate.CALIBRATED and calib_data is None:
     raise ValueError(f"--method={method} needs calibration data (--calib_data)")
   if method == "rtn" and calib_data is not None:
@@ -456,6 +464,8 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
         progress=progress)
     calib = {"data": calib_data, "samples": calib_samples, "seq_len": calib_seq_len,
              "damp": gptq_damp, "act_order": act_order, "seconds": round(secs, 2)}
+  elif frozen_grid is not None:
+    qparams = frozen_grid.encode(params)
   else:
     qparams = Q.quantize_params(params, cfg, fmt, include_embeddings=include_embeddings,
                                 group_size=group_size, activation_scales=act)

@@ -261,23 +261,40 @@ def quantize_matrix(m: jax.Array, fmt: QuantFormat, block: tuple[int, int]):
     (values, scale, zero_point or None) as stored in `QuantizedArray`.
   """
   m = jnp.asarray(m, jnp.float32)
-  out, inp = m.shape[-2:]
   if fmt.asymmetric:
     lo = jnp.minimum(_block_reduce(m, block, jnp.min), 0.0)
     hi = jnp.maximum(_block_reduce(m, block, jnp.max), 0.0)
     scale = _safe((hi - lo) / 15.0)
-    zp = jnp.clip(jnp.round(-lo / scale), 0, 15)
-    q = jnp.round(m / expand_blocks(scale, block, out, inp)) + expand_blocks(zp, block, out, inp)
-    return pack_int4(jnp.clip(q, 0, 15)), scale, zp.astype(jnp.uint8)
+    zp = jnp.clip(jnp.round(-lo / scale), 0, 15).astype(jnp.uint8)
+    return encode_matrix(m, fmt, block, scale, zp), scale, zp
   amax = _block_reduce(jnp.abs(m), block, jnp.max)
   qmax = {"fp8": FP8_MAX, "int8": 127.0, "int4": 7.5}[fmt.kind]
   scale = _safe(amax / qmax)
-  x = m / expand_blocks(scale, block, out, inp)
+  return encode_matrix(m, fmt, block, scale), scale, None
+
+
+def encode_matrix(m: jax.Array, fmt: QuantFormat, block: tuple[int, int], scale: jax.Array,
+                  zero_point: jax.Array | None = None) -> jax.Array:
+  """Stored values of `(..., out, in)` float32 `m` on a given grid (`block` scales, and the
+  zero points of int4 asymmetric): each weight rounded to the nearest grid point."""
+  out, inp = m.shape[-2:]
+  x = jnp.asarray(m, jnp.float32) / expand_blocks(scale, block, out, inp)
+  if fmt.asymmetric:
+    zp = expand_blocks(zero_point.astype(jnp.float32), block, out, inp)
+    return pack_int4(jnp.clip(jnp.round(x) + zp, 0, 15))
   if fmt.kind == "fp8":
-    return to_fp8(x), scale, None
+    return to_fp8(x)
   if fmt.kind == "int8":
-    return jnp.clip(jnp.round(x), -127, 127).astype(jnp.int8), scale, None
-  return pack_int4(jnp.clip(jnp.round(x), -8, 7) + 8), scale, None
+    return jnp.clip(jnp.round(x), -127, 127).astype(jnp.int8)
+  return pack_int4(jnp.clip(jnp.round(x), -8, 7) + 8)
+
+
+def requantize_leaf(x: jax.Array, spec: axes.ParamSpec, q: QuantizedArray) -> QuantizedArray:
+  """`x` (a leaf of `spec`) encoded on the grid of `q`: its scales and zero points kept."""
+  if q.format.is_gguf:
+    raise ValueError(f"{spec.name}: {q.fmt} grids are encoded on the host by llama.cpp's code")
+  return dataclasses.replace(q, values=encode_matrix(to_matrix(x, spec), q.format, q.block,
+                                                     q.scale, q.zero_point))
 
 
 def quantize_matrix_gguf(m: np.ndarray, fmt: QuantFormat):

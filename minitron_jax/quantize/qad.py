@@ -7,10 +7,17 @@ rounding to the float master weights (straight-through estimator:
 `w + stop_gradient(q(w) - w)`). The distillation step applies it to the student inside the
 loss (teacher = the float model), so the student learns weights whose quantized form matches
 the teacher; exporting the trained float weights in `fmt` then gives that quantized model.
+
+`FrozenGrid` starts QAD from a calibrated model instead (ModelOpt's recipe): the grid of every
+quantized weight (its scales and zero points, e.g. from AWQ + GPTQ) stays fixed, the float
+master weights start as the calibrated model's dequantized weights (so the first step sees
+exactly the calibrated model), and training only moves weights between the points of that
+grid; the export encodes the trained weights on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -51,3 +58,50 @@ def fake_quant_transform(cfg: LlamaConfig, fmt: Q.QuantFormat | str,
         for spec, leaf in axes.iter_leaves(params, cfg))
 
   return apply
+
+
+def fake_quantize_on(x: jax.Array, spec: axes.ParamSpec, q: Q.QuantizedArray) -> jax.Array:
+  """`x` with the value of its encoding on the grid of `q`, the gradient of the identity."""
+  deq = Q.requantize_leaf(x, spec, q).dequantize(jnp.float32).astype(x.dtype)
+  return x + jax.lax.stop_gradient(deq - x)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenGrid:
+  """The grids of a quantized param tree (`formats.quantize_params` or a calibrated method)."""
+
+  quantized: dict
+  cfg: LlamaConfig
+
+  def __post_init__(self):
+    fmts = {leaf.fmt for _, leaf in self._grids()}
+    if not fmts:
+      raise ValueError("the param tree has no quantized leaf to take grids from")
+    check_format(fmts.pop())
+
+  def _grids(self):
+    return [(s, x) for s, x in axes.iter_leaves(self.quantized, self.cfg) if Q.is_quantized(x)]
+
+  def start_params(self, dtype=jnp.float32) -> dict:
+    """Float master params: every quantized leaf dequantized (on its grid), the rest as is."""
+    return axes.tree_from_leaves(
+        (s, x.dequantize(dtype) if Q.is_quantized(x) else x)
+        for s, x in axes.iter_leaves(self.quantized, self.cfg))
+
+  def transform(self) -> Callable[[dict], dict]:
+    """params -> params with every gridded weight fake-quantized on its frozen grid."""
+    grids = {s.name: q for s, q in self._grids()}
+
+    def apply(params: dict) -> dict:
+      return axes.tree_from_leaves(
+          (s, fake_quantize_on(x, s, grids[s.name]) if s.name in grids else x)
+          for s, x in axes.iter_leaves(params, self.cfg))
+
+    return apply
+
+  def encode(self, params: dict) -> dict:
+    """The quantized tree of float `params` on the frozen grids (for export)."""
+    grids = {s.name: q for s, q in self._grids()}
+    return axes.tree_from_leaves(
+        (s, Q.requantize_leaf(x, s, grids[s.name]) if s.name in grids else x)
+        for s, x in axes.iter_leaves(params, self.cfg))

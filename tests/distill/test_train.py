@@ -400,6 +400,9 @@ def test_resume_after_sigkill_is_exact(tiny_dirs, tmp_path):
     (["--student_dir=/nonexistent/student"], "/nonexistent/student"),
     (["--qad_format=gguf_q4_0"], "--qad_format: gguf_q4_0 is quantized on the host"),
     (["--qad_format=fp8"], "use fp8_channel"),  # the student's 32 dims: no whole 128-blocks
+    (["--qad_method=gptq"], "--qad_method and --qad_calib_data need --qad_format"),
+    (["--qad_format=int4", "--qad_calib_data=shakespeare"], "--qad_calib_data is for a"),
+    (["--qad_format=int8", "--qad_method=awq"], "--qad_method=awq cannot quantize int8"),
 ])
 def test_bad_flags_are_one_line_errors(tiny_dirs, tmp_path, args, culprit):
   teacher, student = tiny_dirs
@@ -440,6 +443,49 @@ def test_qad_exports_the_quantized_student(tiny_dirs, tmp_path):
     got = f.get_tensor("model.layers.0.mlp.up_proj.weight_packed")
   np.testing.assert_array_equal(
       got, quant_export.pack_int32(np.asarray(want["layers"]["up"].values[0]), 4))
+
+
+def test_qad_from_a_calibrated_grid_exports_on_that_grid(tiny_dirs, tmp_path):
+  """--qad_method=gptq: the export is the trained weights encoded on the GPTQ model's own grid
+  (computed here independently on the same calibration windows), not on a re-derived one."""
+  import jax
+  from safetensors import safe_open
+  from minitron_jax.data import corpus, packing
+  from minitron_jax.io import hf as hf_io
+  from minitron_jax.quantize import calibrate, qad
+  from minitron_jax.quantize import export as quant_export
+  from minitron_jax.quantize import formats as Q
+
+  teacher, student = tiny_dirs
+  out = tmp_path / "qad"
+  rc, stdout, err = _cli(f"--teacher_dir={teacher}", f"--student_dir={student}",
+                         f"--output_dir={out}", "--steps=2", "--global_batch_size=2",
+                         "--seq_len=32", "--warmup_steps=0", "--eval_every=0", "--lr=1e-2",
+                         "--dtype=float32", "--qad_format=int4_asym", "--qad_group_size=16",
+                         "--qad_method=gptq", "--qad_calib_samples=2", "--qad_calib_seq_len=32")
+  assert rc == 0, err
+  assert json.load(open(out / "quantized" / "quantize_report.json"))["method"] == "frozen_grid"
+  fmt = Q.QuantFormat.INT4_GROUP_ASYM
+  params, cfg = hf_io.load_hf(student)
+  tok = hf_io.load_tokenizer(teacher)
+  batches = list(packing.calibration_batches(corpus.load_tokens("shakespeare", tok),
+                                             num_samples=2, seq_len=32, batch_size=8))
+  grid = qad.FrozenGrid(calibrate.calibrated_params(params, cfg, fmt, batches, "gptq",
+                                                    group_size=16), cfg)
+  trained, _ = hf_io.load_hf(out / "hf")
+  want = quant_export.export(quant_export.export_params(grid.encode(trained), cfg, fmt), cfg,
+                             fmt, str(tmp_path / "want"))
+  rederived = Q.quantize_params(trained, cfg, fmt, group_size=16)["layers"]["up"].scale
+  with safe_open(str(out / "quantized" / "model.safetensors"), "np") as f, \
+       safe_open(os.path.join(want, "model.safetensors"), "np") as g:
+    assert sorted(f.keys()) == sorted(g.keys())
+    for k in f.keys():
+      np.testing.assert_array_equal(f.get_tensor(k), g.get_tensor(k), err_msg=k)
+    scale = f.get_tensor("model.layers.0.mlp.up_proj.weight_scale").astype(np.float32)
+  assert not np.allclose(scale, np.asarray(rederived[0], np.float32))
+  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+           zip(jax.tree_util.tree_leaves(trained), jax.tree_util.tree_leaves(grid.start_params()))]
+  assert max(moved) > 0  # it trained
 
 
 def test_teacher_correction_writes_an_hf_directory(tiny_dirs, tmp_path):

@@ -1,6 +1,8 @@
 """Quantization-aware distillation: fake quantization with a straight-through gradient, inside
 the distillation step."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,3 +78,58 @@ def test_qad_step_trains_the_float_weights_on_the_quantized_model_gradient():
   for a, b in zip(jax.tree_util.tree_leaves(moved), jax.tree_util.tree_leaves(moved_q)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
   assert float(jnp.max(jnp.abs(moved["layers"]["up"]))) > 0
+
+
+def _numpy_on_grid(w_oi, scale, zp, fmt, group):
+  """Reference encoding on a given grid: nearest grid point per weight, then its value."""
+  s = np.repeat(np.asarray(scale, np.float64), group, axis=-1)
+  x = w_oi / s
+  if fmt is F.INT4_GROUP_ASYM:
+    z = np.repeat(np.asarray(zp, np.float64), group, axis=-1)
+    return (np.clip(np.round(x) + z, 0, 15) - z) * s
+  return np.clip(np.round(x), -8, 7) * s
+
+
+@pytest.mark.parametrize("fmt", [F.INT4_GROUP, F.INT4_GROUP_ASYM])
+def test_frozen_grid_keeps_a_calibrated_grid_that_rounding_would_not(fmt):
+  """A grid narrower than round to nearest's (as AWQ's clipping makes): the start params sit on
+  it and encode back to the same codes; the transform puts any weights on that grid (checked
+  against numpy) with the identity gradient, while re-derived rounding would change the grid."""
+  cfg = preset("tiny")
+  params = _params(0, cfg)
+  rtn = Q.quantize_params(params, cfg, fmt, group_size=32)
+
+  def clipped(q, x, spec):  # 0.8 x the scales: every weight re-encoded on the narrower grid
+    if not Q.is_quantized(q):
+      return q
+    narrow = dataclasses.replace(q, scale=q.scale * 0.8)
+    return Q.requantize_leaf(x, spec, narrow)
+
+  from minitron_jax import axes
+  calibrated = axes.tree_from_leaves(
+      (s, clipped(q, x, s)) for (s, q), (_, x) in zip(axes.iter_leaves(rtn, cfg),
+                                                   axes.iter_leaves(params, cfg)))
+  grid = qad.FrozenGrid(calibrated, cfg)
+  start = grid.start_params()
+  again = grid.encode(start)
+  for (s, a), (_, b) in zip(axes.iter_leaves(again, cfg), axes.iter_leaves(calibrated, cfg)):
+    if Q.is_quantized(b):
+      np.testing.assert_array_equal(np.asarray(a.values), np.asarray(b.values), s.name)
+  rederived = Q.quantize_params(start, cfg, fmt, group_size=32)["layers"]["up"]
+  assert not np.array_equal(np.asarray(rederived.scale), np.asarray(calibrated["layers"]["up"].scale))
+  moved = jax.tree_util.tree_map(lambda x: x + 0.01, params)
+  got, vjp = jax.vjp(jax.jit(grid.transform()), moved)
+  checked = 0
+  for (spec, leaf), (_, x) in zip(axes.iter_leaves(got, cfg), axes.iter_leaves(moved, cfg)):
+    q = calibrated["layers"].get(spec.path[-1]) if spec.stacked else None
+    if Q.is_quantized(q):  # every linear layer, in its [out, in] matrix form
+      want = _numpy_on_grid(np.asarray(Q.to_matrix(x, spec), np.float64), q.scale,
+                            q.zero_point, fmt, 32)
+      np.testing.assert_allclose(np.asarray(Q.to_matrix(leaf, spec)), want, rtol=0, atol=1e-6)
+      checked += 1
+  assert checked == 7
+  assert np.asarray(got["final_norm"]).tolist() == np.asarray(moved["final_norm"]).tolist()
+  cot = jax.tree_util.tree_map(lambda x: jnp.full(x.shape, 0.5, x.dtype), moved)
+  (g,) = vjp(cot)
+  for a in jax.tree_util.tree_leaves(g):
+    np.testing.assert_array_equal(np.asarray(a), 0.5)
