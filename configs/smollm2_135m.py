@@ -1,4 +1,4 @@
-"""Default recipe: the real SmolLM2-135M-Instruct teacher, sized for a 2-core CPU (~34 min).
+"""Default recipe: the real SmolLM2-135M-Instruct teacher, sized for a 2-core CPU (~29 min).
 
 Each student keeps about half of the teacher's non-embedding parameters: by width (hidden
 576 -> 432, MLP 1536 -> 896; 432 = 9 x 48 keeps hidden_size divisible by the head count, which
