@@ -38,6 +38,12 @@ def read(run_dir: str, rel: str) -> dict:
     return json.load(f)
 
 
+def students_teacher(cfg) -> str:
+  """The model the students are pruned and distilled from: the corrected teacher when the run
+  corrects it, else the downloaded one."""
+  return "corrected" if cfg.correction.steps else "teacher"
+
+
 def model_dir(run_dir: str, name: str) -> str:
   """HF directory of a model stage."""
   if name == "teacher":

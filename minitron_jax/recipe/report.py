@@ -59,7 +59,7 @@ def model_tasks(cfg, name: str) -> list[str]:
   scores sit at chance or within noise of their source's. () = every task for every model."""
   ref = layout.get(cfg, "eval.reference_tasks")
   reference = (name.startswith(("quantized/", "pruned_"))
-               or (name == "teacher" and cfg.correction.steps > 0))
+               or (name == "teacher" and layout.students_teacher(cfg) != "teacher"))
   return [t for t in cfg.eval.tasks if not (ref and reference) or t in ref]
 
 

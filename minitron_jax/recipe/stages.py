@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from minitron_jax.evaluate import sources
 from minitron_jax.recipe.layout import (MODEL_STAGES, data_root, get as _get, model_dir,
-                                        stage_mesh)
+                                        stage_mesh, students_teacher)
 from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
 
@@ -174,7 +174,7 @@ def stage_correct(cfg, run_dir: str) -> None:
 
 
 def _teacher_for_students(cfg, run_dir: str) -> str:
-  return model_dir(run_dir, "corrected" if cfg.correction.steps else "teacher")
+  return model_dir(run_dir, students_teacher(cfg))
 
 
 def _prune(cfg, run_dir: str, kind: str) -> None:
