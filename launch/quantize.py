@@ -10,10 +10,11 @@ the checkpoint, the tokenizer files and quantize_report.json (size, per-tensor e
 perplexity before/after, method, calibration data and time).
 
 --method=gptq (every format, FP8 included) rounds each decoder-layer weight with GPTQ on
-Hessians of --calib_data, layer by layer; --method=awq (int4, int4_asym) folds activation-aware
-per-channel scales into the RMSNorm / up / v weights and clips each group's range, then rounds
-to nearest (awq_gptq: with GPTQ). Round to nearest (rtn) is the default when no calibration
-data is given.
+Hessians of --calib_data, layer by layer; --method=awq (int4, int4_asym, gguf_q4_0) folds
+activation-aware per-channel scales into the RMSNorm / up / v weights and clips each group's
+range, then rounds to nearest (awq_gptq: with GPTQ, the default for those formats when
+--calib_data is given). Round to nearest (rtn) is the default when no calibration data is
+given.
 """
 
 import os
@@ -54,8 +55,9 @@ _PRE = flags.DEFINE_string("gguf_tokenizer_pre", "",
 _MESH = flags.DEFINE_string("mesh", "", "Device mesh to shard params and batch rows over, e.g. fsdp:-1 or data:2,fsdp:2,tensor:2 (as launch/distill.py); empty: one device.")
 
 # Plain strings, checked by the library with the other inputs (one-line errors).
-_METHOD = flags.DEFINE_string("method", None, "rtn, gptq, awq or awq_gptq (default: gptq when "
-                              "--calib_data is given and the format supports it, else rtn).")
+_METHOD = flags.DEFINE_string("method", None, "rtn, gptq, awq or awq_gptq (default when "
+                              "--calib_data is given: awq_gptq for int4, int4_asym and "
+                              "gguf_q4_0, gptq for the other formats; else rtn).")
 _CDATA = flags.DEFINE_string("calib_data", None, "GPTQ / AWQ calibration data: a file, "
                              "directory, glob, jsonl, hub name or 'shakespeare' (as for pruning).")
 _NCAL = flags.DEFINE_integer("calib_samples", 128, "Calibration sequences (gptq, awq).",

@@ -1,4 +1,5 @@
-"""AWQ: activation-aware per-input-channel scales and clipping for the INT4 group formats.
+"""AWQ: activation-aware per-input-channel scales and clipping for the INT4 formats (the group
+formats and llama.cpp's Q4_0).
 
 AWQ (Lin et al., 2023) multiplies each input channel `j` of a group of linear layers that read
 one activation by `s_j` and divides the activation by `s_j`, so the product is unchanged in
@@ -37,9 +38,18 @@ import numpy as np
 from minitron_jax.quantize import formats as Q
 from minitron_jax.quantize import gptq as G
 
-AWQ_FORMATS = (Q.QuantFormat.INT4_GROUP, Q.QuantFormat.INT4_GROUP_ASYM)
+AWQ_FORMATS = (Q.QuantFormat.INT4_GROUP, Q.QuantFormat.INT4_GROUP_ASYM, Q.QuantFormat.GGUF_Q4_0)
 ALPHAS = tuple(np.arange(20) / 20)             # AutoAWQ's n_grid = 20
 CLIP_RATIOS = tuple(1.0 - np.arange(10) / 20)  # 1.0 down to 0.55 (AutoAWQ: max_shrink 0.5)
+# Q4_0 maps a block's largest-magnitude weight m to code -8 (scale m / -8), so the other sign
+# reaches only 7/8 of |m|. Its ratios also try the mirrored grid, m on code +7 (scale m / 7,
+# ratio -8/7), which serves blocks whose extremes of both signs are close.
+GGUF_CLIP_RATIOS = CLIP_RATIOS + tuple(-8 / 7 * r for r in CLIP_RATIOS)
+
+
+def clip_ratios(fmt: Q.QuantFormat) -> tuple:
+  """The range ratios `search_clip` tries for `fmt` (1.0 first: the format's own grid)."""
+  return GGUF_CLIP_RATIOS if fmt.is_gguf else CLIP_RATIOS
 
 # Activation (tap) -> (linears reading it, (producer, 'norm' or 'rows') the division folds into).
 SCALE_GROUPS = {"attn_in": (("q", "k", "v"), ("attn_norm", "norm")),
@@ -61,7 +71,12 @@ def scale_groups(num_heads: int, num_kv_heads: int) -> dict:
 def _range(w_ogk: np.ndarray, fmt: Q.QuantFormat, r_og) -> tuple[np.ndarray, np.ndarray]:
   """(scale, zero point) `(out, groups)` float32 of grouped weights with ranges shrunk by
   `r_og`; ratio 1 is `formats.quantize_matrix`'s rule (symmetric `amax / 7.5` on codes
-  [-8, 7]; asymmetric `(max - min) / 15` with a zero point on [0, 15])."""
+  [-8, 7]; asymmetric `(max - min) / 15` with a zero point on [0, 15]), or llama.cpp's for
+  Q4_0 (the signed largest-magnitude weight `/ -8`, stored as float16, on codes [-8, 7])."""
+  if fmt.is_gguf:
+    m = np.take_along_axis(w_ogk, np.abs(w_ogk).argmax(-1)[..., None], -1)[..., 0]
+    d = (m * r_og / np.float32(-8.0)).astype(np.float16).astype(np.float32)
+    return np.where(d != 0, d, np.float32(1.0)), np.zeros((), np.float32)
   if fmt.asymmetric:
     lo = np.minimum(w_ogk.min(-1) * r_og, 0.0)
     hi = np.maximum(w_ogk.max(-1) * r_og, 0.0)
@@ -85,7 +100,7 @@ def _grouped(w_oi: np.ndarray, fmt: Q.QuantFormat, group: int) -> np.ndarray:
 
 def clipped_grid(w_oi: np.ndarray, fmt: Q.QuantFormat, group: int,
                  ratio_og: np.ndarray | float = 1.0) -> tuple[G.Grid, tuple]:
-  """The INT4 group grid of `w_oi` with each (row, group) range shrunk by `ratio_og`.
+  """The INT4 grid of `w_oi` with each (row, group) range shrunk by `ratio_og`.
 
   Ratio 1 is the format's own round-to-nearest grid (`formats.quantize_matrix`).
 
@@ -93,6 +108,8 @@ def clipped_grid(w_oi: np.ndarray, fmt: Q.QuantFormat, group: int,
     (grid, (scale float32 `(out, groups)`, zero point uint8 or None) as stored).
   """
   scale, zp = _range(_grouped(w_oi, fmt, group), fmt, np.float32(1.0) * ratio_og)
+  if fmt.is_gguf:
+    return G.Grid(scale.astype(np.float64), None, group, -8, 7), (scale.astype(np.float16), None)
   if fmt.asymmetric:
     return (G.Grid(scale.astype(np.float64), zp.astype(np.float64), group, 0, 15),
             (scale, zp.astype(np.uint8)))
@@ -136,7 +153,12 @@ def fake_quant(w_oi, fmt: Q.QuantFormat, group: int, ratio_og=1.0) -> jax.Array:
   out, inp = w_oi.shape
   w = jnp.asarray(w_oi, jnp.float32).reshape(out, inp // group, group)
   r = jnp.asarray(ratio_og, jnp.float32)
-  if fmt.asymmetric:
+  if fmt.is_gguf:
+    m = jnp.take_along_axis(w, jnp.abs(w).argmax(-1)[..., None], -1)[..., 0]
+    d = (m * r / -8.0).astype(jnp.float16).astype(jnp.float32)
+    scale, zp = jnp.where(d != 0, d, 1.0), jnp.zeros((), jnp.float32)
+    qmin, qmax = -8, 7
+  elif fmt.asymmetric:
     lo = jnp.minimum(w.min(-1) * r, 0.0)
     hi = jnp.maximum(w.max(-1) * r, 0.0)
     scale = _safe_j((hi - lo) / 15.0)
@@ -196,13 +218,15 @@ def search_scales(ws_oi: list[np.ndarray], h_ii: np.ndarray, mean_abs_i: np.ndar
 
 
 def search_clip(w_oi: np.ndarray, h_ii: np.ndarray, fmt: Q.QuantFormat, group: int,
-                ratios=CLIP_RATIOS) -> tuple[G.Grid, tuple, np.ndarray]:
-  """Per (row, group) the range ratio of least `clip_errors`.
+                ratios=None) -> tuple[G.Grid, tuple, np.ndarray]:
+  """Per (row, group) the range ratio of least `clip_errors` (over `clip_ratios(fmt)` unless
+  given).
 
   Returns:
     (grid, stored (scale, zero point), chosen ratios `(out, groups)`).
   """
   _check(fmt, group, w_oi.shape[1])
+  ratios = clip_ratios(fmt) if ratios is None else ratios
   errs = np.asarray(clip_errors(jnp.asarray(w_oi, jnp.float32), jnp.asarray(h_ii, jnp.float32),
                                 fmt, group, tuple(ratios)))
   best_r = np.asarray(ratios, np.float32)[np.argmin(errs, axis=0)]  # first (largest) on ties

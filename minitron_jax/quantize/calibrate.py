@@ -44,6 +44,16 @@ def applies(method: str, fmt: Q.QuantFormat) -> bool:
   return True
 
 
+def default_method(fmt: Q.QuantFormat, calibrated: bool) -> str:
+  """The method used when none is named: with calibration data the best one measured for
+  `fmt` (AWQ then GPTQ for the 4-bit formats, GPTQ for the rest), else round to nearest."""
+  if not calibrated:
+    return "rtn"
+  if fmt in A.AWQ_FORMATS:
+    return "awq_gptq"
+  return "gptq" if fmt in G.GPTQ_FORMATS else "rtn"
+
+
 def check_method(method: str, fmt: Q.QuantFormat) -> None:
   """Raises ValueError if `method` cannot quantize `fmt`."""
   if method not in METHODS:

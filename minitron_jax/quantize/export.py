@@ -384,9 +384,8 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
     unquantized_dtype: dtype of the tensors left unquantized in HF exports.
     gguf_tokenizer_pre: llama.cpp pre-tokenizer name written to GGUF exports; empty: found
       automatically (see `gguf_export.write_gguf`).
-    method: 'rtn' (round to nearest), 'gptq', 'awq' or 'awq_gptq' (INT4 group formats; see
-      `calibrate.calibrated_params`); None: 'gptq' when `calib_data` is given and the format
-      supports it, else 'rtn'.
+    method: 'rtn' (round to nearest), 'gptq', 'awq' or 'awq_gptq' (the INT4 formats and GGUF
+      Q4_0; see `calibrate.calibrated_params`); None: `calibrate.default_method`.
     calib_data: GPTQ / AWQ calibration text (any source `data.corpus.load_tokens` reads, as for
       pruning importance).
     calib_samples, calib_seq_len: calibration windows drawn from it.
@@ -415,7 +414,7 @@ def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
     raise ValueError(f"unquantized_dtype must be one of {list(_NP)}, got {unquantized_dtype!r}")
   from minitron_jax.quantize import calibrate
   if method is None:
-    method = "gptq" if calib_data is not None and fmt in calibrate.G.GPTQ_FORMATS else "rtn"
+    method = calibrate.default_method(fmt, calib_data is not None)
   calibrate.check_method(method, fmt)
   if frozen_grid is not None:
     if method != "rtn" or calibration_file is not None or include_embeddings:

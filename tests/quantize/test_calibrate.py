@@ -103,6 +103,15 @@ def test_fp8_gptq_with_static_activation_scales(fmt):
     C.calibrated_params(params, cfg, F.INT8_CHANNEL, batches, "gptq", activation_scales=act)
 
 
+def test_default_method_is_the_best_one_the_format_supports():
+  assert [C.default_method(f, True) for f in F] == [
+      "awq_gptq" if f in (F.INT4_GROUP, F.INT4_GROUP_ASYM, F.GGUF_Q4_0) else
+      "gptq" if f in C.G.GPTQ_FORMATS else "rtn" for f in F]
+  assert {C.default_method(f, False) for f in F} == {"rtn"}
+  for f in F:  # every default passes the method check
+    C.check_method(C.default_method(f, True), f)
+
+
 def test_method_checks():
   with pytest.raises(ValueError, match="unknown quantization method 'awq2'"):
     C.check_method("awq2", F.INT4_GROUP)

@@ -506,15 +506,15 @@ def test_quantize_checkpoint_report(tiny_dir, tmp_path):
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
 @pytest.mark.parametrize("name,method", [("int4", "gptq"), ("gguf_q4_0", "gptq"),
                                          ("fp8_channel", "gptq"), ("int4_asym", "awq"),
-                                         ("int4", "awq_gptq")])
+                                         ("int4", "awq_gptq"), ("gguf_q4_0", "awq_gptq")])
 def test_gptq_checkpoint_loads_and_reports(tiny_dir, tmp_path, tokens, name, method):
   calib = tmp_path / "calib.txt"
   calib.write_text(TEXT)
   out = tmp_path / name
   rep = E.quantize_checkpoint(tiny_dir, str(out), name, calib_data=str(calib), calib_samples=4,
                               calib_seq_len=32, unquantized_dtype="float32", progress=False,
-                              method=None if method == "gptq" else method)
-  assert rep["method"] == method
+                              method=None if method == "awq_gptq" else method)
+  assert rep["method"] == method  # awq_gptq is the default for the 4-bit formats
   c = rep["calibration"]
   assert (c["data"], c["samples"], c["seq_len"], c["act_order"]) == (str(calib), 4, 32, True)
   assert c["seconds"] > 0
@@ -571,7 +571,7 @@ def test_cli_bad_inputs_fail_before_work(tmp_path):
         "--method=awq_gptq", "--calib_data=shakespeare"], "--method=awq_gptq supports int4_group"),
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4",
         "--method=awq2"], "unknown quantization method 'awq2'"),
-      ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=gguf_q4_0",
+      ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=gguf_q8_0",
         "--method=awq", "--calib_data=shakespeare"], "--method=awq supports int4_group, "),
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4_asym",
         "--method=awq_gptq"], "--method=awq_gptq needs calibration data (--calib_data)"),
