@@ -43,7 +43,11 @@ def get_config() -> ConfigDict:
 
   c.prune = ConfigDict()
   c.prune.kinds = ("width", "depth")  # which students to make (a tuple: overridable)
-  c.prune.width = ConfigDict(dict(hidden_size=432, intermediate_size=896))
+  # Width: the MLP alone (1536 -> 480), 79.8M = 59.3 % of the teacher. Against hidden 432 /
+  # MLP 896 (76.0M) from the same teacher on the same tokens (a WikiText-2 / synthetic mix),
+  # WikiText-2 test perplexity one-shot 296 against 1,284 and distilled 57.2 against 62.2; on
+  # the default data, distilled 54.4 against 56.8 (teacher 27.6), in 386 s against 551 s.
+  c.prune.width = ConfigDict(dict(hidden_size=576, intermediate_size=480))
   c.prune.depth = ConfigDict(dict(num_hidden_layers=15))
   c.prune.importance = "activation"
   c.prune.aggregation = "l2,mean"
@@ -78,7 +82,7 @@ def get_config() -> ConfigDict:
   # as long as a distillation, so off by default (--config.baselines=True).
   c.baselines = False
 
-  # The depth student keeps hidden 576, a multiple of 32 as GGUF blocks need (432 is not).
+  # GGUF blocks need hidden sizes that are multiples of 32 (576 is; 432 is not).
   # Formats: fp8, int8, int4, int4_asym, gguf_q8_0, gguf_q4_0 (README, "Quantization"). One by
   # default (each adds a quantization and an evaluated model); e.g.
   # --config.quantize.formats="('int8','gguf_q4_0')" for more.
