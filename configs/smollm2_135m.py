@@ -1,4 +1,4 @@
-"""Default recipe: the real SmolLM2-135M-Instruct teacher, sized for a 2-core CPU (~29 min).
+"""Default recipe: the real SmolLM2-135M-Instruct teacher, sized for a 2-core CPU (20 to 30 min).
 
 Each student keeps about half of the teacher's non-embedding parameters: by width (MLP
 1536 -> 480 in every layer; hidden, heads and layers kept) or by depth (30 -> 15 layers, the
@@ -15,4 +15,13 @@ from configs import base
 def get_config():
   c = base.get_config()
   c.run_dir = "runs/smollm2-135m"
+  # WikiText-2 valid mixed with the teacher's own chat answers (128 documents, three rounds in
+  # four short factual questions; the report's prompts are never among them). With this mix
+  # the width student answers "What is the capital of France?" with Paris (P(" Paris") after
+  # "The capital of France is": 0.35; 0.14 at a 0.7 / 0.3 mix with half the rounds factual;
+  # 0.008 on WikiText-2 alone).
+  c.data.source = ("wikitext2", "synthetic")
+  c.data.weights = (0.6, 0.4)
+  c.data.synthetic.num_documents = 128
+  c.data.synthetic.fact_share = 0.75
   return c
