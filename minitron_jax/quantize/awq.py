@@ -102,10 +102,12 @@ def clipped_grid(w_oi: np.ndarray, fmt: Q.QuantFormat, group: int,
                  ratio_og: np.ndarray | float = 1.0) -> tuple[G.Grid, tuple]:
   """The INT4 grid of `w_oi` with each (row, group) range shrunk by `ratio_og`.
 
-  Ratio 1 is the format's own round-to-nearest grid (`formats.quantize_matrix`).
+  Ratio 1 is the format's own round-to-nearest grid (`formats.quantize_matrix`, or
+  `formats.quantize_matrix_gguf` for Q4_0).
 
   Returns:
-    (grid, (scale float32 `(out, groups)`, zero point uint8 or None) as stored).
+    (grid, (scale `(out, groups)`: float32, float16 for Q4_0; zero point uint8 or None) as
+    stored).
   """
   scale, zp = _range(_grouped(w_oi, fmt, group), fmt, np.float32(1.0) * ratio_og)
   if fmt.is_gguf:
