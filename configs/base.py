@@ -37,9 +37,9 @@ def get_config() -> ConfigDict:
   c.data.synthetic = ConfigDict(dict(num_documents=256, max_new_tokens=192, batch_size=16,
                                      temperature=0.8, top_p=0.95, fact_share=0.5))
 
-  # Sized for a 2-core CPU (19.7 minutes measured end to end; about 1.5x that on a slower 2-core
-  # machine); most of the time goes to distilling the two students and evaluating eight models
-  # (README, "The whole recipe").
+  # Sized for a 2-core CPU (with the SmolLM2 teacher on these settings, 19.7 minutes measured end
+  # to end; the default recipe's synthetic data adds 7.5); most of the time goes to distilling
+  # the two students and evaluating the models (README, "The whole recipe").
   c.correction = _train(steps=8, batch=4, seq_len=256, lr=2e-5, min_lr=2e-6, warmup=2)
 
   c.prune = ConfigDict()
