@@ -49,9 +49,7 @@ def default_method(fmt: Q.QuantFormat, calibrated: bool) -> str:
   `fmt` (AWQ then GPTQ for the 4-bit formats, GPTQ for the rest), else round to nearest."""
   if not calibrated:
     return "rtn"
-  if fmt in A.AWQ_FORMATS:
-    return "awq_gptq"
-  return "gptq" if fmt in G.GPTQ_FORMATS else "rtn"
+  return next((m for m in ("awq_gptq", "gptq") if applies(m, fmt)), "rtn")
 
 
 def check_method(method: str, fmt: Q.QuantFormat) -> None:
