@@ -11,15 +11,42 @@ import tempfile
 from typing import Any, Iterable
 
 
+def fsync_dir(path: str) -> None:
+  """Makes a rename or a new entry in directory `path` durable (after a power loss too)."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def fsync_tree(root: str) -> None:
+  """fsyncs every file under `root`, then every directory bottom up."""
+  for dirpath, _, names in os.walk(root, topdown=False):
+    for name in names:
+      path = os.path.join(dirpath, name)
+      if os.path.isfile(path) and not os.path.islink(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+          os.fsync(fd)
+        finally:
+          os.close(fd)
+    fsync_dir(dirpath)
+
+
 def write_text(path: str, text: str) -> None:
-  """Writes a UTF-8 text file atomically (temp file + rename)."""
+  """Writes a UTF-8 text file atomically and durably: temp file, fsync, rename, fsync of the
+  directory (a file that exists under its final name is complete, even after a power loss)."""
   path = os.path.abspath(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -38,7 +65,8 @@ def write_jsonl(path: str, records: Iterable[Any]) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
-  """Yields a temporary sibling directory that becomes `out_dir` only on success."""
+  """Yields a temporary sibling directory that becomes `out_dir` only on success (its files
+  fsynced before the rename, the parent directory after it)."""
   out_dir = os.path.abspath(os.fspath(out_dir))
   check_output_dir(out_dir, overwrite, flag="overwrite")
   parent = os.path.dirname(out_dir)
@@ -52,6 +80,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  fsync_tree(tmp)
   if os.path.isdir(out_dir):
     old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
     os.replace(out_dir, os.path.join(old, "x"))
@@ -59,6 +88,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     shutil.rmtree(old, ignore_errors=True)
   else:
     os.replace(tmp, out_dir)
+  fsync_dir(parent)
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool, flag: str = "--overwrite"

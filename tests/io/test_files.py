@@ -1,0 +1,50 @@
+"""Atomic writes are durable: the file is fsynced before the rename, its directory after."""
+
+import os
+
+from minitron_jax.io import files
+
+
+def _record(monkeypatch):
+  events = []
+  real_fsync, real_replace = os.fsync, os.replace
+
+  def fsync(fd):
+    events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+    return real_fsync(fd)
+
+  def replace(src, dst):
+    events.append(("replace", os.path.realpath(dst)))
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(os, "fsync", fsync)
+  monkeypatch.setattr(os, "replace", replace)
+  return events
+
+
+def test_write_text_fsyncs_file_then_directory(tmp_path, monkeypatch):
+  events = _record(monkeypatch)
+  path = tmp_path / "sub" / "out.json"
+  files.write_json(str(path), {"a": 1})
+  kinds = [k for k, _ in events]
+  assert kinds == ["fsync", "replace", "fsync"], events
+  assert events[0][1].startswith(str(tmp_path / "sub" / ".tmp-"))  # the temp file's data
+  assert events[1][1] == str(path)
+  assert events[2][1] == str(tmp_path / "sub")  # the rename itself
+  assert path.read_text() == '{\n  "a": 1\n}\n'
+
+
+def test_atomic_output_dir_fsyncs_every_file_before_the_rename(tmp_path, monkeypatch):
+  events = _record(monkeypatch)
+  out = tmp_path / "model"
+  with files.atomic_output_dir(str(out)) as d:
+    with open(os.path.join(d, "a.bin"), "wb") as f:
+      f.write(b"x" * 10)
+    os.makedirs(os.path.join(d, "nested"))
+    with open(os.path.join(d, "nested", "b.bin"), "wb") as f:
+      f.write(b"y")
+  rename = next(i for i, (k, p) in enumerate(events) if k == "replace" and p == str(out))
+  synced = {os.path.basename(p) for k, p in events[:rename] if k == "fsync"}
+  assert {"a.bin", "b.bin", "nested"} <= synced
+  assert events[rename + 1:] == [("fsync", str(tmp_path))]
+  assert (out / "nested" / "b.bin").read_bytes() == b"y"
