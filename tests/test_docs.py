@@ -1,6 +1,6 @@
 """The documentation against the code: every command a page gives runs a script that exists and
-takes the flags the page passes it, every recipe key a page overrides exists, and every relative
-link (and heading anchor) resolves.
+takes the flags the page passes it, every recipe key a page overrides exists, every relative
+link (and heading anchor) resolves, and the design page's package tree is the real one.
 
 Commands are read from fenced code blocks (with `\\` continuations and `&&` chains) and from
 inline code, which is how the command tables give them. Each documented script runs once with
@@ -189,6 +189,24 @@ def flag_problems(command: Command, flags: dict[str, str]) -> list[str]:
   return problems
 
 
+def tree_modules(tree: str, package: str = "minitron_jax") -> set[str]:
+  """Module paths a layout tree lists under `package/` (two spaces per level; a line whose first
+  word is not a `.py` file or a `dir/`, or that is indented past a child of the entry above,
+  continues that entry's description)."""
+  paths, stack = set(), []
+  for line in tree.split("\n"):
+    m = re.match(r"( *)(\S+)", line)
+    if not m or not (m.group(2).endswith(".py") or m.group(2).endswith("/")):
+      continue
+    depth = len(m.group(1)) // 2
+    if depth > len(stack):  # deeper than a child of the entry above: its description
+      continue
+    stack = stack[:depth] + [m.group(2).rstrip("/")]
+    if stack[0] == package and m.group(2).endswith(".py"):
+      paths.add("/".join(stack))
+  return paths
+
+
 def slug(heading: str) -> str:
   """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
   text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).lower()
@@ -290,6 +308,21 @@ def test_readme_links_every_docs_page():
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(path):
   assert link_problems(path) == []
+
+
+def test_tree_modules_on_a_made_up_tree():
+  tree = ("minitron_jax/\n  config.py   frozen config,\n              model.py in words\n"
+          "  io/         models\n    hf.py     HF\n  axes.py\nlaunch/     scripts\n")
+  assert tree_modules(tree) == {"minitron_jax/config.py", "minitron_jax/io/hf.py",
+                                "minitron_jax/axes.py"}
+
+
+def test_design_page_lists_every_module():
+  blocks, _ = split_fences((ROOT / "docs" / "design.md").read_text("utf-8"))
+  listed = set().union(*(tree_modules(body) for _, body in blocks))
+  real = {str(p.relative_to(ROOT)) for p in (ROOT / "minitron_jax").rglob("*.py")
+          if p.name != "__init__.py"}
+  assert (sorted(real - listed), sorted(listed - real)) == ([], [])
 
 
 def test_every_launch_script_is_documented():
