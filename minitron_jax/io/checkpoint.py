@@ -9,7 +9,8 @@ it when complete, so a crash mid-save leaves the previous checkpoint as the late
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import orbax.checkpoint as ocp
 
@@ -50,6 +51,27 @@ class Checkpointer:
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out["state"], dict(out["meta"])
+
+  def restore_latest(self, abstract_state: Any,
+                     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
+                     ) -> tuple[int | None, Any, dict | None]:
+    """(step, state, meta) of the newest checkpoint that restores, or (None, None, None).
+
+    A checkpoint that fails to restore (a truncated or missing file, a missing shard) is
+    reported with what was wrong and deleted, so the run falls back to the one before it and
+    its later save of that step is not refused; an older one is tried next.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except Exception as e:  # orbax/tensorstore raise many types for a damaged file
+        what = " ".join(str(e).split())[:300]
+        log(f"warning: the checkpoint at step {step} in {self.directory} cannot be restored "
+            f"({type(e).__name__}: {what}); deleting it and falling back to the one before")
+        self._manager.delete(step)
+        continue
+      return step, state, meta
+    return None, None, None
 
   def wait(self) -> None:
     """Blocks until any background save has finished."""
