@@ -4,6 +4,7 @@ whole directories appear under their final name only when complete."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -65,8 +66,9 @@ def write_jsonl(path: str, records: Iterable[Any]) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
-  """Yields a temporary sibling directory that becomes `out_dir` only on success (its files
-  fsynced before the rename, the parent directory after it)."""
+  """Yields a temporary sibling directory that becomes `out_dir` only on success: its files'
+  checksums are written beside them (`CHECKSUMS`), every file is fsynced before the rename and
+  the parent directory after it."""
   out_dir = os.path.abspath(os.fspath(out_dir))
   check_output_dir(out_dir, overwrite, flag="overwrite")
   parent = os.path.dirname(out_dir)
@@ -80,6 +82,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  write_checksums(tmp)
   fsync_tree(tmp)
   if os.path.isdir(out_dir):
     old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
@@ -89,6 +92,53 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
   else:
     os.replace(tmp, out_dir)
   fsync_dir(parent)
+
+
+CHECKSUMS = "checksums.sha256"  # `sha256sum -c checksums.sha256` verifies a directory too
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _files_under(root: str) -> list[str]:
+  out = []
+  for dirpath, dirs, names in os.walk(root):
+    dirs.sort()
+    out += sorted(os.path.relpath(os.path.join(dirpath, n), root) for n in names
+                  if not (dirpath == root and n == CHECKSUMS))
+  return out
+
+
+def write_checksums(root: str) -> None:
+  """Writes `root/CHECKSUMS`: the SHA-256 of every file under `root`, in sha256sum's format."""
+  lines = [f"{_sha256(os.path.join(root, rel))}  {rel}\n" for rel in _files_under(root)]
+  with open(os.path.join(root, CHECKSUMS), "w", encoding="utf-8") as f:
+    f.writelines(lines)
+
+
+def verify_checksums(root: str) -> list[str]:
+  """What is wrong with a directory written by `atomic_output_dir`: files missing, or whose
+  content differs from the checksum written with them. [] when intact, or when the directory
+  has no checksum file (written before checksums were kept)."""
+  manifest = os.path.join(root, CHECKSUMS)
+  if not os.path.isfile(manifest):
+    return []
+  problems = []
+  with open(manifest, encoding="utf-8") as f:
+    for line in f:
+      digest, _, rel = line.rstrip("\n").partition("  ")
+      path = os.path.join(root, rel)
+      if not os.path.isfile(path):
+        problems.append(f"{path}: missing")
+      elif _sha256(path) != digest:
+        problems.append(f"{path}: content differs from its checksum ({os.path.getsize(path)} "
+                        "bytes)")
+  return problems
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool, flag: str = "--overwrite"

@@ -48,3 +48,43 @@ def test_atomic_output_dir_fsyncs_every_file_before_the_rename(tmp_path, monkeyp
   assert {"a.bin", "b.bin", "nested"} <= synced
   assert events[rename + 1:] == [("fsync", str(tmp_path))]
   assert (out / "nested" / "b.bin").read_bytes() == b"y"
+
+
+def test_output_dirs_carry_checksums_that_catch_damage(tmp_path):
+  out = tmp_path / "model"
+  with files.atomic_output_dir(str(out)) as d:
+    with open(os.path.join(d, "model.safetensors"), "wb") as f:
+      f.write(os.urandom(5000))
+    os.makedirs(os.path.join(d, "sub"))
+    with open(os.path.join(d, "sub", "config.json"), "w") as f:
+      f.write("{}")
+  lines = (out / files.CHECKSUMS).read_text().splitlines()
+  assert sorted(line.split("  ")[1] for line in lines) == ["model.safetensors", "sub/config.json"]
+  assert files.verify_checksums(str(out)) == []
+  with open(out / "model.safetensors", "r+b") as f:  # a truncated weight file
+    f.truncate(100)
+  (out / "sub" / "config.json").unlink()
+  problems = files.verify_checksums(str(out))
+  assert len(problems) == 2
+  assert problems[0].startswith(str(out / "model.safetensors"))
+  assert problems[1].startswith(str(out / "sub" / "config.json"))
+
+
+def test_checksums_match_sha256sum(tmp_path):
+  import hashlib
+  import subprocess
+  import shutil
+
+  out = tmp_path / "d"
+  with files.atomic_output_dir(str(out)) as d:
+    with open(os.path.join(d, "x.bin"), "wb") as f:
+      f.write(b"abc")
+  line = (out / files.CHECKSUMS).read_text()
+  assert line == hashlib.sha256(b"abc").hexdigest() + "  x.bin\n"
+  if shutil.which("sha256sum"):
+    subprocess.run(["sha256sum", "-c", "--quiet", files.CHECKSUMS], cwd=out, check=True)
+
+
+def test_a_directory_without_checksums_is_not_flagged(tmp_path):
+  (tmp_path / "a").write_text("x")
+  assert files.verify_checksums(str(tmp_path)) == []
