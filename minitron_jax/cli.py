@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from minitron_jax.errors import (  # noqa: F401  (the launch scripts' names)
-    OPTIONAL_PACKAGES, USER_ERRORS, main_wrapper, missing_package_message)
+from minitron_jax.errors import main_wrapper, missing_package_message  # noqa: F401
 
 
 def flags_parser(argv: list[str]) -> list[str]:
