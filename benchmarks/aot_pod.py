@@ -7,7 +7,7 @@ For the topology (`v5p-64`, `v5e-256`, or libtpu's `v5p:2x4x4`), libtpu describe
 the distillation step (teacher and student at the recipe's sizes, sequence length and
 micro-batch, gradient accumulation to the global batch), the importance step, the evaluation
 step and generation (prefill and decode) of the teacher are compiled from abstract inputs
-with the shardings the recipe uses (`minitron_jax.recipe.aot`). Per stage it prints per-chip
+with the shardings the recipe uses (`benchmarks/aot.py`). Per stage it prints per-chip
 arguments / temporaries / outputs against the chip's HBM, compiled FLOPs against the analytic
 count (`minitron_jax.flops`), and a roofline time and MFU from the chip's peak bf16 FLOP/s and
 HBM bandwidth; the same as JSON in --output_json. Results are cached there per stage and
@@ -33,7 +33,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from minitron_jax import cli, config as C, sharding  # noqa: E402
 from minitron_jax.prune.slicing import Targets  # noqa: E402
-from minitron_jax.recipe import aot  # noqa: E402
+from benchmarks import aot  # noqa: E402
 
 # The settings the compile proof used, per slice (README, "Pod scale, proven by compilation").
 PLANS = {

@@ -22,7 +22,7 @@ from minitron_jax import cli  # noqa: E402
 from minitron_jax.io import hf as hf_io  # noqa: E402
 from minitron_jax.evaluate import generate as G  # noqa: E402
 from minitron_jax.prune import importance as I  # noqa: E402
-from minitron_jax.prune import slicing as P  # noqa: E402
+from minitron_jax.prune import slicing  # noqa: E402
 
 _TEACHER = flags.DEFINE_string("teacher", "smollm2-135m", "Teacher model.")
 _WIDTH = flags.DEFINE_string("width_dir", None, "Width-pruned student (default: derived).")
@@ -61,10 +61,10 @@ def main(argv):
       if section not in recipe.prune.kinds:
         continue
       targets = dict(recipe.prune[section])
-      t = P.Targets.from_flags(cfg, **targets)
-      plan = P.make_plan(cfg, t, I.magnitude_scores(params, cfg),
-                         layer_scores=np.arange(cfg.num_hidden_layers, dtype=float)[::-1])
-      p, c = P.prune(params, cfg, plan)
+      t = slicing.Targets.from_flags(cfg, **targets)
+      plan = slicing.make_plan(cfg, t, I.magnitude_scores(params, cfg),
+                               layer_scores=np.arange(cfg.num_hidden_layers, dtype=float)[::-1])
+      p, c = slicing.prune(params, cfg, plan)
     models[name] = (p, c)
   rng = np.random.RandomState(0)
   rows = []

@@ -39,7 +39,7 @@ from minitron_jax import model as M  # noqa: E402
 from minitron_jax.prune import importance as I  # noqa: E402
 from minitron_jax.prune import layer_importance as LI  # noqa: E402
 from benchmarks.timing import best_seconds  # noqa: E402
-from minitron_jax.prune import slicing as P  # noqa: E402
+from minitron_jax.prune import slicing  # noqa: E402
 
 PARTS = ("overhead", "stream", "ppl")
 _PARTS = flags.DEFINE_list("parts", list(PARTS), f"Measurements to run, of {PARTS}.")
@@ -152,7 +152,7 @@ _CHILD = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from minitron_jax.prune import slicing as P
+from minitron_jax.prune import slicing
 
 def hwm():
   with open("/proc/self/status") as f:
@@ -160,10 +160,10 @@ def hwm():
 
 src, out, plan_path = sys.argv[2:5]
 with np.load(plan_path) as z:
-  plan = P.PrunePlan(**{k: z[k] for k in z.files})
+  plan = slicing.PrunePlan(**{k: z[k] for k in z.files})
 imports = hwm()
 t0 = time.perf_counter()
-P.prune_checkpoint(src, out, plan)
+slicing.prune_checkpoint(src, out, plan)
 print(json.dumps({"seconds": time.perf_counter() - t0, "imports_hwm": imports, "hwm": hwm()}))
 """
 
@@ -233,10 +233,10 @@ def verify_pruned(src, out, plan, want):
 
 def measure_stream():
   cfg = C.preset(_SRC_PRESET.value)
-  targets = P.Targets(hidden_size=_STREAM_HIDDEN.value,
-                      intermediate_size=_STREAM_MLP.value)
-  plan = P.make_plan(cfg, targets, I.random_scores(cfg, _SEED.value))
-  want = P.pruned_config(cfg, plan)
+  targets = slicing.Targets(hidden_size=_STREAM_HIDDEN.value,
+                            intermediate_size=_STREAM_MLP.value)
+  plan = slicing.make_plan(cfg, targets, I.random_scores(cfg, _SEED.value))
+  want = slicing.pruned_config(cfg, plan)
   src_bytes = cfg.num_params() * 2
   made = _WORKDIR.value is None
   work = tempfile.mkdtemp(prefix="prune-bench-") if made else os.path.abspath(_WORKDIR.value)
@@ -325,15 +325,15 @@ def measure_ppl(params, cfg, tok):
 
   base_ne = non_embedding_params(cfg)
   rows = [("teacher", "-", cfg, 0.0, ppl(params, cfg), "")]
-  width = P.Targets(hidden_size=_HIDDEN.value, intermediate_size=_MLP.value)
+  width = slicing.Targets(hidden_size=_HIDDEN.value, intermediate_size=_MLP.value)
   for method in _WIDTH_METHODS.value:
     t0 = time.perf_counter()
     scores = I.compute_scores(method, params, cfg, batches, seed=_SEED.value)
     secs = time.perf_counter() - t0
-    p, c = P.prune(params, cfg, P.make_plan(cfg, width, scores))
+    p, c = slicing.prune(params, cfg, slicing.make_plan(cfg, width, scores))
     rows.append((method, "width", c, secs, ppl(p, c), ""))
     del p
-  depth = P.Targets(num_hidden_layers=_LAYERS.value)
+  depth = slicing.Targets(num_hidden_layers=_LAYERS.value)
   n_drop = cfg.num_hidden_layers - _LAYERS.value
   for metric in _DEPTH_METHODS.value:
     t0 = time.perf_counter()
@@ -350,8 +350,8 @@ def measure_ppl(params, cfg, tok):
     else:
       raise AssertionError(metric)
     secs = time.perf_counter() - t0
-    plan = P.make_plan(cfg, depth, layer_scores=scores, drop_block=block)
-    p, c = P.prune(params, cfg, plan)
+    plan = slicing.make_plan(cfg, depth, layer_scores=scores, drop_block=block)
+    p, c = slicing.prune(params, cfg, plan)
     dropped = sorted(set(range(cfg.num_hidden_layers)) - set(int(i) for i in plan.layers))
     label = metric if metric != "accuracy" else f"accuracy ({_TASK.value})"
     rows.append((label, "depth", c, secs, ppl(p, c), _ranges(dropped)))

@@ -98,15 +98,15 @@ def main(argv):
   from minitron_jax.io import files
   from minitron_jax.io import hf as hf_io
   from minitron_jax.quantize import calibrate
-  from minitron_jax.quantize import export as E
+  from minitron_jax.quantize import export
   from minitron_jax.quantize import formats as Q
 
-  names = _FORMATS.value or list(E.EXPORT_FORMATS)
+  names = _FORMATS.value or list(export.EXPORT_FORMATS)
   pairs = [(n, m) for n in names for m in _METHODS.value]
   if _PAIRS.value:
     pairs = [tuple(p.split(":", 1)) if ":" in p else (p, "") for p in _PAIRS.value]
   for n, m in pairs:  # names and methods known (pairs: and fitting) before any work
-    fmt = E.export_format(n)
+    fmt = export.export_format(n)
     calibrate.check_method(m, fmt if _PAIRS.value else Q.QuantFormat.INT4_GROUP)
   root = _DATA.value or tasks.default_data_root()
   params, cfg, tok, path = hf_io.load_model(_MODEL.value, "float32")
@@ -141,7 +141,7 @@ def main(argv):
     hf_io.save_hf(params, cfg, os.path.join(tmp, "bf16"), dtype=jnp.bfloat16)
     bf16 = files.weight_bytes(os.path.join(tmp, "bf16"))
     for name, method in pairs:
-      fmt = E.export_format(name)
+      fmt = export.export_format(name)
       if not calibrate.applies(method, fmt) or (
           method != "rtn" and _GPTQ_FORMATS.value and name not in _GPTQ_FORMATS.value):
         continue
@@ -149,22 +149,22 @@ def main(argv):
       raw, secs = calibrate.quantize_with_method(params, cfg, fmt, method,
                                                  batches if calibrated else None,
                                                  progress=True)
-      qp = E.export_params(raw, cfg, fmt)
+      qp = export.export_params(raw, cfg, fmt)
       try:
-        size = files.weight_bytes(E.export(qp, cfg, fmt, os.path.join(tmp, f"{name}-{method}"),
-                                           source_dir=path))
+        size = files.weight_bytes(export.export(qp, cfg, fmt, os.path.join(tmp, f"{name}-{method}"),
+                                                source_dir=path))
       except ValueError:  # refused for this model (consumers cannot load it)
         size = None
       models.append((name, method, qp, secs, size))
       print(f"{name} {method}: quantized in {secs:.0f}s", file=sys.stderr, flush=True)
       if _QAD_STEPS.value and calibrated and not fmt.is_gguf:
         qq, secs = _qad(params, cfg, raw, tok, calib_src, os.path.join(tmp, f"qad-{name}"))
-        models.append((name, f"{method}+qad", E.export_params(qq, cfg, fmt), secs, size))
+        models.append((name, f"{method}+qad", export.export_params(qq, cfg, fmt), secs, size))
         print(f"{name} {method}+qad: {_QAD_STEPS.value} steps in {secs:.0f}s", file=sys.stderr,
               flush=True)
   mem0, rate0 = Q.param_bytes(params), decode(params)
   extra = [(Q.param_bytes(m[2]), decode(m[2]),
-            E.summarize(Q.error_stats(params, m[2], cfg))["mean_rel_rms_error"])
+            export.summarize(Q.error_stats(params, m[2], cfg))["mean_rel_rms_error"])
            for m in models]
   nll, kl = np.zeros(len(models)), np.zeros(len(models))
 

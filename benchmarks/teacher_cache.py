@@ -32,7 +32,7 @@ from minitron_jax.distill import teacher_cache as tc  # noqa: E402
 from minitron_jax.distill.step import TrainConfig  # noqa: E402
 from minitron_jax.io import hf as hf_io  # noqa: E402
 from minitron_jax.prune import importance as I  # noqa: E402
-from minitron_jax.prune import slicing as P  # noqa: E402
+from minitron_jax.prune import slicing  # noqa: E402
 
 _DEFAULT = base.get_config()
 _TEACHER = flags.DEFINE_string("teacher", "smollm2-135m", "Teacher model.")
@@ -56,9 +56,9 @@ def main(argv):
   if _STUDENT.value:
     student, scfg, _, _ = hf_io.load_model(_STUDENT.value, with_tokenizer=False)
   else:
-    plan = P.make_plan(tcfg, P.Targets(**dict(_DEFAULT.prune.width)),
-                       I.magnitude_scores(teacher, tcfg))
-    student, scfg = P.prune(teacher, tcfg, plan)
+    plan = slicing.make_plan(tcfg, slicing.Targets(**dict(_DEFAULT.prune.width)),
+                             I.magnitude_scores(teacher, tcfg))
+    student, scfg = slicing.prune(teacher, tcfg, plan)
   stream = data.load_tokens(_DATA.value, tok)
   stream, held = trainer.split_holdout(stream, _EVAL.value * _SEQ.value)
   d = _DEFAULT.distill

@@ -3,10 +3,13 @@
   python launch/minitron.py                                   # default: SmolLM2-135M on CPU
   python launch/minitron.py --config=configs/smollm2_135m.py --config.eval.limit=50
 
-Stages: fetch, synthetic_data (when --config.data.source names synthetic), data (the sources
-mixed, with a held-out slice), teacher_correction, prune_width, prune_depth, distill_width,
-distill_depth, baseline_pruned_ce and baseline_random_ce (with --config.baselines=True),
-quantize, evaluate, report. Outputs go to --config.run_dir.
+Stages, in order: fetch, synthetic_data (when --config.data.source names synthetic), data (the
+sources mixed, with a held-out slice), teacher_correction, prune_width, prune_depth,
+teacher_logits (one cached top-K pass of the teacher, with --config.distill.teacher_topk),
+distill_width, distill_depth, prune_search and distill_search (the architecture search, with
+--config.prune.search.enabled=True), baseline_pruned_ce and baseline_random_ce (with
+--config.baselines=True), quantize, evaluate, report. Outputs go to --config.run_dir; a
+finished stage is skipped on a re-run, and --stages=a,b runs only those.
 
   python launch/minitron.py --config.data.source=shakespeare
   python launch/minitron.py --config.data.source="('wikitext2','synthetic')" \

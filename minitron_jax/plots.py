@@ -8,6 +8,15 @@ from typing import Sequence
 Curve = tuple[str, Sequence[tuple[float, float]], str, float]
 
 
+def pyplot():
+  """`matplotlib.pyplot` on the file-only Agg backend, so no display is ever needed; imported
+  on first use, because only the stages that draw need matplotlib."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
 def line_chart(curves: Sequence[Curve], png_path: str, *, xlabel: str = "step",
                ylabel: str = "loss", log_y: bool = True, legend_size: float | None = None
                ) -> bool:
@@ -15,10 +24,7 @@ def line_chart(curves: Sequence[Curve], png_path: str, *, xlabel: str = "step",
   curves = [c for c in curves if c[1]]
   if not curves:
     return False
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(8, 4.5))
   for label, points, fmt, width in curves:
     ax.plot(*zip(*points), fmt, label=label, lw=width, ms=3)

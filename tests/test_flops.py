@@ -31,7 +31,7 @@ def test_forward_and_distill_flops_match_a_hand_count():
 
 def test_forward_flops_match_xla_on_an_unrolled_model():
   """XLA counts every op of a loop-free forward; matmuls dominate, so it lands just above."""
-  from minitron_jax.recipe.aot import cost, unrolled_scans
+  from benchmarks.aot import cost, unrolled_scans
 
   cfg = CFG.replace(hidden_size=128, intermediate_size=512, num_attention_heads=8,
                     num_key_value_heads=2, vocab_size=1024)
@@ -110,7 +110,7 @@ def test_splash_flops_match_the_kernels_block_grid_and_bodies():
 def test_mfu_counts_causal_attention_once():
   """A causal forward at peak speed is 100 % MFU, not more, although the analytic column
   counts the whole T x T attention."""
-  from minitron_jax.recipe import aot
+  from benchmarks import aot
 
   cfg = config.preset("tiny")
   full, causal = F.forward_flops(cfg, 2, 512), F.forward_flops(cfg, 2, 512, causal=True)

@@ -1,6 +1,5 @@
 """Logit parity with transformers, HF round trips, and the KV-cache / packing paths."""
 
-import json
 import os
 
 import jax
@@ -12,6 +11,7 @@ import transformers
 
 from helpers import make_hf_llama, torch_logits
 from minitron_jax import axes, config as C, model as M
+from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
 from minitron_jax.io.safetensors import SafetensorsFile
 
@@ -55,7 +55,7 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path, dtype):
   tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (1, 40))
   np.testing.assert_allclose(torch_logits(reloaded, tokens),
                              torch_logits(model.float(), tokens), atol=1e-5)
-  saved = json.load(open(os.path.join(out, "config.json")))
+  saved = files.read_json(os.path.join(out, "config.json"))
   assert saved["head_dim"] == cfg.head_dim and saved["torch_dtype"] == dtype
   assert os.path.isfile(os.path.join(out, "generation_config.json"))
 
@@ -64,9 +64,9 @@ def test_sharded_save_writes_index_and_loads(tmp_path):
   model, d = make_hf_llama(tmp_path / "hf", tie=False)
   params, cfg = hf_io.load_hf(d)
   out = hf_io.save_hf(params, cfg, tmp_path / "out", max_shard_bytes=40_000)
-  index = json.load(open(os.path.join(out, hf_io.INDEX_FILE)))
-  files = set(index["weight_map"].values())
-  assert len(files) > 2 and not os.path.exists(os.path.join(out, hf_io.SINGLE_FILE))
+  index = files.read_json(os.path.join(out, hf_io.INDEX_FILE))
+  shards = set(index["weight_map"].values())
+  assert len(shards) > 2 and not os.path.exists(os.path.join(out, hf_io.SINGLE_FILE))
   params2, _ = hf_io.load_hf(out)
   for (s, x), (_, y) in zip(axes.iter_leaves(params, cfg), axes.iter_leaves(params2, cfg)):
     assert np.array_equal(np.asarray(x), np.asarray(y)), s.name

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,9 +155,9 @@ def _start(spec: dict, devices: int, log_path: str) -> subprocess.Popen:
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
   env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-  return subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(spec)],
-                          env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                          cwd=ROOT)
+  with open(log_path, "w") as log:  # the child holds its own descriptor
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(spec)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def _wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, str]) -> None:
@@ -173,7 +174,7 @@ def _wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, str]) -> None:
         p.wait()
   failed = {k: p.returncode for k, p in procs.items() if p.returncode != 0}
   if failed:
-    text = "\n".join(f"--- {k}\n{open(logs[k]).read()[-3000:]}" for k in failed)
+    text = "\n".join(f"--- {k}\n{Path(logs[k]).read_text()[-3000:]}" for k in failed)
     pytest.fail(f"worker(s) failed {failed}:\n{text}")
 
 

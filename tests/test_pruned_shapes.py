@@ -4,7 +4,6 @@ AutoTokenizer loads them, and pruning warns with nearby shapes."""
 
 import contextlib
 import io
-import json
 import math
 import os
 import shutil
@@ -16,6 +15,7 @@ import pytest
 
 from minitron_jax import model as M
 from minitron_jax.config import LlamaConfig
+from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
 from minitron_jax.prune import run as prune_job
 
@@ -110,65 +110,67 @@ def runs(dirs):
 
 
 def test_prune_writes_the_shape_and_warns(dirs):
-  cfg = json.load(open(os.path.join(dirs["student"], "config.json")))
+  cfg = files.read_json(os.path.join(dirs["student"], "config.json"))
   assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_dim"]) == (64, 6, 8)
   warnings = dirs["report"]["warnings"]
   assert len(warnings) == 1
   assert "hidden_size=64 is not a multiple of num_attention_heads=6" in warnings[0]
   assert "allow_explicit_head_dim()" in warnings[0] and "--hidden_size=60 or 66" in warnings[0]
   assert f"warning: {warnings[0]}" in dirs["stderr"].splitlines()
-  saved = json.load(open(os.path.join(dirs["student"], "prune_report.json")))
+  saved = files.read_json(os.path.join(dirs["student"], "prune_report.json"))
   assert saved["warnings"] == warnings
 
 
 def test_evaluate_runs_on_the_pruned_shape(runs, dirs):
   rc, out = runs["evaluate"]
   assert rc == 0, out
-  ppl = json.load(open(dirs["root"] / "eval.json"))["results"]["ppl"]
+  ppl = files.read_json(dirs["root"] / "eval.json")["results"]["ppl"]
   assert ppl["windows"] == 2 and math.isfinite(ppl["ppl"])
 
 
 def test_generate_runs_on_the_pruned_shape(runs):
   rc, out = runs["generate"]
   assert rc == 0, out
-  assert "### hello" in out and "tokens/s" in out
+  assert "### hello" in out.splitlines()  # the generation block of the one prompt
 
 
 def test_quantize_runs_on_the_pruned_shape(runs, dirs):
   rc, out = runs["quantize"]
   assert rc == 0, out
   q = dirs["root"] / "int8"
-  assert json.load(open(q / "config.json"))["head_dim"] == 8
+  assert files.read_json(q / "config.json")["head_dim"] == 8
   assert (q / "quantize_report.json").exists() and (q / "tokenizer.json").exists()
 
 
 def test_distill_runs_on_the_pruned_shape(runs, dirs):
   rc, out = runs["distill"]
   assert rc == 0, out
-  cfg = json.load(open(dirs["root"] / "distill" / "hf" / "config.json"))
+  cfg = files.read_json(dirs["root"] / "distill" / "hf" / "config.json")
   assert (cfg["hidden_size"], cfg["num_attention_heads"]) == (64, 6)
 
 
-def _same_tokenizer(ours, ref):
+def _tokenizer_behaviour(tok) -> dict:
+  """What a tokenizer does that the tests compare: ids with and without special tokens, the
+  chat template's output, its class and special tokens."""
   texts = ["hello world", "The quick brown fox, 12345!", "<|im_start|>user\nhi<|im_end|>", ""]
-  for text in texts:
-    for special in (True, False):
-      assert (ours(text, add_special_tokens=special)["input_ids"]
-              == ref(text, add_special_tokens=special)["input_ids"]), text
   chat = [{"role": "user", "content": "hello"}]
-  assert (ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-          == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
-  assert type(ours) is type(ref) and ours.chat_template == ref.chat_template
-  for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "all_special_tokens"):
-    assert getattr(ours, attr) == getattr(ref, attr), attr
+  return {
+      "ids": {(text, special): tok(text, add_special_tokens=special)["input_ids"]
+              for text in texts for special in (True, False)},
+      "chat": tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+      "class": type(tok), "chat_template": tok.chat_template,
+      **{attr: getattr(tok, attr) for attr in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                               "all_special_tokens")},
+  }
 
 
 def test_tokenizer_of_pruned_shape_equals_autotokenizer(dirs):
   import transformers
 
   ref = transformers.AutoTokenizer.from_pretrained(dirs["teacher"])  # a valid shape
-  _same_tokenizer(hf_io.load_tokenizer(dirs["teacher"]), ref)
-  _same_tokenizer(hf_io.load_tokenizer(dirs["student"]), ref)
+  want = _tokenizer_behaviour(ref)
+  assert _tokenizer_behaviour(hf_io.load_tokenizer(dirs["teacher"])) == want
+  assert _tokenizer_behaviour(hf_io.load_tokenizer(dirs["student"])) == want
 
 
 @pytest.mark.slow
@@ -179,11 +181,11 @@ def test_real_tokenizer_with_the_reported_shape(real_dir, tmp_path):
   for f in os.listdir(real_dir):
     if f != "model.safetensors":
       shutil.copy(os.path.join(real_dir, f), tmp_path)
-  cfg = json.load(open(tmp_path / "config.json"))
+  cfg = files.read_json(tmp_path / "config.json")
   cfg.update(hidden_size=512, num_attention_heads=6, num_key_value_heads=3, head_dim=64)
-  json.dump(cfg, open(tmp_path / "config.json", "w"))
-  _same_tokenizer(hf_io.load_tokenizer(str(tmp_path)),
-                  transformers.AutoTokenizer.from_pretrained(str(real_dir)))
+  files.write_json(str(tmp_path / "config.json"), cfg)
+  assert (_tokenizer_behaviour(hf_io.load_tokenizer(str(tmp_path)))
+          == _tokenizer_behaviour(transformers.AutoTokenizer.from_pretrained(str(real_dir))))
 
 
 SMOL = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,

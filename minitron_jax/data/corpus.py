@@ -32,6 +32,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from minitron_jax.errors import UnavailableError
 from minitron_jax.io import registry
 
 SHAKESPEARE = "shakespeare"
@@ -45,7 +46,7 @@ _HUB_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 _TOKEN_CACHE_VERSION = 1
 
 
-class DataDownloadError(RuntimeError):
+class DataDownloadError(UnavailableError):
   """A corpus could not be downloaded (no network, unknown package or dataset, ...)."""
 
 

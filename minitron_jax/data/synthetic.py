@@ -103,7 +103,7 @@ def is_fact_round(round_: int, share: float) -> bool:
   return int((round_ + 1) * share) > int(round_ * share)
 
 
-def normalise(text: str) -> str:
+def normalize(text: str) -> str:
   return re.sub(r"\W+", " ", text.lower()).strip()
 
 
@@ -141,7 +141,7 @@ def generate_corpus(params, cfg, tokenizer, out_path: str, sc: SyntheticConfig =
         seed=sc.seed * 1000 + round_), eos_ids=G.eos_ids(cfg, tokenizer))
     for p, toks in zip(prompts, res.tokens):
       text = tokenizer.decode(toks, skip_special_tokens=True).strip()
-      norm = normalise(text)
+      norm = normalize(text)
       if len(text) >= sc.min_chars and norm not in seen and len(docs) < sc.num_documents:
         seen.add(norm)
         docs.append({"prompt": p, "text": _document(tokenizer, p, text,

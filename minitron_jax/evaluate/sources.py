@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from minitron_jax.errors import UnavailableError
 from minitron_jax.evaluate import tasks
 from minitron_jax.evaluate.tasks import Example, HubSource
 
@@ -33,7 +34,7 @@ PPL_FILE = "wikitext-2/test.txt"
 WIKITEXT2 = HubSource("Salesforce/wikitext", "wikitext-2-v1", "test")
 
 
-class EvalDataError(RuntimeError):
+class EvalDataError(UnavailableError):
   """Evaluation data is in no local folder and could not be had from the hub."""
 
 

@@ -59,6 +59,12 @@ def write_json(path: str, obj: Any) -> None:
   write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+  """The JSON document at `path`."""
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def write_jsonl(path: str, records: Iterable[Any]) -> None:
   """Writes one JSON record per line, atomically."""
   write_text(path, "".join(json.dumps(r) + "\n" for r in records))

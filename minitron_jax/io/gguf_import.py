@@ -20,7 +20,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from minitron_jax.io import gguf_tokenizer
-from minitron_jax.io.hf import atomic_output_dir
+from minitron_jax.io.files import atomic_output_dir
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+from minitron_jax.errors import UnavailableError
 from minitron_jax.io import files
 from minitron_jax.io.gguf_import import gguf_to_hf
 
@@ -85,7 +86,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelDownloadError(RuntimeError):
+class ModelDownloadError(UnavailableError):
   """A model could not be downloaded (no network, unknown package or repo, ...)."""
 
 
@@ -174,13 +175,14 @@ def _make_random(name: str, output_dir: Path, overwrite: bool) -> Path:
   import jax
 
   from minitron_jax import config, model
-  from minitron_jax.io import hf
+  from minitron_jax.io import hf_write
 
   spec = RANDOM_MODELS[name]
   tokenizer_dir = _resolve_known(spec.tokenizer_from)
   cfg = config.preset(spec.preset)
   params = model.init_params(cfg, jax.random.key(spec.seed))
-  return Path(hf.save_hf(params, cfg, output_dir, source_dir=tokenizer_dir, overwrite=overwrite))
+  return Path(hf_write.save_hf(params, cfg, output_dir, source_dir=tokenizer_dir,
+                               overwrite=overwrite))
 
 
 def _convert(name: str, output_dir: Path, overwrite: bool) -> Path:

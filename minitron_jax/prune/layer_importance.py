@@ -18,7 +18,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from minitron_jax import model as M, sharding
+from minitron_jax import model as M, plots, sharding
 from minitron_jax.config import LlamaConfig
 from minitron_jax.prune.importance import padded_batch, jitted_lm_loss
 
@@ -156,11 +156,7 @@ def accuracy_drop(params, cfg: LlamaConfig, tokenizer, task: str, data_root: str
 def plot(path: str, curves: dict[str, tuple[float | None, dict[int, np.ndarray]]],
          title: str = "") -> None:
   """One panel per metric: value against the first removed layer, one line per block size."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = plots.pyplot()
   fig, panels = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
   for ax, (name, (base, per_k)) in zip(panels[0], curves.items()):
     for k, vals in sorted(per_k.items()):

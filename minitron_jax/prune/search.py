@@ -35,7 +35,7 @@ import numpy as np
 
 from minitron_jax.config import LlamaConfig
 from minitron_jax.prune import importance as I
-from minitron_jax.prune import slicing as P
+from minitron_jax.prune import slicing
 
 # Bytes per weight / per KV-cache entry for the export dtypes the memory target understands.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
@@ -69,10 +69,12 @@ class Candidate:
                        num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
                        num_hidden_layers=self.num_layers)
 
-  def targets(self) -> P.Targets:
-    return P.Targets(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                     num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                     num_hidden_layers=self.num_layers)
+  def targets(self) -> slicing.Targets:
+    return slicing.Targets(hidden_size=self.hidden_size,
+                           intermediate_size=self.intermediate_size,
+                           num_attention_heads=self.num_heads,
+                           num_key_value_heads=self.num_kv_heads,
+                           num_hidden_layers=self.num_layers)
 
   def label(self) -> str:
     return (f"d{self.hidden_size}-f{self.intermediate_size}-n{self.num_heads}"
@@ -279,17 +281,17 @@ def _fmt(v) -> str:
 
 
 def plan_for(src: LlamaConfig, c: Candidate, scores: I.Scores, layer_scores: np.ndarray
-             ) -> P.PrunePlan:
+             ) -> slicing.PrunePlan:
   """The pruning plan of `c` from importance computed once on the teacher: the most important
   units of every width axis, and the `c.num_layers` most important layers (`layer_scores`:
   (L,), higher = keep)."""
-  return P.make_plan(src, c.targets(), scores, np.asarray(layer_scores), drop_block=False)
+  return slicing.make_plan(src, c.targets(), scores, np.asarray(layer_scores), drop_block=False)
 
 
 def oneshot_loss(params, src: LlamaConfig, c: Candidate, scores: I.Scores,
                  layer_scores: np.ndarray, windows: np.ndarray, batch_size: int) -> float:
   """Mean next-token loss of the one-shot pruned candidate on held-out windows (B, T)."""
-  pruned, cfg = P.prune(params, src, plan_for(src, c, scores, layer_scores))
+  pruned, cfg = slicing.prune(params, src, plan_for(src, c, scores, layer_scores))
   return mean_loss(pruned, cfg, windows, batch_size)
 
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax.quantize import formats as Q
-from minitron_jax.quantize import gptq as G
+from minitron_jax.quantize import gptq
 
 AWQ_FORMATS = (Q.QuantFormat.INT4_GROUP, Q.QuantFormat.INT4_GROUP_ASYM, Q.QuantFormat.GGUF_Q4_0)
 ALPHAS = tuple(np.arange(20) / 20)             # AutoAWQ's n_grid = 20
@@ -99,7 +99,7 @@ def _grouped(w_oi: np.ndarray, fmt: Q.QuantFormat, group: int) -> np.ndarray:
 
 
 def clipped_grid(w_oi: np.ndarray, fmt: Q.QuantFormat, group: int,
-                 ratio_og: np.ndarray | float = 1.0) -> tuple[G.Grid, tuple]:
+                 ratio_og: np.ndarray | float = 1.0) -> tuple[gptq.Grid, tuple]:
   """The INT4 grid of `w_oi` with each (row, group) range shrunk by `ratio_og`.
 
   Ratio 1 is the format's own round-to-nearest grid (`formats.quantize_matrix`, or
@@ -111,36 +111,31 @@ def clipped_grid(w_oi: np.ndarray, fmt: Q.QuantFormat, group: int,
   """
   scale, zp = _range(_grouped(w_oi, fmt, group), fmt, np.float32(1.0) * ratio_og)
   if fmt.is_gguf:
-    return G.Grid(scale.astype(np.float64), None, group, -8, 7), (scale.astype(np.float16), None)
+    return gptq.Grid(scale.astype(np.float64), None, group, -8, 7), (scale.astype(np.float16), None)
   if fmt.asymmetric:
-    return (G.Grid(scale.astype(np.float64), zp.astype(np.float64), group, 0, 15),
+    return (gptq.Grid(scale.astype(np.float64), zp.astype(np.float64), group, 0, 15),
             (scale, zp.astype(np.uint8)))
-  return G.Grid(scale.astype(np.float64), None, group, -8, 7), (scale, None)
+  return gptq.Grid(scale.astype(np.float64), None, group, -8, 7), (scale, None)
 
 
-def rtn_codes(w_oi: np.ndarray, grid: G.Grid) -> np.ndarray:
+def rtn_codes(w_oi: np.ndarray, grid: gptq.Grid) -> np.ndarray:
   """Nearest codes of every weight on `grid`, `(out, in)` float64."""
   s, z = _expand(grid, w_oi.shape[1])
   return np.clip(np.rint(w_oi / s) + z, grid.qmin, grid.qmax)
 
 
-def dequantize(codes_oi: np.ndarray, grid: G.Grid) -> np.ndarray:
+def dequantize(codes_oi: np.ndarray, grid: gptq.Grid) -> np.ndarray:
   s, z = _expand(grid, codes_oi.shape[1])
   return (codes_oi - z) * s
 
 
-def _expand(grid: G.Grid, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _expand(grid: gptq.Grid, n: int) -> tuple[np.ndarray, np.ndarray]:
   s = np.repeat(grid.scale, grid.group, axis=1)[:, :n]
   z = 0.0 if grid.zero is None else np.repeat(grid.zero, grid.group, axis=1)[:, :n]
   return s, z
 
 
 # ---------------------------------------------------------------------------- objectives
-
-
-def output_error(dw_oi: np.ndarray, h_ii: np.ndarray) -> float:
-  """`tr(ΔW H ΔWᵀ) = ‖ΔW X‖²` for `H = X Xᵀ`."""
-  return float(np.sum((dw_oi @ h_ii) * dw_oi))
 
 
 def channel_scales(mean_abs_i, alpha):
@@ -220,7 +215,7 @@ def search_scales(ws_oi: list[np.ndarray], h_ii: np.ndarray, mean_abs_i: np.ndar
 
 
 def search_clip(w_oi: np.ndarray, h_ii: np.ndarray, fmt: Q.QuantFormat, group: int,
-                ratios=None) -> tuple[G.Grid, tuple, np.ndarray]:
+                ratios=None) -> tuple[gptq.Grid, tuple, np.ndarray]:
   """Per (row, group) the range ratio of least `clip_errors` (over `clip_ratios(fmt)` unless
   given).
 

@@ -15,6 +15,7 @@ The embedding and LM head, when quantized at all (`include_embeddings`), use rou
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Iterable, Mapping
@@ -27,20 +28,22 @@ from minitron_jax import attention, axes
 from minitron_jax import model as M
 from minitron_jax.config import LlamaConfig
 from minitron_jax.progress import Progress
-from minitron_jax.quantize import awq as A
+from minitron_jax.quantize import awq
 from minitron_jax.quantize import formats as Q
-from minitron_jax.quantize import gptq as G
+from minitron_jax.quantize import gptq
 
 METHODS = ("rtn", "gptq", "awq", "awq_gptq")
 CALIBRATED = ("gptq", "awq", "awq_gptq")
+# The layer norms AWQ folds its scales into.
+_NORMS = ("attn_norm", "mlp_norm")
 
 
 def applies(method: str, fmt: Q.QuantFormat) -> bool:
   """Whether `method` (one of `METHODS`) can quantize `fmt`."""
   if method == "gptq":
-    return fmt in G.GPTQ_FORMATS
+    return fmt in gptq.GPTQ_FORMATS
   if method.startswith("awq"):
-    return fmt in A.AWQ_FORMATS
+    return fmt in awq.AWQ_FORMATS
   return True
 
 
@@ -56,11 +59,11 @@ def check_method(method: str, fmt: Q.QuantFormat) -> None:
   """Raises ValueError if `method` cannot quantize `fmt`."""
   if method not in METHODS:
     raise ValueError(f"unknown quantization method {method!r}; known: {', '.join(METHODS)}")
-  if method == "gptq" and fmt not in G.GPTQ_FORMATS:
-    raise ValueError(f"--method=gptq supports {', '.join(f.value for f in G.GPTQ_FORMATS)}, "
+  if method == "gptq" and fmt not in gptq.GPTQ_FORMATS:
+    raise ValueError(f"--method=gptq supports {', '.join(f.value for f in gptq.GPTQ_FORMATS)}, "
                      f"not {fmt.value}")
-  if method.startswith("awq") and fmt not in A.AWQ_FORMATS:
-    raise ValueError(f"--method={method} supports {', '.join(f.value for f in A.AWQ_FORMATS)}, "
+  if method.startswith("awq") and fmt not in awq.AWQ_FORMATS:
+    raise ValueError(f"--method={method} supports {', '.join(f.value for f in awq.AWQ_FORMATS)}, "
                      f"not {fmt.value}")
 
 
@@ -97,10 +100,64 @@ def _stack(parts: list[tuple]) -> tuple:
           None if zp[0] is None else jnp.asarray(np.stack(zp)))
 
 
-def gptq_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
-                batches: Iterable[np.ndarray], **kw) -> dict:
-  """`calibrated_params` with method 'gptq'."""
-  return calibrated_params(params, cfg, fmt, batches, "gptq", **kw)
+def _layer_stats(float_layer, lp: dict, xs: list[jax.Array]) -> dict:
+  """tap -> (Hessian, |x| sums), summed over every calibration batch of one float layer."""
+  stats = None
+  for x in xs:
+    got = float_layer(lp, x)[1]
+    stats = got if stats is None else jax.tree_util.tree_map(jnp.add, stats, got)
+  return stats
+
+
+def _awq_scales(w: dict, hess: dict, stats: dict, groups: dict, tokens: int,
+                fmt: Q.QuantFormat, blocks: dict) -> dict[str, np.ndarray]:
+  """tap -> AWQ's per-channel scales, searched jointly over the matrices that read it."""
+  scales = {}
+  for tap, (readers, _) in groups.items():
+    mean_abs = np.asarray(stats[tap][1], np.float64) / tokens
+    scales[tap], _ = awq.search_scales([w[n] for n in readers], hess[tap], mean_abs, fmt,
+                                       blocks[readers[0]][1])
+  return scales
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rounding:
+  """How each matrix is rounded: the method and the GPTQ settings (`gptq.gptq`)."""
+  method: str
+  fmt: Q.QuantFormat
+  group_size: int
+  damp: float
+  act_order: bool
+  block_size: int
+
+  def round(self, w_oi: np.ndarray, h_ii: np.ndarray, block: tuple) -> tuple:
+    """(values, scale, zero point) of one matrix, as `gptq.quantize_matrix` gives them."""
+    if self.method == "gptq":
+      return gptq.quantize_matrix(w_oi, h_ii, self.fmt, group_size=self.group_size,
+                                  damp=self.damp, act_order=self.act_order,
+                                  block_size=self.block_size)
+    grid, (scale, zp), _ = awq.search_clip(w_oi, h_ii, self.fmt, block[1])
+    codes = (awq.rtn_codes(w_oi, grid) if self.method == "awq" else
+             gptq.gptq(w_oi, h_ii, grid, damp=self.damp, act_order=self.act_order,
+                       block_size=self.block_size))
+    return gptq.encode(codes, self.fmt), scale, zp
+
+
+def _assembled(params: dict, cfg: LlamaConfig, parts: dict, fmt: Q.QuantFormat, blocks: dict,
+               layouts: dict, act: dict, group_size: int, include_embeddings: bool) -> dict:
+  """The quantized tree: calibrated layer matrices and norms stacked, the rest rounded."""
+  items = []
+  for spec, leaf in axes.iter_leaves(params, cfg):
+    name = spec.path[-1]
+    if spec.stacked and name in blocks:
+      leaf = Q.QuantizedArray(*_stack(parts[name]), act[name], fmt.value, blocks[name],
+                              *layouts[name])
+    elif spec.stacked and name in _NORMS:
+      leaf = jnp.asarray(np.stack(parts[name]))
+    elif Q.is_quantizable(spec, include_embeddings):
+      leaf = Q.quantize_leaf(leaf, spec, fmt, group_size)
+    items.append((spec, leaf))
+  return axes.tree_from_leaves(items)
 
 
 def calibrated_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
@@ -144,62 +201,37 @@ def calibrated_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
   mats = {n: Q.to_matrix(params["layers"][n], s) for n, s in specs.items()}
   layouts = {n: Q.matrix_layout(s, params["layers"][n].shape) for n, s in specs.items()}
   blocks = {n: Q.block_shape(fmt, *mats[n].shape[-2:], group_size) for n in specs}
-  groups = A.scale_groups(cfg.num_attention_heads, cfg.num_key_value_heads)
-  norm_names = ("attn_norm", "mlp_norm")
-  parts: dict[str, list] = {n: [] for n in (*specs, *norm_names)}
+  groups = awq.scale_groups(cfg.num_attention_heads, cfg.num_key_value_heads)
+  rounding = _Rounding(method, fmt, group_size, damp, act_order, block_size)
+  parts: dict[str, list] = {n: [] for n in (*specs, *_NORMS)}
   float_layer, quant_layer = _layer_fn(cfg, True), _layer_fn(cfg, False)
   tokens = sum(x.shape[0] * x.shape[1] for x in xs)
   bar = Progress(f"{method} {fmt.value}", cfg.num_hidden_layers, "layers", enabled=progress)
   for i in range(cfg.num_hidden_layers):
     lp = jax.tree_util.tree_map(lambda a: a[i], params["layers"])
-    stats = None
-    for x in xs:
-      got = float_layer(lp, x)[1]
-      stats = got if stats is None else jax.tree_util.tree_map(jnp.add, stats, got)
+    stats = _layer_stats(float_layer, lp, xs)
     hess = {k: np.asarray(v[0], np.float64) for k, v in stats.items()}
     w = {n: np.asarray(mats[n][i], np.float64) for n in specs}
-    norms = {n: np.asarray(lp[n], np.float64) for n in norm_names}
+    norms = {n: np.asarray(lp[n], np.float64) for n in _NORMS}
     if method.startswith("awq"):
-      scales = {}
-      for tap, (readers, _) in groups.items():
-        mean_abs = np.asarray(stats[tap][1], np.float64) / tokens
-        scales[tap], _ = A.search_scales([w[n] for n in readers], hess[tap], mean_abs, fmt,
-                                         blocks[readers[0]][1])
-      w, norms = A.fold_layer(w, norms, scales)
+      scales = _awq_scales(w, hess, stats, groups, tokens, fmt, blocks)
+      w, norms = awq.fold_layer(w, norms, scales)
       for tap, s in scales.items():
         hess[tap] = hess[tap] / np.outer(s, s)
     qlp = dict(lp)
-    for n in norm_names:
+    for n in _NORMS:
       qlp[n] = jnp.asarray(norms[n], lp[n].dtype)
       parts[n].append(np.asarray(qlp[n]))
     for n in specs:
-      h = hess[Q.INPUT_TAPS[n]]
-      if method == "gptq":
-        part = G.quantize_matrix(w[n], h, fmt, group_size=group_size, damp=damp,
-                                 act_order=act_order, block_size=block_size)
-      else:
-        grid, (scale, zp), _ = A.search_clip(w[n], h, fmt, blocks[n][1])
-        codes = (A.rtn_codes(w[n], grid) if method == "awq" else
-                 G.gptq(w[n], h, grid, damp=damp, act_order=act_order, block_size=block_size))
-        part = G.encode(codes, fmt), scale, zp
+      part = rounding.round(w[n], hess[Q.INPUT_TAPS[n]], blocks[n])
       parts[n].append(part)
       values, scale, zp = (None if a is None else jnp.asarray(a) for a in part)
       qlp[n] = Q.QuantizedArray(values, scale, zp, None if act[n] is None else act[n][i],
                                 fmt.value, blocks[n], *layouts[n])
     xs = [quant_layer(qlp, x)[0] for x in xs]
     bar.update(i + 1)
-  items = []
-  for spec, leaf in axes.iter_leaves(params, cfg):
-    name = spec.path[-1]
-    if spec.stacked and name in specs:
-      leaf = Q.QuantizedArray(*_stack(parts[name]), act[name], fmt.value, blocks[name],
-                              *layouts[name])
-    elif spec.stacked and name in norm_names:
-      leaf = jnp.asarray(np.stack(parts[name]))
-    elif Q.is_quantizable(spec, include_embeddings):
-      leaf = Q.quantize_leaf(leaf, spec, fmt, group_size)
-    items.append((spec, leaf))
-  return axes.tree_from_leaves(items)
+  return _assembled(params, cfg, parts, fmt, blocks, layouts, act, group_size,
+                    include_embeddings)
 
 
 def quantize_with_method(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, method: str,

@@ -3,15 +3,16 @@
 
   python -m minitron_jax.recipe.worker RUN_DIR STAGE
 
-Errors are reported as the launch scripts report them: one `error:` line and exit status 1."""
+Errors are reported as the launch scripts report them (`errors.main_wrapper`): one `error:`
+line and exit status 1."""
 
 import sys
 
-from minitron_jax import cli
+from minitron_jax import errors
 from minitron_jax.recipe import stages
 
 
-@cli.main_wrapper
+@errors.main_wrapper
 def main(argv):
   if len(argv) != 3:
     raise ValueError("usage: python -m minitron_jax.recipe.worker RUN_DIR STAGE")

@@ -1,6 +1,5 @@
 """Bad checkpoints and configs are refused with a message naming the culprit."""
 
-import json
 import os
 import shutil
 
@@ -9,6 +8,7 @@ import pytest
 
 from helpers import make_hf_llama
 from minitron_jax import config as C
+from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
 from minitron_jax.io import safetensors as st
 
@@ -27,9 +27,9 @@ def _copy(src, tmp_path):
 
 def _edit_config(d, **kw):
   p = os.path.join(d, "config.json")
-  cfg = json.load(open(p))
+  cfg = files.read_json(p)
   cfg.update(kw)
-  json.dump(cfg, open(p, "w"))
+  files.write_json(p, cfg)
 
 
 def test_missing_config(hf_dir, tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from minitron_jax.io import gguf_import as G
+from minitron_jax.io import gguf_import
 from minitron_jax.io import hf as hf_io
 from minitron_jax.io import registry
 
@@ -40,16 +40,16 @@ def _tiny_hf_weights(seed, tied=True):
 
 def _as_llama_cpp(hf):
   """The tensors llama.cpp's converter would store for these HF weights."""
-  names = {v: k for k, v in G.GLOBAL_TENSORS.items()}
+  names = {v: k for k, v in gguf_import.GLOBAL_TENSORS.items()}
   for i in range(TINY["layers"]):
     names.update({f"model.layers.{i}.{v}.weight": f"blk.{i}.{k}.weight"
-                  for k, v in G.LAYER_TENSORS.items()})
+                  for k, v in gguf_import.LAYER_TENSORS.items()})
   out = {}
   for name, w in hf.items():
     if name.endswith("q_proj.weight"):
-      w = G.permute_qk(w, TINY["heads"])
+      w = gguf_import.permute_qk(w, TINY["heads"])
     elif name.endswith("k_proj.weight"):
-      w = G.permute_qk(w, TINY["kv_heads"])
+      w = gguf_import.permute_qk(w, TINY["kv_heads"])
     out[names[name]] = w
   return out
 
@@ -77,22 +77,23 @@ def _write_gguf(path, tensors, arch="llama"):
 @pytest.mark.parametrize("n_head,head_dim", [(9, 64), (3, 64), (4, 8), (1, 2)])
 def test_unpermute_inverts_llama_cpp_permutation(n_head, head_dim):
   w = np.random.default_rng(n_head).standard_normal((n_head * head_dim, 5)).astype(np.float32)
-  permuted = G.permute_qk(w, n_head)
+  permuted = gguf_import.permute_qk(w, n_head)
   assert head_dim == 2 or not np.array_equal(permuted, w)
-  np.testing.assert_array_equal(G.unpermute_qk(permuted, n_head), w)
-  np.testing.assert_array_equal(G.permute_qk(G.unpermute_qk(w, n_head), n_head), w)
+  np.testing.assert_array_equal(gguf_import.unpermute_qk(permuted, n_head), w)
+  np.testing.assert_array_equal(
+      gguf_import.permute_qk(gguf_import.unpermute_qk(w, n_head), n_head), w)
 
 
 def test_round_float32():
-  assert G.round_float32(np.float32(1e-5)) == 1e-5
-  assert G.round_float32(np.float32(100000.0)) == 100000.0
+  assert gguf_import.round_float32(np.float32(1e-5)) == 1e-5
+  assert gguf_import.round_float32(np.float32(100000.0)) == 100000.0
 
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_tiny_round_trip(tmp_path, tied):
   hf = _tiny_hf_weights(0, tied=tied)
   src = _write_gguf(tmp_path / "tiny.gguf", _as_llama_cpp(hf))
-  out = G.gguf_to_hf(src, tmp_path / "out")
+  out = gguf_import.gguf_to_hf(src, tmp_path / "out")
   got = load_file(str(out / "model.safetensors"))
   assert set(got) == set(hf)
   for name, w in hf.items():
@@ -102,8 +103,8 @@ def test_tiny_round_trip(tmp_path, tied):
   assert not (out / "tokenizer.json").exists()  # the tiny GGUF has no vocabulary
 
   with pytest.raises(FileExistsError, match="not empty"):
-    G.gguf_to_hf(src, out)
-  G.gguf_to_hf(src, out, overwrite=True)
+    gguf_import.gguf_to_hf(src, out)
+  gguf_import.gguf_to_hf(src, out, overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["out", "tiny.gguf"]
 
 
@@ -111,7 +112,7 @@ def test_refuses_non_llama(tmp_path):
   src = _write_gguf(tmp_path / "g.gguf", {"token_embd.weight": np.zeros((32, 16), np.float32)},
                     arch="gpt2")
   with pytest.raises(ValueError, match="architecture 'gpt2'"):
-    G.gguf_to_hf(src, tmp_path / "out")
+    gguf_import.gguf_to_hf(src, tmp_path / "out")
   assert os.listdir(tmp_path) == ["g.gguf"]
 
 
@@ -120,7 +121,7 @@ def test_refuses_wrong_shape(tmp_path):
   tensors["blk.1.ffn_up.weight"] = np.zeros((TINY["inter"] + 1, TINY["hidden"]), np.float32)
   src = _write_gguf(tmp_path / "bad.gguf", tensors)
   with pytest.raises(ValueError, match=r"'blk\.1\.ffn_up\.weight'.*\(25, 16\)"):
-    G.gguf_to_hf(src, tmp_path / "out")
+    gguf_import.gguf_to_hf(src, tmp_path / "out")
   assert os.listdir(tmp_path) == ["bad.gguf"]
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from minitron_jax import model as M
 from minitron_jax.config import preset
-from minitron_jax.quantize import awq as A
-from minitron_jax.quantize import calibrate as C
+from minitron_jax.quantize import awq
+from minitron_jax.quantize import calibrate
 from minitron_jax.quantize import formats as Q
 
 F = Q.QuantFormat
@@ -26,10 +26,10 @@ def test_folded_float_model_has_the_same_logits(kv_heads):
   rng = np.random.default_rng(0)
   widths = {"attn_in": cfg.hidden_size, "mlp_in": cfg.hidden_size,
             "mlp_act": cfg.intermediate_size, "attn_heads": cfg.num_attention_heads * cfg.head_dim}
-  groups = A.scale_groups(cfg.num_attention_heads, cfg.num_key_value_heads)
+  groups = awq.scale_groups(cfg.num_attention_heads, cfg.num_key_value_heads)
   assert ("attn_heads" in groups) == (kv_heads == cfg.num_attention_heads)
   scales = {t: rng.lognormal(0, 0.7, (2, widths[t])) for t in groups}
-  folded = A.fold_params(params, cfg, scales)
+  folded = awq.fold_params(params, cfg, scales)
   for name in ("attn_norm", "q", "v", "o" if "attn_heads" in groups else "k", "up", "down"):
     assert not np.allclose(folded["layers"][name], params["layers"][name]), name
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 16)))
@@ -38,7 +38,7 @@ def test_folded_float_model_has_the_same_logits(kv_heads):
   assert _rel(got, want) <= 1e-5
   if kv_heads != cfg.num_attention_heads:
     with pytest.raises(ValueError, match="no GQA"):
-      A.fold_params(params, cfg, {"attn_heads": np.ones((2, 64))})
+      awq.fold_params(params, cfg, {"attn_heads": np.ones((2, 64))})
 
 
 def _activations(seed, fmt, out=24, inp=64, tokens=512):
@@ -82,7 +82,7 @@ def _np_rtn(w, fmt, group, ratio=1.0):
   return deq
 
 
-@pytest.mark.parametrize("fmt", A.AWQ_FORMATS)
+@pytest.mark.parametrize("fmt", awq.AWQ_FORMATS)
 def test_scale_objective_equals_numpy_reference(fmt):
   w, x = _activations(0, fmt)
   h = x.T @ x
@@ -95,17 +95,17 @@ def test_scale_objective_equals_numpy_reference(fmt):
   else:
     values, scale, zp = Q.quantize_matrix(jnp.asarray(w, jnp.float32), fmt, block)
   qa = Q.QuantizedArray(values, scale, zp, None, fmt.value, block, (24,), (64,), (0, 1))
-  np.testing.assert_allclose(np.asarray(A.fake_quant(w, fmt, g)), np.asarray(qa.matrix()),
+  np.testing.assert_allclose(np.asarray(awq.fake_quant(w, fmt, g)), np.asarray(qa.matrix()),
                              atol=1e-7)
   np.testing.assert_allclose(_np_rtn(w, fmt, g), np.asarray(qa.matrix()), atol=1e-6)
-  grid, (stored, _) = A.clipped_grid(w, fmt, g)
+  grid, (stored, _) = awq.clipped_grid(w, fmt, g)
   # Ratio 1 gives the format's scales: bit for bit llama.cpp's float16 ones for Q4_0 (the
   # int4 ones may differ in the last float32 bit, by division order).
   np.testing.assert_allclose(np.asarray(stored, np.float64), np.asarray(scale, np.float64),
                              rtol=0 if fmt.is_gguf else 1e-6)
   alphas = (0.0, 0.25, 0.5, 0.75)
-  got = np.asarray(A.scale_errors(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
-                                  mean_abs, fmt, g, alphas))
+  got = np.asarray(awq.scale_errors(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
+                                    mean_abs, fmt, g, alphas))
   for a, e in zip(alphas, got):
     s = mean_abs ** a
     s = s / np.sqrt(s.max() * s.min())
@@ -114,26 +114,26 @@ def test_scale_objective_equals_numpy_reference(fmt):
     assert abs(e - want) <= 1e-4 * want, (a, e, want)
 
 
-@pytest.mark.parametrize("fmt", A.AWQ_FORMATS)
+@pytest.mark.parametrize("fmt", awq.AWQ_FORMATS)
 def test_searches_never_worse_than_round_to_nearest(fmt):
   w, x = _activations(1, fmt)
   h = x.T @ x
   g = _group(fmt)
-  s, errs = A.search_scales([w, 2 * w[:8]], h, np.abs(x).mean(0), fmt, g)
+  s, errs = awq.search_scales([w, 2 * w[:8]], h, np.abs(x).mean(0), fmt, g)
   assert errs[0] == pytest.approx(sum(np.sum(((_np_rtn(v, fmt, g) - v) @ x.T) ** 2)
                                       for v in (w, 2 * w[:8])), rel=1e-4)  # α = 0: plain RTN
   assert min(errs) == errs[int(np.argmin(errs))] <= errs[0]
   assert min(errs) < 0.9 * errs[0]  # the outlier channels make scaling pay
-  np.testing.assert_allclose(s, A.channel_scales(np.abs(x).mean(0),
-                                                 A.ALPHAS[int(np.argmin(errs))]), rtol=1e-6)
+  np.testing.assert_allclose(s, awq.channel_scales(np.abs(x).mean(0),
+                                                 awq.ALPHAS[int(np.argmin(errs))]), rtol=1e-6)
   ws = w * s
   hs = h / np.outer(s, s)
-  grid, (scale, zp), ratio = A.search_clip(ws, hs, fmt, g)
+  grid, (scale, zp), ratio = awq.search_clip(ws, hs, fmt, g)
   assert ratio.shape == (24, 64 // g) and ratio.min() < 1.0  # some groups are clipped
-  assert set(np.unique(ratio)) <= set(np.float32(A.clip_ratios(fmt)))
+  assert set(np.unique(ratio)) <= set(np.float32(awq.clip_ratios(fmt)))
   # Per (row, group), the clipped grid's error (numpy, from the grid itself) is at most
   # round to nearest's on the unclipped one.
-  deq = A.dequantize(A.rtn_codes(ws, grid), grid)
+  deq = awq.dequantize(awq.rtn_codes(ws, grid), grid)
   np.testing.assert_allclose(deq, _np_rtn(ws, fmt, g, ratio), atol=1e-6)
 
   def per_group(d):
@@ -151,7 +151,7 @@ def test_awq_model_layout_and_checks():
   cfg = preset("tiny", num_hidden_layers=2)
   params = M.init_params(cfg, jax.random.PRNGKey(0), std=0.1)
   batches = [np.random.default_rng(k).integers(0, 256, (2, 24)) for k in range(2)]
-  qp = C.calibrated_params(params, cfg, F.INT4_GROUP_ASYM, batches, "awq", group_size=32)
+  qp = calibrate.calibrated_params(params, cfg, F.INT4_GROUP_ASYM, batches, "awq", group_size=32)
   rtn = Q.quantize_params(params, cfg, F.INT4_GROUP_ASYM, group_size=32)
   assert jax.tree_util.tree_structure(qp) == jax.tree_util.tree_structure(rtn)
   for a, b in zip(jax.tree_util.tree_leaves(qp), jax.tree_util.tree_leaves(rtn)):
@@ -160,9 +160,9 @@ def test_awq_model_layout_and_checks():
   assert np.all(np.isfinite(np.asarray(M.forward(qp, cfg, jnp.asarray(batches[0]))["logits"])))
   with pytest.raises(ValueError, match="--method=awq supports int4_group, int4_group_asym, "
                      "gguf_q4_0, not gguf_q8_0"):
-    C.check_method("awq", F.GGUF_Q8_0)
+    calibrate.check_method("awq", F.GGUF_Q8_0)
   with pytest.raises(ValueError, match="needs calibration data"):
-    C.quantize_with_method(params, cfg, F.INT4_GROUP, "awq_gptq")
+    calibrate.quantize_with_method(params, cfg, F.INT4_GROUP, "awq_gptq")
 
 
 def test_q4_0_clip_search_takes_the_mirrored_grid_when_it_fits():
@@ -173,6 +173,6 @@ def test_q4_0_clip_search_takes_the_mirrored_grid_when_it_fits():
   w = np.zeros((2, g))
   w[0, :2] = (1.0, -0.99)
   w[1, :4] = (1.0, 0.125, -0.25, 0.375)  # on the usual grid exactly
-  _, (scale, _), ratio = A.search_clip(w, np.eye(g), fmt, g)
+  _, (scale, _), ratio = awq.search_clip(w, np.eye(g), fmt, g)
   assert ratio[0, 0] == np.float32(-8 / 7) and ratio[1, 0] == 1.0
   np.testing.assert_array_equal(scale[:, 0], np.float16([1 / 7, -1 / 8]))

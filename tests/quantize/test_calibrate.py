@@ -11,9 +11,9 @@ import pytest
 from minitron_jax import axes
 from minitron_jax import model as M
 from minitron_jax.config import preset
-from minitron_jax.quantize import calibrate as C
+from minitron_jax.quantize import calibrate
 from minitron_jax.quantize import formats as Q
-from minitron_jax.quantize import gptq as G
+from minitron_jax.quantize import gptq
 
 F = Q.QuantFormat
 SPECS = {s.path[-1]: s for s in axes.PARAM_SPECS}
@@ -38,7 +38,7 @@ def _gram(x):
 def test_each_layer_sees_the_quantized_layers_before_it(fmt):
   params, cfg = _tiny()
   batches = [np.random.default_rng(k).integers(0, 256, (2, 24)) for k in range(2)]
-  qp = C.gptq_params(params, cfg, fmt, batches, group_size=32)
+  qp = calibrate.calibrated_params(params, cfg, fmt, batches, "gptq", group_size=32)
   rtn = Q.quantize_params(params, cfg, fmt, group_size=32)
   assert jax.tree_util.tree_structure(qp) == jax.tree_util.tree_structure(rtn)
   for a, b in zip(jax.tree_util.tree_leaves(qp), jax.tree_util.tree_leaves(rtn)):
@@ -56,8 +56,8 @@ def test_each_layer_sees_the_quantized_layers_before_it(fmt):
   for name in ("q", "o", "up", "down"):
     spec = SPECS[name]
     w = np.asarray(Q.to_matrix(params["layers"][name], spec))[2]
-    values, scale, _ = G.quantize_matrix(w, np.asarray(hess[Q.INPUT_TAPS[name]][2], np.float64),
-                                         fmt, group_size=32)
+    values, scale, _ = gptq.quantize_matrix(w, np.asarray(hess[Q.INPUT_TAPS[name]][2], np.float64),
+                                            fmt, group_size=32)
     got = np.asarray(qp["layers"][name].int_values()[2])
     want = np.asarray(Q.unpack_int4(jnp.asarray(values), w.shape[1]))
     assert np.mean(got == want) > 0.99, name
@@ -74,7 +74,7 @@ def test_fp8_gptq_with_static_activation_scales(fmt):
   params, cfg = _tiny()
   batches = [np.random.default_rng(k).integers(0, 256, (2, 24)) for k in range(2)]
   act = Q.calibrate_activation_scales(params, cfg, batches)
-  qp = C.calibrated_params(params, cfg, fmt, batches, "gptq", activation_scales=act)
+  qp = calibrate.calibrated_params(params, cfg, fmt, batches, "gptq", activation_scales=act)
   for name, tap in Q.INPUT_TAPS.items():
     leaf = qp["layers"][name]
     assert leaf.values.dtype == jnp.float8_e4m3fn
@@ -95,33 +95,33 @@ def test_fp8_gptq_with_static_activation_scales(fmt):
   assert not np.allclose(h, h_weights_only, rtol=1e-4)  # the activation rounding is seen
   for name in ("q", "k", "v"):
     w = np.asarray(Q.to_matrix(params["layers"][name], SPECS[name]))[1]
-    values, scale, _ = G.quantize_matrix(w, h, fmt)
+    values, scale, _ = gptq.quantize_matrix(w, h, fmt)
     got = np.asarray(qp["layers"][name].values[1], np.float32)
     assert np.mean(got == np.asarray(values, np.float32)) > 0.99, name
     np.testing.assert_array_equal(np.asarray(qp["layers"][name].scale[1]), scale)
   with pytest.raises(ValueError, match="FP8 only"):
-    C.calibrated_params(params, cfg, F.INT8_CHANNEL, batches, "gptq", activation_scales=act)
+    calibrate.calibrated_params(params, cfg, F.INT8_CHANNEL, batches, "gptq", activation_scales=act)
 
 
 def test_default_method_is_the_best_one_the_format_supports():
-  assert [C.default_method(f, True) for f in F] == [
+  assert [calibrate.default_method(f, True) for f in F] == [
       "awq_gptq" if f in (F.INT4_GROUP, F.INT4_GROUP_ASYM, F.GGUF_Q4_0) else
-      "gptq" if f in C.G.GPTQ_FORMATS else "rtn" for f in F]
-  assert {C.default_method(f, False) for f in F} == {"rtn"}
+      "gptq" if f in gptq.GPTQ_FORMATS else "rtn" for f in F]
+  assert {calibrate.default_method(f, False) for f in F} == {"rtn"}
   for f in F:  # every default passes the method check
-    C.check_method(C.default_method(f, True), f)
+    calibrate.check_method(calibrate.default_method(f, True), f)
 
 
 def test_method_checks():
   with pytest.raises(ValueError, match="unknown quantization method 'awq2'"):
-    C.check_method("awq2", F.INT4_GROUP)
+    calibrate.check_method("awq2", F.INT4_GROUP)
   with pytest.raises(ValueError, match="--method=awq supports .* not fp8_block"):
-    C.check_method("awq", F.FP8_BLOCK)
+    calibrate.check_method("awq", F.FP8_BLOCK)
   params, cfg = _tiny()
   with pytest.raises(ValueError, match="needs calibration data"):
-    C.quantize_with_method(params, cfg, F.INT4_GROUP, "gptq")
+    calibrate.quantize_with_method(params, cfg, F.INT4_GROUP, "gptq")
   with pytest.raises(ValueError, match="at least one batch"):
-    C.gptq_params(params, cfg, F.INT4_GROUP, [])
+    calibrate.calibrated_params(params, cfg, F.INT4_GROUP, [], "gptq")
 
 
 @pytest.mark.slow
@@ -139,9 +139,9 @@ def test_gptq_beats_rtn_on_real_activations(real_model):
     for name in ("q", "down"):
       w = np.asarray(Q.to_matrix(params["layers"][name], SPECS[name]), np.float64)[1]
       h = np.asarray(hess[Q.INPUT_TAPS[name]][1], np.float64)
-      grid, _ = G.format_grid(w, fmt)
+      grid, _ = gptq.format_grid(w, fmt)
       rtn = np.stack([grid.codes(w[:, j], j) for j in range(w.shape[1])], 1)
-      opt = G.gptq(w, h, grid)
+      opt = gptq.gptq(w, h, grid)
 
       def err(codes):
         d = w - np.stack([grid.dequantize(codes[:, j], j) for j in range(w.shape[1])], 1)

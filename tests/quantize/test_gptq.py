@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minitron_jax.quantize import formats as Q
-from minitron_jax.quantize import gptq as G
+from minitron_jax.quantize import gptq
 
 F = Q.QuantFormat
 
@@ -46,18 +46,18 @@ def _dequantized(codes, grid):
   return np.stack([grid.dequantize(codes[:, j], j) for j in range(codes.shape[1])], 1)
 
 
-@pytest.mark.parametrize("fmt", G.GPTQ_FORMATS)
+@pytest.mark.parametrize("fmt", gptq.GPTQ_FORMATS)
 @pytest.mark.parametrize("act_order", [True, False])
 def test_gptq_equals_reference_and_beats_rtn(fmt, act_order):
   w, x = _layer(0)
   h = x.T @ x
-  grid, (scale, zp) = G.format_grid(w, fmt, 64)
-  got = G.gptq(w, h, grid, block_size=48, damp=0.01, act_order=act_order)
+  grid, (scale, zp) = gptq.format_grid(w, fmt, 64)
+  got = gptq.gptq(w, h, grid, block_size=48, damp=0.01, act_order=act_order)
   want = _reference_gptq(w, h, grid, 0.01, act_order)
   assert np.mean(got == want) > 0.999, np.mean(got == want)  # float ties aside: identical
   assert got.min() >= grid.qmin and got.max() <= grid.qmax
   # The stored layout is the format's own: GPTQ codes decode through QuantizedArray.
-  values = G.encode(got, fmt)
+  values = gptq.encode(got, fmt)
   q = Q.QuantizedArray(values, scale, zp, None, fmt.value, Q.block_shape(fmt, *w.shape, 64),
                        (w.shape[0],), (w.shape[1],), (0, 1))
   np.testing.assert_allclose(np.asarray(q.matrix()), _dequantized(got, grid), rtol=1e-6,
@@ -79,8 +79,8 @@ def test_gptq_equals_reference_and_beats_rtn(fmt, act_order):
 
 def test_gptq_bad_inputs():
   w, x = _layer(1, inp=64)
-  grid, _ = G.format_grid(w, F.INT4_GROUP, 32)
+  grid, _ = gptq.format_grid(w, F.INT4_GROUP, 32)
   with pytest.raises(ValueError, match="Hessian shape"):
-    G.gptq(w, np.eye(32), grid)
+    gptq.gptq(w, np.eye(32), grid)
   with pytest.raises(ValueError, match="not positive definite"):
-    G.gptq(w, -np.eye(64), grid, damp=0.0)
+    gptq.gptq(w, -np.eye(64), grid, damp=0.0)

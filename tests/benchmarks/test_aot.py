@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from minitron_jax import config, sharding  # noqa: E402
-from minitron_jax.recipe import aot  # noqa: E402
+from benchmarks import aot  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not aot.libtpu_available(),
                                 reason='libtpu is not installed (pip install "jax[tpu]")')
