@@ -8,6 +8,7 @@ its own as the user's by subclassing `UnavailableError`, so this module needs no
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Any, Callable
 
@@ -17,6 +18,19 @@ from minitron_jax.config import ConfigError
 class UnavailableError(RuntimeError):
   """Something a run needs (a model, a corpus, evaluation data) cannot be had: not found
   locally and not downloadable (no network, an unknown package, repo or dataset)."""
+
+
+class DiskFullError(UnavailableError):
+  """A write failed for lack of space (or a file-size limit); the message names the file and
+  the bytes it needed. The partial output has been removed by the writer."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def no_space(e: BaseException) -> bool:
+  """Whether `e` is a write refused for lack of space or a file-size limit."""
+  return isinstance(e, OSError) and e.errno in NO_SPACE
 
 
 # Errors that are the user's input, reported as one line rather than a traceback.
@@ -54,6 +68,13 @@ def main_wrapper(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]
     except USER_ERRORS as e:
       msg = e.args[0] if isinstance(e, KeyError) and e.args else e
       print(f"error: {msg}", file=sys.stderr)
+      sys.exit(1)
+    except OSError as e:
+      if not no_space(e):
+        raise
+      # A write that no writer of ours wrapped (an orbax checkpoint, a cache): name the file.
+      print(f"error: {e.filename or 'a write'}: {e.strerror}; free some space and run the same "
+            "command again (finished work is kept)", file=sys.stderr)
       sys.exit(1)
     except ModuleNotFoundError as e:
       msg = missing_package_message(e)

@@ -11,6 +11,30 @@ import shutil
 import tempfile
 from typing import Any, Iterable
 
+from minitron_jax import errors
+
+
+def check_free_space(path: str, needed: int) -> None:
+  """Refuses, before writing, a file of `needed` bytes that its filesystem has no room for."""
+  free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+  if free < needed:
+    raise errors.DiskFullError(f"{path}: needs {needed:,} bytes, and its filesystem has "
+                               f"{free:,} free; free some space and run the same command again")
+
+
+@contextlib.contextmanager
+def no_space_named(path: str, needed: int):
+  """Turns a write refused for lack of space (or a file-size limit) into a `DiskFullError`
+  naming `path` and the `needed` bytes."""
+  try:
+    yield
+  except OSError as e:
+    if not errors.no_space(e):
+      raise
+    raise errors.DiskFullError(f"{path}: the filesystem refused the write ({e.strerror}); it "
+                               f"needs {needed:,} bytes; free some space and run the same "
+                               "command again") from None
+
 
 def fsync_dir(path: str) -> None:
   """Makes a rename or a new entry in directory `path` durable (after a power loss too)."""
@@ -42,7 +66,8 @@ def write_text(path: str, text: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with no_space_named(path, len(text.encode("utf-8"))), \
+        os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())

@@ -16,6 +16,8 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from minitron_jax.io import files
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
@@ -116,7 +118,9 @@ def write(path: str | os.PathLike, tensors: Iterable[tuple[str, tuple[int, ...],
     header = {"__metadata__": dict(metadata), **header}
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  with open(path, "wb") as f:
+  needed = 8 + len(blob) + offset
+  files.check_free_space(path, needed)
+  with files.no_space_named(path, needed), open(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for name, shape, dtype, produce in tensors:
