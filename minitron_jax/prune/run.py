@@ -24,6 +24,10 @@ from minitron_jax.prune import slicing as P
 from minitron_jax.settings import MeshSpec, SettingError, check_positive
 
 
+# The calibration windows importance is computed on, by a prune and by a search.
+IMPORTANCE_CALIB = CalibSpec(samples=1024, seq_len=512)
+
+
 @dataclasses.dataclass(frozen=True)
 class PruneJob:
   """One pruning run: its settings and their defaults (the launch script's and the library's).
@@ -59,7 +63,7 @@ class PruneJob:
   importance: str = "activation"
   aggregation: str = "l2,mean"
   layer_importance: str = "block_importance"
-  calib: CalibSpec = CalibSpec(samples=1024, seq_len=512)
+  calib: CalibSpec = IMPORTANCE_CALIB
   eval_samples: int = 32
   layer_task: str = "winogrande"
   layer_task_limit: int = 200

@@ -33,6 +33,7 @@ import numpy as np
 from minitron_jax.config import PRESETS
 from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
+from minitron_jax.data.calib import CalibSpec
 from minitron_jax.progress import Progress
 from minitron_jax.prune import importance as I
 from minitron_jax.prune import layer_importance as LI
@@ -41,7 +42,6 @@ from minitron_jax.prune import run as prune_run
 from minitron_jax.prune import slicing as P
 from minitron_jax.prune.run import check_non_negative, check_scoring
 from minitron_jax.settings import SettingError, check_positive
-from minitron_jax.data.calib import CalibSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +64,8 @@ class SearchJob:
   data_root: str | None = None  # where `score_task`'s data is (else the default folders, hub)
   importance: str = "activation"
   aggregation: str = "l2,mean"
-  calib: CalibSpec = CalibSpec(samples=64, seq_len=256)
-  eval_samples: int = 8         # held-out windows every candidate is scored on
+  calib: CalibSpec = prune_run.IMPORTANCE_CALIB
+  eval_samples: int = 32        # held-out windows every candidate is scored on
   scores_npz: str | None = None  # importance.npz (with layer_scores) from an earlier search
   dry_run: bool = False
   overwrite: bool = False
