@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax import axes
-from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
 from minitron_jax.quantize import formats as Q
 from minitron_jax.config import LlamaConfig
