@@ -3,7 +3,7 @@
 A user states a budget (total parameters, or memory: weights at the export dtype plus the KV
 cache of `kv_tokens` tokens); the search lists every shape the teacher can be pruned to that
 meets it, scores the ones closest to the budget one-shot from importance computed once, and
-leaves the short distillation of the best few to the caller (`prune/search_run.py`).
+leaves the short distillation of the best few to the caller (`recipe/search.py`).
 
 Search space (every layer keeps the same shape):
 

@@ -105,6 +105,9 @@ def gptq_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
   return calibrated_params(params, cfg, fmt, batches, "gptq", **kw)
 
 
+NORMS = ("attn_norm", "mlp_norm")  # the RMSNorm weights AWQ folds its scales into
+
+
 def calibrated_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
                       batches: Iterable[np.ndarray], method: str = "gptq", *,
                       group_size: int = Q.DEFAULT_GROUP_SIZE, include_embeddings: bool = False,
@@ -147,56 +150,84 @@ def calibrated_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
   layouts = {n: Q.matrix_layout(s, params["layers"][n].shape) for n, s in specs.items()}
   blocks = {n: Q.block_shape(fmt, *mats[n].shape[-2:], group_size) for n in specs}
   groups = A.scale_groups(cfg.num_attention_heads, cfg.num_key_value_heads)
-  norm_names = ("attn_norm", "mlp_norm")
-  parts: dict[str, list] = {n: [] for n in (*specs, *norm_names)}
+  parts: dict[str, list] = {n: [] for n in (*specs, *NORMS)}
   float_layer, quant_layer = _layer_fn(cfg, True), _layer_fn(cfg, False)
   tokens = sum(x.shape[0] * x.shape[1] for x in xs)
   bar = Progress(f"{method} {fmt.value}", cfg.num_hidden_layers, "layers", enabled=progress)
   for i in range(cfg.num_hidden_layers):
     lp = jax.tree_util.tree_map(lambda a: a[i], params["layers"])
-    stats = None
-    for x in xs:
-      got = float_layer(lp, x)[1]
-      stats = got if stats is None else jax.tree_util.tree_map(jnp.add, stats, got)
+    stats = _layer_stats(float_layer, lp, xs)
     hess = {k: np.asarray(v[0], np.float64) for k, v in stats.items()}
     w = {n: np.asarray(mats[n][i], np.float64) for n in specs}
-    norms = {n: np.asarray(lp[n], np.float64) for n in norm_names}
+    norms = {n: np.asarray(lp[n], np.float64) for n in NORMS}
     if method.startswith("awq"):
-      scales = {}
-      for tap, (readers, _) in groups.items():
-        mean_abs = np.asarray(stats[tap][1], np.float64) / tokens
-        scales[tap], _ = A.search_scales([w[n] for n in readers], hess[tap], mean_abs, fmt,
-                                         blocks[readers[0]][1])
-      w, norms = A.fold_layer(w, norms, scales)
-      for tap, s in scales.items():
-        hess[tap] = hess[tap] / np.outer(s, s)
+      w, norms, hess = _awq_fold(w, norms, hess, stats, tokens, groups, fmt, blocks)
     qlp = dict(lp)
-    for n in norm_names:
+    for n in NORMS:
       qlp[n] = jnp.asarray(norms[n], lp[n].dtype)
       parts[n].append(np.asarray(qlp[n]))
     for n in specs:
-      h = hess[Q.INPUT_TAPS[n]]
-      if method == "gptq":
-        part = G.quantize_matrix(w[n], h, fmt, group_size=group_size, damp=damp,
-                                 act_order=act_order, block_size=block_size)
-      else:
-        grid, (scale, zp), _ = A.search_clip(w[n], h, fmt, blocks[n][1])
-        codes = (A.rtn_codes(w[n], grid) if method == "awq" else
-                 G.gptq(w[n], h, grid, damp=damp, act_order=act_order, block_size=block_size))
-        part = G.encode(codes, fmt), scale, zp
+      part = _round_matrix(method, w[n], hess[Q.INPUT_TAPS[n]], fmt, blocks[n][1],
+                           group_size=group_size, damp=damp, act_order=act_order,
+                           block_size=block_size)
       parts[n].append(part)
       values, scale, zp = (None if a is None else jnp.asarray(a) for a in part)
       qlp[n] = Q.QuantizedArray(values, scale, zp, None if act[n] is None else act[n][i],
                                 fmt.value, blocks[n], *layouts[n])
     xs = [quant_layer(qlp, x)[0] for x in xs]
     bar.update(i + 1)
+  return _assemble(params, cfg, fmt, parts, act, blocks, layouts, include_embeddings,
+                   group_size)
+
+
+def _layer_stats(float_layer, lp, xs) -> dict:
+  """{tap: (X Xᵀ, sum |x|)} of one float layer over every calibration batch."""
+  stats = None
+  for x in xs:
+    got = float_layer(lp, x)[1]
+    stats = got if stats is None else jax.tree_util.tree_map(jnp.add, stats, got)
+  return stats
+
+
+def _awq_fold(w: dict, norms: dict, hess: dict, stats: dict, tokens: int, groups: dict,
+              fmt: Q.QuantFormat, blocks: dict) -> tuple[dict, dict, dict]:
+  """AWQ's per-channel scales of one layer folded into its weights and norms; returns them
+  with the Hessians of the scaled inputs."""
+  scales = {}
+  for tap, (readers, _) in groups.items():
+    mean_abs = np.asarray(stats[tap][1], np.float64) / tokens
+    scales[tap], _ = A.search_scales([w[n] for n in readers], hess[tap], mean_abs, fmt,
+                                     blocks[readers[0]][1])
+  w, norms = A.fold_layer(w, norms, scales)
+  hess = dict(hess)
+  for tap, s in scales.items():
+    hess[tap] = hess[tap] / np.outer(s, s)
+  return w, norms, hess
+
+
+def _round_matrix(method: str, w: np.ndarray, h: np.ndarray, fmt: Q.QuantFormat, block: int, *,
+                  group_size: int, damp: float, act_order: bool, block_size: int) -> tuple:
+  """(codes, scale, zero point) of one weight matrix by `method` on input Hessian `h`."""
+  if method == "gptq":
+    return G.quantize_matrix(w, h, fmt, group_size=group_size, damp=damp, act_order=act_order,
+                             block_size=block_size)
+  grid, (scale, zp), _ = A.search_clip(w, h, fmt, block)
+  codes = (A.rtn_codes(w, grid) if method == "awq" else
+           G.gptq(w, h, grid, damp=damp, act_order=act_order, block_size=block_size))
+  return G.encode(codes, fmt), scale, zp
+
+
+def _assemble(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, parts: dict, act: dict,
+              blocks: dict, layouts: dict, include_embeddings: bool, group_size: int) -> dict:
+  """The quantized param tree: the calibrated layers' parts stacked, the rest as
+  `formats.quantize_params` gives them."""
   items = []
   for spec, leaf in axes.iter_leaves(params, cfg):
     name = spec.path[-1]
-    if spec.stacked and name in specs:
+    if spec.stacked and name in blocks:
       leaf = Q.QuantizedArray(*_stack(parts[name]), act[name], fmt.value, blocks[name],
                               *layouts[name])
-    elif spec.stacked and name in norm_names:
+    elif spec.stacked and name in NORMS:
       leaf = jnp.asarray(np.stack(parts[name]))
     elif Q.is_quantizable(spec, include_embeddings):
       leaf = Q.quantize_leaf(leaf, spec, fmt, group_size)

@@ -1,9 +1,11 @@
 """The Minitron recipe as resumable stages in one run directory.
 
-fetch -> [synthetic data] -> teacher correction -> prune (width, depth) -> distill (width,
-depth) -> baselines -> quantize -> evaluate every model -> report. Each stage writes its
-output atomically and is skipped when that output exists, so the same command continues an
-interrupted run; training stages also resume from their own checkpoints.
+fetch -> [synthetic data] -> data -> teacher correction -> prune (width, depth) ->
+[teacher logits] -> distill (width, depth) -> [prune search -> distill search] -> [baselines]
+-> quantize -> evaluate every model -> report. Each stage writes its output atomically and is
+skipped when that output exists, so the same command continues an interrupted run; training
+stages also resume from their own checkpoints. Every stage's job is built from the config by
+`jobs.py` and validated before the first stage runs.
 """
 
 from __future__ import annotations
