@@ -21,7 +21,7 @@ from minitron_jax.io import hf_compat
 from minitron_jax.prune import importance as I
 from minitron_jax.prune import layer_importance as LI
 from minitron_jax.prune import slicing as P
-from minitron_jax.settings import MeshSpec, SettingError, check_positive
+from minitron_jax.settings import MeshSpec, SettingError, check_non_negative, check_positive
 
 
 # The calibration windows importance is computed on, by a prune and by a search.
@@ -95,12 +95,7 @@ def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def check_non_negative(obj, *fields: str) -> None:
-  """Raises SettingError for the first of `fields` that is not an integer >= 0."""
-  for f in fields:
-    v = getattr(obj, f)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-      raise SettingError(f, f"{{name}}={v!r} must be an integer >= 0")
+DTYPES = ("float32", "bfloat16")
 
 
 def check_scoring(job) -> None:
@@ -117,9 +112,6 @@ def check_scoring(job) -> None:
   mesh = getattr(job, "mesh", None)
   if mesh is not None:
     mesh.validate()
-
-
-DTYPES = ("float32", "bfloat16")
 
 
 def load_scores(path: str) -> tuple[I.Scores | None, np.ndarray | None, bool]:

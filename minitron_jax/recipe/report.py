@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -67,8 +68,6 @@ def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
   """Every measurement of one model of the run: `eval.tasks` (`model_tasks`), held-out
   perplexity, greedy samples of `generate.prompts` and decode speed. `data_root`: where the
   evaluation data is (the config's `data_root` when None)."""
-  import dataclasses
-
   from minitron_jax.evaluate import generate as G
   from minitron_jax.evaluate import run as eval_run
   from minitron_jax.recipe import jobs

@@ -40,8 +40,8 @@ from minitron_jax.prune import layer_importance as LI
 from minitron_jax.prune import search as S
 from minitron_jax.prune import run as prune_run
 from minitron_jax.prune import slicing as P
-from minitron_jax.prune.run import check_non_negative, check_scoring
-from minitron_jax.settings import SettingError, check_positive
+from minitron_jax.prune.run import check_scoring
+from minitron_jax.settings import SettingError, check_non_negative, check_positive
 
 
 @dataclasses.dataclass(frozen=True)

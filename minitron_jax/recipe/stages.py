@@ -16,8 +16,8 @@ import os
 import time
 from typing import Any, Callable
 
-from minitron_jax.evaluate import sources
 from minitron_jax import settings
+from minitron_jax.evaluate import sources
 from minitron_jax.recipe import jobs, layout
 from minitron_jax.recipe.layout import data_root, get as _get, model_dir, students_teacher
 from minitron_jax.io import files
