@@ -14,45 +14,46 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from minitron_jax import cli, sharding  # noqa: E402
-from minitron_jax.evaluate import sources  # noqa: E402
-from minitron_jax.io import files  # noqa: E402
-from minitron_jax.io import hf as hf_io  # noqa: E402
-from minitron_jax.evaluate import scoring as evaluate  # noqa: E402
+from minitron_jax import cli, settings, sharding  # noqa: E402
+from minitron_jax.evaluate import run as eval_run  # noqa: E402
+from minitron_jax.evaluate import scoring  # noqa: E402
 
-ALL_TASKS = "ppl,winogrande,piqa,hellaswag,arc_easy,arc_challenge,lambada,openbookqa"
+JOB = eval_run.EvalJob  # every flag's default is the job's
+
 _MODEL = flags.DEFINE_string("model_dir", "smollm2-135m",
                              "HF model directory, a known short name, or a hub id.")
-_TASKS = flags.DEFINE_list("tasks", ALL_TASKS, "Tasks to run (ppl = perplexity of --ppl_file).")
-_DATA = flags.DEFINE_string("data_root", None, "Folder of task data (default: "
+_TASKS = flags.DEFINE_list("tasks", ",".join(JOB.tasks),
+                           "Tasks to run (ppl = perplexity of --ppl_file).")
+_DATA = flags.DEFINE_string("data_root", JOB.data_root, "Folder of task data (default: "
                             "$MINITRON_JAX_DATA_ROOT, ../shared/data beside the project, then "
                             "the Hugging Face hub).")
-_PPL = flags.DEFINE_string("ppl_file", None, "UTF-8 text for perplexity (default: the "
+_PPL = flags.DEFINE_string("ppl_file", JOB.ppl_file, "UTF-8 text for perplexity (default: the "
                            "WikiText-2 test text, found as the task data is).")
-_SEQ = flags.DEFINE_integer("seq_len", 1024, "Perplexity window length.", lower_bound=2)
-_WIN = flags.DEFINE_integer("max_windows", None, "Cap on perplexity windows.", lower_bound=1)
-_LIMIT = flags.DEFINE_integer("limit", None, "First N examples per task.", lower_bound=1)
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per batch.", lower_bound=1)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_OUT = flags.DEFINE_string("output_json", None, "Write results here.")
-_MESH = flags.DEFINE_string("mesh", "", "Device mesh to shard params and batch rows over, e.g. fsdp:-1 or data:2,fsdp:2,tensor:2 (as launch/distill.py); empty: one device.")
+_SEQ = flags.DEFINE_integer("seq_len", JOB.seq_len, "Perplexity window length.")
+_WIN = flags.DEFINE_integer("max_windows", JOB.max_windows, "Cap on perplexity windows.")
+_LIMIT = flags.DEFINE_integer("limit", JOB.limit, "First N examples per task.")
+_BATCH = flags.DEFINE_integer("batch_size", JOB.batch_size, "Sequences per batch.")
+_DTYPE = flags.DEFINE_enum("dtype", JOB.dtype, list(eval_run.DTYPES), "Compute dtype.")
+_OUT = flags.DEFINE_string("output_json", JOB.output_json, "Write results here.")
+_MESH = flags.DEFINE_string("mesh", JOB.mesh.spec, "Device mesh to shard params and batch rows "
+                            "over, e.g. fsdp:-1 or data:2,fsdp:2,tensor:2 (as "
+                            "launch/distill.py); empty: one device.")
 
 
 @cli.main_wrapper
 def main(argv):
   del argv
   sharding.initialize_distributed()
-  sources.require_eval_data(_TASKS.value, _DATA.value, ppl_file=_PPL.value)
-  params, cfg, tok, path = hf_io.load_model(_MODEL.value, _DTYPE.value)
-  results = evaluate.run_evaluation(
-      params, cfg, tok, _TASKS.value, data_root=_DATA.value, ppl_file=_PPL.value,
-      seq_len=_SEQ.value, max_windows=_WIN.value, limit=_LIMIT.value,
-      batch_size=_BATCH.value, mesh=sharding.stage_mesh(_MESH.value))
-  print(evaluate.format_table(list(results.items()),
-                              ["ppl", "acc", "acc_norm", "tokens", "examples", "seconds"]))
-  if _OUT.value:
-    files.write_json(_OUT.value, {"model_dir": path, "results": results})
-    print(f"wrote {_OUT.value}")
+  job = JOB(model_dir=_MODEL.value, tasks=tuple(_TASKS.value), data_root=_DATA.value,
+            ppl_file=_PPL.value, seq_len=_SEQ.value, max_windows=_WIN.value,
+            limit=_LIMIT.value, batch_size=_BATCH.value, dtype=_DTYPE.value,
+            mesh=settings.MeshSpec(_MESH.value), output_json=_OUT.value)
+  with settings.named(settings.flag_names()):
+    out = eval_run.run(job)
+  print(scoring.format_table(list(out["results"].items()),
+                             ["ppl", "acc", "acc_norm", "tokens", "examples", "seconds"]))
+  if job.output_json:
+    print(f"wrote {job.output_json}")
 
 
 if __name__ == "__main__":

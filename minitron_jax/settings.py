@@ -72,6 +72,14 @@ def check_positive(obj, *fields: str, prefix: str = "") -> None:
       raise SettingError(prefix + f, f"{{name}}={v!r} must be an integer >= 1")
 
 
+def check_non_negative(obj, *fields: str, prefix: str = "") -> None:
+  """Raises SettingError for the first of `fields` that is not an integer >= 0."""
+  for f in fields:
+    v = getattr(obj, f)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+      raise SettingError(prefix + f, f"{{name}}={v!r} must be an integer >= 0")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
   """A device mesh as text: `"data:2,fsdp:2,tensor:2"` (one size may be -1: the remaining

@@ -17,6 +17,7 @@ from minitron_jax import model as M
 from minitron_jax.config import LlamaConfig
 from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
+from minitron_jax.data.calib import CalibSpec
 from minitron_jax.prune import run as prune_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,8 +66,8 @@ def dirs(tmp_path_factory):
   with contextlib.redirect_stderr(stderr):
     report = prune_job.run(prune_job.PruneJob(
         model_dir=teacher, output_dir=str(root / "student"), hidden_size=64,
-        num_attention_heads=6, intermediate_size=80, calib_data=str(text), calib_samples=4,
-        calib_seq_len=32, eval_samples=0, batch_size=4))
+        num_attention_heads=6, intermediate_size=80,
+        calib=CalibSpec(data=str(text), samples=4, seq_len=32, batch_size=4), eval_samples=0))
   return {"root": root, "text": str(text), "teacher": teacher, "student": report["output_dir"],
           "report": report, "stderr": stderr.getvalue()}
 

@@ -18,6 +18,7 @@ from minitron_jax.config import LlamaConfig
 from minitron_jax.progress import Progress
 from minitron_jax.evaluate.generate import bucket
 from minitron_jax.evaluate.stats import stderr
+from minitron_jax.settings import SettingError
 
 
 def token_logprobs(params, cfg: LlamaConfig, inputs_bt, targets_bt,
@@ -280,7 +281,8 @@ def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str
 
   unknown = [t for t in task_names if t != "ppl" and t not in tasks.TASKS]
   if unknown:
-    raise ValueError(f"unknown task(s) {unknown}; known: ppl, {', '.join(tasks.TASKS)}")
+    raise SettingError("tasks", f"{{name}}: unknown task(s) {unknown}; known: ppl, "
+                       f"{', '.join(tasks.TASKS)}")
   results = {}
   params = _placed(params, cfg, mesh)
   for name in task_names:
@@ -288,7 +290,7 @@ def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str
       if ppl_file is None:
         text, where = sources.load_ppl_text(data_root)
       elif not os.path.isfile(ppl_file):
-        raise FileNotFoundError(f"{ppl_file}: no such file (--ppl_file)")
+        raise SettingError("ppl_file", f"{{name}}={ppl_file}: no such file")
       else:
         with open(ppl_file, encoding="utf-8") as f:
           text, where = f.read(), ppl_file

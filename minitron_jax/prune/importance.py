@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from minitron_jax import axes, sharding
 from minitron_jax import model as M
 from minitron_jax.config import LlamaConfig
+from minitron_jax.settings import SettingError
 
 AGGREGATIONS = ("mean", "l2", "var")
 METHODS = ("activation", "taylor", "magnitude", "random")
@@ -43,14 +44,16 @@ class Aggregation:
   def __post_init__(self):
     for name, v in (("batch", self.batch), ("seq", self.seq)):
       if v not in AGGREGATIONS:
-        raise ValueError(f"aggregation over {name}: {v!r} is not one of {AGGREGATIONS}")
+        raise SettingError("aggregation", f"{{name}} over {name}: {v!r} is not one of "
+                           f"{AGGREGATIONS}")
 
   @classmethod
   def parse(cls, spec: str) -> "Aggregation":
     """`"l2,mean"` = L2 over batch, mean over sequence."""
     parts = [p.strip() for p in spec.split(",")]
     if len(parts) != 2:
-      raise ValueError(f"--aggregation {spec!r}: expected 'batch_agg,seq_agg', e.g. 'l2,mean'")
+      raise SettingError("aggregation", f"{{name}}={spec!r}: expected 'batch_agg,seq_agg', "
+                         "e.g. 'l2,mean'")
     return cls(batch=parts[0], seq=parts[1])
 
 
@@ -339,7 +342,7 @@ def compute_scores(method: str, params, cfg: LlamaConfig, batches=None,
                    aggregation: Aggregation = Aggregation(), seed: int = 0,
                    progress=None, mesh: Mesh | None = None) -> Scores:
   if method not in METHODS:
-    raise ValueError(f"--importance {method!r} is not one of {METHODS}")
+    raise SettingError("importance", f"{{name}}={method!r} is not one of {METHODS}")
   if method == "activation":
     return activation_scores(params, cfg, batches, aggregation, progress, mesh)
   if method == "taylor":

@@ -13,6 +13,7 @@ import numpy as np
 
 from minitron_jax import sharding
 from minitron_jax.config import LlamaConfig
+from minitron_jax.data.calib import CalibSpec
 from minitron_jax.progress import Progress
 from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
@@ -20,10 +21,37 @@ from minitron_jax.io import hf_compat
 from minitron_jax.prune import importance as I
 from minitron_jax.prune import layer_importance as LI
 from minitron_jax.prune import slicing as P
+from minitron_jax.settings import MeshSpec, SettingError, check_non_negative, check_positive
+
+
+# The calibration windows importance is computed on, by a prune and by a search.
+IMPORTANCE_CALIB = CalibSpec(samples=1024, seq_len=512)
 
 
 @dataclasses.dataclass(frozen=True)
 class PruneJob:
+  """One pruning run: its settings and their defaults (the launch script's and the library's).
+
+  Attributes:
+    model_dir: HF directory, known short name or hub id.
+    output_dir: the pruned HF directory to write.
+    hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
+      num_hidden_layers: target shape (None keeps the source's).
+    drop_layers: explicit layers to drop, e.g. "16-31" (exclusive with num_hidden_layers).
+    importance: width importance criterion (`importance.METHODS`).
+    aggregation: activation aggregation over batch,sequence (`importance.Aggregation`).
+    layer_importance: depth criterion (`layer_importance.METRICS`).
+    calib: calibration windows (its seed also seeds random importance).
+    eval_samples: held-out windows for the perplexity before/after in the report.
+    layer_task, layer_task_limit: the zero-shot task of `layer_importance="accuracy"`.
+    layer_batches: calibration batches per layer-removal trial (lm_loss metric).
+    data_root: task data folder (None: the default folders, then the hub).
+    scores_npz: reuse saved scores: stream the checkpoint, no model in memory.
+    overwrite: replace a non-empty output directory.
+    dtype: compute dtype.
+    mesh: shards params and calibration rows ("" = one device).
+  """
+
   model_dir: str
   output_dir: str
   hidden_size: int | None = None
@@ -35,52 +63,82 @@ class PruneJob:
   importance: str = "activation"
   aggregation: str = "l2,mean"
   layer_importance: str = "block_importance"
-  calib_data: str = "shakespeare"
-  calib_samples: int = 1024
-  calib_seq_len: int = 512
+  calib: CalibSpec = IMPORTANCE_CALIB
   eval_samples: int = 32
-  batch_size: int = 8
-  seed: int = 0
   layer_task: str = "winogrande"
   layer_task_limit: int = 200
-  layer_batches: int = 4  # calibration batches per layer-removal trial (lm_loss metric)
+  layer_batches: int = 4
   data_root: str | None = None
-  scores_npz: str | None = None  # reuse saved scores: stream the checkpoint, no model in RAM
+  scores_npz: str | None = None
   overwrite: bool = False
   dtype: str = "float32"
-  mesh: str = ""  # e.g. "fsdp:-1": shard params and calibration rows ("" = one device)
+  mesh: MeshSpec = MeshSpec()
 
   def targets(self) -> dict[str, Any]:
-    return {k: getattr(self, k) for k in ("hidden_size", "intermediate_size",
-                                          "num_attention_heads", "num_key_value_heads",
-                                          "num_hidden_layers")}
+    return {k: getattr(self, k) for k in TARGETS}
+
+  def validate(self) -> None:
+    """Every setting on its own, before any file is read; raises SettingError."""
+    check_scoring(self)
+    if self.layer_importance not in LI.METRICS:
+      raise SettingError("layer_importance",
+                         f"{{name}}={self.layer_importance!r} is not one of {LI.METRICS}")
+    check_positive(self, "layer_task_limit", "layer_batches")
+    check_non_negative(self, "eval_samples")
+
+
+TARGETS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+           "num_hidden_layers")
 
 
 def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def validate(job: PruneJob):
-  """Everything checkable before any work: config, targets, flags, output directory."""
+DTYPES = ("float32", "bfloat16")
+
+
+def check_scoring(job) -> None:
+  """The settings every importance-scoring job shares (`PruneJob`, the search's job):
+  calibration data, criterion, aggregation, dtype, reused scores, mesh."""
+  job.calib.validate()
+  if job.importance not in I.METHODS:
+    raise SettingError("importance", f"{{name}}={job.importance!r} is not one of {I.METHODS}")
+  I.Aggregation.parse(job.aggregation)
+  if job.dtype not in DTYPES:
+    raise SettingError("dtype", f"{{name}}={job.dtype!r} is not one of {DTYPES}")
+  if job.scores_npz and not os.path.isfile(job.scores_npz):
+    raise SettingError("scores_npz", f"{{name}}={job.scores_npz}: no such file")
+  mesh = getattr(job, "mesh", None)
+  if mesh is not None:
+    mesh.validate()
+
+
+def load_scores(path: str) -> tuple[I.Scores | None, np.ndarray | None, bool]:
+  """(unit scores or None, per-layer scores or None, whether the layers drop as one block)
+  saved as `importance.npz` by a prune or a search."""
+  with np.load(path, allow_pickle=False) as z:
+    scores = (I.Scores(heads=z["heads"], neurons=z["neurons"], channels=z["channels"],
+                       kv_groups=z["kv_groups"]) if "heads" in z else None)
+    layer_scores = np.asarray(z["layer_scores"]) if "layer_scores" in z else None
+    drop_block = bool(z["drop_block"]) if "drop_block" in z else False
+  return scores, layer_scores, drop_block
+
+
+def prepare(job: PruneJob):
+  """Everything checkable before any work: settings, output directory, source config and
+  targets; returns (source dir, config, targets, target config, aggregation)."""
   from minitron_jax.io import registry
 
-  if job.importance not in I.METHODS:
-    raise ValueError(f"--importance={job.importance!r} is not one of {I.METHODS}")
+  job.validate()
   agg = I.Aggregation.parse(job.aggregation)
-  if job.layer_importance not in LI.METRICS:
-    raise ValueError(f"--layer_importance={job.layer_importance!r} is not one of {LI.METRICS}")
-  for name in ("calib_samples", "calib_seq_len", "batch_size"):
-    if getattr(job, name) < 1:
-      raise ValueError(f"--{name} must be >= 1")
   files.check_output_dir(job.output_dir, job.overwrite)
-  if job.scores_npz and not os.path.isfile(job.scores_npz):
-    raise FileNotFoundError(f"{job.scores_npz}: no such file (--scores_npz)")
   src = str(registry.resolve_model_dir(job.model_dir))
   cfg = hf_io.load_config(src, dtype=job.dtype)
   targets = P.Targets.from_flags(cfg, drop_layers=job.drop_layers, **job.targets())
   new = targets.validate(cfg)
   if new == cfg:
-    raise ValueError("no pruning target given (e.g. --hidden_size, --drop_layers)")
+    raise SettingError("hidden_size", "no pruning target given (e.g. {name}, drop_layers)")
   return src, cfg, targets, new, agg
 
 
@@ -167,91 +225,105 @@ def _ppl(params, cfg, windows, batch_size, mesh=None) -> float:
 
 def run(job: PruneJob) -> dict[str, Any]:
   """Runs the job; returns the report (also written as prune_report.json)."""
-  from minitron_jax.data import corpus as data, packing
-  from minitron_jax.evaluate import tasks
-
   t0 = time.perf_counter()
-  src, cfg, targets, new, agg = validate(job)
+  src, cfg, targets, new, agg = prepare(job)
   warnings = compat_warnings(cfg, new)
   for w in warnings:
     _log(f"warning: {w}")
   report: dict[str, Any] = {"model_dir": src, "output_dir": os.path.abspath(job.output_dir),
                             "importance": job.importance, "aggregation": job.aggregation,
                             "warnings": warnings}
-  extra: dict[str, Any] = {"curves": {}, "layer_scores": {}}
-  needs_layers = targets.drop_layers is None and new.num_hidden_layers != cfg.num_hidden_layers
-
-  if job.scores_npz:  # streaming: plan from saved scores, slice the checkpoint on disk
-    z = np.load(job.scores_npz, allow_pickle=False)
-    if "heads" not in z and P.cuts_width(cfg, new):
-      raise ValueError(f"{job.scores_npz} holds layer scores only (it came from a depth-only "
-                       "prune); a width target needs a width prune's importance.npz")
-    scores = (I.Scores(heads=z["heads"], neurons=z["neurons"], channels=z["channels"],
-                       kv_groups=z["kv_groups"]) if "heads" in z else None)
-    layer_scores = z["layer_scores"] if "layer_scores" in z else None
-    plan = P.make_plan(cfg, targets, scores, layer_scores,
-                       drop_block=bool(z["drop_block"]) if "drop_block" in z else False)
-    report.update(P.plan_summary(cfg, plan), streamed=True)
-    P.prune_checkpoint(src, job.output_dir, plan, overwrite=job.overwrite,
-                       extra_files=lambda d: files.write_json(
-                           os.path.join(d, "prune_report.json"), report))
-    return report
-
+  if job.scores_npz:
+    return _run_streamed(job, src, cfg, targets, new, report)
   params, cfg, tok, _ = hf_io.load_model(src, job.dtype)
-  mesh = sharding.stage_mesh(job.mesh)
+  mesh = job.mesh.stage_mesh()
   # Scoring reads `placed` (sharded over the mesh); slicing and saving read the host copy.
   placed = params if mesh is None else sharding.shard_params(params, cfg, mesh)
-  root = job.data_root or tasks.default_data_root()
-  _log(f"calibration data: {job.calib_data}")
-  stream = data.load_tokens(job.calib_data, tok)
-  windows = packing.calibration_samples(stream, num_samples=job.calib_samples + job.eval_samples,
-                                     seq_len=job.calib_seq_len, seed=job.seed)
-  calib, held_out = windows[:job.calib_samples], windows[job.calib_samples:]
-  batches = [calib[i:i + job.batch_size] for i in range(0, len(calib), job.batch_size)]
-  report["calibration"] = {"source": job.calib_data, "samples": len(calib),
-                           "seq_len": job.calib_seq_len, "held_out_samples": len(held_out)}
+  calib, held_out = _calibration_windows(job, tok, report)
+  batches = job.calib.batches(calib)
   scores = None
   if P.cuts_width(cfg, new):  # a depth-only target ranks layers: no unit scores to compute
     ts = time.perf_counter()
-    scores = I.compute_scores(job.importance, placed, cfg, batches, agg, seed=job.seed,
+    scores = I.compute_scores(job.importance, placed, cfg, batches, agg, seed=job.calib.seed,
                               progress=Progress(f"{job.importance} importance", len(calib)),
                               mesh=mesh)
     report["importance_seconds"] = round(time.perf_counter() - ts, 2)
-  layer_scores, drop_block = None, False
-  if needs_layers or targets.drop_layers is not None:
-    if needs_layers:
-      layer_scores, drop_block = _layer_scores(job, placed, cfg, new, tok, batches, root, extra,
-                                               mesh)
-    else:  # explicit list: still measure block importance for the report and the plot
-      extra["curves"]["block importance (1 - cos)"] = (None, LI.block_importance(
-          placed, cfg, batches[:4], block_sizes=sorted({1, len(targets.drop_layers)}),
-          mesh=mesh))
+  extra: dict[str, Any] = {"curves": {}, "layer_scores": {}}
+  layer_scores, drop_block = _depth_scores(job, placed, cfg, new, targets, tok, batches, extra,
+                                           mesh)
   plan = P.make_plan(cfg, targets, scores, layer_scores, drop_block)
   pruned, new_cfg = P.prune(params, cfg, plan)
   report.update(P.plan_summary(cfg, plan))
   if len(held_out):
-    report["calibration_ppl_before"] = _ppl(placed, cfg, held_out, job.batch_size, mesh)
-    report["calibration_ppl_after"] = _ppl(pruned, new_cfg, held_out, job.batch_size, mesh)
+    report["calibration_ppl_before"] = _ppl(placed, cfg, held_out, job.calib.batch_size, mesh)
+    report["calibration_ppl_after"] = _ppl(pruned, new_cfg, held_out, job.calib.batch_size,
+                                           mesh)
   report["layer_importance"] = {k: np.asarray(v).tolist()
                                 for k, v in extra["layer_scores"].items()}
   report["seconds"] = round(time.perf_counter() - t0, 2)
-
-  def extra_files(d):
-    arrays = scores.to_npz_dict() if scores is not None else {}
-    if layer_scores is not None:
-      arrays.update(layer_scores=np.asarray(layer_scores), drop_block=np.array(drop_block))
-    arrays.update({f"layer_{k}": np.asarray(v) for k, v in extra["layer_scores"].items()})
-    np.savez(os.path.join(d, "importance.npz"), **arrays)
-    if extra["curves"]:
-      LI.plot(os.path.join(d, "layer_importance.png"), extra["curves"],
-              title=f"layer importance of {os.path.basename(src)}")
-    if scores is not None:
-      plot_unit_scores(os.path.join(d, "importance.png"), scores)
-    files.write_json(os.path.join(d, "prune_report.json"), report)
-
   hf_io.save_hf(pruned, new_cfg, job.output_dir, source_dir=src, overwrite=job.overwrite,
-                extra_files=extra_files)
+                extra_files=lambda d: _write_outputs(d, src, report, scores, layer_scores,
+                                                     drop_block, extra))
   return report
+
+
+def _run_streamed(job: PruneJob, src: str, cfg, targets, new, report: dict) -> dict:
+  """Plans from saved scores and slices the checkpoint on disk (no model in memory)."""
+  scores, layer_scores, drop_block = load_scores(job.scores_npz)
+  if scores is None and P.cuts_width(cfg, new):
+    raise SettingError("scores_npz", f"{{name}}={job.scores_npz} holds layer scores only (it "
+                       "came from a depth-only prune); a width target needs a width prune's "
+                       "importance.npz")
+  plan = P.make_plan(cfg, targets, scores, layer_scores, drop_block=drop_block)
+  report.update(P.plan_summary(cfg, plan), streamed=True)
+  P.prune_checkpoint(src, job.output_dir, plan, overwrite=job.overwrite,
+                     extra_files=lambda d: files.write_json(
+                         os.path.join(d, "prune_report.json"), report))
+  return report
+
+
+def _calibration_windows(job: PruneJob, tok, report: dict) -> tuple[np.ndarray, np.ndarray]:
+  """(calibration windows, held-out windows) of `job.calib`; notes them in `report`."""
+  from minitron_jax.data import corpus
+
+  _log(f"calibration data: {job.calib.data}")
+  windows = job.calib.windows(corpus.load_tokens(job.calib.data, tok), extra=job.eval_samples)
+  calib, held_out = windows[:job.calib.samples], windows[job.calib.samples:]
+  report["calibration"] = {"source": job.calib.data, "samples": len(calib),
+                           "seq_len": job.calib.seq_len, "held_out_samples": len(held_out)}
+  return calib, held_out
+
+
+def _depth_scores(job: PruneJob, placed, cfg, new, targets, tok, batches, extra: dict, mesh):
+  """(layer scores or None, whether they drop one block) for a depth target; an explicit
+  `drop_layers` list still measures block importance for the report and the plot."""
+  from minitron_jax.evaluate import tasks
+
+  if targets.drop_layers is not None:
+    extra["curves"]["block importance (1 - cos)"] = (None, LI.block_importance(
+        placed, cfg, batches[:4], block_sizes=sorted({1, len(targets.drop_layers)}),
+        mesh=mesh))
+    return None, False
+  if new.num_hidden_layers == cfg.num_hidden_layers:
+    return None, False
+  root = job.data_root or tasks.default_data_root()
+  return _layer_scores(job, placed, cfg, new, tok, batches, root, extra, mesh)
+
+
+def _write_outputs(d: str, src: str, report: dict, scores, layer_scores, drop_block: bool,
+                   extra: dict) -> None:
+  """importance.npz, the plots and prune_report.json, into the pruned directory `d`."""
+  arrays = scores.to_npz_dict() if scores is not None else {}
+  if layer_scores is not None:
+    arrays.update(layer_scores=np.asarray(layer_scores), drop_block=np.array(drop_block))
+  arrays.update({f"layer_{k}": np.asarray(v) for k, v in extra["layer_scores"].items()})
+  np.savez(os.path.join(d, "importance.npz"), **arrays)
+  if extra["curves"]:
+    LI.plot(os.path.join(d, "layer_importance.png"), extra["curves"],
+            title=f"layer importance of {os.path.basename(src)}")
+  if scores is not None:
+    plot_unit_scores(os.path.join(d, "importance.png"), scores)
+  files.write_json(os.path.join(d, "prune_report.json"), report)
 
 
 def plot_unit_scores(path: str, scores: I.Scores) -> None:

@@ -3,7 +3,7 @@
 A user states a budget (total parameters, or memory: weights at the export dtype plus the KV
 cache of `kv_tokens` tokens); the search lists every shape the teacher can be pruned to that
 meets it, scores the ones closest to the budget one-shot from importance computed once, and
-leaves the short distillation of the best few to the caller (`prune/search_run.py`).
+leaves the short distillation of the best few to the caller (`recipe/search.py`).
 
 Search space (every layer keeps the same shape):
 
@@ -36,6 +36,7 @@ import numpy as np
 from minitron_jax.config import LlamaConfig
 from minitron_jax.prune import importance as I
 from minitron_jax.prune import slicing
+from minitron_jax.settings import SettingError
 
 # Bytes per weight / per KV-cache entry for the export dtypes the memory target understands.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
@@ -132,47 +133,55 @@ class Budget:
   max_depth_cut: float = 0.5
   multiple: int = 0  # width step; 0 = `granule()` of each teacher dimension
 
-  def check(self, src: LlamaConfig) -> None:
-    """Raises ValueError (one line, naming the flag) for a budget no candidate can meet."""
+  def validate(self) -> None:
+    """Raises SettingError (one line, naming the field) for a setting wrong on its own."""
     if self.target_params is None and self.target_memory_gb is None:
-      raise ValueError("give --target_params or --target_memory_gb")
+      raise SettingError("budget.target_params", "give {name} or target_memory_gb")
     if self.dtype not in DTYPE_BYTES:
-      raise ValueError(f"--export_dtype={self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+      raise SettingError("budget.dtype",
+                         f"{{name}}={self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
     for name in ("max_width_cut", "max_depth_cut"):
       v = getattr(self, name)
       if not 0 <= v < 1:
-        raise ValueError(f"--{name}={v} must be in [0, 1)")
+        raise SettingError(f"budget.{name}", f"{{name}}={v} must be in [0, 1)")
     if not 0 < self.slack <= 1:
-      raise ValueError(f"--budget_slack={self.slack} must be in (0, 1]")
+      raise SettingError("budget.slack", f"{{name}}={self.slack} must be in (0, 1]")
     if self.multiple < 0:
-      raise ValueError(f"--width_multiple={self.multiple} must be >= 0 (0 = automatic)")
+      raise SettingError("budget.multiple",
+                         f"{{name}}={self.multiple} must be >= 0 (0 = automatic)")
     if self.kv_tokens < 0:
-      raise ValueError(f"--kv_tokens={self.kv_tokens} must be >= 0")
+      raise SettingError("budget.kv_tokens", f"{{name}}={self.kv_tokens} must be >= 0")
+
+  def check(self, src: LlamaConfig) -> None:
+    """Raises SettingError (one line, naming the field) for a budget no candidate can meet."""
+    self.validate()
     full = Candidate(src.hidden_size, (src.intermediate_size,) * src.num_hidden_layers,
                      src.num_groups, src.num_key_value_heads)
     g = _grid(src, self)
     small = int(np.argmin(g["params"]))
     floor = (f"the smallest shape the search space allows (hidden {g['d'][small]}, MLP "
              f"{g['f'][small]}, {g['n'][small]} heads, {g['layers'][small]} layers; see "
-             "--max_width_cut, --max_depth_cut)")
+             "max_width_cut, max_depth_cut)")
     if self.target_params is not None:
       t = self.target_params
       if not t > 0:
-        raise ValueError(f"--target_params={t:g} must be positive")
+        raise SettingError("budget.target_params", f"{{name}}={t:g} must be positive")
       if t >= param_count(src, full):
-        raise ValueError(f"--target_params={t:g} is not below the teacher's "
-                         f"{param_count(src, full):,} parameters: nothing to prune")
+        raise SettingError("budget.target_params", f"{{name}}={t:g} is not below the teacher's "
+                           f"{param_count(src, full):,} parameters: nothing to prune")
       if t < g["params"][small]:
-        raise ValueError(f"--target_params={t:g} is smaller than {g['params'][small]:,} "
-                         f"parameters, {floor}")
+        raise SettingError("budget.target_params",
+                           f"{{name}}={t:g} is smaller than {g['params'][small]:,} "
+                           f"parameters, {floor}")
     if self.target_memory_gb is not None:
       gb = self.target_memory_gb
       if not gb > 0:
-        raise ValueError(f"--target_memory_gb={gb:g} must be positive")
+        raise SettingError("budget.target_memory_gb", f"{{name}}={gb:g} must be positive")
       least = int(g["memory"].min())
       if gb * 1e9 < least:
-        raise ValueError(f"--target_memory_gb={gb:g} is impossible: {floor} needs "
-                         f"{least / 1e9:.3g} GB at {self.dtype} with --kv_tokens={self.kv_tokens}")
+        raise SettingError("budget.target_memory_gb",
+                           f"{{name}}={gb:g} is impossible: {floor} needs {least / 1e9:.3g} GB "
+                           f"at {self.dtype} with kv_tokens={self.kv_tokens}")
 
 
 def granule(size: int) -> int:
@@ -243,7 +252,7 @@ def enumerate_candidates(src: LlamaConfig, budget: Budget) -> list[Candidate]:
          for i in order]
   if not out:
     raise ValueError("no candidate meets the budget in this search space: raise the target, "
-                     "--budget_slack, --max_width_cut or --max_depth_cut")
+                     "budget_slack, max_width_cut or max_depth_cut")
   return out
 
 

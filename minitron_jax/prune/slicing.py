@@ -20,6 +20,7 @@ import numpy as np
 from minitron_jax import axes
 from minitron_jax.config import LlamaConfig, parse_layer_list
 from minitron_jax.prune.importance import Scores
+from minitron_jax.settings import SettingError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,30 +47,31 @@ class Targets:
                  "num_key_value_heads", "num_hidden_layers"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
-        raise ValueError(f"--{name}={v!r} must be a positive integer")
+        raise SettingError(name, f"{{name}}={v!r} must be a positive integer")
       if v is not None and v > getattr(cfg, name):
-        raise ValueError(f"--{name}={v} is larger than the source model's {getattr(cfg, name)}")
+        raise SettingError(name, f"{{name}}={v} is larger than the source model's "
+                           f"{getattr(cfg, name)}")
     if self.drop_layers is not None and self.num_hidden_layers is not None:
-      raise ValueError("give either --num_hidden_layers or --drop_layers, not both")
+      raise SettingError("drop_layers", "give either num_hidden_layers or {name}, not both")
     n = self.num_attention_heads or cfg.num_attention_heads
     k = self.num_key_value_heads or cfg.num_key_value_heads
     if n % k:
-      raise ValueError(f"--num_attention_heads={n} is not a multiple of "
-                       f"--num_key_value_heads={k} (query heads are kept per KV group)")
+      raise SettingError("num_attention_heads", f"{{name}}={n} is not a multiple of "
+                         f"num_key_value_heads={k} (query heads are kept per KV group)")
     if n // k > cfg.num_groups:
       raise ValueError(f"{n} query heads over {k} KV groups needs {n // k} per group, but the "
                        f"source has only {cfg.num_groups} per group")
     layers = cfg.num_hidden_layers
     if self.drop_layers is not None:
       if not self.drop_layers:
-        raise ValueError("--drop_layers is empty")
+        raise SettingError("drop_layers", "{name} is empty")
       bad = [i for i in self.drop_layers if not 0 <= i < cfg.num_hidden_layers]
       if bad:
-        raise ValueError(f"--drop_layers: layer(s) {bad} out of range [0, "
-                         f"{cfg.num_hidden_layers - 1}]")
+        raise SettingError("drop_layers", f"{{name}}: layer(s) {bad} out of range [0, "
+                           f"{cfg.num_hidden_layers - 1}]")
       layers = cfg.num_hidden_layers - len(set(self.drop_layers))
       if layers < 1:
-        raise ValueError("--drop_layers would remove every layer")
+        raise SettingError("drop_layers", "{name} would remove every layer")
     elif self.num_hidden_layers is not None:
       layers = self.num_hidden_layers
     return cfg.replace(hidden_size=self.hidden_size or cfg.hidden_size,
@@ -161,7 +163,8 @@ def make_plan(cfg: LlamaConfig, targets: Targets, scores: Scores | None = None,
                              if i not in set(targets.drop_layers)])
   elif new.num_hidden_layers != cfg.num_hidden_layers:
     if layer_scores is None:
-      raise ValueError("--num_hidden_layers needs layer importance (or use --drop_layers)")
+      raise SettingError("num_hidden_layers",
+                         "{name} needs layer importance (or use drop_layers)")
     n_drop = cfg.num_hidden_layers - new.num_hidden_layers
     if drop_block:
       start = int(np.argmin(layer_scores))

@@ -31,6 +31,7 @@ from minitron_jax.progress import Progress
 from minitron_jax.quantize import awq
 from minitron_jax.quantize import formats as Q
 from minitron_jax.quantize import gptq
+from minitron_jax.settings import SettingError
 
 METHODS = ("rtn", "gptq", "awq", "awq_gptq")
 CALIBRATED = ("gptq", "awq", "awq_gptq")
@@ -58,13 +59,14 @@ def default_method(fmt: Q.QuantFormat, calibrated: bool) -> str:
 def check_method(method: str, fmt: Q.QuantFormat) -> None:
   """Raises ValueError if `method` cannot quantize `fmt`."""
   if method not in METHODS:
-    raise ValueError(f"unknown quantization method {method!r}; known: {', '.join(METHODS)}")
+    raise SettingError("method", f"{{name}}={method!r} is not a quantization method; known: "
+                       f"{', '.join(METHODS)}")
   if method == "gptq" and fmt not in gptq.GPTQ_FORMATS:
-    raise ValueError(f"--method=gptq supports {', '.join(f.value for f in gptq.GPTQ_FORMATS)}, "
-                     f"not {fmt.value}")
+    raise SettingError("method", f"{{name}}=gptq supports "
+                       f"{', '.join(f.value for f in gptq.GPTQ_FORMATS)}, not {fmt.value}")
   if method.startswith("awq") and fmt not in awq.AWQ_FORMATS:
-    raise ValueError(f"--method={method} supports {', '.join(f.value for f in awq.AWQ_FORMATS)}, "
-                     f"not {fmt.value}")
+    raise SettingError("method", f"{{name}}={method} supports "
+                       f"{', '.join(f.value for f in awq.AWQ_FORMATS)}, not {fmt.value}")
 
 
 def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -241,7 +243,7 @@ def quantize_with_method(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, met
   t0 = time.perf_counter()
   if method in CALIBRATED:
     if batches is None:
-      raise ValueError(f"--method={method} needs calibration data (--calib_data)")
+      raise SettingError("calib.data", f"method={method} needs calibration data: set {{name}}")
     out = calibrated_params(params, cfg, fmt, batches, method, **kw)
   else:
     kw = {k: v for k, v in kw.items() if k in ("group_size", "include_embeddings")}

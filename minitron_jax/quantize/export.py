@@ -19,11 +19,11 @@ consumer's dequantized weights equal what our JAX forward runs on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
-import time
 from typing import Any, Callable
 
 import jax
@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax import axes
-from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
 from minitron_jax.quantize import formats as Q
 from minitron_jax.config import LlamaConfig
@@ -48,7 +47,7 @@ EXPORT_FORMATS: dict[str, Q.QuantFormat] = {
     "gguf_q4_0": Q.QuantFormat.GGUF_Q4_0,
 }
 REPORT_FILE = "quantize_report.json"
-_NP = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+DENSE_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
 Tensor = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
 
@@ -212,7 +211,7 @@ def fp8_config(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat) -> dict:
           "weight_block_size": [Q.FP8_BLOCK, Q.FP8_BLOCK], "modules_to_not_convert": ["lm_head"]}
 
 
-def _family(fmt: Q.QuantFormat) -> str:
+def family(fmt: Q.QuantFormat) -> str:
   if fmt.is_gguf:
     return "gguf"
   return "fp8" if fmt is Q.QuantFormat.FP8_BLOCK else "compressed-tensors"
@@ -243,7 +242,7 @@ def check_consumers(cfg: LlamaConfig, fmt: Q.QuantFormat, include_embeddings: bo
       check_consumer_shape(spec.hf_name.replace("{i}", "*"), *axes.hf_shape(spec, cfg), fmt)
 
 
-def _check_exportable(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat) -> None:
+def check_exportable(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat) -> None:
   for spec, leaf in axes.iter_leaves(params, cfg):
     if not Q.is_quantized(leaf):
       continue
@@ -252,21 +251,21 @@ def _check_exportable(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat) -> Non
       raise ValueError(f"{spec.name} is {leaf.fmt}, the export is {fmt.value}")
     if axes.VOCAB in spec.axes and not fmt.is_gguf:
       raise ValueError("quantized embeddings / LM head are exported to GGUF only")
-    if leaf.input_scale is not None and _family(fmt) != "fp8":
+    if leaf.input_scale is not None and family(fmt) != "fp8":
       raise ValueError("static activation scales are exported in the fp8 format only")
 
 
 def write_hf(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, out_dir: str,
              source_dir: str | None = None) -> None:
   """Writes a quantized HF directory into an existing (temporary) `out_dir`."""
-  family = _family(fmt)
-  tensors = hf_tensors(params, cfg, family)
+  fam = family(fmt)
+  tensors = hf_tensors(params, cfg, fam)
   write(os.path.join(out_dir, hf_io.SINGLE_FILE), tensors, metadata={"format": "pt"})
   dense = {t[2] for t in tensors if t[0].endswith("norm.weight")}
   torch_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(
       next(iter(dense)), "bfloat16")
   hf_cfg = cfg.to_hf(torch_dtype=torch_dtype)
-  hf_cfg["quantization_config"] = (fp8_config if family == "fp8" else
+  hf_cfg["quantization_config"] = (fp8_config if fam == "fp8" else
                                    compressed_tensors_config)(params, cfg, fmt)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_cfg, f, indent=2)
@@ -296,9 +295,10 @@ def export_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat,
         (s, x if Q.is_quantized(x) else
          jnp.asarray(x).astype(jnp.float16 if len(s.hf_axes) == 2 else jnp.float32))
         for s, x in axes.iter_leaves(params, cfg))
-  if unquantized_dtype not in _NP:
-    raise ValueError(f"unquantized_dtype must be one of {list(_NP)}, got {unquantized_dtype!r}")
-  return Q.cast_unquantized(params, _NP[unquantized_dtype])
+  if unquantized_dtype not in DENSE_DTYPES:
+    raise ValueError(f"unquantized_dtype must be one of {list(DENSE_DTYPES)}, got "
+                     f"{unquantized_dtype!r}")
+  return Q.cast_unquantized(params, DENSE_DTYPES[unquantized_dtype])
 
 
 def export(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, out_dir: str, *,
@@ -316,7 +316,7 @@ def export(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, out_dir: str, *,
   Returns:
     The absolute output directory.
   """
-  _check_exportable(params, cfg, fmt)
+  check_exportable(params, cfg, fmt)
   with hf_io.atomic_output_dir(out_dir, overwrite) as tmp:
     write_into(params, cfg, fmt, tmp, source_dir)
   return os.path.abspath(out_dir)
@@ -342,159 +342,20 @@ def bf16_bytes(cfg: LlamaConfig) -> int:
   return 2 * cfg.num_params()
 
 
-def _ppl(params, cfg, ids, seq_len, max_windows, progress, mesh=None) -> dict:
-  from minitron_jax.evaluate import scoring as evaluate
-  res = evaluate.perplexity(params, cfg, ids, seq_len=seq_len, max_windows=max_windows,
-                            batch_size=1, progress=progress, mesh=mesh)
-  return {k: res[k] for k in ("ppl", "nll", "tokens", "windows")}
-
-
-def _windows(ids, seq_len: int, n: int) -> list[np.ndarray]:
-  ids = np.asarray(ids, np.int32)
-  n = min(n, len(ids) // seq_len)
-  return [ids[k * seq_len:(k + 1) * seq_len][None] for k in range(n)]
-
-
 def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
-                        overwrite: bool = False, ppl_file: str | None = None,
-                        seq_len: int = 512, max_windows: int = 4,
-                        group_size: int = Q.DEFAULT_GROUP_SIZE, include_embeddings: bool = False,
-                        calibration_file: str | None = None, calibration_windows: int = 4,
-                        unquantized_dtype: str = "bfloat16", gguf_tokenizer_pre: str = "",
-                        method: str | None = None, calib_data: str | None = None,
-                        calib_samples: int = 128, calib_seq_len: int = 512,
-                        gptq_damp: float = 0.01, act_order: bool = True,
-                        progress: bool = True, mesh=None, frozen_grid=None) -> dict:
-  """Loads an HF Llama checkpoint, quantizes it, exports it and writes `quantize_report.json`.
+                        calib_data: str | None = None, calib_samples: int | None = None,
+                        calib_seq_len: int | None = None, mesh: str = "", **settings) -> dict:
+  """`quantize.run.run` of a `QuantizeJob` given as keywords: `settings` are its fields, the
+  calibration spec's as `calib_data`, `calib_samples`, `calib_seq_len` (unset: the job's
+  defaults), `mesh` a mesh spec string. Returns the report."""
+  from minitron_jax.quantize import run as quantize_run
+  from minitron_jax.settings import MeshSpec
 
-  Every input is checked before any weight is read.
-
-  Args:
-    model_dir: HF directory, known short name or hub id.
-    output_dir: output directory (written atomically).
-    format_name: a key of `EXPORT_FORMATS`.
-    overwrite: replace a non-empty `output_dir`.
-    ppl_file: UTF-8 text for perplexity before/after; None skips it.
-    seq_len: perplexity window length.
-    max_windows: perplexity windows evaluated.
-    group_size: INT4 group size.
-    include_embeddings: quantize the embedding and LM head too (GGUF only).
-    calibration_file: text whose activations set static FP8 input scales (fp8 only).
-    calibration_windows: windows of `calibration_file` used.
-    unquantized_dtype: dtype of the tensors left unquantized in HF exports.
-    gguf_tokenizer_pre: llama.cpp pre-tokenizer name written to GGUF exports; empty: found
-      automatically (see `gguf_export.write_gguf`).
-    method: 'rtn' (round to nearest), 'gptq', 'awq' or 'awq_gptq' (the INT4 formats and GGUF
-      Q4_0; see `calibrate.calibrated_params`); None: `calibrate.default_method`.
-    calib_data: GPTQ / AWQ calibration text (any source `data.corpus.load_tokens` reads, as for
-      pruning importance).
-    calib_samples, calib_seq_len: calibration windows drawn from it.
-    gptq_damp, act_order: see `gptq.gptq`.
-    progress: print perplexity and calibration progress.
-    mesh: a `jax.sharding.Mesh` for the activation-scale calibration and perplexity forward
-      passes (params sharded by the logical-axis rules, rows over the batch axes); GPTQ's
-      layer-by-layer calibration runs on one device.
-    frozen_grid: a `qad.FrozenGrid` (of a quantization-aware distillation from a calibrated
-      model): the weights are encoded on its grids instead of grids derived here
-      (`method` must be None or 'rtn'; the report says 'frozen_grid').
-
-  Returns:
-    The report (also written to `<output_dir>/quantize_report.json`).
-  """
-  from minitron_jax.io import hf as hf_io
-  from minitron_jax.io import registry
-
-  t0 = time.perf_counter()
-  fmt = export_format(format_name)
-  if include_embeddings and not fmt.is_gguf:
-    raise ValueError("include_embeddings is supported for the GGUF formats only")
-  if calibration_file is not None and _family(fmt) != "fp8":
-    raise ValueError("static activation calibration is supported for the fp8 format only")
-  if unquantized_dtype not in _NP:
-    raise ValueError(f"unquantized_dtype must be one of {list(_NP)}, got {unquantized_dtype!r}")
-  from minitron_jax.quantize import calibrate
-  if method is None:
-    method = calibrate.default_method(fmt, calib_data is not None)
-  calibrate.check_method(method, fmt)
-  if frozen_grid is not None:
-    if method != "rtn" or calibration_file is not None or include_embeddings:
-      raise ValueError("a frozen grid is encoded as it is: no --method, static activation "
-                       "scales or embedding quantization with it")
-    method = "frozen_grid"
-  if method in calibrate.CALIBRATED and calib_data is None:
-    raise ValueError(f"--method={method} needs calibration data (--calib_data)")
-  if method == "rtn" and calib_data is not None:
-    raise ValueError("--calib_data is used by the calibrated methods only "
-                     f"({', '.join(calibrate.CALIBRATED)})")
-  if calib_samples < 1 or calib_seq_len < 2:
-    raise ValueError(f"calib_samples must be >= 1 and calib_seq_len >= 2, got {calib_samples}, "
-                     f"{calib_seq_len}")
-  out = os.path.abspath(output_dir)
-  files.check_output_dir(out, overwrite)
-  for f, flag in ((ppl_file, "ppl_file"), (calibration_file, "calibration_file")):
-    if f is not None and not os.path.isfile(f):
-      raise FileNotFoundError(f"{f}: no such file (--{flag})")
-  path = str(registry.resolve_model_dir(model_dir))
-  cfg = hf_io.load_config(path)
-  Q.check_dims(cfg, fmt, group_size, include_embeddings)
-  check_consumers(cfg, fmt, include_embeddings)
-  if fmt.is_gguf:
-    from minitron_jax.quantize import gguf_export
-    gguf_export.check_inputs(cfg, path, gguf_tokenizer_pre)
-  need_tok = bool(ppl_file or calibration_file or calib_data or fmt.is_gguf)
-
-  params, cfg, tok, _ = hf_io.load_model(path, with_tokenizer=need_tok)
-  params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
-  act = None
-  if calibration_file is not None:
-    with open(calibration_file, encoding="utf-8") as f:
-      ids = tok(f.read(), add_special_tokens=False)["input_ids"]
-    act = Q.calibrate_activation_scales(params, cfg, _windows(ids, seq_len, calibration_windows),
-                                        mesh=mesh)
-  calib = None
-  if method in calibrate.CALIBRATED:
-    from minitron_jax.data import corpus, packing
-    batches = list(packing.calibration_batches(corpus.load_tokens(calib_data, tok),
-                                               num_samples=calib_samples,
-                                               seq_len=calib_seq_len, batch_size=8))
-    qparams, secs = calibrate.quantize_with_method(
-        params, cfg, fmt, method, batches, include_embeddings=include_embeddings,
-        group_size=group_size, damp=gptq_damp, act_order=act_order, activation_scales=act,
-        progress=progress)
-    calib = {"data": calib_data, "samples": calib_samples, "seq_len": calib_seq_len,
-             "damp": gptq_damp, "act_order": act_order, "seconds": round(secs, 2)}
-  elif frozen_grid is not None:
-    qparams = frozen_grid.encode(params)
-  else:
-    qparams = Q.quantize_params(params, cfg, fmt, include_embeddings=include_embeddings,
-                                group_size=group_size, activation_scales=act)
-  qparams = export_params(qparams, cfg, fmt, unquantized_dtype)
-  report: dict[str, Any] = {"format": format_name, "weight_format": fmt.value, "method": method,
-                            "calibration": calib, "model_dir": path, "output_dir": out,
-                            "notes": notes(cfg, fmt)}
-  _check_exportable(qparams, cfg, fmt)
-  with hf_io.atomic_output_dir(out, overwrite) as tmp:
-    write_into(qparams, cfg, fmt, tmp, path, gguf_tokenizer_pre)
-    size = files.weight_bytes(tmp)
-    report["size"] = {"bytes": size, "bf16_bytes": bf16_bytes(cfg),
-                      "ratio_vs_bf16": size / bf16_bytes(cfg)}
-    report["param_bytes"] = {"quantized": Q.param_bytes(qparams),
-                             "float32": Q.param_bytes(params)}
-    stats = Q.error_stats(params, qparams, cfg)
-    report["error_summary"] = summarize(stats)
-    report["tensors"] = stats
-    if ppl_file is not None:
-      with open(ppl_file, encoding="utf-8") as f:
-        ids = tok(f.read(), add_special_tokens=False)["input_ids"]
-      before = _ppl(params, cfg, ids, seq_len, max_windows, progress, mesh)
-      after = _ppl(qparams, cfg, ids, seq_len, max_windows, progress, mesh)
-      report["perplexity"] = {"file": os.path.abspath(ppl_file), "before": before["ppl"],
-                              "after": after["ppl"], "increase": after["ppl"] - before["ppl"],
-                              "tokens": after["tokens"], "windows": after["windows"]}
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    with open(os.path.join(tmp, REPORT_FILE), "w") as f:
-      json.dump(report, f, indent=2)
-  return report
+  job = quantize_run.QuantizeJob(model_dir=model_dir, output_dir=output_dir, format=format_name,
+                                 mesh=MeshSpec(mesh), **settings)
+  given = {"data": calib_data or "", "samples": calib_samples, "seq_len": calib_seq_len}
+  calib = dataclasses.replace(job.calib, **{k: v for k, v in given.items() if v is not None})
+  return quantize_run.run(dataclasses.replace(job, calib=calib))
 
 
 def notes(cfg: LlamaConfig, fmt: Q.QuantFormat) -> list[str]:

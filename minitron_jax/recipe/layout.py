@@ -26,11 +26,9 @@ def data_root(cfg) -> str:
   return get(cfg, "data_root") or tasks.default_data_root()
 
 
-def stage_mesh(cfg) -> str:
-  """The mesh spec the forward-only stages (importance, quantization, evaluation) run on: the
-  training mesh, or "" (one device, no sharding) for the default `data:-1`, where sharding
-  the parameters over data-parallel replicas would only copy them."""
-  return "" if cfg.mesh == "data:-1" else cfg.mesh
+def training_data(run_dir: str) -> str:
+  """The mixed training corpus every training and pruning stage reads."""
+  return os.path.join(run_dir, "data", "train.jsonl")
 
 
 def read(run_dir: str, rel: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -57,27 +58,30 @@ def model_tasks(cfg, name: str) -> list[str]:
   from, distilled students, baselines); only those also in `eval.reference_tasks` for the
   others (the teacher before correction, one-shot pruned and quantized models), whose zero-shot
   scores sit at chance or within noise of their source's. () = every task for every model."""
-  ref = layout.get(cfg, "eval.reference_tasks")
+  ref = tuple(cfg.eval.reference_tasks)
   reference = (name.startswith(("quantized/", "pruned_"))
                or (name == "teacher" and layout.students_teacher(cfg) != "teacher"))
   return [t for t in cfg.eval.tasks if not (ref and reference) or t in ref]
 
 
 def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
-  from minitron_jax.evaluate import scoring as evaluate
+  """Every measurement of one model of the run: `eval.tasks` (`model_tasks`), held-out
+  perplexity, greedy samples of `generate.prompts` and decode speed. `data_root`: where the
+  evaluation data is (the config's `data_root` when None)."""
   from minitron_jax.evaluate import generate as G
+  from minitron_jax.evaluate import run as eval_run
+  from minitron_jax.recipe import jobs
 
   params, mcfg, tok, path = load_for_eval(cfg, run_dir, name)
-  mesh = sharding.stage_mesh(layout.stage_mesh(cfg))
+  job = jobs.eval_job(cfg, path, model_tasks(cfg, name))
+  if data_root is not None:
+    job = dataclasses.replace(job, data_root=data_root)
+  mesh = job.mesh.stage_mesh()
   if mesh is not None:  # placed once: every call below keeps leaves already laid out so
     params = sharding.shard_params(params, mcfg, mesh)
   e = cfg.eval
   # The run refused to start without this data (stages.run), so none of it is skipped here.
-  tasks = model_tasks(cfg, name)
-  res = evaluate.run_evaluation(params, mcfg, tok, tasks, data_root=data_root,
-                                ppl_file=e.ppl_file or None, seq_len=e.seq_len,
-                                max_windows=e.max_windows or None, limit=e.limit or None,
-                                batch_size=e.batch_size, progress=False, mesh=mesh)
+  res = eval_run.evaluate_params(job, params, mcfg, tok, mesh)
   held = heldout_ppl(params, mcfg, tok, run_dir, e, mesh)
   if held is not None:
     res["heldout_ppl"] = held
@@ -90,7 +94,7 @@ def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
   return {"name": name, "label": label(name, cfg.quantize.source), "params": mcfg.num_params(),
           "size_bytes": files.weight_bytes(path, skip=("checkpoints", "init")), "results": res,
           "decode_tokens_per_second": G.decode_speed(params, mcfg, prompts[:1],
-                                                     e.get("decode_tokens", 32), mesh=mesh),
+                                                     e.decode_tokens, mesh=mesh),
           "samples": [tok.decode(t, skip_special_tokens=True) for t in tokens],
           "repetition": [stats.repeated_ngram_fraction(t, 3) for t in tokens]}
 
@@ -312,7 +316,7 @@ def search_section(run_dir: str) -> list[str]:
 def _sources(cfg) -> str:
   src = cfg.data.source
   names = (src,) if isinstance(src, str) else tuple(src)
-  weights = tuple(cfg.data.get("weights", ()) or ())
+  weights = tuple(cfg.data.weights or ())
   if len(names) > 1 and weights:
     return ", ".join(f"`{n}` ({w:g})" for n, w in zip(names, weights))
   return ", ".join(f"`{n}`" for n in names)

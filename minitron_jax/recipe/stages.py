@@ -1,9 +1,11 @@
 """The Minitron recipe as resumable stages in one run directory.
 
-fetch -> [synthetic data] -> teacher correction -> prune (width, depth) -> distill (width,
-depth) -> baselines -> quantize -> evaluate every model -> report. Each stage writes its
-output atomically and is skipped when that output exists, so the same command continues an
-interrupted run; training stages also resume from their own checkpoints.
+fetch -> [synthetic data] -> data -> teacher correction -> prune (width, depth) ->
+[teacher logits] -> distill (width, depth) -> [prune search -> distill search] -> [baselines]
+-> quantize -> evaluate every model -> report. Each stage writes its output atomically and is
+skipped when that output exists, so the same command continues an interrupted run; training
+stages also resume from their own checkpoints. Every stage's job is built from the config by
+`jobs.py` and validated before the first stage runs.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import os
 import time
 from typing import Any, Callable
 
+from minitron_jax import settings
 from minitron_jax.evaluate import sources
-from minitron_jax.recipe.layout import (MODEL_STAGES, data_root, get as _get, model_dir,
-                                        stage_mesh, students_teacher)
+from minitron_jax.recipe import jobs, layout
+from minitron_jax.recipe.layout import data_root, get as _get, model_dir, students_teacher
 from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
 
@@ -69,7 +72,7 @@ def data_weights(cfg) -> tuple[float, ...]:
 
 def training_data(cfg, run_dir: str) -> str:
   """The mixed training corpus every training and pruning stage reads."""
-  return os.path.join(run_dir, "data", "train.jsonl")
+  return layout.training_data(run_dir)
 
 
 def heldout_data(run_dir: str) -> str:
@@ -117,8 +120,7 @@ def stage_synthetic(cfg, run_dir: str) -> None:
                             synthetic.SyntheticConfig(
                                 num_documents=s.num_documents, max_new_tokens=s.max_new_tokens,
                                 batch_size=s.batch_size, temperature=s.temperature,
-                                top_p=s.top_p, seed=cfg.seed,
-                                fact_share=_get(cfg, "data.synthetic.fact_share", 0.0)),
+                                top_p=s.top_p, seed=cfg.seed, fact_share=s.fact_share),
                             model_id=path)
 
 
@@ -178,42 +180,18 @@ def _teacher_for_students(cfg, run_dir: str) -> str:
 
 
 def _prune(cfg, run_dir: str, kind: str) -> None:
-  from minitron_jax.prune import run as prune_job
+  from minitron_jax.prune import run as prune_run
 
-  p = cfg.prune
-  targets = dict(p[kind] or {})
-  prune_job.run(prune_job.PruneJob(
-      model_dir=_teacher_for_students(cfg, run_dir), output_dir=os.path.join(run_dir,
-                                                                          f"pruned_{kind}"),
-      importance=p.importance, aggregation=p.aggregation, layer_importance=p.layer_importance,
-      calib_data=training_data(cfg, run_dir), calib_samples=p.calib_samples,
-      calib_seq_len=p.calib_seq_len, eval_samples=p.eval_samples, batch_size=p.batch_size,
-      layer_batches=p.layer_batches,
-      seed=cfg.seed, data_root=data_root(cfg), overwrite=True, dtype=cfg.dtype,
-      mesh=stage_mesh(cfg), **targets))
+  with settings.named(jobs.prune_names(kind)):
+    prune_run.run(jobs.prune_job(cfg, run_dir, kind))
 
 
 def stage_prune_search(cfg, run_dir: str) -> None:
-  """The searched student: the best shape under `prune.search`'s budget (prune/search_run.py)."""
-  from minitron_jax.prune import search, search_run
+  """The searched student: the best shape under `prune.search`'s budget (recipe/search.py)."""
+  from minitron_jax.recipe import search
 
-  p, s = cfg.prune, cfg.prune.search
-  budget = search.Budget(target_params=s.target_params or None,
-                         target_memory_gb=s.target_memory_gb or None, kv_tokens=s.kv_tokens,
-                         dtype=s.export_dtype, slack=s.budget_slack,
-                         max_width_cut=s.max_width_cut, max_depth_cut=s.max_depth_cut,
-                         multiple=s.width_multiple)
-  search_run.run(search_run.SearchJob(
-      model_dir=_teacher_for_students(cfg, run_dir),
-      output_dir=os.path.join(run_dir, "pruned_search"), budget=budget,
-      max_candidates=s.max_candidates, top_k=s.top_k, search_steps=s.steps,
-      search_batch_size=cfg.distill.global_batch_size, search_lr=cfg.distill.lr,
-      teacher_topk=s.get("teacher_topk", 64), score_task=s.get("task", ""),
-      task_limit=s.get("task_limit", 100), data_root=data_root(cfg),
-      importance=p.importance, aggregation=p.aggregation, calib_data=training_data(cfg, run_dir),
-      calib_samples=p.calib_samples, calib_seq_len=p.calib_seq_len,
-      eval_samples=p.eval_samples, batch_size=p.batch_size, seed=cfg.seed, overwrite=True,
-      dtype=cfg.dtype))
+  with settings.named(jobs.search_names()):
+    search.run(jobs.search_job(cfg, run_dir))
 
 
 def _distill_config(cfg, run_dir: str, kind: str):
@@ -258,10 +236,9 @@ def stage_baseline_random_ce(cfg, run_dir: str) -> None:
 
 
 def stage_quantize(cfg, run_dir: str) -> None:
-  from minitron_jax import sharding
   from minitron_jax.quantize import export as quant_export
+  from minitron_jax.quantize import run as quantize_run
 
-  src = model_dir(run_dir, cfg.quantize.source)
   ppl_file = sources.find_local(sources.PPL, data_root(cfg))
   if ppl_file is not None:
     ppl_file = os.path.join(ppl_file, sources.PPL_FILE)
@@ -269,13 +246,11 @@ def stage_quantize(cfg, run_dir: str) -> None:
     ppl_file = os.path.join(run_dir, "data", "wikitext-2-test.txt")
     if not os.path.isfile(ppl_file):
       files.write_text(ppl_file, sources.load_ppl_text(data_root(cfg))[0])
-  for fmt in cfg.quantize.formats:
-    out = os.path.join(run_dir, "quantized", fmt)
-    if os.path.isfile(os.path.join(out, "quantize_report.json")):
+  for job in jobs.quantize_jobs(cfg, run_dir, ppl_file):
+    if os.path.isfile(os.path.join(job.output_dir, quant_export.REPORT_FILE)):
       continue
-    quant_export.quantize_checkpoint(src, out, fmt, overwrite=True,
-                                     ppl_file=ppl_file,
-                                     max_windows=2, mesh=sharding.stage_mesh(stage_mesh(cfg)))
+    with settings.named(jobs.quantize_names()):
+      quantize_run.run(job)
 
 
 def stage_evaluate(cfg, run_dir: str) -> None:
@@ -311,7 +286,7 @@ def evaluated_models(cfg) -> list[str]:
 
 
 def searching(cfg) -> bool:
-  return bool(_get(cfg, "prune.search.enabled", False))
+  return bool(cfg.prune.search.enabled)
 
 
 def stages() -> tuple[Stage, ...]:
@@ -403,11 +378,9 @@ def training_data_problems(cfg, probe=None) -> list[str]:
   return problems
 
 
-def _check_inputs(cfg, run_dir: str, only, all_stages) -> None:
-  """Refuses the run before its first stage when a stage about to run lacks its input data."""
-  todo = {s.name for s in all_stages
-          if s.enabled(cfg) and (not only or s.name in only)
-          and not os.path.exists(os.path.join(run_dir, s.output))}
+def _check_inputs(cfg, todo) -> None:
+  """Refuses the run before its first stage when a stage about to run (`todo`) lacks its
+  input data."""
   problems = training_data_problems(cfg) if "data" in todo else []
   if "evaluate" in todo:
     problems += sources.check_eval_data(list(cfg.eval.tasks), data_root(cfg),
@@ -424,20 +397,13 @@ def run(cfg, only: tuple[str, ...] | None = None) -> str:
   unknown = sorted(set(only or ()) - known)
   if unknown:
     raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(s.name for s in all_stages)}")
-  bad = sorted(set(cfg.prune.kinds) - {"width", "depth"})
-  if bad:
-    raise ValueError(f"config prune.kinds: {bad} not in ('width', 'depth')")
-  if cfg.quantize.formats and cfg.quantize.source not in MODEL_STAGES:
-    raise ValueError(f"config quantize.source={cfg.quantize.source!r} is not one of "
-                     f"{MODEL_STAGES}")
-  src = cfg.quantize.source
-  if cfg.quantize.formats and any(src.endswith(k) and k not in cfg.prune.kinds
-                                  for k in ("width", "depth")):
-    raise ValueError(f"config quantize.source={src!r} is not made: prune.kinds="
-                     f"{tuple(cfg.prune.kinds)}")
   data_weights(cfg)
   run_dir = os.path.abspath(cfg.run_dir)
-  _check_inputs(cfg, run_dir, only, all_stages)
+  todo = [s.name for s in all_stages
+          if s.enabled(cfg) and (not only or s.name in only)
+          and not os.path.exists(os.path.join(run_dir, s.output))]
+  jobs.validate(cfg, run_dir, todo)
+  _check_inputs(cfg, todo)
   os.makedirs(run_dir, exist_ok=True)
   files.write_json(os.path.join(run_dir, "config.json"), json.loads(cfg.to_json()))
   t_run = time.perf_counter()

@@ -17,6 +17,7 @@ from minitron_jax.io import hf_compat
 from minitron_jax.io import hf as hf_io
 from minitron_jax.prune import importance as I
 from minitron_jax.prune import slicing as P
+from minitron_jax.data.calib import CalibSpec
 from minitron_jax.prune import run as prune_job
 from minitron_jax.io.safetensors import SafetensorsFile
 
@@ -83,7 +84,7 @@ def test_illegal_targets_fail_before_work_via_cli(tmp_path, real_dir, args, culp
 @pytest.mark.slow
 def test_real_teacher_activation_importance_beats_random(real_dir, tmp_path):
   common = dict(model_dir=str(real_dir), hidden_size=432, intermediate_size=896,
-                calib_samples=48, calib_seq_len=256, eval_samples=16, batch_size=8)
+                calib=CalibSpec(samples=48, seq_len=256, batch_size=8), eval_samples=16)
   act = prune_job.run(prune_job.PruneJob(output_dir=str(tmp_path / "act"), **common))
   rnd = prune_job.run(prune_job.PruneJob(output_dir=str(tmp_path / "rnd"), importance="random",
                                          **common))

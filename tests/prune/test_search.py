@@ -16,8 +16,10 @@ from minitron_jax import config as C
 from minitron_jax import model as M
 from minitron_jax.prune import importance as I
 from minitron_jax.prune import search as S
-from minitron_jax.prune import search_run as R
+from minitron_jax.recipe import search as R
 from minitron_jax.prune import slicing as P
+from minitron_jax.data.calib import CalibSpec
+from minitron_jax.settings import SettingError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC = C.preset("tiny").replace(num_attention_heads=6, num_key_value_heads=2,
@@ -121,9 +123,9 @@ def test_hardware_granules():
     (dict(target_params=5e5), "not below the teacher"),
     (dict(target_params=1e3), "smaller than .* smallest shape"),
     (dict(target_memory_gb=1e-9), "impossible"),
-    (dict(), "give --target_params or --target_memory_gb"),
+    (dict(), "give budget.target_params or target_memory_gb"),
     (dict(target_params=2e5, max_width_cut=1.0), "max_width_cut"),
-    (dict(target_params=2e5, dtype="int3"), "export_dtype"),
+    (dict(target_params=2e5, dtype="int3"), "budget.dtype"),
 ])
 def test_bad_targets_are_one_line_errors(kw, match):
   with pytest.raises(ValueError, match=match) as e:
@@ -207,7 +209,7 @@ def test_search_end_to_end_is_deterministic(tmp_path):
     R.run(R.SearchJob(model_dir="smollm2-tiny-random", output_dir=str(tmp_path / name),
                       budget=S.Budget(target_params=5e6, slack=0.1, multiple=16),
                       max_candidates=2, top_k=2, search_steps=1, search_batch_size=2,
-                      calib_samples=4, calib_seq_len=32, eval_samples=2, batch_size=4))
+                      calib=CalibSpec(samples=4, seq_len=32, batch_size=4), eval_samples=2))
   a, b = (json.load(open(tmp_path / n / "search_report.json")) for n in "ab")
   for k in ("seconds", "output_dir"):
     a.pop(k), b.pop(k)
@@ -253,7 +255,7 @@ def test_short_distillations_share_one_teacher_pass_and_a_task_ranks(tmp_path, m
   job = R.SearchJob(model_dir="smollm2-tiny-random", output_dir=str(tmp_path / "s"),
                     budget=S.Budget(target_params=5e6, slack=0.1, multiple=16),
                     max_candidates=3, top_k=2, search_steps=1, search_batch_size=2,
-                    calib_samples=4, calib_seq_len=32, eval_samples=2, batch_size=4,
+                    calib=CalibSpec(samples=4, seq_len=32, batch_size=4), eval_samples=2,
                     teacher_topk=8, score_task="piqa", task_limit=6, data_root=data_root)
   report = R.run(job)
   assert writes == [8] and len(fits) == 2
@@ -278,6 +280,6 @@ def test_short_distillations_share_one_teacher_pass_and_a_task_ranks(tmp_path, m
 
 
 def test_bad_search_task_is_refused_before_work():
-  with pytest.raises(ValueError, match="--search_task='nope'"):
-    R.validate(R.SearchJob(model_dir="smollm2-tiny-random", output_dir="-",
+  with pytest.raises(SettingError, match="score_task='nope'"):
+    R.prepare(R.SearchJob(model_dir="smollm2-tiny-random", output_dir="-",
                            budget=S.Budget(target_params=5e6), score_task="nope"))

@@ -158,7 +158,7 @@ def test_awq_model_layout_and_checks():
     assert a.shape == b.shape and a.dtype == b.dtype
   assert not np.allclose(qp["layers"]["attn_norm"], params["layers"]["attn_norm"])
   assert np.all(np.isfinite(np.asarray(M.forward(qp, cfg, jnp.asarray(batches[0]))["logits"])))
-  with pytest.raises(ValueError, match="--method=awq supports int4_group, int4_group_asym, "
+  with pytest.raises(ValueError, match="method=awq supports int4_group, int4_group_asym, "
                      "gguf_q4_0, not gguf_q8_0"):
     calibrate.check_method("awq", F.GGUF_Q8_0)
   with pytest.raises(ValueError, match="needs calibration data"):

@@ -21,6 +21,8 @@ from minitron_jax.io import hf as hf_io
 from minitron_jax import model as M
 from minitron_jax.quantize import export as E
 from minitron_jax.quantize import formats as Q
+from minitron_jax.quantize import run as quantize_run
+from minitron_jax.data.calib import CalibSpec
 from minitron_jax.config import preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -511,9 +513,10 @@ def test_gptq_checkpoint_loads_and_reports(tiny_dir, tmp_path, tokens, name, met
   calib = tmp_path / "calib.txt"
   calib.write_text(TEXT)
   out = tmp_path / name
-  rep = E.quantize_checkpoint(tiny_dir, str(out), name, calib_data=str(calib), calib_samples=4,
-                              calib_seq_len=32, unquantized_dtype="float32", progress=False,
-                              method=None if method == "awq_gptq" else method)
+  rep = quantize_run.run(quantize_run.QuantizeJob(
+      tiny_dir, str(out), name, calib=CalibSpec(data=str(calib), samples=4, seq_len=32),
+      unquantized_dtype="float32", progress=False,
+      method=None if method == "awq_gptq" else method))
   assert rep["method"] == method  # awq_gptq is the default for the 4-bit formats
   c = rep["calibration"]
   assert (c["data"], c["samples"], c["seq_len"], c["act_order"]) == (str(calib), 4, 32, True)
@@ -561,20 +564,20 @@ def test_cli_bad_inputs_fail_before_work(tmp_path):
   (busy / "keep.txt").write_text("x")
   cases = [
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o1'}", "--format=int3"],
-       "unknown export format 'int3'"),
+       "--format='int3' is not a known export format"),
       ([f"--model_dir={mistral}", f"--output_dir={tmp_path / 'o2'}", "--format=int8"],
        "model_type 'mistral'"),
       ([f"--model_dir={cfg_only}", f"--output_dir={busy}", "--format=int8"], "not empty"),
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4",
-        "--method=gptq"], "--method=gptq needs calibration data (--calib_data)"),
+        "--method=gptq"], "method=gptq needs calibration data: set --calib_data"),
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=fp8_channel",
         "--method=awq_gptq", "--calib_data=shakespeare"], "--method=awq_gptq supports int4_group"),
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4",
-        "--method=awq2"], "unknown quantization method 'awq2'"),
+        "--method=awq2"], "--method='awq2' is not a quantization method"),
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=gguf_q8_0",
         "--method=awq", "--calib_data=shakespeare"], "--method=awq supports int4_group, "),
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4_asym",
-        "--method=awq_gptq"], "--method=awq_gptq needs calibration data (--calib_data)"),
+        "--method=awq_gptq"], "method=awq_gptq needs calibration data: set --calib_data"),
   ]
   for args, msg in cases:
     proc = _cli(*args, "--ppl_file=none")

@@ -33,15 +33,22 @@ import numpy as np
 from minitron_jax.config import PRESETS
 from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
+from minitron_jax.data.calib import CalibSpec
 from minitron_jax.progress import Progress
 from minitron_jax.prune import importance as I
 from minitron_jax.prune import layer_importance as LI
 from minitron_jax.prune import search as S
+from minitron_jax.prune import run as prune_run
 from minitron_jax.prune import slicing as P
+from minitron_jax.prune.run import check_scoring
+from minitron_jax.settings import SettingError, check_non_negative, check_positive
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchJob:
+  """One architecture search: the budget, the search's own settings, and the importance and
+  calibration settings it shares with `prune.run.PruneJob` (`prune.run.check_scoring`)."""
+
   model_dir: str
   output_dir: str
   budget: S.Budget
@@ -57,48 +64,41 @@ class SearchJob:
   data_root: str | None = None  # where `score_task`'s data is (else the default folders, hub)
   importance: str = "activation"
   aggregation: str = "l2,mean"
-  calib_data: str = "shakespeare"
-  calib_samples: int = 64
-  calib_seq_len: int = 256
-  eval_samples: int = 8
-  batch_size: int = 8
-  seed: int = 0
+  calib: CalibSpec = prune_run.IMPORTANCE_CALIB
+  eval_samples: int = 32        # held-out windows every candidate is scored on
   scores_npz: str | None = None  # importance.npz (with layer_scores) from an earlier search
   dry_run: bool = False
   overwrite: bool = False
   dtype: str = "float32"
+
+  def validate(self) -> None:
+    """Every setting on its own, before any file is read; raises SettingError."""
+    check_scoring(self)
+    self.budget.validate()
+    check_positive(self, "max_candidates", "top_k", "eval_samples", "search_batch_size")
+    check_non_negative(self, "search_steps", "teacher_topk")
+    if not self.search_lr > 0:
+      raise SettingError("search_lr", f"{{name}}={self.search_lr} must be positive")
+    if self.score_task:
+      from minitron_jax.evaluate import tasks
+
+      if self.score_task not in tasks.TASKS:
+        raise SettingError("score_task", f"{{name}}={self.score_task!r} is not one of "
+                           f"{sorted(tasks.TASKS)}")
+      check_positive(self, "task_limit")
 
 
 def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def validate(job: SearchJob):
+def prepare(job: SearchJob):
   """Everything checkable before loading weights; returns (source dir, config, candidates)."""
   from minitron_jax.io import registry
 
-  for name in ("max_candidates", "top_k", "calib_samples", "calib_seq_len", "eval_samples",
-               "batch_size", "search_batch_size"):
-    if getattr(job, name) < 1:
-      raise ValueError(f"--{name}={getattr(job, name)} must be >= 1")
-  if job.search_steps < 0:
-    raise ValueError(f"--search_steps={job.search_steps} must be >= 0")
-  if job.teacher_topk < 0:
-    raise ValueError(f"--search_teacher_topk={job.teacher_topk} must be >= 0")
-  if job.score_task:
-    from minitron_jax.evaluate import tasks
-
-    if job.score_task not in tasks.TASKS:
-      raise ValueError(f"--search_task={job.score_task!r} is not one of {sorted(tasks.TASKS)}")
-    if job.task_limit < 1:
-      raise ValueError(f"--search_task_limit={job.task_limit} must be >= 1")
-  if job.importance not in I.METHODS:
-    raise ValueError(f"--importance={job.importance!r} is not one of {I.METHODS}")
-  I.Aggregation.parse(job.aggregation)
+  job.validate()
   if not job.dry_run:
     files.check_output_dir(job.output_dir, job.overwrite)
-  if job.scores_npz and not os.path.isfile(job.scores_npz):
-    raise FileNotFoundError(f"{job.scores_npz}: no such file (--scores_npz)")
   if job.dry_run and job.model_dir in PRESETS:  # a full-size space without its weights
     src, cfg = job.model_dir, PRESETS[job.model_dir].replace(dtype=job.dtype)
   else:
@@ -119,19 +119,18 @@ def dry_run(cfg, candidates, job: SearchJob) -> str:
 
 def load_scores(path: str) -> tuple[I.Scores, np.ndarray]:
   """(width scores, per-layer scores) saved by a search (`importance.npz`)."""
-  z = np.load(path, allow_pickle=False)
-  if "layer_scores" not in z or "heads" not in z:
-    raise ValueError(f"{path}: needs unit and layer scores (write it with a search, or prune "
-                     "to a width and --num_hidden_layers target)")
-  return I.Scores(heads=z["heads"], neurons=z["neurons"], channels=z["channels"],
-                  kv_groups=z["kv_groups"]), np.asarray(z["layer_scores"])
+  scores, layer_scores, _ = prune_run.load_scores(path)
+  if scores is None or layer_scores is None:
+    raise SettingError("scores_npz", f"{{name}}={path}: needs unit and layer scores (write it "
+                       "with a search, or prune to a width and num_hidden_layers target)")
+  return scores, layer_scores
 
 
 def compute_importance(job: SearchJob, params, cfg, batches) -> tuple[I.Scores, np.ndarray]:
   """Width scores and per-layer importance (1 - cos between a layer's input and output), once."""
   agg = I.Aggregation.parse(job.aggregation)
   n = sum(len(b) for b in batches)
-  scores = I.compute_scores(job.importance, params, cfg, batches, agg, seed=job.seed,
+  scores = I.compute_scores(job.importance, params, cfg, batches, agg, seed=job.calib.seed,
                             progress=Progress(f"{job.importance} importance", n))
   layer_scores = LI.block_importance(params, cfg, batches, block_sizes=(1,))[1]
   return scores, np.asarray(layer_scores, np.float64)
@@ -158,8 +157,8 @@ def task_oneshot(params, cfg, candidates, scores, layer_scores, tok, job: Search
   for i, c in enumerate(candidates):
     pruned, ccfg = P.prune(params, cfg, S.plan_for(cfg, c, scores, layer_scores))
     r = scoring.evaluate_task(pruned, ccfg, tok, job.score_task, job.data_root,
-                              limit=job.task_limit, batch_size=job.batch_size,
-                              max_len=job.calib_seq_len, progress=False)
+                              limit=job.task_limit, batch_size=job.calib.batch_size,
+                              max_len=job.calib.seq_len, progress=False)
     key = "acc_norm" if "acc_norm" in r else "acc"
     out.append({"task": job.score_task, "metric": key, "acc": r[key],
                 "stderr": r[f"{key}_stderr"], "examples": r["examples"]})
@@ -172,10 +171,10 @@ def short_config(job: SearchJob):
   from minitron_jax.distill.step import TrainConfig
 
   return TrainConfig(mode="distill", steps=job.search_steps,
-                     global_batch_size=job.search_batch_size, seq_len=job.calib_seq_len,
+                     global_batch_size=job.search_batch_size, seq_len=job.calib.seq_len,
                      lr=job.search_lr, min_lr=job.search_lr / 10,
                      warmup_steps=min(3, job.search_steps - 1), dtype="float32",
-                     seed=job.seed, save_every=0, keep_checkpoints=1,
+                     seed=job.calib.seed, save_every=0, keep_checkpoints=1,
                      async_checkpointing=False, log_every=max(1, job.search_steps))
 
 
@@ -199,34 +198,28 @@ def short_distill(job: SearchJob, teacher, cfg, c: S.Candidate, scores, layer_sc
     trained = trainer.host_params(result.params)
   finally:
     shutil.rmtree(work, ignore_errors=True)
-  return S.mean_loss(trained, new_cfg, held_out, job.batch_size)
+  return S.mean_loss(trained, new_cfg, held_out, job.calib.batch_size)
 
 
 def run(job: SearchJob) -> dict[str, Any]:
   """Runs the search; returns the report (also `search_report.json` in the output)."""
-  from minitron_jax.data import corpus as data, packing
-  from minitron_jax.distill.run import split_holdout
-
   t0 = time.perf_counter()
-  src, cfg, candidates = validate(job)
+  src, cfg, candidates = prepare(job)
   if job.dry_run:
     print(dry_run(cfg, candidates, job))
     return {"candidates": len(candidates)}
   short = S.shortlist(candidates, cfg, job.max_candidates)
   _log(dry_run(cfg, candidates, job))
   params, cfg, tok, _ = hf_io.load_model(src, job.dtype)
-  stream = data.load_tokens(job.calib_data, tok)
-  train_stream, tail = split_holdout(stream, job.eval_samples * job.calib_seq_len)
-  held_out = packing.eval_windows(tail, job.calib_seq_len)[:job.eval_samples]
+  train_stream, held_out = _split_tokens(job, tok)
   if job.scores_npz:
     scores, layer_scores = load_scores(job.scores_npz)
   else:
-    calib = packing.calibration_samples(train_stream, num_samples=job.calib_samples,
-                                        seq_len=job.calib_seq_len, seed=job.seed)
-    batches = [calib[i:i + job.batch_size] for i in range(0, len(calib), job.batch_size)]
+    batches = job.calib.batches(job.calib.windows(train_stream))
     scores, layer_scores = compute_importance(job, params, cfg, batches)
-  teacher_loss = S.mean_loss(params, cfg, held_out, job.batch_size)
-  oneshot = score_oneshot(params, cfg, short, scores, layer_scores, held_out, job.batch_size)
+  teacher_loss = S.mean_loss(params, cfg, held_out, job.calib.batch_size)
+  oneshot = score_oneshot(params, cfg, short, scores, layer_scores, held_out,
+                          job.calib.batch_size)
   accs = (task_oneshot(params, cfg, short, scores, layer_scores, tok, job) if job.score_task
           else None)
   for i, (c, loss) in enumerate(zip(short, oneshot)):
@@ -236,45 +229,14 @@ def run(job: SearchJob) -> dict[str, Any]:
   keys = [(-accs[i]["acc"] if accs else 0.0, oneshot[i]) for i in range(len(short))]
   order = sorted(range(len(short)), key=lambda i: keys[i])
   top = order[:job.top_k]
-  after: dict[int, float] = {}
-  cache_info = None
+  after, cache_info = {}, None
   if job.search_steps:
-    pad_id = int((tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id) or 0)
-    cache_dir = tempfile.mkdtemp(prefix="search_teacher_") if job.teacher_topk else None
-    try:
-      if cache_dir:  # one teacher pass for every candidate's batches (the same batches each)
-        from minitron_jax.distill import teacher_cache as tc
-
-        cache_info = tc.write_for_run(cache_dir, short_config(job), params,
-                                      cfg.replace(dtype="float32"), train_stream,
-                                      job.teacher_topk, pad_id=pad_id, log=_log)
-        cache_info.pop("teacher_cache")
-      for n, i in enumerate(top):
-        _log(f"short distillation {n + 1}/{len(top)}: {short[i].label()}")
-        after[i] = short_distill(job, params, cfg, short[i], scores, layer_scores,
-                                 train_stream, held_out, pad_id, teacher_cache=cache_dir)
-        _log(f"after {job.search_steps} steps: held-out perplexity {math.exp(after[i]):.1f} "
-             f"(one-shot {math.exp(oneshot[i]):.1f})")
-    finally:
-      if cache_dir:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+    after, cache_info = short_distillations(job, params, cfg, [short[i] for i in top],
+                                            scores, layer_scores, train_stream, held_out, tok)
+    after = dict(zip(top, after))
   final = after if after else {i: oneshot[i] for i in top}
   winner = min(final, key=lambda i: (final[i], i))
-  changes = S.rank_changes(range(len(top)), [final[i] for i in top])  # `top` is in rank order
-  rows = []
-  for i, c in enumerate(short):
-    row = {"rank_oneshot": order.index(i) + 1, **c.to_json(),
-           "params": S.param_count(cfg, c),
-           "memory_bytes": S.memory_bytes(cfg, c, job.budget.kv_tokens, job.budget.dtype),
-           "oneshot_loss": oneshot[i], "oneshot_ppl": math.exp(oneshot[i])}
-    if accs:
-      row["oneshot_task"] = accs[i]
-    if i in after:
-      row.update(distilled_loss=after[i], distilled_ppl=math.exp(after[i]),
-                 rank_distilled=sorted(after, key=lambda j: (after[j], j)).index(i) + 1,
-                 rank_change=changes[top.index(i)])
-    row["winner"] = i == winner
-    rows.append(row)
+  rows = candidate_rows(job, cfg, short, order, top, oneshot, accs, after, winner)
   plan = S.plan_for(cfg, short[winner], scores, layer_scores)
   pruned, new_cfg = P.prune(params, cfg, plan)
   report: dict[str, Any] = {
@@ -282,11 +244,11 @@ def run(job: SearchJob) -> dict[str, Any]:
       "budget": dataclasses.asdict(job.budget), "candidates_in_budget": len(candidates),
       "scored": len(short), "top_k": len(top), "search_steps": job.search_steps,
       "search_tokens_per_candidate": job.search_steps * job.search_batch_size
-                                     * job.calib_seq_len,
+                                     * job.calib.seq_len,
       "ranked_by": f"{job.score_task} accuracy (one-shot), then held-out loss" if accs else
                    "held-out loss",
       "teacher_cache": cache_info,
-      "held_out": {"windows": len(held_out), "seq_len": job.calib_seq_len},
+      "held_out": {"windows": len(held_out), "seq_len": job.calib.seq_len},
       "teacher_loss": teacher_loss, "winner": short[winner].to_json(), "candidates": rows}
   prune_report = {"model_dir": src, "output_dir": report["output_dir"],
                   "importance": job.importance, "aggregation": job.aggregation,
@@ -304,6 +266,69 @@ def run(job: SearchJob) -> dict[str, Any]:
   hf_io.save_hf(pruned, new_cfg, job.output_dir, source_dir=src, overwrite=job.overwrite,
                 extra_files=extra_files)
   return report
+
+
+def _split_tokens(job: SearchJob, tok):
+  """(training token stream, held-out windows): the held-out windows are the calibration
+  text's tail, which neither importance nor the short distillations read."""
+  from minitron_jax.data import corpus as data, packing
+  from minitron_jax.distill.run import split_holdout
+
+  stream = data.load_tokens(job.calib.data, tok)
+  train_stream, tail = split_holdout(stream, job.eval_samples * job.calib.seq_len)
+  held_out = packing.eval_windows(tail, job.calib.seq_len)[:job.eval_samples]
+  return train_stream, held_out
+
+
+def short_distillations(job: SearchJob, params, cfg, top: list[S.Candidate], scores,
+                        layer_scores, train_stream, held_out, tok
+                        ) -> tuple[list[float], dict | None]:
+  """Held-out loss of each of `top` after its short distillation, and the teacher cache's
+  summary (None without one). The cache is one teacher pass for every candidate's batches
+  (the same batches each), removed afterwards."""
+  pad_id = int((tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id) or 0)
+  cache_dir = tempfile.mkdtemp(prefix="search_teacher_") if job.teacher_topk else None
+  cache_info, losses = None, []
+  try:
+    if cache_dir:
+      from minitron_jax.distill import teacher_cache as tc
+
+      cache_info = tc.write_for_run(cache_dir, short_config(job), params,
+                                    cfg.replace(dtype="float32"), train_stream,
+                                    job.teacher_topk, pad_id=pad_id, log=_log)
+      cache_info.pop("teacher_cache")
+    for n, c in enumerate(top):
+      _log(f"short distillation {n + 1}/{len(top)}: {c.label()}")
+      losses.append(short_distill(job, params, cfg, c, scores, layer_scores, train_stream,
+                                  held_out, pad_id, teacher_cache=cache_dir))
+      _log(f"after {job.search_steps} steps: held-out perplexity {math.exp(losses[-1]):.1f}")
+  finally:
+    if cache_dir:
+      shutil.rmtree(cache_dir, ignore_errors=True)
+  return losses, cache_info
+
+
+def candidate_rows(job: SearchJob, cfg, short, order, top, oneshot, accs, after, winner
+                   ) -> list[dict]:
+  """One row of the report per scored candidate: shape, size, one-shot and distilled scores
+  and ranks (`order`: one-shot rank order; `top`: the distilled ones, in that order)."""
+  final = after if after else {i: oneshot[i] for i in top}
+  changes = S.rank_changes(range(len(top)), [final[i] for i in top])
+  rows = []
+  for i, c in enumerate(short):
+    row = {"rank_oneshot": order.index(i) + 1, **c.to_json(),
+           "params": S.param_count(cfg, c),
+           "memory_bytes": S.memory_bytes(cfg, c, job.budget.kv_tokens, job.budget.dtype),
+           "oneshot_loss": oneshot[i], "oneshot_ppl": math.exp(oneshot[i])}
+    if accs:
+      row["oneshot_task"] = accs[i]
+    if i in after:
+      row.update(distilled_loss=after[i], distilled_ppl=math.exp(after[i]),
+                 rank_distilled=sorted(after, key=lambda j: (after[j], j)).index(i) + 1,
+                 rank_change=changes[top.index(i)])
+    row["winner"] = i == winner
+    rows.append(row)
+  return rows
 
 
 def plot(path: str, rows: list[dict], teacher_loss: float) -> None:

@@ -1,0 +1,175 @@
+"""Every stage's job, built from the recipe config in one place and validated before the first
+stage runs.
+
+The recipe config (`configs/base.py`) holds the recipe's settings; the job dataclasses hold the
+library's defaults for everything the config does not set. A bad setting raises
+`settings.SettingError` naming its config key (`prune.calib_samples`), not the job's field.
+
+Distillation jobs (teacher correction, the students, the baselines) are built by the distill
+stages in `stages.py`; their builder belongs here beside the others (`distill_job`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from minitron_jax import settings
+from minitron_jax.data.calib import CalibSpec
+from minitron_jax.recipe import layout
+from minitron_jax.settings import MeshSpec, SettingError
+
+KINDS = ("width", "depth")
+# Perplexity windows of each quantized export's report (its before / after on WikiText-2 test;
+# the evaluate stage measures every model on `eval.max_windows`).
+QUANTIZE_PPL_WINDOWS = 2
+
+# Job field -> config key, for the fields whose key is not `<section>.<field>`.
+_COMMON = {"calib.data": "data.source", "calib.samples": "prune.calib_samples",
+           "calib.seq_len": "prune.calib_seq_len", "calib.batch_size": "prune.batch_size",
+           "calib.seed": "seed", "dtype": "dtype", "mesh": "mesh", "data_root": "data_root",
+           "model_dir": "teacher"}
+_SEARCH = {"budget.target_params": "prune.search.target_params",
+           "budget.target_memory_gb": "prune.search.target_memory_gb",
+           "budget.kv_tokens": "prune.search.kv_tokens",
+           "budget.dtype": "prune.search.export_dtype", "budget.slack": "prune.search.budget_slack",
+           "budget.max_width_cut": "prune.search.max_width_cut",
+           "budget.max_depth_cut": "prune.search.max_depth_cut",
+           "budget.multiple": "prune.search.width_multiple",
+           "max_candidates": "prune.search.max_candidates", "top_k": "prune.search.top_k",
+           "search_steps": "prune.search.steps", "teacher_topk": "prune.search.teacher_topk",
+           "score_task": "prune.search.task", "task_limit": "prune.search.task_limit",
+           "search_batch_size": "distill.global_batch_size", "search_lr": "distill.lr"}
+
+
+def prune_names(kind: str):
+  """Field of `PruneJob` -> config key, for the `kind` student."""
+  from minitron_jax.prune.run import TARGETS
+
+  targets = {t: f"prune.{kind}.{t}" for t in TARGETS + ("drop_layers",)}
+  return settings.config_names({**_COMMON, **targets}, section="prune")
+
+
+def search_names():
+  return settings.config_names({**_COMMON, **_SEARCH}, section="prune")
+
+
+def quantize_names():
+  return settings.config_names({"format": "quantize.formats", "model_dir": "quantize.source",
+                                "mesh": "mesh", "ppl_file": "eval.ppl_file"},
+                               section="quantize")
+
+
+def eval_names():
+  return settings.config_names({"dtype": "dtype", "mesh": "mesh", "data_root": "data_root"},
+                               section="eval")
+
+
+def source_dir(cfg, run_dir: str, name: str) -> str:
+  """HF directory of a model stage; before the fetch stage has run, the teacher as the
+  config names it."""
+  if name == "teacher" and not os.path.isfile(os.path.join(run_dir, "teacher.json")):
+    return cfg.teacher
+  return layout.model_dir(run_dir, name)
+
+
+def students_source(cfg, run_dir: str) -> str:
+  """The model the students are pruned and distilled from."""
+  return source_dir(cfg, run_dir, layout.students_teacher(cfg))
+
+
+def _calib(cfg, run_dir: str) -> CalibSpec:
+  p = cfg.prune
+  return CalibSpec(data=layout.training_data(run_dir), samples=p.calib_samples,
+                   seq_len=p.calib_seq_len, batch_size=p.batch_size, seed=cfg.seed)
+
+
+def prune_job(cfg, run_dir: str, kind: str):
+  """The job of stage `prune_<kind>` (`prune.<kind>` holds its targets)."""
+  from minitron_jax.prune import run as prune_run
+
+  p = cfg.prune
+  return prune_run.PruneJob(
+      model_dir=students_source(cfg, run_dir),
+      output_dir=os.path.join(run_dir, f"pruned_{kind}"), importance=p.importance,
+      aggregation=p.aggregation, layer_importance=p.layer_importance, calib=_calib(cfg, run_dir),
+      eval_samples=p.eval_samples, layer_batches=p.layer_batches, data_root=layout.data_root(cfg),
+      overwrite=True, dtype=cfg.dtype, mesh=MeshSpec(cfg.mesh), **dict(p[kind] or {}))
+
+
+def search_job(cfg, run_dir: str):
+  """The job of stage `prune_search` (`prune.search` holds the budget and its settings)."""
+  from minitron_jax.prune import search as search_space
+  from minitron_jax.recipe import search
+
+  p, s = cfg.prune, cfg.prune.search
+  budget = search_space.Budget(target_params=s.target_params or None,
+                               target_memory_gb=s.target_memory_gb or None,
+                               kv_tokens=s.kv_tokens, dtype=s.export_dtype,
+                               slack=s.budget_slack, max_width_cut=s.max_width_cut,
+                               max_depth_cut=s.max_depth_cut, multiple=s.width_multiple)
+  return search.SearchJob(
+      model_dir=students_source(cfg, run_dir), output_dir=os.path.join(run_dir, "pruned_search"),
+      budget=budget, max_candidates=s.max_candidates, top_k=s.top_k, search_steps=s.steps,
+      search_batch_size=cfg.distill.global_batch_size, search_lr=cfg.distill.lr,
+      teacher_topk=s.teacher_topk, score_task=s.task, task_limit=s.task_limit,
+      data_root=layout.data_root(cfg), importance=p.importance, aggregation=p.aggregation,
+      calib=_calib(cfg, run_dir), eval_samples=p.eval_samples, overwrite=True, dtype=cfg.dtype)
+
+
+def quantize_jobs(cfg, run_dir: str, ppl_file: str | None = None) -> list:
+  """One job per format of `quantize.formats`, each measuring perplexity on `ppl_file`."""
+  from minitron_jax.quantize import run as quantize_run
+
+  src = source_dir(cfg, run_dir, cfg.quantize.source)
+  return [quantize_run.QuantizeJob(
+      model_dir=src, output_dir=os.path.join(run_dir, "quantized", fmt), format=fmt,
+      overwrite=True, ppl_file=ppl_file, max_windows=QUANTIZE_PPL_WINDOWS,
+      mesh=MeshSpec(cfg.mesh)) for fmt in cfg.quantize.formats]
+
+
+def eval_job(cfg, model_dir: str, tasks: Iterable[str]):
+  """How the evaluate stage measures one model on `tasks` (a subset of `eval.tasks`)."""
+  from minitron_jax.evaluate import run as eval_run
+
+  e = cfg.eval
+  return eval_run.EvalJob(model_dir=model_dir, tasks=tuple(tasks),
+                          data_root=layout.data_root(cfg), ppl_file=e.ppl_file or None,
+                          seq_len=e.seq_len, max_windows=e.max_windows or None,
+                          limit=e.limit or None, batch_size=e.batch_size, dtype=cfg.dtype,
+                          mesh=MeshSpec(cfg.mesh), progress=False)
+
+
+def check_recipe(cfg) -> None:
+  """The settings that choose stages: which students, what to quantize."""
+  bad = sorted(set(cfg.prune.kinds) - set(KINDS))
+  if bad:
+    raise SettingError("prune.kinds", f"{{name}}: {bad} not in {KINDS}")
+  src = cfg.quantize.source
+  if cfg.quantize.formats and src not in layout.MODEL_STAGES:
+    raise SettingError("quantize.source", f"{{name}}={src!r} is not one of "
+                       f"{layout.MODEL_STAGES}")
+  if cfg.quantize.formats and any(src.endswith(k) and k not in cfg.prune.kinds for k in KINDS):
+    raise SettingError("quantize.source", f"{{name}}={src!r} is not made: prune.kinds="
+                       f"{tuple(cfg.prune.kinds)}")
+
+
+def validate(cfg, run_dir: str, stage_names: Iterable[str]) -> None:
+  """Builds the job of every stage in `stage_names` and validates it, before any runs;
+  raises SettingError naming the config key."""
+  todo = set(stage_names)
+  check_recipe(cfg)
+  for kind in KINDS:
+    if f"prune_{kind}" in todo:
+      with settings.named(prune_names(kind)):
+        prune_job(cfg, run_dir, kind).validate()
+  if "prune_search" in todo:
+    with settings.named(search_names()):
+      search_job(cfg, run_dir).validate()
+  if "quantize" in todo:
+    with settings.named(quantize_names()):
+      for job in quantize_jobs(cfg, run_dir):
+        job.validate()
+  if "evaluate" in todo:
+    with settings.named(eval_names()):
+      eval_job(cfg, cfg.teacher, cfg.eval.tasks).validate()
