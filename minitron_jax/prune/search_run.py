@@ -13,7 +13,7 @@ scored one-shot on that zero-shot task, and the one-shot ranking is by its accur
 The winner is written as a pruned HF directory (one-shot weights, ready for the full
 distillation) with `prune_report.json`, `importance.npz`, `search_report.json` and `search.png`.
 
-Held-out tokens are the tail of the calibration text (`distill.run.split_holdout`): neither
+Held-out tokens are the tail of the calibration text (`data.holdout.split_holdout`): neither
 importance nor the short distillations see them.
 """
 
@@ -185,6 +185,7 @@ def short_distill(job: SearchJob, teacher, cfg, c: S.Candidate, scores, layer_sc
   """Held-out loss of `c` after `search_steps` distillation updates: from the teacher's cached
   top-K logits (`teacher_cache`), else from the live teacher."""
   from minitron_jax.distill import losses as distill
+  from minitron_jax import sharding
   from minitron_jax.distill import run as trainer
 
   pruned, new_cfg = P.prune(teacher, cfg, S.plan_for(cfg, c, scores, layer_scores))
@@ -196,7 +197,7 @@ def short_distill(job: SearchJob, teacher, cfg, c: S.Candidate, scores, layer_sc
                          teacher_cfg=cfg.replace(dtype="float32"),
                          dcfg=distill.DistillConfig(), pad_id=pad_id, log=_log,
                          teacher_cache=teacher_cache)
-    trained = trainer.host_params(result.params)
+    trained = sharding.host_params(result.params)
   finally:
     shutil.rmtree(work, ignore_errors=True)
   return S.mean_loss(trained, new_cfg, held_out, job.batch_size)
@@ -205,7 +206,7 @@ def short_distill(job: SearchJob, teacher, cfg, c: S.Candidate, scores, layer_sc
 def run(job: SearchJob) -> dict[str, Any]:
   """Runs the search; returns the report (also `search_report.json` in the output)."""
   from minitron_jax.data import corpus as data, packing
-  from minitron_jax.distill.run import split_holdout
+  from minitron_jax.data.holdout import split_holdout
 
   t0 = time.perf_counter()
   src, cfg, candidates = validate(job)
