@@ -3,7 +3,7 @@
 One jitted function `(state, teacher_params, batch) -> (state, metrics)` does a whole
 optimizer update. Gradient accumulation runs inside it as a `lax.scan` over micro-batches
 rather than with `optax.MultiSteps`: the update, clipping and schedule then see each global
-batch exactly once, a step is one update (so `--steps`, checkpoints and metrics all count
+batch exactly once, a step is one update (so `steps`, checkpoints and metrics all count
 updates), the optimizer state holds no accumulator to checkpoint, and the host dispatches one
 computation per update instead of one per micro-batch.
 

@@ -142,8 +142,8 @@ def _config_names(section: str):
   return settings.config_names({
       "dtype": "train_dtype", "mesh": "mesh", "seed": "seed",
       "temperature": "distill.kd_temperature", "cache_topk": "distill.teacher_topk",
-      "qad.format": "distill.qad_format", "qad.method": "distill.qad_method",
-      "qad.group_size": "distill.qad_group_size"}, section=section)
+      "qad.format": "distill.qad_format", "qad.method": "distill.qad_method"},
+      section=section)
 
 
 def _qad_spec(cfg):
@@ -153,17 +153,18 @@ def _qad_spec(cfg):
   fmt = _get(cfg, "distill.qad_format", "")
   if not fmt:
     return None
-  q = QadSpec()
-  return QadSpec(format=fmt, group_size=_get(cfg, "distill.qad_group_size", q.group_size),
-                 method=_get(cfg, "distill.qad_method", q.method), calib=q.calib)
+  method = _get(cfg, "distill.qad_method", "")
+  return QadSpec(format=fmt, **({"method": method} if method else {}))
 
 
-def _run_job(job, section: str) -> dict:
-  """Validates and runs a distillation job, errors named by this recipe's config keys."""
+def _run_job(build_job: Callable[[], Any], section: str) -> dict:
+  """Builds, validates and runs a distillation job, errors named by this recipe's config
+  keys."""
   from minitron_jax import settings
   from minitron_jax.distill import run as trainer
 
   with settings.named(_config_names(section)):
+    job = build_job()
     job.validate()
     setup = None
     if job.qad is not None:
@@ -181,10 +182,10 @@ def _train(cfg, run_dir: str, name: str, section: str, mode: str, *, teacher: st
   from minitron_jax.distill.job import DistillJob
 
   loss = {} if dcfg is None else {"loss": dcfg}
-  _run_job(DistillJob(output_dir=os.path.join(run_dir, name), teacher_dir=teacher,
-                      student_dir=student, data=training_data(cfg, run_dir),
-                      train=_train_config(cfg, section, mode), export_dtype="float32",
-                      teacher_cache=teacher_cache, qad=qad, **loss), section)
+  _run_job(lambda: DistillJob(
+      output_dir=os.path.join(run_dir, name), teacher_dir=teacher, student_dir=student,
+      data=training_data(cfg, run_dir), train=_train_config(cfg, section, mode),
+      export_dtype="float32", teacher_cache=teacher_cache, qad=qad, **loss), section)
 
 
 def caching_teacher(cfg) -> bool:
@@ -201,7 +202,7 @@ def stage_teacher_logits(cfg, run_dir: str) -> None:
   student's distillation (the batches are the same: same data, seed, batch and length)."""
   from minitron_jax.distill.job import DistillJob
 
-  summary = _run_job(DistillJob(
+  summary = _run_job(lambda: DistillJob(
       output_dir=os.path.join(run_dir, "teacher_logits"),
       teacher_dir=_teacher_for_students(cfg, run_dir), data=training_data(cfg, run_dir),
       train=_train_config(cfg, "distill", "distill"), teacher_cache=teacher_cache_dir(run_dir),

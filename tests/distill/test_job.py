@@ -76,3 +76,19 @@ def test_qad_setup_checks_the_format_and_method_before_any_model():
     assert err.value.field == field
   setup = qad.QadSetup(QadSpec(format="int4", method="gptq"), "train.txt")
   assert setup.calib.data == "train.txt" and setup.calib.samples == QadSpec().calib.samples
+
+
+def test_the_recipe_builds_qad_jobs_and_names_its_config_keys():
+  from ml_collections import ConfigDict
+
+  from minitron_jax.recipe import stages
+
+  cfg = ConfigDict({"distill": {"qad_format": "", "qad_method": ""}})
+  assert stages._qad_spec(cfg) is None
+  cfg.distill.qad_format = "int8"
+  assert stages._qad_spec(cfg) == QadSpec(format="int8")
+  cfg.distill.qad_method = "gptq"
+  assert stages._qad_spec(cfg).method == "gptq"
+  names = stages._config_names("distill")
+  assert (names("lr"), names("dtype"), names("qad.method")) == (
+      "distill.lr", "train_dtype", "distill.qad_method")
