@@ -1,7 +1,8 @@
 """The training run: data, the loop, held-out evaluation, logging, checkpoints, export.
 
-`fit` trains from arrays (any params, any token stream) and is what tests drive; `run` loads
-HF directories and a data source, calls `fit` and exports the result as an HF directory. Both
+`fit` trains from arrays (any params, any token stream) and is what tests drive; `run(job)`
+runs a `DistillJob` (`distill/job.py`): it loads HF directories and a data source, calls
+`fit` and exports the result as an HF directory (or writes a teacher cache). Both
 run unchanged on one CPU or many hosts: every process executes the same program on its own
 slice of each batch, and only process 0 writes metrics, plots and exports.
 
