@@ -535,7 +535,8 @@ def test_teacher_correction_writes_an_hf_directory(tiny_dirs, tmp_path):
   cfg = TrainConfig(mode="teacher_correction", steps=4, global_batch_size=4, seq_len=64,
                     lr=1e-3, warmup_steps=1, dtype="float32", save_every=0, eval_every=4,
                     eval_windows=2, log_every=100)
-  summary = trainer.run(cfg, teacher_dir=teacher, output_dir=str(tmp_path))
+  summary = trainer.run(trainer.DistillJob(output_dir=str(tmp_path), teacher_dir=teacher,
+                                           train=cfg))
   assert summary["evals"][-1]["eval/loss"] < summary["evals"][0]["eval/loss"]
   new, new_cfg = hf_io.load_hf(tmp_path / "hf")
   old, old_cfg = hf_io.load_hf(teacher)
