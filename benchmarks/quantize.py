@@ -67,6 +67,7 @@ def _qad(params, cfg, quantized, tok, source: str, work: str):
   import time
 
   from minitron_jax.data import corpus
+  from minitron_jax import sharding
   from minitron_jax.distill import run as trainer
   from minitron_jax.distill.losses import DistillConfig
   from minitron_jax.distill.step import TrainConfig
@@ -83,7 +84,7 @@ def _qad(params, cfg, quantized, tok, source: str, work: str):
                        train_tokens=corpus.load_tokens(source, tok), output_dir=work,
                        teacher_params=params, teacher_cfg=cfg, dcfg=DistillConfig(),
                        pad_id=int(pad or 0), student_transform=grid.transform())
-  return grid.encode(trainer.host_params(result.params)), time.perf_counter() - t0
+  return grid.encode(sharding.host_params(result.params)), time.perf_counter() - t0
 
 
 def main(argv):

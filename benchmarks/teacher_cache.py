@@ -25,7 +25,7 @@ from absl import app, flags  # noqa: E402
 
 from configs import base  # noqa: E402
 from minitron_jax import cli  # noqa: E402
-from minitron_jax.data import corpus as data  # noqa: E402
+from minitron_jax.data import corpus as data, holdout  # noqa: E402
 from minitron_jax.distill import losses as distill  # noqa: E402
 from minitron_jax.distill import run as trainer  # noqa: E402
 from minitron_jax.distill import teacher_cache as tc  # noqa: E402
@@ -60,7 +60,7 @@ def main(argv):
                              I.magnitude_scores(teacher, tcfg))
     student, scfg = slicing.prune(teacher, tcfg, plan)
   stream = data.load_tokens(_DATA.value, tok)
-  stream, held = trainer.split_holdout(stream, _EVAL.value * _SEQ.value)
+  stream, held = holdout.split_holdout(stream, _EVAL.value * _SEQ.value)
   d = _DEFAULT.distill
   cfg = TrainConfig(steps=_STEPS.value, global_batch_size=_BATCH.value, seq_len=_SEQ.value,
                     lr=d.lr, min_lr=d.min_lr, warmup_steps=min(d.warmup_steps, _STEPS.value - 1),

@@ -78,6 +78,13 @@ def get_config() -> ConfigDict:
   # Off by default: on the default run the width student from the top-64 cache reached
   # WikiText-2 perplexity 57.7 against 55.1 with the live teacher's full distribution.
   c.distill.teacher_topk = 0
+  # Quantization-aware distillation of the students (the distillation job's QAD option): their
+  # linear weights pass through fake quantization in this export format inside the loss, and
+  # each student is also exported in it (distill_<kind>/quantized). "" = off; qad_method rtn,
+  # gptq, awq or awq_gptq ("" = the job's default, rtn; a calibrated method freezes its grid,
+  # calibrated on the distillation data).
+  c.distill.qad_format = ""
+  c.distill.qad_method = ""
 
   # CE-trained pruned student and random-init student on the same tokens: two more trainings
   # as long as a distillation, so off by default (--config.baselines=True).

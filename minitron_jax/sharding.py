@@ -222,6 +222,15 @@ def padded_rows(n: int, mesh: Mesh | None) -> int:
   return -(-n // k) * k
 
 
+def host_params(params):
+  """Every process gets full host copies (collective); a single process keeps device arrays."""
+  if jax.process_count() == 1:
+    return params
+  from jax.experimental import multihost_utils
+  return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(
+      x, tiled=True)), params)
+
+
 def shard_params(params, cfg: LlamaConfig, mesh: Mesh, rules=RULES):
   """A param tree on `mesh`, every leaf sharded by the logical-axis rules.
 

@@ -24,9 +24,12 @@ import numpy as np
 
 from minitron_jax import model as M
 from minitron_jax.config import expand_ranges
+from minitron_jax.settings import SettingError
 
 KL_KINDS = ("forward", "reverse")
 HIDDEN_LOSSES = ("none", "cosine", "nmse")
+# A cached teacher's targets: its top-K logits and their vocabulary ids, each (B, T, K).
+TOPK_KEYS = ("topk_values", "topk_indices")
 _EPS = 1e-6
 
 
@@ -68,18 +71,20 @@ class DistillConfig:
 
   def __post_init__(self):
     if not self.temperature > 0:
-      raise ValueError(f"temperature must be > 0, got {self.temperature}")
+      raise SettingError("temperature", f"{{name}} must be > 0, got {self.temperature}")
     if self.kl not in KL_KINDS:
-      raise ValueError(f"kl must be one of {KL_KINDS}, got {self.kl!r}")
+      raise SettingError("kl", f"{{name}} must be one of {KL_KINDS}, got {self.kl!r}")
     if self.top_k is not None and (self.top_k < 1 or self.kl != "forward"):
-      raise ValueError(f"top_k={self.top_k} needs top_k >= 1 and the forward KL")
+      raise SettingError("top_k", f"{{name}}={self.top_k} needs top_k >= 1 and the forward KL")
     if self.hidden_loss not in HIDDEN_LOSSES:
-      raise ValueError(f"hidden_loss must be one of {HIDDEN_LOSSES}, got {self.hidden_loss!r}")
+      raise SettingError("hidden_loss", f"{{name}} must be one of {HIDDEN_LOSSES}, got "
+                         f"{self.hidden_loss!r}")
     for name in ("logit_weight", "embedding_weight", "ce_weight"):
       if not getattr(self, name) >= 0:
-        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        raise SettingError(name, f"{{name}} must be >= 0, got {getattr(self, name)}")
     if self.hidden_weight is not None and not self.hidden_weight >= 0:
-      raise ValueError(f"hidden_weight must be >= 0 or None (dynamic), got {self.hidden_weight}")
+      raise SettingError("hidden_weight", "{name} must be >= 0 or None (dynamic), got "
+                         f"{self.hidden_weight}")
     if self.layer_map is not None:
       object.__setattr__(self, "layer_map", tuple(int(i) for i in self.layer_map))
 
@@ -280,6 +285,29 @@ def reverse_kl_bt(student_btv: jax.Array, teacher_btv: jax.Array, temperature: f
   return temperature ** 2 * jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1)
 
 
+def topk_kl_bt(student_btv: jax.Array, values_btk: jax.Array, indices_btk: jax.Array,
+               temperature: float = 1.0) -> jax.Array:
+  """`forward_kl_bt` with `top_k=K` from the teacher's top-K logits alone (a teacher cache):
+  tau^2 * KL(teacher top-K renormalised || student) per token, in float32."""
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  logq_btv = jax.nn.log_softmax(_f32(student_btv) / temperature, axis=-1)
+  logp_btk = jax.nn.log_softmax(_f32(values_btk) / temperature, axis=-1)
+  logq_btk = jnp.take_along_axis(logq_btv, indices_btk, axis=-1)
+  return temperature ** 2 * jnp.sum(jnp.exp(logp_btk) * (logp_btk - logq_btk), axis=-1)
+
+
+def check_topk_targets(cfg: DistillConfig) -> None:
+  """Top-K targets hold logits only: refuse the losses that need more of the teacher."""
+  bad = [(name, value) for name, value, ok in (
+      ("kl", cfg.kl, cfg.kl == "forward"), ("hidden_loss", cfg.hidden_loss, not cfg.needs_hidden),
+      ("embedding_weight", cfg.embedding_weight, not cfg.embedding_weight > 0)) if not ok]
+  if bad:
+    name, value = bad[0]
+    raise SettingError(name, f"{{name}}={value!r}: a teacher cache supports the forward KL on "
+                       "logits only (no hidden-state or embedding loss)")
+
+
 def kl_bt(student_btv, teacher_btv, cfg: DistillConfig) -> jax.Array:
   if cfg.kl == "reverse":
     return reverse_kl_bt(student_btv, teacher_btv, cfg.temperature)
@@ -400,28 +428,39 @@ def lm_loss(out: Mapping[str, Any] | jax.Array, tokens_bt: jax.Array,
 
 def logit_terms_bt(student: Mapping[str, Any], teacher: Mapping[str, Any],
                    labels_bt: jax.Array, cfg: DistillConfig,
-                   heads: tuple[Head, Head] | None = None) -> tuple[jax.Array, jax.Array]:
+                   heads: tuple[Head, Head | None] | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
   """Per-token logit KL and student next-token NLL, both (B, T).
 
-  From the outputs' `logits` when they have them; otherwise each model's `normed` states go
-  through its `Head`, `heads[0].chunk` tokens at a time under `jax.checkpoint`, so neither
-  the student's nor the teacher's (B, T, V) logits exist whole, forward or backward.
+  The teacher is a model output (`logits`, or `normed` states and a Head) or cached top-K
+  targets (`TOPK_KEYS`). From the outputs' `logits` when they have them; otherwise the
+  student's `normed` states (and a live teacher's) go through their `Head`s, `heads[0].chunk`
+  tokens at a time under `jax.checkpoint`, so no (B, T, V) logits exist whole, forward or
+  backward.
   """
-  def per_token(s_btv, t_btv, labels):
-    return kl_bt(s_btv, t_btv, cfg), M.token_nll_bt(s_btv, labels)
+  cached = TOPK_KEYS[0] in teacher
 
-  if "logits" in student and "logits" in teacher:
-    return per_token(student["logits"], teacher["logits"], labels_bt)
+  def per_token(s_btv, t_btx, labels):
+    kl = (topk_kl_bt(s_btv, *t_btx, cfg.temperature) if cached
+          else kl_bt(s_btv, t_btx[0], cfg))
+    return kl, M.token_nll_bt(s_btv, labels)
+
+  if "logits" in student and (cached or "logits" in teacher):
+    t_btx = tuple(teacher[k] for k in TOPK_KEYS) if cached else (teacher["logits"],)
+    return per_token(student["logits"], t_btx, labels_bt)
   if heads is None:
     _require_head(None)
   s_head, t_head = heads
 
-  def chunk_terms(s_bcd, t_bce, labels_bc):
-    return per_token(M.unembed(s_head.params, s_head.cfg, s_bcd, normed=True),
-                     M.unembed(t_head.params, t_head.cfg, t_bce, normed=True), labels_bc)
+  def chunk_terms(s_bcd, *rest):
+    *t_bcx, labels_bc = rest
+    if not cached:
+      t_bcx = (M.unembed(t_head.params, t_head.cfg, t_bcx[0], normed=True),)
+    return per_token(M.unembed(s_head.params, s_head.cfg, s_bcd, normed=True), t_bcx,
+                     labels_bc)
 
-  return M.chunked_token_map(chunk_terms, s_head.chunk, student["normed"], teacher["normed"],
-                             labels_bt)
+  t_bt = tuple(teacher[k] for k in TOPK_KEYS) if cached else (teacher["normed"],)
+  return M.chunked_token_map(chunk_terms, s_head.chunk, student["normed"], *t_bt, labels_bt)
 
 
 class LossTerms(NamedTuple):

@@ -1,7 +1,8 @@
 """The training run: data, the loop, held-out evaluation, logging, checkpoints, export.
 
-`fit` trains from arrays (any params, any token stream) and is what tests drive; `run` loads
-HF directories and a data source, calls `fit` and exports the result as an HF directory. Both
+`fit` trains from arrays (any params, any token stream) and is what tests drive; `run(job)`
+runs a `DistillJob` (`distill/job.py`): it loads HF directories and a data source, calls
+`fit` and exports the result as an HF directory (or writes a teacher cache). Both
 run unchanged on one CPU or many hosts: every process executes the same program on its own
 slice of each batch, and only process 0 writes metrics, plots and exports.
 
@@ -19,7 +20,6 @@ Output directory layout:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -32,14 +32,17 @@ import numpy as np
 
 from minitron_jax import sharding
 from minitron_jax.io import checkpoint
-from minitron_jax.data import corpus as data, packing
+from minitron_jax.data import corpus as data, holdout, packing
 from minitron_jax.distill import losses as distill
+from minitron_jax.distill import metrics as metrics_lib
 from minitron_jax.distill import step as train
-from minitron_jax import plots
 from minitron_jax.config import LlamaConfig
+from minitron_jax.distill.job import DistillJob, QadSpec  # noqa: F401 (re-exported)
 from minitron_jax.distill.step import TrainConfig
+from minitron_jax.settings import SettingError
 
-LOSS_CURVES = ("distill/loss", "distill/kl", "distill/hidden", "distill/ce", "train/ce")
+# (params, config, tokenizer) -> (params to start from, transform applied inside the loss)
+StudentSetup = Callable[[dict, LlamaConfig, Any], tuple[dict, Callable[[dict], dict]]]
 
 # Settings a resume must keep, saved with every checkpoint. The data settings fix the batches,
 # their order and the units of the saved data position; the schedule settings fix the learning
@@ -81,27 +84,6 @@ def _is_main() -> bool:
   return jax.process_index() == 0
 
 
-def split_holdout(stream: data.TokenStream, num_tokens: int
-                  ) -> tuple[data.TokenStream, np.ndarray]:
-  """Holds out the tail of a stream for evaluation: (training stream, held-out token ids).
-
-  The cut moves back to a document boundary when one lies in the second half of the stream, so
-  held-out documents are unseen whole.
-  """
-  n = len(stream)
-  if num_tokens < 1 or 2 * num_tokens > n:
-    raise ValueError(f"cannot hold out {num_tokens} of {n} tokens for evaluation: the corpus "
-                     "is too small (lower eval_windows or seq_len, or pass eval data)")
-  cut = n - num_tokens
-  offsets = np.asarray(stream.offsets)
-  bounds = offsets[(offsets >= n // 2) & (offsets <= cut)]
-  if len(bounds):
-    cut = int(bounds.max())
-  train_offsets = np.unique(np.concatenate([offsets[offsets < cut], [cut]])).astype(np.int64)
-  tokens = np.asarray(stream.tokens)
-  return data.TokenStream(tokens[:cut], train_offsets), tokens[cut:]
-
-
 class _Stop:
   """SIGTERM -> finish the current update, save, and return (preemption)."""
 
@@ -131,57 +113,6 @@ class _Stop:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-class _MetricsLog:
-  """metrics.jsonl on process 0; rows after the resumed step (from a crash) are dropped."""
-
-  def __init__(self, path: str, resume_step: int | None):
-    self.path = path
-    if not _is_main():
-      return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    rows = read_metrics(path) if os.path.isfile(path) else []
-    keep = [r for r in rows if resume_step is not None and r.get("step", 0) <= resume_step]
-    with open(path, "w", encoding="utf-8") as f:
-      for r in keep:
-        f.write(json.dumps(r) + "\n")
-
-  def write(self, row: dict) -> None:
-    if _is_main():
-      with open(self.path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-class _Meter:
-  """Tokens/s since the last report and ETA, over training steps only (not eval or saves)."""
-
-  def __init__(self, steps_left: int):
-    self.steps_left = steps_left
-    self.total_seconds = 0.0
-    self.steps_done = 0
-    self._tokens = 0
-    self._seconds = 0.0
-
-  def add(self, tokens: int, seconds: float, steps: int = 1) -> None:
-    """`steps` updates that trained on `tokens` tokens in `seconds` of wall time."""
-    self.steps_left -= steps
-    self.total_seconds += seconds
-    self._tokens += tokens
-    self._seconds += seconds
-    self.steps_done += steps
-
-  def report(self) -> tuple[float, float]:
-    """(tokens per second since the last report, seconds left at the mean step time)."""
-    rate = self._tokens / max(self._seconds, 1e-9)
-    eta = self.total_seconds / max(self.steps_done, 1) * self.steps_left
-    self._tokens, self._seconds = 0, 0.0
-    return rate, eta
-
-
 def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None) -> None:
   bad = {k: v for k, v in metrics.items()
          if k.startswith(("distill/", "train/")) and not math.isfinite(v)}
@@ -190,17 +121,7 @@ def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None) 
     kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
             else "no checkpoint was written")
     raise NonFiniteLossError(f"non-finite loss at step {step}: {what}; the run stopped and {kept}"
-                             " (lower --lr, or check the data and the models)")
-
-
-def _format_row(row: dict, total: int, tok_s: float, eta_s: float) -> str:
-  keys = ("distill/loss", "distill/kl", "distill/hidden", "distill/embedding", "distill/ce",
-          "train/loss")
-  parts = [f"{k.split('/')[1] if k != 'train/loss' else 'loss'} {row[k]:.4f}"
-           for k in keys if k in row and not (k == "train/loss" and "distill/loss" in row)]
-  eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0))) if math.isfinite(eta_s) else "?"
-  return (f"step {row['step']}/{total} | " + " ".join(parts)
-          + f" | lr {row['train/lr']:.2e} | {tok_s:,.0f} tok/s | ETA {eta}")
+                             " (lower the learning rate, or check the data and the models)")
 
 
 def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
@@ -210,7 +131,8 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
         projection: np.ndarray | None = None, pad_id: int = 0,
         log: Callable[[str], None] | None = None,
         student_transform: Callable[[dict], dict] | None = None,
-        teacher_cache: str | None = None) -> FitResult:
+        teacher_cache: str | None = None, step_hook: train.StepHook | None = None,
+        on_saved: Callable[[int], None] | None = None) -> FitResult:
   """Trains `model_params` (distillation from a teacher, or CE in teacher-correction mode).
 
   Resumes from the latest checkpoint in `output_dir/checkpoints` if there is one.
@@ -230,188 +152,231 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
       `train.make_train_step`).
     teacher_cache: a `teacher_cache` directory written for these batches: the step reads the
       teacher's top-K logits from it instead of running the teacher (no teacher params needed).
+    step_hook: see `train.make_train_step` (fault injection in tests).
+    on_saved: called with the step once each checkpoint is on disk (crash tests).
 
   Raises:
     NonFiniteLossError: a loss became NaN/inf (the bad state is never saved).
   """
   log = log or (lambda s: print(s, flush=True))
   say = log if _is_main() else (lambda s: None)
-  distilling = cfg.mode == "distill"
-  cache = None
-  if distilling and teacher_cache:
-    from minitron_jax.distill import teacher_cache as tc
-    if student_transform is not None:
-      raise ValueError("--teacher_cache cannot be combined with --qad_format: the cached step "
-                       "trains float weights only")
-    dcfg, proj = dcfg or distill.DistillConfig(), None
-    tc.check_loss_settings(dcfg)
-    cache = tc.TeacherCache(teacher_cache)
-    cache_meta = cache.check(cfg, model_cfg.vocab_size, cfg.steps)
-    if dcfg.top_k not in (None, cache_meta["k"]):
-      raise ValueError(f"--kd_top_k={dcfg.top_k} differs from the teacher cache's top-"
-                       f"{cache_meta['k']}")
-    say(f"reading the teacher's top-{cache_meta['k']} logits from {teacher_cache}")
-  else:
-    dcfg, proj = _check_models(cfg, model_cfg, teacher_cfg, teacher_params, dcfg, projection)
-  live_teacher = distilling and cache is None
+  dcfg, proj, source, cache = _targets(cfg, model_cfg, teacher_cfg, teacher_params, dcfg,
+                                       projection, teacher_cache, say)
+  live_teacher = isinstance(source, train.LiveTeacher)
   mesh = sharding.make_mesh(cfg.mesh)
   data_index, data_count = train.batch_rows(mesh, cfg)
   optimizer = train.make_optimizer(cfg)
+  state_shape, state_sh, fresh_state = _state_layout(model_params, model_cfg, proj, mesh,
+                                                     optimizer)
+  teacher_sh = (sharding.param_shardings(teacher_cfg, mesh, params=teacher_params)
+                if live_teacher else None)
+  ckpt = checkpoint.Checkpointer(os.path.join(output_dir, "checkpoints"),
+                                 keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
+  run_meta = {k: getattr(cfg, k) for k in DATA_SETTINGS + SCHEDULE_SETTINGS}
+  resumed_from, state, data_state = _restore_or_init(
+      ckpt, run_meta, train.abstract(state_shape, state_sh), fresh_state,
+      allow_schedule_change=cfg.allow_schedule_change, say=say)
+  teacher = train.put_global(teacher_params, teacher_sh) if live_teacher else None
 
+  dataset = packing.PackedDataset(train_tokens, seq_len=cfg.seq_len,
+                                  global_batch_size=cfg.global_batch_size, seed=cfg.seed,
+                                  pad_id=pad_id, process_index=data_index,
+                                  process_count=data_count, state=data_state)
+  t0 = time.perf_counter()
+  step_fn = train.make_train_step(model_cfg, source, dcfg, cfg, optimizer,
+                                  grad_shardings=state_sh["params"],
+                                  student_transform=student_transform, hook=step_hook)
+  compiled, mem = train.compile_step(step_fn, state_sh, teacher_sh, mesh,
+                                     train.abstract(state_shape, state_sh),
+                                     train.abstract(teacher_params, teacher_sh)
+                                     if live_teacher else None, cfg, source)
+  say(_compiled_line(cfg, mesh, time.perf_counter() - t0, mem))
+
+  loop = _Loop(cfg, mesh, ckpt, run_meta, output_dir, resumed_from, say, on_saved)
+  if cfg.eval_every and eval_tokens is not None:
+    loop.set_eval(eval_tokens, train.make_eval_fn(model_cfg, cfg, mesh,
+                                                  state_sh["params"]["model"]))
+    if live_teacher and resumed_from is None:
+      loop.evaluate_teacher(train.make_eval_fn(teacher_cfg, cfg, mesh, teacher_sh), teacher)
+  state, preempted = loop.run(compiled, state, teacher, _batches(dataset, cache, mesh, cfg),
+                              dataset.state)
+  return FitResult(params=state["params"]["model"], step=int(state["step"]),
+                   resumed_from=resumed_from, preempted=preempted, history=loop.history,
+                   evals=loop.evals, seconds=loop.meter.total_seconds, tokens=loop.tokens)
+
+
+def _state_layout(model_params, model_cfg: LlamaConfig, proj, mesh, optimizer):
+  """(state shape, state shardings, () -> the fresh sharded train state)."""
   def init(params, proj_de):
     return train.init_state(params, optimizer, proj_de)
 
   state_shape = jax.eval_shape(init, model_params, proj)
   state_sh = train.state_shardings(state_shape, model_cfg, mesh, optimizer)
-  teacher_sh = (sharding.param_shardings(teacher_cfg, mesh, params=teacher_params)
-                if live_teacher else None)
+  return state_shape, state_sh, lambda: jax.jit(init, out_shardings=state_sh)(
+      train.put_global(model_params, state_sh["params"]["model"]), proj)
 
-  ckpt = checkpoint.Checkpointer(os.path.join(output_dir, "checkpoints"),
-                                 keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
-  run_meta = {k: getattr(cfg, k) for k in DATA_SETTINGS + SCHEDULE_SETTINGS}
-  resumed_from, state, data_state = _restore_or_init(
-      ckpt, run_meta, train.abstract(state_shape, state_sh),
-      lambda: jax.jit(init, out_shardings=state_sh)(
-          train.put_global(model_params, state_sh["params"]["model"]), proj),
-      allow_schedule_change=cfg.allow_schedule_change)
-  if resumed_from is not None:
-    say(f"resuming from the checkpoint at step {resumed_from}")
-  teacher = train.put_global(teacher_params, teacher_sh) if live_teacher else None
 
-  dataset = packing.PackedDataset(train_tokens, seq_len=cfg.seq_len,
-                               global_batch_size=cfg.global_batch_size, seed=cfg.seed,
-                               pad_id=pad_id, process_index=data_index,
-                               process_count=data_count, state=data_state)
-  t0 = time.perf_counter()
-  if cache is None:
-    step_fn = train.make_train_step(model_cfg, teacher_cfg, dcfg, cfg, optimizer,
-                                    grad_shardings=state_sh["params"],
-                                    student_transform=student_transform)
-    compiled, mem = train.compile_step(step_fn, state_sh, teacher_sh, mesh,
-                                       train.abstract(state_shape, state_sh),
-                                       train.abstract(teacher_params, teacher_sh)
-                                       if distilling else None, cfg)
-  else:
-    compiled, mem = tc.compile_step(
-        tc.make_step(model_cfg, dcfg, cfg, optimizer, grad_shardings=state_sh["params"]),
-        state_sh, mesh, train.abstract(state_shape, state_sh), cfg, cache_meta["k"],
-        cache_meta["dtype"])
-  say(f"compiled the {cfg.mode} step in {time.perf_counter() - t0:.1f}s "
-      f"({cfg.accum_steps} x {cfg.micro} rows x {cfg.seq_len} tokens, mesh "
-      f"{dict(mesh.shape)}); {train.format_memory(mem)}")
+def _compiled_line(cfg: TrainConfig, mesh, seconds: float, mem) -> str:
+  return (f"compiled the {cfg.mode} step in {seconds:.1f}s ({cfg.accum_steps} x {cfg.micro} "
+          f"rows x {cfg.seq_len} tokens, mesh {dict(mesh.shape)}); {train.format_memory(mem)}")
 
-  windows = None
-  if cfg.eval_every and eval_tokens is not None:
-    windows = packing.eval_windows(np.asarray(eval_tokens), cfg.seq_len)[:cfg.eval_windows]
-    eval_fn = train.make_eval_fn(model_cfg, cfg, mesh, state_sh["params"]["model"])
 
-  def evaluate(step):
-    row = {"step": step, **train.evaluate_windows(eval_fn, state["params"]["model"], windows,
-                                                  cfg.micro, mesh)}
-    say(f"eval at step {step}: loss {row['eval/loss']:.4f}, ppl {row['eval/ppl']:.2f}")
-    return row
-
-  metrics_log = _MetricsLog(os.path.join(output_dir, "metrics.jsonl"), resumed_from)
-  start = int(resumed_from or 0)
-  history, evals, tokens, last_saved = [], [], 0, resumed_from
-  if windows is not None and start == 0:
-    if live_teacher:
-      t_fn = train.make_eval_fn(teacher_cfg, cfg, mesh, teacher_sh)
-      ref = train.evaluate_windows(t_fn, teacher, windows, cfg.micro, mesh)
-      metrics_log.write({"step": 0, "eval/teacher_loss": ref["eval/loss"],
-                         "eval/teacher_ppl": ref["eval/ppl"]})
-      say(f"teacher on held-out data: loss {ref['eval/loss']:.4f}, ppl {ref['eval/ppl']:.2f}")
-    evals.append(evaluate(0))
-    metrics_log.write(evals[-1])
-
+def _batches(dataset: packing.PackedDataset, cache, mesh, cfg: TrainConfig
+             ) -> Callable[[int], dict]:
+  """step -> the global batch of update `step` (1-based), with its cached teacher logits if
+  the targets come from a cache."""
   def make_batch(step: int) -> dict:
-    """The global batch of update `step` (1-based), with its cached teacher logits if any."""
     local = next(dataset)
     if cache is None:
       return train.global_batch(local, mesh, cfg)
+    from minitron_jax.distill import teacher_cache as tc
     return tc.batch_with_cache(local, cache.read(step - 1), mesh, cfg, step - 1)
+  return make_batch
 
-  preempted = False
-  meter = _Meter(cfg.steps - start)
-  window = []  # (step, metrics still on the device) since the last fetch
-  with _Stop() as stop:
-    pending = None
-    t_window = time.perf_counter()
 
-    def fetch() -> dict | None:
-      """The window's metrics to the host in one transfer (no other per-step wait on the device).
+def _targets(cfg, model_cfg, teacher_cfg, teacher_params, dcfg, projection, teacher_cache, say):
+  """(loss settings, initial projection, teacher source, open teacher cache): the distillation
+  targets come from a live teacher, or from `teacher_cache`; teacher correction has none."""
+  if cfg.mode != "distill" or not teacher_cache:
+    dcfg, proj = _check_models(cfg, model_cfg, teacher_cfg, teacher_params, dcfg, projection)
+    source = train.LiveTeacher(teacher_cfg) if cfg.mode == "distill" else None
+    return dcfg, proj, source, None
+  from minitron_jax.distill import teacher_cache as tc
 
-      Checks every row, so a non-finite loss is reported at the step where it first appeared;
-      rows before it are kept and the bad state is never saved (saves follow a fetch).
-      """
-      nonlocal window, tokens
-      if not window:
-        return None
-      steps, fetched = zip(*window)
-      window = []
-      rows = [{"step": s, **{k: float(v) for k, v in m.items()}}
-              for s, m in zip(steps, jax.device_get(list(fetched)))]
-      meter.add(sum(int(r["train/tokens"]) for r in rows), time.perf_counter() - t_window,
-                len(rows))
-      for row in rows:
-        try:
-          _check_finite(row["step"], row, last_saved)
-        except NonFiniteLossError:
-          ckpt.close()  # let the last good save finish; the bad state is never saved
-          raise
-        history.append(row)
-        metrics_log.write(row)
-        tokens += int(row["train/tokens"])
-      return rows[-1]
+  dcfg = dcfg or distill.DistillConfig()
+  distill.check_topk_targets(dcfg)
+  cache = tc.TeacherCache(teacher_cache)
+  meta = cache.check(cfg, model_cfg.vocab_size, cfg.steps)
+  if dcfg.top_k not in (None, meta["k"]):
+    raise SettingError("top_k", f"{{name}}={dcfg.top_k} differs from the teacher cache's "
+                       f"top-{meta['k']}")
+  say(f"reading the teacher's top-{meta['k']} logits from {teacher_cache}")
+  return dcfg, None, train.CachedTopK(meta["k"], meta["dtype"]), cache
 
-    for step in range(start + 1, cfg.steps + 1):
-      batch, data_after = pending or (make_batch(step), dataset.state())
-      state, metrics = compiled(state, teacher, batch)
-      window.append((step, metrics))
+
+class _Loop:
+  """The host side of the updates: metrics fetched in windows, held-out evaluation,
+  checkpoints (with their data position) and preemption; what `fit` reports."""
+
+  def __init__(self, cfg: TrainConfig, mesh, ckpt: checkpoint.Checkpointer, run_meta: dict,
+               output_dir: str, resumed_from: int | None, say: Callable[[str], None],
+               on_saved: Callable[[int], None] | None):
+    self.cfg, self.mesh, self.ckpt, self.run_meta = cfg, mesh, ckpt, run_meta
+    self.output_dir, self.say, self.on_saved = output_dir, say, on_saved
+    self.start = int(resumed_from or 0)
+    self.last_saved = resumed_from
+    self.metrics_log = metrics_lib.MetricsLog(os.path.join(output_dir, "metrics.jsonl"),
+                                              resumed_from)
+    self.meter = metrics_lib.Meter(cfg.steps - self.start)
+    self.history, self.evals, self.tokens = [], [], 0
+    self.window = []  # (step, metrics still on the device) since the last fetch
+    self.windows, self.eval_fn = None, None
+    self.t_window = time.perf_counter()
+
+  def set_eval(self, eval_tokens: np.ndarray, eval_fn) -> None:
+    """Evaluate on the first `eval_windows` windows of `eval_tokens` with `eval_fn`."""
+    tokens = np.asarray(eval_tokens)
+    self.windows = packing.eval_windows(tokens, self.cfg.seq_len)[:self.cfg.eval_windows]
+    self.eval_fn = eval_fn
+
+  def evaluate_teacher(self, eval_fn, teacher) -> None:
+    ref = train.evaluate_windows(eval_fn, teacher, self.windows, self.cfg.micro, self.mesh)
+    self.metrics_log.write({"step": 0, "eval/teacher_loss": ref["eval/loss"],
+                            "eval/teacher_ppl": ref["eval/ppl"]})
+    self.say(f"teacher on held-out data: loss {ref['eval/loss']:.4f}, ppl {ref['eval/ppl']:.2f}")
+
+  def evaluate(self, params, step: int) -> None:
+    row = {"step": step, **train.evaluate_windows(self.eval_fn, params, self.windows,
+                                                  self.cfg.micro, self.mesh)}
+    self.say(f"eval at step {step}: loss {row['eval/loss']:.4f}, ppl {row['eval/ppl']:.2f}")
+    self.evals.append(row)
+    self.metrics_log.write(row)
+
+  def fetch(self) -> dict | None:
+    """The window's metrics to the host in one transfer (no other per-step wait on the device).
+
+    Checks every row, so a non-finite loss is reported at the step where it first appeared;
+    rows before it are kept and the bad state is never saved (saves follow a fetch).
+    """
+    if not self.window:
+      return None
+    steps, fetched = zip(*self.window)
+    self.window = []
+    rows = [{"step": s, **{k: float(v) for k, v in m.items()}}
+            for s, m in zip(steps, jax.device_get(list(fetched)))]
+    self.meter.add(sum(int(r["train/tokens"]) for r in rows), time.perf_counter() - self.t_window,
+                   len(rows))
+    for row in rows:
+      try:
+        _check_finite(row["step"], row, self.last_saved)
+      except NonFiniteLossError:
+        self.ckpt.close()  # let the last good save finish; the bad state is never saved
+        raise
+      self.history.append(row)
+      self.metrics_log.write(row)
+      self.tokens += int(row["train/tokens"])
+    return rows[-1]
+
+  def run(self, compiled, state, teacher, make_batch: Callable[[int], dict],
+          data_state: Callable[[], dict]) -> tuple[Any, bool]:
+    """Updates `start + 1 .. steps`; returns (final state, whether SIGTERM stopped the run)."""
+    if self.windows is not None and self.start == 0:
+      self.evaluate(state["params"]["model"], 0)
+    preempted = False
+    with _Stop() as stop:
       pending = None
-      if step < cfg.steps:  # build the next batch on the host while the device works
-        pending = (make_batch(step + 1), dataset.state())
-      printing = step % cfg.log_every == 0 or step == cfg.steps or step == start + 1
-      evaluating = windows is not None and step % cfg.eval_every == 0 and step != cfg.steps
-      saving = step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
-      fetched = printing or evaluating or saving
-      if fetched:
-        row = fetch()
-        if printing:
-          say(_format_row(row, cfg.steps, *meter.report()))
-      if evaluating:
-        evals.append(evaluate(step))
-        metrics_log.write(evals[-1])
-      stopping = stop.agreed()
-      if stopping and not fetched:
-        fetch()
-        fetched = True
-      if stopping or saving:
-        if ckpt.save(step, state, {"data": data_after, "run": run_meta, "step": step}):
-          last_saved = step
-        if cfg.crash_after_save_step == step:
-          ckpt.wait()
-          os.kill(os.getpid(), signal.SIGKILL)
-      if stopping:
-        preempted = True
-        say(f"SIGTERM: saved the checkpoint at step {step}; run the same command to resume")
-        break
-      if fetched:  # evaluation and checkpoint time is not training time
-        t_window = time.perf_counter()
-  seconds = meter.total_seconds
-  if windows is not None and not preempted:
-    evals.append(evaluate(cfg.steps))
-    metrics_log.write(evals[-1])
-  ckpt.close()
-  if _is_main() and os.path.isfile(metrics_log.path):
-    plot_losses(metrics_log.path, os.path.join(output_dir, "losses.png"))
-  return FitResult(params=state["params"]["model"], step=int(state["step"]),
-                   resumed_from=resumed_from, preempted=preempted, history=history,
-                   evals=evals, seconds=seconds, tokens=tokens)
+      self.t_window = time.perf_counter()
+      for step in range(self.start + 1, self.cfg.steps + 1):
+        batch, data_after = pending or (make_batch(step), data_state())
+        state, metrics = compiled(state, teacher, batch)
+        self.window.append((step, metrics))
+        pending = None
+        if step < self.cfg.steps:  # build the next batch on the host while the device works
+          pending = (make_batch(step + 1), data_state())
+        fetched, stopping = self._after_update(step, state, data_after, stop)
+        if stopping:
+          preempted = True
+          self.say(f"SIGTERM: saved the checkpoint at step {step}; run the same command to "
+                   "resume")
+          break
+        if fetched:  # evaluation and checkpoint time is not training time
+          self.t_window = time.perf_counter()
+    if self.windows is not None and not preempted:
+      self.evaluate(state["params"]["model"], self.cfg.steps)
+    self.ckpt.close()
+    if _is_main() and os.path.isfile(self.metrics_log.path):
+      metrics_lib.plot_losses(self.metrics_log.path, os.path.join(self.output_dir, "losses.png"))
+    return state, preempted
+
+  def _after_update(self, step: int, state, data_after: dict, stop: _Stop) -> tuple[bool, bool]:
+    """Logging, evaluation and checkpointing after update `step`: (fetched, stopping)."""
+    cfg = self.cfg
+    printing = step % cfg.log_every == 0 or step == cfg.steps or step == self.start + 1
+    evaluating = self.windows is not None and step % cfg.eval_every == 0 and step != cfg.steps
+    saving = step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
+    fetched = printing or evaluating or saving
+    if fetched:
+      row = self.fetch()
+      if printing:
+        self.say(metrics_lib.format_row(row, cfg.steps, *self.meter.report()))
+    if evaluating:
+      self.evaluate(state["params"]["model"], step)
+    stopping = stop.agreed()
+    if stopping and not fetched:
+      self.fetch()
+      fetched = True
+    if stopping or saving:
+      if self.ckpt.save(step, state, {"data": data_after, "run": self.run_meta, "step": step}):
+        self.last_saved = step
+      if self.on_saved is not None:
+        self.ckpt.wait()
+        self.on_saved(step)
+    return fetched, stopping
 
 
 def _restore_or_init(ckpt: checkpoint.Checkpointer, run_meta: dict, abstract_state,
-                     init: Callable[[], Any], allow_schedule_change: bool = False
+                     init: Callable[[], Any], allow_schedule_change: bool = False,
+                     say: Callable[[str], None] = print
                      ) -> tuple[int | None, Any, dict | None]:
   """(resumed step or None, state, data position) from the latest checkpoint, else fresh."""
   step = ckpt.latest_step()
@@ -419,6 +384,7 @@ def _restore_or_init(ckpt: checkpoint.Checkpointer, run_meta: dict, abstract_sta
     return None, init(), None
   state, meta = ckpt.restore(step, abstract_state)
   check_resume(meta.get("run", {}), run_meta, ckpt.directory, allow_schedule_change)
+  say(f"resuming from the checkpoint at step {step}")
   return step, state, meta["data"]
 
 
@@ -439,9 +405,9 @@ def check_resume(saved: dict, current: dict, directory: str,
   if not differ:
     return
   what = ", ".join(f"{k} (saved {saved.get(k)!r}, now {current[k]!r})" for k in differ)
-  how = "rerun with the saved values or use a new --output_dir"
+  how = "rerun with the saved values or use a new output_dir"
   if all(k in SCHEDULE_SETTINGS for k in differ):
-    how += ", or pass --allow_schedule_change to continue on the new learning-rate schedule"
+    how += ", or set allow_schedule_change to continue on the new learning-rate schedule"
   raise ValueError(f"{directory}: cannot resume: this run changes settings the checkpoint was "
                    f"written with: {what}; {how}")
 
@@ -470,26 +436,7 @@ def _check_models(cfg, model_cfg, teacher_cfg, teacher_params, dcfg, projection)
   return dcfg, projection
 
 
-def plot_losses(metrics_path: str, png_path: str) -> None:
-  """Loss curves (log scale) and held-out loss from metrics.jsonl."""
-  rows = read_metrics(metrics_path)
-  curves = [(key, [(r["step"], r[key]) for r in rows if key in r and r[key] > 0], "-", 1.2)
-            for key in LOSS_CURVES]
-  curves.append(("eval/loss (held out)",
-                 [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r], "o--", 1.2))
-  plots.line_chart(curves, png_path)
-
-
 # ---------------------------------------------------------------------------- from directories
-
-
-def host_params(params):
-  """Every process gets full host copies (collective); a single process keeps device arrays."""
-  if jax.process_count() == 1:
-    return params
-  from jax.experimental import multihost_utils
-  return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(
-      x, tiled=True)), params)
 
 
 def _from_report(path: str, dcfg: distill.DistillConfig, student: LlamaConfig,
@@ -507,114 +454,142 @@ def _from_report(path: str, dcfg: distill.DistillConfig, student: LlamaConfig,
   return dcfg, distill.selection_projection(kept, teacher.hidden_size)
 
 
-def run(cfg: TrainConfig, *, teacher_dir: str, output_dir: str, student_dir: str | None = None,
-        data_source: str = data.SHAKESPEARE, eval_data: str | None = None,
-        dcfg: distill.DistillConfig | None = None, prune_report: str | None = None,
-        export_dtype: str | None = None, coordinator_address: str | None = None,
-        num_processes: int | None = None, process_id: int | None = None,
-        student_setup: Callable[[dict, LlamaConfig, Any], tuple[dict, Callable[[dict], dict]]]
-        | None = None,
-        teacher_cache: str | None = None, cache_teacher_topk: int = 0,
-        cache_dtype: str = "float32") -> dict:
-  """Distils `student_dir` from `teacher_dir` (or corrects the teacher) and exports HF.
+def run(job: DistillJob, *, student_setup: StudentSetup | None = None,
+        on_saved: Callable[[int], None] | None = None) -> dict:
+  """Runs a distillation job: distils `job.student_dir` from `job.teacher_dir` (or corrects the
+  teacher, or writes a teacher cache) and exports the result as an HF directory.
 
   Args:
-    cfg: train settings; `cfg.mode="teacher_correction"` fine-tunes the teacher alone.
-    teacher_dir, student_dir: HF directories or short names (`hf_io.load_model`).
-    output_dir: checkpoints, metrics, plot, and the result under `output_dir/hf`.
-    data_source: training corpus (see `data.load_texts`); default the bundled Shakespeare.
-    eval_data: held-out corpus; default the tail of `data_source`.
-    dcfg: loss settings (distill mode).
-    prune_report: the student's pruning report (default: `prune_report.json` in the student
-      directory, if present): its kept layers become the layer map (unless `dcfg` has one)
-      and its kept embedding channels the projection's starting point.
-    export_dtype: dtype of the exported tensors; default that of the trained checkpoint.
-    coordinator_address, num_processes, process_id: multi-host settings (or the cluster's
-      environment).
+    job: the settings; validated here before anything is loaded.
     student_setup: given the student's params, config and tokenizer, (the params to start
-      from, the transform applied to them inside the loss): quantization-aware distillation
-      (`quantize.qad`: a fake-quantization transform, or a calibrated model's frozen grid).
-    teacher_cache: a `teacher_cache` directory: with `cache_teacher_topk`, write the teacher's
-      top-K logits of this run's batches there (resumable) and stop; without, distil from it
-      (the teacher's weights are not loaded).
-    cache_teacher_topk: K of the cache to write (0 = read `teacher_cache`).
-    cache_dtype: dtype of the cached logits (float32 or bfloat16).
+      from, the transform applied to them inside the loss). Required with `job.qad`:
+      quantization-aware distillation's setup (`quantize.qad.QadSetup(job.qad, job.data)`).
+    on_saved: see `fit`.
 
   Returns:
     A summary (also written to `output_dir/run.json`; for a cache write, the cache's figures).
   """
-  from minitron_jax.io import files
   from minitron_jax.io import hf as hf_io
 
-  sharding.initialize_distributed(coordinator_address, num_processes, process_id)
-  distilling = cfg.mode == "distill"
-  if distilling and not student_dir and not cache_teacher_topk:
-    raise ValueError("distillation needs --student_dir (or use --mode=teacher_correction)")
-  writing = bool(cache_teacher_topk)
-  if writing and not teacher_cache:
-    raise ValueError("--cache_teacher_topk needs --teacher_cache=DIR to write to")
-  if teacher_cache and not distilling:
-    raise ValueError("--teacher_cache is for distillation (--mode=distill)")
-  if teacher_cache and not writing:  # the logits are on disk: the teacher's config is enough
-    from minitron_jax.io import registry
-    tpath = str(registry.resolve_model_dir(teacher_dir))
-    teacher, tcfg = None, hf_io.load_config(tpath)
-  else:
-    teacher, tcfg, _, tpath = hf_io.load_model(teacher_dir, with_tokenizer=False)
-  if writing:
-    params, mcfg, path = None, None, tpath
-  elif distilling:
-    params, mcfg, _, path = hf_io.load_model(student_dir, with_tokenizer=False)
-  else:
-    params, mcfg, path = teacher, tcfg, tpath
-    teacher = tcfg = None
-  try:  # a pruned student may come without tokenizer files; it shares the teacher's
-    tok, tok_dir = hf_io.load_tokenizer(path), path
-  except FileNotFoundError:
-    tok, tok_dir = hf_io.load_tokenizer(tpath), tpath
-  src_dtype = (str(np.dtype(jax.tree_util.tree_leaves(params)[0].dtype)) if params is not None
-               else None)
-  stream = data.load_tokens(data_source, tok)
-  eval_ids = None
-  if cfg.eval_every:
-    if eval_data:
-      eval_ids = np.asarray(data.load_tokens(eval_data, tok).tokens)
-    else:
-      stream, eval_ids = split_holdout(stream, cfg.eval_windows * cfg.seq_len)
+  job.validate()
+  if job.qad is not None and student_setup is None:
+    raise SettingError("qad.format", "{name} needs the quantization setup of the student "
+                       "(quantize.qad.QadSetup)")
+  sharding.initialize_distributed(job.coordinator_address, job.num_processes, job.process_id)
+  models = _load_models(job)
+  tok, tok_dir = _tokenizer(models.path, models.teacher_path)
+  stream, eval_ids = _training_tokens(job, tok)
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  if writing:
+  pad_id = int(pad_id or 0)
+  if job.writing_cache:
     from minitron_jax.distill import teacher_cache as tc
-    return tc.write_for_run(teacher_cache, cfg, teacher, tcfg, stream, cache_teacher_topk,
-                            cache_dtype, int(pad_id or 0))
-  projection = None
-  found = os.path.join(path, "prune_report.json")
-  if distilling and not prune_report and os.path.isfile(found):
-    prune_report = found  # pruning writes its report into the student directory
-    print(f"using the pruning report {found}", flush=True)
-  if distilling and prune_report:
-    dcfg, projection = _from_report(prune_report, dcfg or distill.DistillConfig(), mcfg, tcfg)
-  transform = None
+    return tc.write_for_run(job.teacher_cache, job.train, models.teacher, models.teacher_cfg,
+                            stream, job.cache_topk, job.cache_dtype, pad_id)
+  dcfg, projection, report = job.loss, None, job.prune_report
+  if job.distilling:
+    dcfg, projection, report = _student_losses(job, models.path, models.cfg, models.teacher_cfg)
+  params, transform = models.params, None
   if student_setup is not None:
-    params, transform = student_setup(params, mcfg, tok)
-  result = fit(cfg, model_params=params, model_cfg=mcfg, train_tokens=stream,
-               output_dir=output_dir, teacher_params=teacher, teacher_cfg=tcfg, dcfg=dcfg,
-               eval_tokens=eval_ids, projection=projection, pad_id=int(pad_id or 0),
-               student_transform=transform,
-               teacher_cache=teacher_cache)
-  summary = {"mode": cfg.mode, "teacher_dir": tpath, "student_dir": path if distilling else None,
+    params, transform = student_setup(params, models.cfg, tok)
+  result = fit(job.train, model_params=params, model_cfg=models.cfg, train_tokens=stream,
+               output_dir=job.output_dir, teacher_params=models.teacher,
+               teacher_cfg=models.teacher_cfg, dcfg=dcfg if job.distilling else None,
+               eval_tokens=eval_ids, projection=projection, pad_id=pad_id,
+               student_transform=transform, teacher_cache=job.teacher_cache,
+               on_saved=on_saved)
+  summary = {"mode": job.train.mode, "teacher_dir": models.teacher_path,
+             "student_dir": models.path if job.distilling else None,
              "steps": result.step, "resumed_from": result.resumed_from,
              "preempted": result.preempted, "tokens_this_run": result.tokens,
              "seconds_this_run": round(result.seconds, 2),
-             "evals": result.evals, "train_config": dataclasses.asdict(cfg),
-             "distill_config": dataclasses.asdict(dcfg) if dcfg else None,
-             "prune_report": os.path.abspath(prune_report) if prune_report else None}
+             "evals": result.evals, "train_config": dataclasses.asdict(job.train),
+             "distill_config": dataclasses.asdict(dcfg) if job.distilling else None,
+             "prune_report": os.path.abspath(report) if report else None}
   if result.preempted:
     return summary
-  host = host_params(result.params)
+  export_dtype = "float32" if job.qad is not None else job.export_dtype
+  return _export(summary, result, models, job.output_dir, tok_dir, export_dtype, hf_io)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Models:
+  """What a job loaded: the trained model (`params` None when only writing a cache) and the
+  teacher (`teacher` None when its logits come from a cache, or in teacher correction)."""
+  params: Any
+  cfg: LlamaConfig | None
+  path: str
+  teacher: Any
+  teacher_cfg: LlamaConfig | None
+  teacher_path: str
+  src_dtype: str | None
+
+
+def _load_models(job: DistillJob) -> _Models:
+  from minitron_jax.io import hf as hf_io
+
+  if job.teacher_cache and not job.writing_cache:  # logits on disk: the config is enough
+    from minitron_jax.io import registry
+    tpath = str(registry.resolve_model_dir(job.teacher_dir))
+    teacher, tcfg = None, hf_io.load_config(tpath)
+  else:
+    teacher, tcfg, _, tpath = hf_io.load_model(job.teacher_dir, with_tokenizer=False)
+  if job.writing_cache:
+    params, mcfg, path = None, None, tpath
+  elif job.distilling:
+    params, mcfg, _, path = hf_io.load_model(job.student_dir, with_tokenizer=False)
+  else:  # teacher correction: the teacher is the trained model
+    params, mcfg, path = teacher, tcfg, tpath
+    teacher = tcfg = None
+  src_dtype = (str(np.dtype(jax.tree_util.tree_leaves(params)[0].dtype)) if params is not None
+               else None)
+  return _Models(params, mcfg, path, teacher, tcfg, tpath, src_dtype)
+
+
+def _tokenizer(path: str, teacher_path: str):
+  """(tokenizer, its directory): a pruned student may come without tokenizer files; it
+  shares the teacher's."""
+  from minitron_jax.io import hf as hf_io
+
+  try:
+    return hf_io.load_tokenizer(path), path
+  except FileNotFoundError:
+    return hf_io.load_tokenizer(teacher_path), teacher_path
+
+
+def _training_tokens(job: DistillJob, tok) -> tuple[data.TokenStream, np.ndarray | None]:
+  """(training stream, held-out ids or None): `eval_data`, else the tail of the training data."""
+  cfg = job.train
+  stream = data.load_tokens(job.data, tok)
+  if not cfg.eval_every:
+    return stream, None
+  if job.eval_data:
+    return stream, np.asarray(data.load_tokens(job.eval_data, tok).tokens)
+  return holdout.split_holdout(stream, cfg.eval_windows * cfg.seq_len)
+
+
+def _student_losses(job: DistillJob, path: str, mcfg: LlamaConfig, tcfg: LlamaConfig):
+  """(loss settings, initial projection or None, pruning report or None) of the student."""
+  report = job.prune_report
+  found = os.path.join(path, "prune_report.json")
+  if not report and os.path.isfile(found):
+    report = found  # pruning writes its report into the student directory
+    print(f"using the pruning report {found}", flush=True)
+  if not report:
+    return job.loss, None, None
+  dcfg, projection = _from_report(report, job.loss, mcfg, tcfg)
+  return dcfg, projection, report
+
+
+def _export(summary: dict, result: FitResult, models: _Models, output_dir: str, tok_dir: str,
+            export_dtype: str | None, hf_io) -> dict:
+  """Writes `output_dir/hf` and `run.json` on process 0; every process joins the gather."""
+  from minitron_jax.io import files
+
+  host = sharding.host_params(result.params)
   hf_dir = os.path.join(output_dir, "hf")
   if _is_main():
-    hf_io.save_hf(host, mcfg.replace(dtype="float32"), hf_dir, source_dir=tok_dir,
-                  dtype=export_dtype or src_dtype, overwrite=True)
+    hf_io.save_hf(host, models.cfg.replace(dtype="float32"), hf_dir, source_dir=tok_dir,
+                  dtype=export_dtype or models.src_dtype, overwrite=True)
     summary["hf_dir"] = os.path.abspath(hf_dir)
     files.write_json(os.path.join(output_dir, "run.json"), summary)
     print(f"wrote {hf_dir}", flush=True)

@@ -3,7 +3,7 @@
 One jitted function `(state, teacher_params, batch) -> (state, metrics)` does a whole
 optimizer update. Gradient accumulation runs inside it as a `lax.scan` over micro-batches
 rather than with `optax.MultiSteps`: the update, clipping and schedule then see each global
-batch exactly once, a step is one update (so `--steps`, checkpoints and metrics all count
+batch exactly once, a step is one update (so `steps`, checkpoints and metrics all count
 updates), the optimizer state holds no accumulator to checkpoint, and the host dispatches one
 computation per update instead of one per micro-batch.
 
@@ -12,6 +12,10 @@ Parameters stay float32 (master weights); the model computes in `TrainConfig.dty
 
 The state is a dict: `step` (int32), `params` (`{"model": ..., "proj": ...}`; `proj` only when
 a hidden or embedding loss compares different widths) and `opt_state`.
+
+The teacher's targets come from a pluggable source: `LiveTeacher` runs the teacher inside the
+step under stop_gradient; `CachedTopK` reads its top-K logits from the batch (a teacher cache).
+Both go through the same loss code, `logits_chunk` tokens of logits at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from minitron_jax import model as M, sharding
 from minitron_jax.sharding import put_global, replicated  # noqa: F401 (re-exported)
 from minitron_jax.distill import losses as distill
 from minitron_jax.config import ATTENTION_IMPLS, LlamaConfig
+from minitron_jax.settings import SettingError, check_positive
 
 MODES = ("distill", "teacher_correction")
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
@@ -72,8 +77,6 @@ class TrainConfig:
     allow_schedule_change: on resume, accept new `steps`, `lr`, `min_lr` or `warmup_steps`
       (the learning-rate schedule) instead of refusing them.
     async_checkpointing: write checkpoints in a background thread.
-    nan_at_step: testing: poison the loss of this update (1-based) with NaN.
-    crash_after_save_step: testing: SIGKILL the process once this step's checkpoint is on disk.
   """
 
   mode: str = "distill"
@@ -102,35 +105,34 @@ class TrainConfig:
   log_every: int = 1
   allow_schedule_change: bool = False
   async_checkpointing: bool = True
-  nan_at_step: int | None = None
-  crash_after_save_step: int | None = None
 
   def __post_init__(self):
     if self.mode not in MODES:
-      raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-    for name in ("steps", "global_batch_size", "seq_len", "eval_windows", "log_every",
-                 "keep_checkpoints"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+      raise SettingError("mode", f"{{name}} must be one of {MODES}, got {self.mode!r}")
+    check_positive(self, "steps", "global_batch_size", "seq_len", "eval_windows", "log_every",
+                   "keep_checkpoints")
     for name in ("warmup_steps", "save_every", "eval_every", "logits_chunk"):
       if getattr(self, name) < 0:
-        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        raise SettingError(name, f"{{name}} must be >= 0, got {getattr(self, name)}")
     if self.seq_len < 2:
-      raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+      raise SettingError("seq_len", f"{{name}} must be >= 2, got {self.seq_len}")
     micro = self.micro_batch_size
     if micro is not None and (micro < 1 or self.global_batch_size % micro):
-      raise ValueError(f"micro_batch_size={micro} must divide "
-                       f"global_batch_size={self.global_batch_size}")
-    if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
-      raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, "
-                       f"min_lr={self.min_lr}")
-    if self.weight_decay < 0 or self.grad_clip < 0:
-      raise ValueError("weight_decay and grad_clip must be >= 0")
+      raise SettingError("micro_batch_size", f"{{name}}={micro} must divide "
+                         f"global_batch_size={self.global_batch_size}")
+    if not self.lr > 0:
+      raise SettingError("lr", f"{{name}} must be > 0, got {self.lr}")
+    if not 0 <= self.min_lr <= self.lr:
+      raise SettingError("min_lr", f"{{name}} must lie in [0, lr={self.lr}], got {self.min_lr}")
+    for name in ("weight_decay", "grad_clip"):
+      if not getattr(self, name) >= 0:
+        raise SettingError(name, f"{{name}} must be >= 0, got {getattr(self, name)}")
     if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
-                       f"got {self.attention_impl!r}")
+      raise SettingError("attention_impl", f"{{name}} must be one of {ATTENTION_IMPLS}, "
+                         f"got {self.attention_impl!r}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
-      raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+      raise SettingError("dtype", "{name} must be float32, bfloat16 or float16, got "
+                         f"{self.dtype!r}")
 
   @property
   def accum_steps(self) -> int:
@@ -257,31 +259,70 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, cfg: TrainConfig
   return out
 
 
+# ---------------------------------------------------------------------------- teacher targets
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveTeacher:
+  """The teacher runs inside the step on every micro-batch, under stop_gradient.
+
+  Attributes:
+    cfg: the teacher's config (its dtype and attention kernel are the run's).
+  """
+
+  cfg: LlamaConfig
+
+  def targets(self, teacher_params, mb: dict, cfg: TrainConfig, hidden: bool):
+    """(the teacher's forward output, its Head) on micro-batch `mb`."""
+    tcfg = self.cfg.replace(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
+    teacher_params = jax.lax.stop_gradient(teacher_params)
+    t_out = M.forward(teacher_params, tcfg, mb["tokens"], positions_bt=mb["positions"],
+                      segment_ids_bt=mb["segment_ids"], return_hidden=hidden, logits=False)
+    return jax.lax.stop_gradient(t_out), distill.Head(teacher_params, tcfg, cfg.logits_chunk)
+
+  def batch_specs(self) -> dict:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedTopK:
+  """The teacher's top-`k` logits come with the batch (`losses.TOPK_KEYS`, (A, B, T, k) each,
+  written by `teacher_cache`); the step takes no teacher params.
+
+  Attributes:
+    k: logits per token in the cache.
+    value_dtype: dtype of the cached values ("float32" or "bfloat16").
+  """
+
+  k: int
+  value_dtype: str = "float32"
+
+  def targets(self, teacher_params, mb: dict, cfg: TrainConfig, hidden: bool):
+    del teacher_params, cfg, hidden
+    return {key: mb[key] for key in distill.TOPK_KEYS}, None
+
+  def batch_specs(self) -> dict:
+    """Batch entries beyond `BATCH_KEYS`: name -> (trailing shape, dtype)."""
+    values, indices = distill.TOPK_KEYS
+    return {values: ((self.k,), self.value_dtype), indices: ((self.k,), "int32")}
+
+
+TeacherSource = LiveTeacher | CachedTopK
+# (step, loss, grads) -> (loss, grads), applied to an update before the optimizer; tests use it
+# to inject faults (e.g. a NaN loss) into a real step.
+StepHook = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
 # ---------------------------------------------------------------------------- the step
 
 
-def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
-                    dcfg: distill.DistillConfig | None, cfg: TrainConfig,
-                    optimizer: optax.GradientTransformation,
-                    grad_shardings: Any = None,
-                    student_transform: Callable[[dict], dict] | None = None) -> Callable:
-  """`(state, teacher_params, batch) -> (state, metrics)` for the configured mode.
-
-  Args:
-    model_cfg: config of the trained model (its dtype is replaced by `cfg.dtype`).
-    teacher_cfg: the teacher's config (distill mode).
-    dcfg: loss settings with a resolved layer map (distill mode).
-    cfg: train settings.
-    optimizer: from `make_optimizer(cfg)`.
-    grad_shardings: sharding of `state["params"]`, to pin the gradient accumulator.
-    student_transform: applied to the trained model's params inside the loss (e.g.
-      quantization-aware distillation's fake quantization, `quantize.qad`).
-  """
+def _micro_losses(model_cfg: LlamaConfig, teacher: TeacherSource | None,
+                  dcfg: distill.DistillConfig | None, cfg: TrainConfig,
+                  student_transform: Callable[[dict], dict] | None):
+  """(micro_loss, micro_terms) of one micro-batch: `(params, teacher_params, mb, norm)` ->
+  (loss, metrics), or -> ((rest, hidden) terms, metrics) for the dynamic-alpha split."""
   mcfg = model_cfg.replace(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
-  tcfg = (teacher_cfg.replace(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
-          if teacher_cfg is not None else None)
   hidden = dcfg is not None and dcfg.needs_hidden
-  dynamic = hidden and dcfg.hidden_weight is None
 
   def forward(params, teacher_params, mb):
     # Final-normed states, not logits: the losses project them `logits_chunk` tokens at a time.
@@ -292,11 +333,8 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
     head = distill.Head(model, mcfg, cfg.logits_chunk)
     if cfg.mode == "teacher_correction":
       return out, None, (head, None)
-    teacher_params = jax.lax.stop_gradient(teacher_params)
-    t_out = M.forward(teacher_params, tcfg, mb["tokens"], positions_bt=mb["positions"],
-                      segment_ids_bt=mb["segment_ids"], return_hidden=hidden, logits=False)
-    t_head = distill.Head(teacher_params, tcfg, cfg.logits_chunk)
-    return out, jax.lax.stop_gradient(t_out), (head, t_head)
+    t_out, t_head = teacher.targets(teacher_params, mb, cfg, hidden)
+    return out, t_out, (head, t_head)
 
   def micro_loss(params, teacher_params, mb, norm):
     out, t_out, heads = forward(params, teacher_params, mb)
@@ -311,19 +349,22 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
                                                 params.get("proj"), dcfg, norm, heads)
     return (terms.rest, terms.hidden), metrics
 
-  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  return micro_loss, micro_terms
+
+
+def _accumulator(grad_fn, micro_terms, grad_shardings, dynamic: bool,
+                 dcfg: distill.DistillConfig | None):
+  """`(params, teacher_params, batch, norm) -> (grads, metrics)` of a global batch, summed
+  over its micro-batches (`grad_fn` and `micro_terms` of `_micro_losses`)."""
 
   def constrain(grads):
     if grad_shardings is None:
       return grads
     return jax.lax.with_sharding_constraint(grads, grad_shardings)
 
-  def step(state, teacher_params, batch):
+  def accumulate(params, teacher_params, batch, norm):
+    """(grads, metrics) of the global batch, summed over its micro-batches."""
     a = batch["tokens"].shape[0]
-    # Counts of the whole global batch, so summing micro-batch losses gives the global mean.
-    norm = jax.vmap(distill.normalizers)(batch["tokens"], batch["segment_ids"])
-    norm = distill.Normalizers(*(jnp.sum(x) for x in norm))
-    params = state["params"]
     # A dynamic alpha = L_logits / L_hidden is a ratio of global-batch means, which a sum of
     # per-micro-batch ratios is not. alpha is under stop_gradient, so the exact gradient is
     # g_rest + alpha * g_hidden: each micro-batch's single forward pass is pulled back twice
@@ -344,28 +385,65 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
       return constrain(grads), metrics
 
     if a == 1:
-      grads, metrics = one(jax.tree_util.tree_map(lambda x: x[0], batch))
-    else:
-      def body(carry, mb):
-        g, m = one(mb)
-        return jax.tree_util.tree_map(jnp.add, carry, (g, m)), None
-      zeros = jax.eval_shape(one, jax.tree_util.tree_map(lambda x: x[0], batch))
-      zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-      (grads, metrics), _ = jax.lax.scan(body, zeros, batch)
-      if split:
-        (g_rest, g_hid), (metrics, rest) = grads, metrics
-        terms = distill.LossTerms(rest, dcfg.logit_weight * metrics["distill/kl"],
-                                  metrics["distill/hidden"])
-        _, metrics = distill.combine_terms(terms, metrics, dcfg)
-        alpha = metrics["distill/alpha"]
-        grads = jax.tree_util.tree_map(lambda r, h: r + alpha * h, g_rest, g_hid)
-      else:  # a fixed alpha was summed once per micro-batch
-        metrics = {k: v / a if k.endswith("alpha") else v for k, v in metrics.items()}
+      return one(jax.tree_util.tree_map(lambda x: x[0], batch))
+
+    def body(carry, mb):
+      g, m = one(mb)
+      return jax.tree_util.tree_map(jnp.add, carry, (g, m)), None
+    zeros = jax.eval_shape(one, jax.tree_util.tree_map(lambda x: x[0], batch))
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+    (grads, metrics), _ = jax.lax.scan(body, zeros, batch)
+    if not split:  # a fixed alpha was summed once per micro-batch
+      return grads, {k: v / a if k.endswith("alpha") else v for k, v in metrics.items()}
+    (g_rest, g_hid), (metrics, rest) = grads, metrics
+    terms = distill.LossTerms(rest, dcfg.logit_weight * metrics["distill/kl"],
+                              metrics["distill/hidden"])
+    _, metrics = distill.combine_terms(terms, metrics, dcfg)
+    alpha = metrics["distill/alpha"]
+    return jax.tree_util.tree_map(lambda r, h: r + alpha * h, g_rest, g_hid), metrics
+
+  return accumulate
+
+
+def make_train_step(model_cfg: LlamaConfig, teacher: TeacherSource | LlamaConfig | None,
+                    dcfg: distill.DistillConfig | None, cfg: TrainConfig,
+                    optimizer: optax.GradientTransformation,
+                    grad_shardings: Any = None,
+                    student_transform: Callable[[dict], dict] | None = None,
+                    hook: StepHook | None = None) -> Callable:
+  """`(state, teacher_params, batch) -> (state, metrics)` for the configured mode.
+
+  Args:
+    model_cfg: config of the trained model (its dtype is replaced by `cfg.dtype`).
+    teacher: where the distillation targets come from (distill mode): a `LiveTeacher` (a
+      bare `LlamaConfig` means one) or `CachedTopK` (then `teacher_params` is None).
+    dcfg: loss settings with a resolved layer map (distill mode).
+    cfg: train settings.
+    optimizer: from `make_optimizer(cfg)`.
+    grad_shardings: sharding of `state["params"]`, to pin the gradient accumulator.
+    student_transform: applied to the trained model's params inside the loss (e.g.
+      quantization-aware distillation's fake quantization, `quantize.qad`).
+    hook: applied to the update's loss and gradients before the optimizer (fault injection).
+  """
+  if isinstance(teacher, LlamaConfig):
+    teacher = LiveTeacher(teacher)
+  if isinstance(teacher, CachedTopK):
+    distill.check_topk_targets(dcfg)
+  dynamic = dcfg is not None and dcfg.needs_hidden and dcfg.hidden_weight is None
+  micro_loss, micro_terms = _micro_losses(model_cfg, teacher, dcfg, cfg, student_transform)
+  accumulate = _accumulator(jax.value_and_grad(micro_loss, has_aux=True), micro_terms,
+                           grad_shardings, dynamic, dcfg)
+
+  def step(state, teacher_params, batch):
+    # Counts of the whole global batch, so summing micro-batch losses gives the global mean.
+    norm = jax.vmap(distill.normalizers)(batch["tokens"], batch["segment_ids"])
+    norm = distill.Normalizers(*(jnp.sum(x) for x in norm))
+    params = state["params"]
+    grads, metrics = accumulate(params, teacher_params, batch, norm)
     prefix = "train" if cfg.mode == "teacher_correction" else "distill"
     loss = metrics[f"{prefix}/loss"]
-    if cfg.nan_at_step is not None:
-      loss = jnp.where(state["step"] + 1 == cfg.nan_at_step, jnp.nan, loss)
-      grads = jax.tree_util.tree_map(lambda g: jnp.where(jnp.isnan(loss), jnp.nan, g), grads)
+    if hook is not None:
+      loss, grads = hook(state["step"], loss, grads)
       metrics[f"{prefix}/loss"] = loss
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
@@ -382,20 +460,35 @@ def make_train_step(model_cfg: LlamaConfig, teacher_cfg: LlamaConfig | None,
   return step
 
 
+def abstract_batch(mesh: Mesh, cfg: TrainConfig, teacher: TeacherSource | None = None
+                   ) -> tuple[dict, dict]:
+  """(shardings, ShapeDtypeStructs) of one global batch, with the teacher source's entries."""
+  batch_sh = dict(batch_shardings(mesh))
+  shape = (cfg.accum_steps, cfg.micro, cfg.seq_len)
+  structs = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for k, s in batch_sh.items()}
+  specs = teacher.batch_specs() if teacher is not None else {}
+  for key, (trailing, dtype) in specs.items():
+    s = NamedSharding(mesh, P(None, batch_sh["tokens"].spec[1], None,
+                              *(None for _ in trailing)))
+    batch_sh[key] = s
+    structs[key] = jax.ShapeDtypeStruct(shape + tuple(trailing), jnp.dtype(dtype), sharding=s)
+  return batch_sh, structs
+
+
 def compile_step(step_fn: Callable, state_sh, teacher_sh, mesh: Mesh, abstract_state,
-                 abstract_teacher, cfg: TrainConfig):
+                 abstract_teacher, cfg: TrainConfig, teacher: TeacherSource | None = None):
   """Jits with in/out shardings (state donated, teacher not) and compiles ahead of time.
+
+  Args:
+    teacher: the step's teacher source; a `CachedTopK` adds its entries to the batch.
 
   Returns:
     (compiled, memory_analysis or None).
   """
-  batch_sh = batch_shardings(mesh)
-  shape = (cfg.accum_steps, cfg.micro, cfg.seq_len)
-  abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s)
-                    for k, s in batch_sh.items()}
+  batch_sh, structs = abstract_batch(mesh, cfg, teacher)
   jitted = jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_sh),
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
-  return compile_on_mesh(jitted, mesh, abstract_state, abstract_teacher, abstract_batch)
+  return compile_on_mesh(jitted, mesh, abstract_state, abstract_teacher, structs)
 
 
 def compile_on_mesh(jitted, mesh, *abstract_args):

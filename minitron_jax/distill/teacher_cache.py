@@ -14,7 +14,8 @@ Layout (zarr arrays through tensorstore; `K` = `k`, `R` = rows of this process):
     process_<i>/indices             (steps, R, T, K) int32: their vocabulary ids
     process_<i>/written.json        {"steps": n}: entries complete on disk (resume point)
 
-Bytes per token: K x (value bytes + 4) + 4. The loss (`cached_kl_bt`) is the forward KL of
+Bytes per token: K x (value bytes + 4) + 4. The loss (`losses.topk_kl_bt`, through the
+step's `step.CachedTopK` targets) is the forward KL of
 `losses.forward_kl_bt` with `top_k=K`: the teacher distribution renormalised over its top K,
 the student's full-vocabulary log-probabilities at those ids; with float32 values the two agree
 to rounding.
@@ -29,7 +30,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from minitron_jax import model as M
@@ -39,31 +39,13 @@ from minitron_jax.distill import losses as distill
 from minitron_jax.distill import step as train
 
 VALUE_DTYPES = ("float32", "bfloat16")
-CACHE_KEYS = ("topk_values", "topk_indices")
+CACHE_KEYS = distill.TOPK_KEYS
 _META_KEYS = ("k", "vocab_size", "seq_len", "global_batch_size", "seed", "process_count")
 
 
 def bytes_per_token(k: int, dtype: str = "float32") -> int:
   """Cache bytes per training token: K values, K int32 ids and the int32 token."""
   return k * (np.dtype(jnp.dtype(dtype)).itemsize + 4) + 4
-
-
-def cached_kl_bt(student_btv: jax.Array, values_btk: jax.Array, indices_btk: jax.Array,
-                 temperature: float = 1.0) -> jax.Array:
-  """tau^2 * KL(teacher top-K renormalised || student) per token, in float32."""
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}")
-  logq_btv = jax.nn.log_softmax(student_btv.astype(jnp.float32) / temperature, axis=-1)
-  logp_btk = jax.nn.log_softmax(values_btk.astype(jnp.float32) / temperature, axis=-1)
-  logq_btk = jnp.take_along_axis(logq_btv, indices_btk, axis=-1)
-  return temperature ** 2 * jnp.sum(jnp.exp(logp_btk) * (logp_btk - logq_btk), axis=-1)
-
-
-def check_loss_settings(dcfg: distill.DistillConfig) -> None:
-  """The cache holds logits only: refuse the losses that need more of the teacher."""
-  if dcfg.kl != "forward" or dcfg.needs_projection_loss:
-    raise ValueError("a teacher cache supports the forward KL on logits only (--kl=forward, "
-                     "--hidden_loss=none, no embedding loss)")
 
 
 # ---------------------------------------------------------------------------- storage
@@ -92,7 +74,7 @@ class TeacherCache:
   def meta(self) -> dict:
     path = os.path.join(self.directory, "meta.json")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path}: not a teacher cache (--teacher_cache)")
+      raise FileNotFoundError(f"{path}: not a teacher cache")
     with open(path) as f:
       return json.load(f)
 
@@ -122,8 +104,7 @@ class TeacherCache:
     have = self.written()
     if have < steps:
       raise ValueError(f"{self.directory}: the teacher cache holds {have} steps of process "
-                       f"{self.process_index}, the run needs {steps} (write more with "
-                       "--cache_teacher_topk)")
+                       f"{self.process_index}, the run needs {steps} (write one for this run)")
     return meta
 
   def _open(self, name: str, shape=None, dtype=None):
@@ -153,9 +134,9 @@ def write(directory: str, teacher_params, teacher_cfg: LlamaConfig, dataset, ste
   write resumes. Each process runs the teacher on its own rows.
   """
   if dtype not in VALUE_DTYPES:
-    raise ValueError(f"--cache_dtype={dtype!r} is not one of {VALUE_DTYPES}")
+    raise ValueError(f"cache dtype {dtype!r} is not one of {VALUE_DTYPES}")
   if not 1 <= k <= teacher_cfg.vocab_size:
-    raise ValueError(f"--cache_teacher_topk={k} must be in [1, {teacher_cfg.vocab_size}]")
+    raise ValueError(f"top-k={k} of the cache must be in [1, {teacher_cfg.vocab_size}]")
   cache = TeacherCache(directory, process_index)
   meta = {"k": k, "vocab_size": teacher_cfg.vocab_size, "seq_len": cfg.seq_len,
           "global_batch_size": cfg.global_batch_size, "seed": cfg.seed,
@@ -224,73 +205,6 @@ def batch_with_cache(local: dict[str, np.ndarray], entry: dict[str, np.ndarray],
     x = x.reshape(rows // a, a, t, k).transpose(1, 0, 2, 3)
     out[key] = jax.make_array_from_process_local_data(s, x, (a, cfg.micro, t, k))
   return out
-
-
-def make_step(model_cfg: LlamaConfig, dcfg: distill.DistillConfig, cfg: train.TrainConfig,
-              optimizer: optax.GradientTransformation, grad_shardings: Any = None) -> Callable:
-  """`(state, None, batch) -> (state, metrics)`: the distillation step of `step.make_train_step`
-  with the teacher's logits read from `batch` (top-K values and ids) instead of computed."""
-  check_loss_settings(dcfg)
-  mcfg = model_cfg.replace(dtype=cfg.dtype)
-
-  def micro_loss(params, mb, norm):
-    out = M.forward(params["model"], mcfg, mb["tokens"], positions_bt=mb["positions"],
-                    segment_ids_bt=mb["segment_ids"], remat=cfg.remat)
-    mask_bt = distill.token_mask(mb["segment_ids"], mb["tokens"].shape)
-    kl = distill.masked_mean(cached_kl_bt(out["logits"], mb["topk_values"],
-                                          mb["topk_indices"], dcfg.temperature),
-                             mask_bt, norm.tokens)
-    labels_bt, valid_bt = distill.next_token_labels(mb["tokens"], mb["segment_ids"])
-    ce = distill.masked_mean(M.token_nll_bt(out["logits"], labels_bt), valid_bt, norm.labels)
-    loss = dcfg.logit_weight * kl + dcfg.ce_weight * ce
-    return loss, {"distill/kl": kl, "distill/ce": ce, "distill/loss": loss}
-
-  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-  def step(state, teacher_params, batch):
-    del teacher_params
-    norm = jax.vmap(distill.normalizers)(batch["tokens"], batch["segment_ids"])
-    norm = distill.Normalizers(*(jnp.sum(x) for x in norm))
-    params = state["params"]
-
-    def one(mb):
-      (_, metrics), grads = grad_fn(params, mb, norm)
-      if grad_shardings is not None:
-        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-      return grads, metrics
-
-    def body(carry, mb):
-      return jax.tree_util.tree_map(jnp.add, carry, one(mb)), None
-
-    first = jax.tree_util.tree_map(lambda x: x[0], batch)
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                   jax.eval_shape(one, first))
-    (grads, metrics), _ = jax.lax.scan(body, zeros, batch)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    metrics.update({"train/lr": train.learning_rate(state["step"], cfg),
-                    "train/grad_norm": optax.global_norm(grads), "train/tokens": norm.tokens,
-                    "train/loss": metrics["distill/loss"]})
-    return ({"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-             "opt_state": opt_state}, metrics)
-
-  return step
-
-
-def compile_step(step_fn: Callable, state_sh, mesh, abstract_state, cfg: train.TrainConfig,
-                 k: int, value_dtype: str):
-  """`step.compile_step` for the cached step (no teacher; the batch carries the top-K)."""
-  batch_sh = dict(train.batch_shardings(mesh))
-  shape = (cfg.accum_steps, cfg.micro, cfg.seq_len)
-  abstract_batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s)
-                    for key, s in batch_sh.items()}
-  row = sharding.logical_to_spec(("batch",), mesh=mesh)[0]
-  s4 = NamedSharding(mesh, P(None, row, None, None))
-  for key, dt in (("topk_values", value_dtype), ("topk_indices", "int32")):
-    batch_sh[key] = s4
-    abstract_batch[key] = jax.ShapeDtypeStruct(shape + (k,), jnp.dtype(dt), sharding=s4)
-  jitted = jax.jit(step_fn, in_shardings=(state_sh, None, batch_sh),
-                   out_shardings=(state_sh, train.replicated(mesh)), donate_argnums=0)
-  return train.compile_on_mesh(jitted, mesh, abstract_state, None, abstract_batch)
 
 
 def write_for_run(directory: str, cfg: train.TrainConfig, teacher_params,

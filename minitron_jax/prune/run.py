@@ -20,7 +20,7 @@ from minitron_jax.io import hf as hf_io
 from minitron_jax.io import hf_compat
 from minitron_jax.prune import importance as I
 from minitron_jax.prune import layer_importance as LI
-from minitron_jax.prune import slicing as P
+from minitron_jax.prune import slicing
 from minitron_jax.settings import MeshSpec, SettingError, check_non_negative, check_positive
 
 
@@ -135,7 +135,7 @@ def prepare(job: PruneJob):
   files.check_output_dir(job.output_dir, job.overwrite)
   src = str(registry.resolve_model_dir(job.model_dir))
   cfg = hf_io.load_config(src, dtype=job.dtype)
-  targets = P.Targets.from_flags(cfg, drop_layers=job.drop_layers, **job.targets())
+  targets = slicing.Targets.from_flags(cfg, drop_layers=job.drop_layers, **job.targets())
   new = targets.validate(cfg)
   if new == cfg:
     raise SettingError("hidden_size", "no pruning target given (e.g. {name}, drop_layers)")
@@ -242,7 +242,7 @@ def run(job: PruneJob) -> dict[str, Any]:
   calib, held_out = _calibration_windows(job, tok, report)
   batches = job.calib.batches(calib)
   scores = None
-  if P.cuts_width(cfg, new):  # a depth-only target ranks layers: no unit scores to compute
+  if slicing.cuts_width(cfg, new):  # a depth-only target ranks layers: no unit scores to compute
     ts = time.perf_counter()
     scores = I.compute_scores(job.importance, placed, cfg, batches, agg, seed=job.calib.seed,
                               progress=Progress(f"{job.importance} importance", len(calib)),
@@ -251,9 +251,9 @@ def run(job: PruneJob) -> dict[str, Any]:
   extra: dict[str, Any] = {"curves": {}, "layer_scores": {}}
   layer_scores, drop_block = _depth_scores(job, placed, cfg, new, targets, tok, batches, extra,
                                            mesh)
-  plan = P.make_plan(cfg, targets, scores, layer_scores, drop_block)
-  pruned, new_cfg = P.prune(params, cfg, plan)
-  report.update(P.plan_summary(cfg, plan))
+  plan = slicing.make_plan(cfg, targets, scores, layer_scores, drop_block)
+  pruned, new_cfg = slicing.prune(params, cfg, plan)
+  report.update(slicing.plan_summary(cfg, plan))
   if len(held_out):
     report["calibration_ppl_before"] = _ppl(placed, cfg, held_out, job.calib.batch_size, mesh)
     report["calibration_ppl_after"] = _ppl(pruned, new_cfg, held_out, job.calib.batch_size,
@@ -270,13 +270,13 @@ def run(job: PruneJob) -> dict[str, Any]:
 def _run_streamed(job: PruneJob, src: str, cfg, targets, new, report: dict) -> dict:
   """Plans from saved scores and slices the checkpoint on disk (no model in memory)."""
   scores, layer_scores, drop_block = load_scores(job.scores_npz)
-  if scores is None and P.cuts_width(cfg, new):
+  if scores is None and slicing.cuts_width(cfg, new):
     raise SettingError("scores_npz", f"{{name}}={job.scores_npz} holds layer scores only (it "
                        "came from a depth-only prune); a width target needs a width prune's "
                        "importance.npz")
-  plan = P.make_plan(cfg, targets, scores, layer_scores, drop_block=drop_block)
-  report.update(P.plan_summary(cfg, plan), streamed=True)
-  P.prune_checkpoint(src, job.output_dir, plan, overwrite=job.overwrite,
+  plan = slicing.make_plan(cfg, targets, scores, layer_scores, drop_block=drop_block)
+  report.update(slicing.plan_summary(cfg, plan), streamed=True)
+  slicing.prune_checkpoint(src, job.output_dir, plan, overwrite=job.overwrite,
                      extra_files=lambda d: files.write_json(
                          os.path.join(d, "prune_report.json"), report))
   return report

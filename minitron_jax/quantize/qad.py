@@ -18,7 +18,8 @@ grid; the export encodes the trained weights on it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from minitron_jax import axes
 from minitron_jax.config import LlamaConfig
 from minitron_jax.quantize import formats as Q
+from minitron_jax.settings import SettingError
 
 
 def check_format(fmt: Q.QuantFormat | str) -> Q.QuantFormat:
@@ -33,8 +35,8 @@ def check_format(fmt: Q.QuantFormat | str) -> Q.QuantFormat:
   which quantize through llama.cpp's host code)."""
   fmt = Q.parse_format(fmt)
   if fmt.is_gguf:
-    raise ValueError(f"--qad_format: {fmt.value} is quantized on the host; use one of "
-                     f"{', '.join(f.value for f in Q.QuantFormat if not f.is_gguf)}")
+    raise SettingError("qad.format", f"{{name}}: {fmt.value} is quantized on the host; use one "
+                       f"of {', '.join(f.value for f in Q.QuantFormat if not f.is_gguf)}")
   return fmt
 
 
@@ -105,3 +107,59 @@ class FrozenGrid:
     return axes.tree_from_leaves(
         (s, Q.requantize_leaf(x, s, grids[s.name]) if s.name in grids else x)
         for s, x in axes.iter_leaves(params, self.cfg))
+
+
+class QadSetup:
+  """The quantization side of a distillation job's `qad` spec (`distill.job.QadSpec`): the
+  student's start and fake-quantization transform, and the quantized export afterwards.
+
+  Checks the spec's format and method on construction, before any model is loaded, raising
+  `SettingError` naming `qad.format` / `qad.method`.
+  """
+
+  def __init__(self, spec: Any, data: str):
+    """`spec`: a `QadSpec` (format, group_size, method, calib); `data`: the job's training data
+    (the calibration source when `spec.calib.data` is empty)."""
+    from minitron_jax.quantize import calibrate
+    from minitron_jax.quantize import export as quant_export
+
+    try:
+      self.fmt = check_format(quant_export.export_format(spec.format))
+    except SettingError:
+      raise
+    except ValueError as e:
+      raise SettingError("qad.format", f"{{name}}: {e}") from None
+    if not calibrate.applies(spec.method, self.fmt):
+      raise SettingError("qad.method", f"{{name}}={spec.method} cannot quantize "
+                         f"{self.fmt.value}")
+    self.spec = spec
+    self.calib = dataclasses.replace(spec.calib, data=spec.calib.data or data)
+    self.grid: FrozenGrid | None = None
+
+  def __call__(self, params: dict, cfg: LlamaConfig, tok) -> tuple[dict, Callable[[dict], dict]]:
+    """(params to start from, transform inside the loss) of the student `params`."""
+    from minitron_jax.quantize import calibrate
+    from minitron_jax.quantize import export as quant_export
+
+    quant_export.check_consumers(cfg, self.fmt)
+    if self.spec.method == "rtn":
+      return params, fake_quant_transform(cfg, self.fmt, self.spec.group_size)
+    from minitron_jax.data import corpus
+
+    windows = self.calib.windows(corpus.load_tokens(self.calib.data, tok))
+    print(f"calibrating the {self.spec.format} grid by {self.spec.method} on "
+          f"{self.calib.data}", flush=True)
+    quantized = calibrate.calibrated_params(params, cfg, self.fmt, self.calib.batches(windows),
+                                            self.spec.method, group_size=self.spec.group_size,
+                                            progress=True)
+    self.grid = FrozenGrid(quantized, cfg)
+    return self.grid.start_params(), self.grid.transform()
+
+  def export(self, hf_dir: str, output_dir: str) -> dict:
+    """Quantizes the trained float export `hf_dir` into `output_dir/quantized` (on the frozen
+    grid of a calibrated method); returns the quantize report."""
+    from minitron_jax.quantize import export as quant_export
+
+    return quant_export.quantize_checkpoint(
+        hf_dir, os.path.join(output_dir, "quantized"), self.spec.format, overwrite=True,
+        group_size=self.spec.group_size, method="rtn", progress=False, frozen_grid=self.grid)

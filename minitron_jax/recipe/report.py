@@ -265,7 +265,7 @@ def recovery(evals: list[dict]) -> list[str]:
 
 def plot_losses(run_dir: str, names, png: str) -> bool:
   """Training loss and held-out CE of every trained model of the run, in one chart."""
-  from minitron_jax.distill.run import read_metrics
+  from minitron_jax.distill.metrics import read_metrics
 
   curves = []
   for name in names:

@@ -13,7 +13,7 @@ scored one-shot on that zero-shot task, and the one-shot ranking is by its accur
 The winner is written as a pruned HF directory (one-shot weights, ready for the full
 distillation) with `prune_report.json`, `importance.npz`, `search_report.json` and `search.png`.
 
-Held-out tokens are the tail of the calibration text (`distill.run.split_holdout`): neither
+Held-out tokens are the tail of the calibration text (`data.holdout.split_holdout`): neither
 importance nor the short distillations see them.
 """
 
@@ -39,7 +39,7 @@ from minitron_jax.prune import importance as I
 from minitron_jax.prune import layer_importance as LI
 from minitron_jax.prune import search as S
 from minitron_jax.prune import run as prune_run
-from minitron_jax.prune import slicing as P
+from minitron_jax.prune import slicing
 from minitron_jax.prune.run import check_scoring
 from minitron_jax.settings import SettingError, check_non_negative, check_positive
 
@@ -155,7 +155,7 @@ def task_oneshot(params, cfg, candidates, scores, layer_scores, tok, job: Search
   progress = Progress(f"one-shot {job.score_task}", len(candidates))
   out = []
   for i, c in enumerate(candidates):
-    pruned, ccfg = P.prune(params, cfg, S.plan_for(cfg, c, scores, layer_scores))
+    pruned, ccfg = slicing.prune(params, cfg, S.plan_for(cfg, c, scores, layer_scores))
     r = scoring.evaluate_task(pruned, ccfg, tok, job.score_task, job.data_root,
                               limit=job.task_limit, batch_size=job.calib.batch_size,
                               max_len=job.calib.seq_len, progress=False)
@@ -184,9 +184,10 @@ def short_distill(job: SearchJob, teacher, cfg, c: S.Candidate, scores, layer_sc
   """Held-out loss of `c` after `search_steps` distillation updates: from the teacher's cached
   top-K logits (`teacher_cache`), else from the live teacher."""
   from minitron_jax.distill import losses as distill
+  from minitron_jax import sharding
   from minitron_jax.distill import run as trainer
 
-  pruned, new_cfg = P.prune(teacher, cfg, S.plan_for(cfg, c, scores, layer_scores))
+  pruned, new_cfg = slicing.prune(teacher, cfg, S.plan_for(cfg, c, scores, layer_scores))
   work = tempfile.mkdtemp(prefix="search_distill_")
   try:
     result = trainer.fit(short_config(job), model_params=pruned,
@@ -195,7 +196,7 @@ def short_distill(job: SearchJob, teacher, cfg, c: S.Candidate, scores, layer_sc
                          teacher_cfg=cfg.replace(dtype="float32"),
                          dcfg=distill.DistillConfig(), pad_id=pad_id, log=_log,
                          teacher_cache=teacher_cache)
-    trained = trainer.host_params(result.params)
+    trained = sharding.host_params(result.params)
   finally:
     shutil.rmtree(work, ignore_errors=True)
   return S.mean_loss(trained, new_cfg, held_out, job.calib.batch_size)
@@ -238,7 +239,7 @@ def run(job: SearchJob) -> dict[str, Any]:
   winner = min(final, key=lambda i: (final[i], i))
   rows = candidate_rows(job, cfg, short, order, top, oneshot, accs, after, winner)
   plan = S.plan_for(cfg, short[winner], scores, layer_scores)
-  pruned, new_cfg = P.prune(params, cfg, plan)
+  pruned, new_cfg = slicing.prune(params, cfg, plan)
   report: dict[str, Any] = {
       "model_dir": src, "output_dir": os.path.abspath(job.output_dir),
       "budget": dataclasses.asdict(job.budget), "candidates_in_budget": len(candidates),
@@ -252,7 +253,7 @@ def run(job: SearchJob) -> dict[str, Any]:
       "teacher_loss": teacher_loss, "winner": short[winner].to_json(), "candidates": rows}
   prune_report = {"model_dir": src, "output_dir": report["output_dir"],
                   "importance": job.importance, "aggregation": job.aggregation,
-                  "search": "search_report.json", **P.plan_summary(cfg, plan)}
+                  "search": "search_report.json", **slicing.plan_summary(cfg, plan)}
 
   def extra_files(d):
     arrays = scores.to_npz_dict()
@@ -272,7 +273,7 @@ def _split_tokens(job: SearchJob, tok):
   """(training token stream, held-out windows): the held-out windows are the calibration
   text's tail, which neither importance nor the short distillations read."""
   from minitron_jax.data import corpus as data, packing
-  from minitron_jax.distill.run import split_holdout
+  from minitron_jax.data.holdout import split_holdout
 
   stream = data.load_tokens(job.calib.data, tok)
   train_stream, tail = split_holdout(stream, job.eval_samples * job.calib.seq_len)

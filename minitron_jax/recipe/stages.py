@@ -137,14 +137,57 @@ def _train_config(cfg, section, mode: str):
       eval_windows=t.eval_windows, seed=cfg.seed, log_every=max(1, t.steps // 20))
 
 
-def _train(cfg, run_dir: str, name: str, section: str, mode: str, *, teacher: str,
-           student: str | None = None, dcfg=None, teacher_cache: str | None = None) -> None:
+def _config_names(section: str):
+  """Distillation-job fields -> this recipe's config keys, for error messages."""
+  from minitron_jax import settings
+
+  return settings.config_names({
+      "dtype": "train_dtype", "mesh": "mesh", "seed": "seed",
+      "temperature": "distill.kd_temperature", "cache_topk": "distill.teacher_topk",
+      "qad.format": "distill.qad_format", "qad.method": "distill.qad_method"},
+      section=section)
+
+
+def _qad_spec(cfg):
+  """The students' quantization-aware distillation (`distill.qad_format`), or None."""
+  from minitron_jax.distill.job import QadSpec
+
+  fmt = _get(cfg, "distill.qad_format", "")
+  if not fmt:
+    return None
+  method = _get(cfg, "distill.qad_method", "")
+  return QadSpec(format=fmt, **({"method": method} if method else {}))
+
+
+def _run_job(build_job: Callable[[], Any], section: str) -> dict:
+  """Builds, validates and runs a distillation job, errors named by this recipe's config
+  keys."""
+  from minitron_jax import settings
   from minitron_jax.distill import run as trainer
 
-  trainer.run(_train_config(cfg, section, mode), teacher_dir=teacher,
-              output_dir=os.path.join(run_dir, name), student_dir=student,
-              data_source=training_data(cfg, run_dir), dcfg=dcfg, export_dtype="float32",
-              teacher_cache=teacher_cache)
+  with settings.named(_config_names(section)):
+    job = build_job()
+    job.validate()
+    setup = None
+    if job.qad is not None:
+      from minitron_jax.quantize import qad
+      setup = qad.QadSetup(job.qad, job.data)
+    summary = trainer.run(job, student_setup=setup)
+  if setup is not None and "hf_dir" in summary:
+    setup.export(summary["hf_dir"], job.output_dir)
+  return summary
+
+
+def _train(cfg, run_dir: str, name: str, section: str, mode: str, *, teacher: str,
+           student: str | None = None, dcfg=None, teacher_cache: str | None = None,
+           qad=None) -> None:
+  from minitron_jax.distill.job import DistillJob
+
+  loss = {} if dcfg is None else {"loss": dcfg}
+  _run_job(lambda: DistillJob(
+      output_dir=os.path.join(run_dir, name), teacher_dir=teacher, student_dir=student,
+      data=training_data(cfg, run_dir), train=_train_config(cfg, section, mode),
+      export_dtype="float32", teacher_cache=teacher_cache, qad=qad, **loss), section)
 
 
 def caching_teacher(cfg) -> bool:
@@ -159,14 +202,13 @@ def teacher_cache_dir(run_dir: str) -> str:
 def stage_teacher_logits(cfg, run_dir: str) -> None:
   """The teacher's top-K logits of the distillation batches, written once and read by every
   student's distillation (the batches are the same: same data, seed, batch and length)."""
-  from minitron_jax.distill import run as trainer
+  from minitron_jax.distill.job import DistillJob
 
-  summary = trainer.run(_train_config(cfg, "distill", "distill"),
-                        teacher_dir=_teacher_for_students(cfg, run_dir),
-                        output_dir=os.path.join(run_dir, "teacher_logits"),
-                        data_source=training_data(cfg, run_dir),
-                        teacher_cache=teacher_cache_dir(run_dir),
-                        cache_teacher_topk=int(cfg.distill.teacher_topk))
+  summary = _run_job(lambda: DistillJob(
+      output_dir=os.path.join(run_dir, "teacher_logits"),
+      teacher_dir=_teacher_for_students(cfg, run_dir), data=training_data(cfg, run_dir),
+      train=_train_config(cfg, "distill", "distill"), teacher_cache=teacher_cache_dir(run_dir),
+      cache_topk=int(cfg.distill.teacher_topk)), "distill")
   files.write_json(os.path.join(run_dir, "teacher_logits", "run.json"), summary)
 
 
@@ -209,7 +251,8 @@ def stage_distill(kind: str):
            teacher=_teacher_for_students(cfg, run_dir),
            student=os.path.join(run_dir, f"pruned_{kind}"),
            dcfg=_distill_config(cfg, run_dir, kind),
-           teacher_cache=teacher_cache_dir(run_dir) if caching_teacher(cfg) else None)
+           teacher_cache=teacher_cache_dir(run_dir) if caching_teacher(cfg) else None,
+           qad=_qad_spec(cfg))
   return run
 
 

@@ -55,6 +55,7 @@ def worker(spec: dict) -> None:
                                num_processes=spec["num_processes"],
                                process_id=spec["process_id"])
   from minitron_jax.distill import losses as distill
+  from minitron_jax import sharding
   from minitron_jax.distill import run as trainer
   from minitron_jax.distill.step import TrainConfig
 
@@ -66,7 +67,7 @@ def worker(spec: dict) -> None:
                                layer_map=(1,))
   res = trainer.fit(cfg, model_params=sp, model_cfg=scfg, train_tokens=stream,
                     output_dir=spec["out"], teacher_params=tp, teacher_cfg=tcfg, dcfg=dcfg)
-  params = trainer.host_params(res.params)
+  params = sharding.host_params(res.params)
   if jax.process_index() == 0:
     flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
             for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -74,6 +75,28 @@ def worker(spec: dict) -> None:
     with open(os.path.join(spec["out"], "result.json"), "w") as f:
       json.dump({"history": res.history, "devices": jax.device_count(),
                  "processes": jax.process_count()}, f)
+
+
+def killing_worker(spec: dict) -> None:
+  """The distillation command line's job, SIGKILLed once checkpoint `kill_after_save` is on
+  disk (a crash at the worst moment: right after a save, before anything else)."""
+  import importlib.util
+
+  from absl import flags
+
+  from minitron_jax.distill import run as trainer
+
+  module = importlib.util.spec_from_file_location(
+      "distill_cli", os.path.join(ROOT, "launch", "distill.py"))
+  launcher = importlib.util.module_from_spec(module)
+  module.loader.exec_module(launcher)
+  flags.FLAGS(["distill.py", *spec["args"]])
+
+  def kill(step):
+    if step == spec["kill_after_save"]:
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  trainer.run(launcher.build_job(), on_saved=kill)
 
 
 # ---------------------------------------------------------------------------- test side
@@ -165,23 +188,23 @@ def test_two_processes_match_one_process(one_device, tmp_path):
 
 
 def test_split_holdout_keeps_whole_documents_out_of_training():
-  from minitron_jax.data import corpus as data
-  from minitron_jax.distill import run as trainer
+  from minitron_jax.data import corpus as data, holdout
 
   stream = data.TokenStream(np.arange(100, dtype=np.int32),
                             np.array([0, 30, 55, 80, 100], np.int64))
-  train_stream, held = trainer.split_holdout(stream, 15)
+  train_stream, held = holdout.split_holdout(stream, 15)
   assert len(held) == 20 and held[0] == 80  # moved back to the start of the last document
   np.testing.assert_array_equal(train_stream.offsets, [0, 30, 55, 80])
-  train_stream, held = trainer.split_holdout(data.TokenStream(
+  train_stream, held = holdout.split_holdout(data.TokenStream(
       np.arange(100, dtype=np.int32), np.array([0, 100], np.int64)), 15)
   assert len(held) == 15 and len(train_stream) == 85  # one document: cut inside it
   with pytest.raises(ValueError, match="too small"):
-    trainer.split_holdout(stream, 60)
+    holdout.split_holdout(stream, 60)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   import jax
+  import jax.numpy as jnp
   from minitron_jax.io import checkpoint
   from minitron_jax.distill import losses as distill
   from minitron_jax.distill import run as trainer
@@ -189,12 +212,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
   tp, tcfg, sp, scfg, stream = tiny_problem()
   cfg = TrainConfig(steps=6, global_batch_size=4, seq_len=32, lr=1e-3, warmup_steps=1,
-                    dtype="float32", save_every=2, nan_at_step=3, log_every=100)
-  with pytest.raises(trainer.NonFiniteLossError,
-                     match=r"step 3: distill/loss=nan.*last good checkpoint \(step 2\)"):
+                    dtype="float32", save_every=2, log_every=100)
+
+  def nan_at_update_3(step, loss, grads):  # step is 0-based: update 3 is step 2
+    bad = step + 1 == 3
+    return (jnp.where(bad, jnp.nan, loss),
+            jax.tree_util.tree_map(lambda g: jnp.where(bad, jnp.nan, g), grads))
+
+  with pytest.raises(trainer.NonFiniteLossError) as err:
     trainer.fit(cfg, model_params=sp, model_cfg=scfg, train_tokens=stream,
                 output_dir=str(tmp_path), teacher_params=tp, teacher_cfg=tcfg,
-                dcfg=distill.DistillConfig())
+                dcfg=distill.DistillConfig(), step_hook=nan_at_update_3)
+  assert "step 3" in str(err.value) and "step 2" in str(err.value)
   ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
   assert ckpt.all_steps() == [2]
   state, meta = ckpt.restore(2, None)
@@ -249,7 +278,7 @@ def test_resume_refuses_a_changed_schedule_or_data_order(tmp_path):
   msg = str(e.value)
   assert "\n" not in msg
   assert "steps (saved 4, now 6)" in msg and "lr (saved 0.001, now 0.002)" in msg, msg
-  assert "min_lr" not in msg and "--output_dir" in msg and "--allow_schedule_change" in msg
+  assert "min_lr" not in msg and "output_dir" in msg and "allow_schedule_change" in msg
   # The override covers the schedule only: data settings still have to match.
   with pytest.raises(ValueError, match=r"seed \(saved 0, now 1\)") as e:
     trainer.fit(TrainConfig(**{**base, "steps": 6, "seed": 1, "allow_schedule_change": True}),
@@ -355,8 +384,11 @@ def test_resume_after_sigkill_is_exact(tiny_dirs, tmp_path):
             "--hidden_loss=cosine", "--dtype=float32", "--log_every=1"]
   full, crashed = tmp_path / "full", tmp_path / "crashed"
   p_full = _cli(*common, f"--output_dir={full}", wait=False)
-  rc, _, err = _cli(*common, f"--output_dir={crashed}", "--crash_after_save_step=4")
-  assert rc == -signal.SIGKILL, err
+  crash = subprocess.run(
+      [sys.executable, os.path.abspath(__file__),
+       json.dumps({"args": [*common, f"--output_dir={crashed}"], "kill_after_save": 4})],
+      env=_env(1), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert crash.returncode == -signal.SIGKILL, crash.stderr
   assert sorted(os.listdir(crashed / "checkpoints")) >= ["2", "4"]
   assert not (crashed / "hf").exists()
   rc, out, err = _cli(*common, f"--output_dir={crashed}")
@@ -399,8 +431,13 @@ def test_resume_after_sigkill_is_exact(tiny_dirs, tmp_path):
     (["--hidden_loss=l2"], "hidden_loss"),
     (["--student_dir=/nonexistent/student"], "/nonexistent/student"),
     (["--qad_format=gguf_q4_0"], "--qad_format: gguf_q4_0 is quantized on the host"),
+    (["--qad_format=int4_nope"], "--qad_format"),
     (["--qad_format=fp8"], "use fp8_channel"),  # the student's 32 dims: no whole 128-blocks
-    (["--qad_method=gptq"], "--qad_method and --qad_calib_data need --qad_format"),
+    (["--qad_method=gptq"], "--qad_format is required"),
+    (["--steps=0"], "--steps"),
+    (["--lr=0"], "--lr"),
+    (["--cache_teacher_topk=4"], "--teacher_cache is required"),
+    (["--teacher_cache=x", "--hidden_loss=cosine"], "--hidden_loss"),
     (["--qad_format=int4", "--qad_calib_data=shakespeare"], "--qad_calib_data is for a"),
     (["--qad_format=int8", "--qad_method=awq"], "--qad_method=awq cannot quantize int8"),
 ])
@@ -498,7 +535,8 @@ def test_teacher_correction_writes_an_hf_directory(tiny_dirs, tmp_path):
   cfg = TrainConfig(mode="teacher_correction", steps=4, global_batch_size=4, seq_len=64,
                     lr=1e-3, warmup_steps=1, dtype="float32", save_every=0, eval_every=4,
                     eval_windows=2, log_every=100)
-  summary = trainer.run(cfg, teacher_dir=teacher, output_dir=str(tmp_path))
+  summary = trainer.run(trainer.DistillJob(output_dir=str(tmp_path), teacher_dir=teacher,
+                                           train=cfg))
   assert summary["evals"][-1]["eval/loss"] < summary["evals"][0]["eval/loss"]
   new, new_cfg = hf_io.load_hf(tmp_path / "hf")
   old, old_cfg = hf_io.load_hf(teacher)
@@ -567,4 +605,8 @@ def test_distillation_recovers_a_width_pruned_smollm2(real_model, data_root, tmp
 
 
 if __name__ == "__main__":
-  worker(json.loads(sys.argv[1]))
+  spec = json.loads(sys.argv[1])
+  if "args" in spec:
+    killing_worker(spec)
+  else:
+    worker(spec)

@@ -11,7 +11,7 @@ from minitron_jax import axes, config as C
 from minitron_jax.prune import importance as I
 from minitron_jax.prune import layer_importance as LI
 from minitron_jax import model as M
-from minitron_jax.prune import slicing as P
+from minitron_jax.prune import slicing
 
 CFG = C.preset("tiny").replace(num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=3)
 
@@ -37,7 +37,7 @@ def test_pruning_mlp_neurons_equals_zeroing_them(params):
   rng = np.random.RandomState(0)
   keep = np.sort(np.stack([rng.choice(CFG.intermediate_size, 50, replace=False)
                            for _ in range(CFG.num_hidden_layers)]), -1)
-  pruned, cfg = P.prune(params, CFG, P.PrunePlan(mlp=keep))
+  pruned, cfg = slicing.prune(params, CFG, slicing.PrunePlan(mlp=keep))
   mask = np.zeros((CFG.num_hidden_layers, CFG.intermediate_size), np.float32)
   np.put_along_axis(mask, keep, 1.0, axis=1)
   zeroed = jax.tree_util.tree_map(lambda x: x, params)
@@ -48,10 +48,10 @@ def test_pruning_mlp_neurons_equals_zeroing_them(params):
 
 def test_pruning_query_heads_equals_zeroing_their_o_proj_inputs(params):
   scores = np.random.RandomState(1).rand(CFG.num_hidden_layers, CFG.num_attention_heads)
-  kv, keep = P.select_heads(scores, I._group_sum(scores, CFG), CFG, 4, 2)
+  kv, keep = slicing.select_heads(scores, I._group_sum(scores, CFG), CFG, 4, 2)
   # Every layer keeps 2 heads in each of the 2 groups: heads 0-2 are group 0, 3-5 group 1.
   assert (keep // CFG.num_groups == np.array([0, 0, 1, 1])).all() and (kv == [0, 1]).all()
-  pruned, cfg = P.prune(params, CFG, P.PrunePlan(q_heads=keep))
+  pruned, cfg = slicing.prune(params, CFG, slicing.PrunePlan(q_heads=keep))
   mask = np.zeros((CFG.num_hidden_layers, CFG.num_attention_heads), np.float32)
   np.put_along_axis(mask, keep, 1.0, axis=1)
   zeroed = jax.tree_util.tree_map(lambda x: x, params)
@@ -62,10 +62,10 @@ def test_pruning_query_heads_equals_zeroing_their_o_proj_inputs(params):
 def test_pruning_kv_groups_keeps_their_query_heads(params):
   scores = np.random.RandomState(2).rand(CFG.num_hidden_layers, CFG.num_attention_heads)
   groups = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
-  kv, keep = P.select_heads(scores, groups, CFG, 3, 1)
+  kv, keep = slicing.select_heads(scores, groups, CFG, 3, 1)
   assert kv[:, 0].tolist() == [1, 0, 1]
   assert all(set(keep[l] // 3) == {kv[l, 0]} for l in range(3))
-  pruned, cfg = P.prune(params, CFG, P.PrunePlan(q_heads=keep, kv_heads=kv))
+  pruned, cfg = slicing.prune(params, CFG, slicing.PrunePlan(q_heads=keep, kv_heads=kv))
   # Equivalent: zero the other group's query heads (their k/v then feed nothing).
   mask = np.zeros((3, 6), np.float32)
   np.put_along_axis(mask, keep, 1.0, axis=1)
@@ -76,8 +76,8 @@ def test_pruning_kv_groups_keeps_their_query_heads(params):
 
 
 def test_dropping_layers_equals_skipping_them(params):
-  plan = P.PrunePlan(layers=np.array([0, 2]))
-  pruned, cfg = P.prune(params, CFG, plan)
+  plan = slicing.PrunePlan(layers=np.array([0, 2]))
+  pruned, cfg = slicing.prune(params, CFG, plan)
   skip = np.array([True, False, True])
   np.testing.assert_allclose(logits(pruned, cfg), logits(params, CFG, layer_mask=skip),
                              atol=1e-5)
@@ -85,11 +85,11 @@ def test_dropping_layers_equals_skipping_them(params):
 
 
 def test_keep_everything_returns_identical_params(params):
-  full = P.PrunePlan(embed=np.arange(64), mlp=np.tile(np.arange(128), (3, 1)),
+  full = slicing.PrunePlan(embed=np.arange(64), mlp=np.tile(np.arange(128), (3, 1)),
                      q_heads=np.tile(np.arange(6), (3, 1)), kv_heads=np.tile(np.arange(2), (3, 1)),
                      layers=np.arange(3))
-  for plan in (P.PrunePlan(), full):
-    pruned, cfg = P.prune(params, CFG, plan)
+  for plan in (slicing.PrunePlan(), full):
+    pruned, cfg = slicing.prune(params, CFG, plan)
     assert cfg == CFG
     for (s, a), (_, b) in zip(axes.iter_leaves(params, CFG), axes.iter_leaves(pruned, cfg)):
       assert np.array_equal(np.asarray(a), np.asarray(b)), s.name
@@ -97,7 +97,7 @@ def test_keep_everything_returns_identical_params(params):
 
 def test_hidden_channel_pruning_slices_every_occurrence(params):
   keep = np.sort(np.random.RandomState(3).choice(64, 40, replace=False))
-  pruned, cfg = P.prune(params, CFG, P.PrunePlan(embed=keep))
+  pruned, cfg = slicing.prune(params, CFG, slicing.PrunePlan(embed=keep))
   assert cfg.hidden_size == 40
   np.testing.assert_array_equal(pruned["embed"], np.asarray(params["embed"])[:, keep])
   np.testing.assert_array_equal(pruned["layers"]["q"], np.asarray(params["layers"]["q"])[:, keep])
@@ -118,7 +118,7 @@ def test_hidden_channel_pruning_slices_every_occurrence(params):
 ])
 def test_illegal_targets_fail_before_work(targets, pattern):
   with pytest.raises(ValueError, match=pattern):
-    P.Targets.from_flags(CFG, **targets).validate(CFG)
+    slicing.Targets.from_flags(CFG, **targets).validate(CFG)
 
 
 def _np_agg(x, how, axis):
@@ -239,6 +239,6 @@ def test_accuracy_drop_matches_evaluating_the_pruned_model(real_model, data_root
   assert set(acc) == {1, 2} and len(acc[1]) == 3 and len(acc[2]) == 2
   assert base == E.evaluate_task(p, cfg, tok, "piqa", data_root, limit=6, progress=False)["acc"]
   keep = np.array([0, 2])
-  pruned, c = P.prune(p, cfg, P.PrunePlan(layers=keep))
+  pruned, c = slicing.prune(p, cfg, slicing.PrunePlan(layers=keep))
   want = E.evaluate_task(pruned, c, tok, "piqa", data_root, limit=6, progress=False)["acc"]
   assert acc[1][1] == want

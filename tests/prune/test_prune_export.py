@@ -16,7 +16,7 @@ from minitron_jax import model as M
 from minitron_jax.io import hf_compat
 from minitron_jax.io import hf as hf_io
 from minitron_jax.prune import importance as I
-from minitron_jax.prune import slicing as P
+from minitron_jax.prune import slicing
 from minitron_jax.data.calib import CalibSpec
 from minitron_jax.prune import run as prune_job
 from minitron_jax.io.safetensors import SafetensorsFile
@@ -29,9 +29,9 @@ ODD = dict(hidden_size=448, intermediate_size=1000, num_attention_heads=6, num_k
 @pytest.mark.slow
 def test_odd_target_of_real_teacher_loads_in_transformers(real_model, tmp_path):
   params, cfg, tok = real_model
-  targets = P.Targets(**ODD)
-  plan = P.make_plan(cfg, targets, I.random_scores(cfg, 0), layer_scores=np.arange(30.0))
-  pruned, new = P.prune(params, cfg, plan)
+  targets = slicing.Targets(**ODD)
+  plan = slicing.make_plan(cfg, targets, I.random_scores(cfg, 0), layer_scores=np.arange(30.0))
+  pruned, new = slicing.prune(params, cfg, plan)
   assert (new.hidden_size, new.intermediate_size, new.num_attention_heads,
           new.num_key_value_heads, new.num_hidden_layers) == tuple(ODD.values())
   out = hf_io.save_hf(pruned, new, tmp_path / "pruned")
@@ -46,12 +46,12 @@ def test_odd_target_of_real_teacher_loads_in_transformers(real_model, tmp_path):
 def test_streaming_prune_equals_in_memory(tmp_path):
   _, src = make_hf_llama(tmp_path / "src", hidden=64, inter=96, heads=4, kv_heads=2, layers=3)
   params, cfg = hf_io.load_hf(src)
-  plan = P.make_plan(cfg, P.Targets(hidden_size=40, intermediate_size=50, num_attention_heads=2,
+  plan = slicing.make_plan(cfg, slicing.Targets(hidden_size=40, intermediate_size=50, num_attention_heads=2,
                                     num_key_value_heads=1, drop_layers=(1,)),
                      I.random_scores(cfg, 1))
-  pruned, new = P.prune(params, cfg, plan)
+  pruned, new = slicing.prune(params, cfg, plan)
   mem = hf_io.save_hf(pruned, new, tmp_path / "mem")
-  streamed_cfg = P.prune_checkpoint(src, str(tmp_path / "stream"), plan, max_shard_bytes=20_000)
+  streamed_cfg = slicing.prune_checkpoint(src, str(tmp_path / "stream"), plan, max_shard_bytes=20_000)
   assert streamed_cfg == new
   a = SafetensorsFile(os.path.join(mem, "model.safetensors"))
   b = hf_io.open_checkpoint(tmp_path / "stream")

@@ -17,7 +17,7 @@ from minitron_jax import model as M
 from minitron_jax.prune import importance as I
 from minitron_jax.prune import search as S
 from minitron_jax.recipe import search as R
-from minitron_jax.prune import slicing as P
+from minitron_jax.prune import slicing
 from minitron_jax.data.calib import CalibSpec
 from minitron_jax.settings import SettingError
 
@@ -45,7 +45,7 @@ def test_param_count_equals_the_pruned_models_real_count(params, tie):
   cands = [S.Candidate(96, (192,) * 4, 3, 2), S.Candidate(48, (64,) * 3, 2, 1),
            S.Candidate(96, (128,) * 2, 1, 2), S.Candidate(64, (192,) * 4, 2, 2)]
   for c in cands:
-    pruned, cfg = P.prune(p, src, S.plan_for(src, c, scores, layers))
+    pruned, cfg = slicing.prune(p, src, S.plan_for(src, c, scores, layers))
     real = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(pruned))
     assert S.param_count(src, c) == real == cfg.num_params(), c
     assert cfg == c.config(src)
@@ -190,7 +190,7 @@ def test_scoring_from_cached_scores_equals_fresh_importance(params, tmp_path):
   again = R.score_oneshot(params, SRC, cands, cached, cached_layers, held, 2)
   assert fresh == again
   for c, loss in zip(cands, fresh):  # and each equals a numpy cross-entropy of the pruned model
-    pruned, cfg = P.prune(params, SRC, S.plan_for(SRC, c, scores, layers))
+    pruned, cfg = slicing.prune(params, SRC, S.plan_for(SRC, c, scores, layers))
     np.testing.assert_allclose(loss, _numpy_loss(pruned, cfg, held), rtol=1e-5)
     kept = S.plan_for(SRC, c, scores, layers).layers
     assert list(kept) == sorted(np.argsort(-layers, kind="stable")[:c.num_layers])
@@ -273,7 +273,7 @@ def test_short_distillations_share_one_teacher_pass_and_a_task_ranks(tmp_path, m
     c = S.Candidate(r["hidden_size"], (r["intermediate_size"],) * r["num_hidden_layers"],
                     r["num_attention_heads"] // r["num_key_value_heads"],
                     r["num_key_value_heads"])
-    pruned, pcfg = P.prune(params, cfg, S.plan_for(cfg, c, scores, layers))
+    pruned, pcfg = slicing.prune(params, cfg, S.plan_for(cfg, c, scores, layers))
     direct = scoring.evaluate_task(pruned, pcfg, tok, "piqa", data_root, limit=6, batch_size=4,
                                    max_len=32, progress=False)
     assert r["oneshot_task"]["acc"] == direct[r["oneshot_task"]["metric"]]

@@ -45,7 +45,7 @@ def test_fake_quant_values_and_straight_through_gradient(fmt):
 
 
 def test_gguf_is_refused():
-  with pytest.raises(ValueError, match="--qad_format: gguf_q4_0 is quantized on the host"):
+  with pytest.raises(ValueError, match="qad.format: gguf_q4_0 is quantized on the host"):
     qad.check_format("gguf_q4_0")
 
 
@@ -133,3 +133,40 @@ def test_frozen_grid_keeps_a_calibrated_grid_that_rounding_would_not(fmt):
   (g,) = vjp(cot)
   for a in jax.tree_util.tree_leaves(g):
     np.testing.assert_array_equal(np.asarray(a), 0.5)
+
+
+def test_qad_reads_its_teacher_from_a_cache(tmp_path):
+  """QAD distils from cached top-K logits exactly as from the live teacher's top K: the same
+  losses and the same trained float weights, with the fake-quantized student in both."""
+  from minitron_jax.data import corpus
+  from minitron_jax.distill import run as trainer
+  from minitron_jax.distill import teacher_cache as tc
+
+  cfg = preset("tiny")
+  scfg = cfg.replace(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+  teacher, student = _params(0, cfg), _params(1, scfg)
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(5, 40, 60)
+  stream = corpus.TokenStream(rng.integers(3, 256, lengths.sum()).astype(np.int32),
+                              np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+  tcfg = train.TrainConfig(steps=2, global_batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1,
+                           dtype="float32", save_every=0, log_every=100,
+                           async_checkpointing=False)
+  cache = str(tmp_path / "cache")
+  tc.write_for_run(cache, tcfg, teacher, cfg, stream, k=8, log=lambda s: None)
+  fq = qad.fake_quant_transform(scfg, F.INT8_CHANNEL)
+  common = dict(model_params=student, model_cfg=scfg, train_tokens=stream,
+                student_transform=fq, log=lambda s: None)
+  live = trainer.fit(tcfg, output_dir=str(tmp_path / "live"), teacher_params=teacher,
+                     teacher_cfg=cfg, dcfg=DistillConfig(top_k=8), **common)
+  cached = trainer.fit(tcfg, output_dir=str(tmp_path / "cached"), teacher_cfg=cfg,
+                       dcfg=DistillConfig(), teacher_cache=cache, **common)
+  plain = trainer.fit(tcfg, output_dir=str(tmp_path / "plain"), teacher_cfg=cfg,
+                      dcfg=DistillConfig(), teacher_cache=cache,
+                      **{**common, "student_transform": None})
+  for a, b, c in zip(live.history, cached.history, plain.history):
+    np.testing.assert_allclose(b["distill/kl"], a["distill/kl"], rtol=1e-5)
+    assert abs(b["distill/kl"] - c["distill/kl"]) > 1e-6  # the cached run did quantize
+  leaves = jax.tree_util.tree_leaves
+  for a, b in zip(leaves(live.params), leaves(cached.params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
