@@ -19,7 +19,6 @@ consumer's dequantized weights equal what our JAX forward runs on.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -340,22 +339,6 @@ def write_into(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, tmp: str,
 def bf16_bytes(cfg: LlamaConfig) -> int:
   """Tensor bytes of a bfloat16 export of the same model."""
   return 2 * cfg.num_params()
-
-
-def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
-                        calib_data: str | None = None, calib_samples: int | None = None,
-                        calib_seq_len: int | None = None, mesh: str = "", **settings) -> dict:
-  """`quantize.run.run` of a `QuantizeJob` given as keywords: `settings` are its fields, the
-  calibration spec's as `calib_data`, `calib_samples`, `calib_seq_len` (unset: the job's
-  defaults), `mesh` a mesh spec string. Returns the report."""
-  from minitron_jax.quantize import run as quantize_run
-  from minitron_jax.settings import MeshSpec
-
-  job = quantize_run.QuantizeJob(model_dir=model_dir, output_dir=output_dir, format=format_name,
-                                 mesh=MeshSpec(mesh), **settings)
-  given = {"data": calib_data or "", "samples": calib_samples, "seq_len": calib_seq_len}
-  calib = dataclasses.replace(job.calib, **{k: v for k, v in given.items() if v is not None})
-  return quantize_run.run(dataclasses.replace(job, calib=calib))
 
 
 def notes(cfg: LlamaConfig, fmt: Q.QuantFormat) -> list[str]:

@@ -158,8 +158,8 @@ class QadSetup:
   def export(self, hf_dir: str, output_dir: str) -> dict:
     """Quantizes the trained float export `hf_dir` into `output_dir/quantized` (on the frozen
     grid of a calibrated method); returns the quantize report."""
-    from minitron_jax.quantize import export as quant_export
+    from minitron_jax.quantize import run as quantize_run
 
-    return quant_export.quantize_checkpoint(
+    return quantize_run.quantize_checkpoint(
         hf_dir, os.path.join(output_dir, "quantized"), self.spec.format, overwrite=True,
         group_size=self.spec.group_size, method="rtn", progress=False, frozen_grid=self.grid)

@@ -16,7 +16,7 @@ from minitron_jax.data.calib import CalibSpec
 from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
 from minitron_jax.quantize import calibrate
-from minitron_jax.quantize import export as E
+from minitron_jax.quantize import export as quant_export
 from minitron_jax.quantize import formats as Q
 from minitron_jax.settings import MeshSpec, SettingError, check_positive
 
@@ -75,18 +75,18 @@ class QuantizeJob:
 
   def validate(self) -> None:
     """Every setting on its own, before any file is read; raises SettingError."""
-    if self.format not in E.EXPORT_FORMATS:
+    if self.format not in quant_export.EXPORT_FORMATS:
       raise SettingError("format", f"{{name}}={self.format!r} is not a known export format; "
-                         f"known: {', '.join(E.EXPORT_FORMATS)}")
-    fmt = E.EXPORT_FORMATS[self.format]
+                         f"known: {', '.join(quant_export.EXPORT_FORMATS)}")
+    fmt = quant_export.EXPORT_FORMATS[self.format]
     if self.include_embeddings and not fmt.is_gguf:
       raise SettingError("include_embeddings", "{name} is supported for the GGUF formats only")
-    if self.calibration_file is not None and E.family(fmt) != "fp8":
+    if self.calibration_file is not None and quant_export.family(fmt) != "fp8":
       raise SettingError("calibration_file", "{name}: static activation calibration is "
                          "supported for the fp8 format only")
-    if self.unquantized_dtype not in E.DENSE_DTYPES:
+    if self.unquantized_dtype not in quant_export.DENSE_DTYPES:
       raise SettingError("unquantized_dtype", f"{{name}}={self.unquantized_dtype!r} is not one "
-                         f"of {list(E.DENSE_DTYPES)}")
+                         f"of {list(quant_export.DENSE_DTYPES)}")
     check_positive(self, "seq_len", "max_windows", "group_size", "calibration_windows")
     if self.seq_len < 2:
       raise SettingError("seq_len", f"{{name}}={self.seq_len} must be >= 2")
@@ -120,7 +120,7 @@ class QuantizeJob:
     """The method that runs: 'frozen_grid', the one named, or the format's default."""
     if self.frozen_grid is not None:
       return "frozen_grid"
-    return self.method or calibrate.default_method(E.export_format(self.format), self.calibrated)
+    return self.method or calibrate.default_method(quant_export.export_format(self.format), self.calibrated)
 
 
 def prepare(job: QuantizeJob):
@@ -128,7 +128,7 @@ def prepare(job: QuantizeJob):
   from minitron_jax.io import registry
 
   job.validate()
-  fmt = E.export_format(job.format)
+  fmt = quant_export.export_format(job.format)
   files.check_output_dir(os.path.abspath(job.output_dir), job.overwrite)
   for field in ("ppl_file", "calibration_file"):
     f = getattr(job, field)
@@ -137,7 +137,7 @@ def prepare(job: QuantizeJob):
   path = str(registry.resolve_model_dir(job.model_dir))
   cfg = hf_io.load_config(path)
   Q.check_dims(cfg, fmt, job.group_size, job.include_embeddings)
-  E.check_consumers(cfg, fmt, job.include_embeddings)
+  quant_export.check_consumers(cfg, fmt, job.include_embeddings)
   if fmt.is_gguf:
     from minitron_jax.quantize import gguf_export
     gguf_export.check_inputs(cfg, path, job.gguf_tokenizer_pre)
@@ -154,17 +154,17 @@ def run(job: QuantizeJob) -> dict:
   params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
   mesh = job.mesh.stage_mesh()
   qparams, calib = quantized_params(job, params, cfg, tok, fmt, method, mesh)
-  qparams = E.export_params(qparams, cfg, fmt, job.unquantized_dtype)
+  qparams = quant_export.export_params(qparams, cfg, fmt, job.unquantized_dtype)
   out = os.path.abspath(job.output_dir)
   report: dict[str, Any] = {"format": job.format, "weight_format": fmt.value, "method": method,
                             "calibration": calib, "model_dir": path, "output_dir": out,
-                            "notes": E.notes(cfg, fmt)}
-  E.check_exportable(qparams, cfg, fmt)
+                            "notes": quant_export.notes(cfg, fmt)}
+  quant_export.check_exportable(qparams, cfg, fmt)
   with hf_io.atomic_output_dir(out, job.overwrite) as tmp:
-    E.write_into(qparams, cfg, fmt, tmp, path, job.gguf_tokenizer_pre)
+    quant_export.write_into(qparams, cfg, fmt, tmp, path, job.gguf_tokenizer_pre)
     report.update(measurements(job, tmp, params, qparams, cfg, tok, mesh))
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    with open(os.path.join(tmp, E.REPORT_FILE), "w") as f:
+    with open(os.path.join(tmp, quant_export.REPORT_FILE), "w") as f:
       json.dump(report, f, indent=2)
   return report
 
@@ -198,12 +198,12 @@ def quantized_params(job: QuantizeJob, params, cfg, tok, fmt: Q.QuantFormat, met
 def measurements(job: QuantizeJob, out_dir: str, params, qparams, cfg, tok, mesh) -> dict:
   """Size on disk, parameter bytes, per-tensor errors and perplexity before/after."""
   size = files.weight_bytes(out_dir)
-  bf16 = E.bf16_bytes(cfg)
+  bf16 = quant_export.bf16_bytes(cfg)
   stats = Q.error_stats(params, qparams, cfg)
   out: dict[str, Any] = {
       "size": {"bytes": size, "bf16_bytes": bf16, "ratio_vs_bf16": size / bf16},
       "param_bytes": {"quantized": Q.param_bytes(qparams), "float32": Q.param_bytes(params)},
-      "error_summary": E.summarize(stats), "tensors": stats}
+      "error_summary": quant_export.summarize(stats), "tensors": stats}
   if job.ppl_file is not None:
     ids = _tokens(job.ppl_file, tok)
     before = _ppl(params, cfg, ids, job, mesh)
@@ -231,3 +231,16 @@ def _windows(ids, seq_len: int, n: int) -> list[np.ndarray]:
   ids = np.asarray(ids, np.int32)
   n = min(n, len(ids) // seq_len)
   return [ids[k * seq_len:(k + 1) * seq_len][None] for k in range(n)]
+
+
+def quantize_checkpoint(model_dir: str, output_dir: str, format_name: str, *,
+                        calib_data: str | None = None, calib_samples: int | None = None,
+                        calib_seq_len: int | None = None, mesh: str = "", **settings) -> dict:
+  """`quantize.run.run` of a `QuantizeJob` given as keywords: `settings` are its fields, the
+  calibration spec's as `calib_data`, `calib_samples`, `calib_seq_len` (unset: the job's
+  defaults), `mesh` a mesh spec string. Returns the report."""
+  job = QuantizeJob(model_dir=model_dir, output_dir=output_dir, format=format_name,
+                                 mesh=MeshSpec(mesh), **settings)
+  given = {"data": calib_data or "", "samples": calib_samples, "seq_len": calib_seq_len}
+  calib = dataclasses.replace(job.calib, **{k: v for k, v in given.items() if v is not None})
+  return run(dataclasses.replace(job, calib=calib))

@@ -19,7 +19,8 @@ from minitron_jax.quantize import gguf_export
 from minitron_jax.io import gguf_tokenizer
 from minitron_jax.io import hf as hf_io
 from minitron_jax import model as M
-from minitron_jax.quantize import export as E
+from minitron_jax.quantize import export as quant_export
+from minitron_jax.quantize import run as quantize_run
 from minitron_jax.quantize import formats as Q
 from minitron_jax.quantize import run as quantize_run
 from minitron_jax.data.calib import CalibSpec
@@ -104,7 +105,7 @@ def _rel(a, b):
 
 def _quantized(params, cfg, fmt, **kw):
   fmt = Q.parse_format(fmt)
-  return E.export_params(Q.quantize_params(params, cfg, fmt, **kw), cfg, fmt, "float32")
+  return quant_export.export_params(Q.quantize_params(params, cfg, fmt, **kw), cfg, fmt, "float32")
 
 
 def _expanded_scale(q: Q.QuantizedArray):
@@ -202,13 +203,13 @@ def test_int4_packing_round_trips_and_matches_compressed_tensors():
   np.testing.assert_array_equal(np.asarray(Q.unpack_int4(jnp.asarray(packed), 64)), nib)
   np.testing.assert_array_equal(packed[:, 0], nib[:, 0] | (nib[:, 1] << 4))
   signed = torch.tensor(nib.astype(np.int8) - 8)
-  np.testing.assert_array_equal(E.pack_int32(packed, 4), helpers.pack_to_int32(signed, 4).numpy())
+  np.testing.assert_array_equal(quant_export.pack_int32(packed, 4), helpers.pack_to_int32(signed, 4).numpy())
   i8 = rng.integers(-127, 128, (5, 64)).astype(np.int8)
-  np.testing.assert_array_equal(E.pack_int32(i8, 8),
+  np.testing.assert_array_equal(quant_export.pack_int32(i8, 8),
                                 helpers.pack_to_int32(torch.tensor(i8), 8).numpy())
   zp = rng.integers(0, 16, (12, 3)).astype(np.uint8)  # 12 rows: not a multiple of 8
   want = helpers.pack_to_int32(torch.tensor(zp.astype(np.int8) - 8), 4, packed_dim=0)
-  np.testing.assert_array_equal(E._pack_zero_points(zp), want.numpy())
+  np.testing.assert_array_equal(quant_export._pack_zero_points(zp), want.numpy())
 
 
 @pytest.mark.parametrize("fmt", [F.GGUF_Q8_0, F.GGUF_Q4_0])
@@ -311,12 +312,12 @@ def test_generation_and_memory_on_quantized():
 
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
-@pytest.mark.parametrize("name", list(E.EXPORT_FORMATS))
+@pytest.mark.parametrize("name", list(quant_export.EXPORT_FORMATS))
 def test_export_loads_in_transformers(tiny, tiny_dir, tokens, tmp_path, name):
   params, cfg = tiny
-  fmt = E.export_format(name)
+  fmt = quant_export.export_format(name)
   qp = _quantized(params, cfg, fmt, include_embeddings=name == "gguf_q4_0")
-  out = E.export(qp, cfg, fmt, tmp_path / name, source_dir=tiny_dir)
+  out = quant_export.export(qp, cfg, fmt, tmp_path / name, source_dir=tiny_dir)
   ours = np.asarray(M.forward(qp, cfg, jnp.asarray(tokens))["logits"])
   kw = {}
   if fmt.is_gguf:
@@ -347,7 +348,7 @@ def test_fp8_static_activation_scales(tiny, tiny_dir, tokens, tmp_path):
                              rtol=1e-5)
   qp = _quantized(params, cfg, F.FP8_BLOCK, activation_scales=act)
   assert qp["layers"]["down"].input_scale.shape == (cfg.num_hidden_layers,)
-  out = E.export(qp, cfg, F.FP8_BLOCK, tmp_path / "fp8s", source_dir=tiny_dir)
+  out = quant_export.export(qp, cfg, F.FP8_BLOCK, tmp_path / "fp8s", source_dir=tiny_dir)
   assert json.load(open(os.path.join(out, "config.json")))[
       "quantization_config"]["activation_scheme"] == "static"
   from safetensors import safe_open
@@ -385,7 +386,7 @@ def test_dims_that_are_not_multiples_of_128(tmp_path, tokens):
   # INT4: groups fall back to gcd(in, 128) = 64, described by one config group each.
   qp = _quantized(params, cfg, F.INT4_GROUP)
   assert qp["layers"]["q"].block == (1, 64) and qp["layers"]["down"].block == (1, 64)
-  out = E.export(qp, cfg, F.INT4_GROUP, tmp_path / "int4", source_dir=str(d))
+  out = quant_export.export(qp, cfg, F.INT4_GROUP, tmp_path / "int4", source_dir=str(d))
   groups = json.load(open(os.path.join(out, "config.json")))[
       "quantization_config"]["config_groups"]
   assert [g["weights"]["group_size"] for g in groups.values()] == [64]
@@ -404,16 +405,16 @@ def test_dims_that_are_not_multiples_of_128(tmp_path, tokens):
   # ... which transformers' CPU dequantization and vLLM's block kernels cannot load: refused.
   with pytest.raises(ValueError, match=r"model.layers.\*.self_attn.q_proj.weight is 192x192, "
                      r"not whole 128x128 blocks.*use fp8_channel$"):
-    E.check_consumers(cfg, F.FP8_BLOCK)
+    quant_export.check_consumers(cfg, F.FP8_BLOCK)
   with pytest.raises(ValueError, match="use fp8_channel"):
-    E.export(qp, cfg, F.FP8_BLOCK, tmp_path / "fp8", source_dir=str(d))
+    quant_export.export(qp, cfg, F.FP8_BLOCK, tmp_path / "fp8", source_dir=str(d))
   assert not (tmp_path / "fp8").exists()
   with pytest.raises(ValueError, match="use fp8_channel"):
-    E.quantize_checkpoint(str(d), str(tmp_path / "fp8"), "fp8")
+    quantize_run.quantize_checkpoint(str(d), str(tmp_path / "fp8"), "fp8")
   assert not (tmp_path / "fp8").exists()
-  E.check_consumers(cfg, F.FP8_CHANNEL)
+  quant_export.check_consumers(cfg, F.FP8_CHANNEL)
   with pytest.raises(ValueError, match="int8_channel: w has 6 inputs; compressed-tensors packs 4"):
-    E.check_consumer_shape("w", 8, 6, F.INT8_CHANNEL)
+    quant_export.check_consumer_shape("w", 8, 6, F.INT8_CHANNEL)
 
 
 @pytest.mark.parametrize("name", ["gguf_q8_0", "gguf_q4_0"])
@@ -421,8 +422,8 @@ def test_gguf_metadata_and_tensor_types(tiny, tiny_dir, tmp_path, name):
   import transformers
 
   params, cfg = tiny
-  fmt = E.export_format(name)
-  out = E.export(_quantized(params, cfg, fmt), cfg, fmt, tmp_path / name, source_dir=tiny_dir)
+  fmt = quant_export.export_format(name)
+  out = quant_export.export(_quantized(params, cfg, fmt), cfg, fmt, tmp_path / name, source_dir=tiny_dir)
   path = os.path.join(out, gguf_export.gguf_file_name(fmt))
   r = gguf.GGUFReader(path)
   qtype = gguf.GGMLQuantizationType[name.removeprefix("gguf_").upper()]
@@ -481,9 +482,9 @@ def test_quantize_checkpoint_report(tiny_dir, tmp_path):
   ppl = tmp_path / "text.txt"
   ppl.write_text(TEXT)
   out = tmp_path / "out"
-  rep = E.quantize_checkpoint(tiny_dir, str(out), "int4", ppl_file=str(ppl), seq_len=32,
+  rep = quantize_run.quantize_checkpoint(tiny_dir, str(out), "int4", ppl_file=str(ppl), seq_len=32,
                               max_windows=2, progress=False)
-  on_disk = json.load(open(out / E.REPORT_FILE))
+  on_disk = json.load(open(out / quant_export.REPORT_FILE))
   assert on_disk == json.loads(json.dumps(rep))
   assert rep["size"]["bytes"] == os.path.getsize(out / "model.safetensors")
   assert rep["size"]["ratio_vs_bf16"] < 0.7
@@ -498,8 +499,8 @@ def test_quantize_checkpoint_report(tiny_dir, tmp_path):
   assert (out / "tokenizer.json").is_file()
   assert rep["method"] == "rtn" and rep["calibration"] is None
   with pytest.raises(FileExistsError, match="not empty"):
-    E.quantize_checkpoint(tiny_dir, str(out), "int8")
-  E.quantize_checkpoint(tiny_dir, str(out), "gguf_q8_0", overwrite=True)
+    quantize_run.quantize_checkpoint(tiny_dir, str(out), "int8")
+  quantize_run.quantize_checkpoint(tiny_dir, str(out), "gguf_q8_0", overwrite=True)
   assert (out / gguf_export.gguf_file_name(F.GGUF_Q8_0)).is_file()
   assert not (out / "model.safetensors").exists()
   assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temp dirs left
@@ -525,7 +526,7 @@ def test_gptq_checkpoint_loads_and_reports(tiny_dir, tmp_path, tokens, name, met
   # into the norms, the same layout): a consumer's logits equal our forward on params
   # calibrated here from the same windows.
   cfg = hf_io.load_config(tiny_dir)
-  fmt = E.export_format(name)
+  fmt = quant_export.export_format(name)
   kw = {"gguf_file": gguf_export.gguf_file_name(fmt)} if fmt.is_gguf else {}
   if fmt is F.INT4_GROUP_ASYM:  # see quant_export.notes
     import transformers
@@ -537,9 +538,9 @@ def test_gptq_checkpoint_loads_and_reports(tiny_dir, tmp_path, tokens, name, met
   tok = hf_io.load_tokenizer(tiny_dir)
   windows = packing.calibration_samples(corpus.load_tokens(str(calib), tok), num_samples=4,
                                         seq_len=32)
-  qp = E.export_params(calibrate.calibrated_params(params, cfg, fmt, [windows], method), cfg,
+  qp = quant_export.export_params(calibrate.calibrated_params(params, cfg, fmt, [windows], method), cfg,
                        fmt, "float32")
-  rtn = E.export_params(Q.quantize_params(params, cfg, fmt), cfg, fmt, "float32")
+  rtn = quant_export.export_params(Q.quantize_params(params, cfg, fmt), cfg, fmt, "float32")
   assert not np.array_equal(np.asarray(qp["layers"]["down"].values),
                             np.asarray(rtn["layers"]["down"].values))
   ours = np.asarray(M.forward(qp, cfg, jnp.asarray(tokens))["logits"])
@@ -595,9 +596,9 @@ def test_cli_bad_inputs_fail_before_work(tmp_path):
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_real_export_matches_transformers(real_model, real_dir, tmp_path, name):
   params, cfg, tok = real_model
-  fmt = E.export_format(name)
+  fmt = quant_export.export_format(name)
   qp = _quantized(params, cfg, fmt)
-  out = E.export(qp, cfg, fmt, tmp_path / name, source_dir=str(real_dir))
+  out = quant_export.export(qp, cfg, fmt, tmp_path / name, source_dir=str(real_dir))
   ids = np.asarray([tok("The capital of France is Paris, and the capital of Italy is")
                     ["input_ids"]])
   ours = np.asarray(M.forward(qp, cfg, jnp.asarray(ids))["logits"])
@@ -613,7 +614,7 @@ def test_real_gguf_tokenizer_metadata(real_model, real_dir, tmp_path):
 
   params, cfg, tok = real_model
   fmt = F.GGUF_Q8_0
-  out = E.export(_quantized(params, cfg, fmt), cfg, fmt, tmp_path / "g", source_dir=str(real_dir))
+  out = quant_export.export(_quantized(params, cfg, fmt), cfg, fmt, tmp_path / "g", source_dir=str(real_dir))
   name = gguf_export.gguf_file_name(fmt)
   r = gguf.GGUFReader(os.path.join(out, name))
   assert len(r.fields["tokenizer.ggml.tokens"].data) == cfg.vocab_size
@@ -629,7 +630,7 @@ def test_real_fp8_block_scales_are_no_worse_than_per_tensor(real_model):
   """Finer scales can only shrink the FP8 weight error on the real teacher's weights."""
   params, cfg, _ = real_model
   params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
-  err = {fmt: E.summarize(Q.error_stats(params, Q.quantize_params(params, cfg, fmt), cfg))
+  err = {fmt: quant_export.summarize(Q.error_stats(params, Q.quantize_params(params, cfg, fmt), cfg))
          for fmt in (F.FP8_TENSOR, F.FP8_CHANNEL, F.FP8_BLOCK)}
   mean = {f: e["mean_rel_rms_error"] for f, e in err.items()}
   assert mean[F.FP8_BLOCK] <= mean[F.FP8_TENSOR] and mean[F.FP8_CHANNEL] <= mean[F.FP8_TENSOR]
