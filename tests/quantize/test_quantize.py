@@ -74,9 +74,17 @@ def tokens():
   return np.random.default_rng(0).integers(3, 320, (2, 12))
 
 
-def _hf_logits(out_dir, tokens, input_scales=None, **kw):
+def _hf_logits(out_dir, tokens, input_scales=None, inputs=None, **kw):
   """transformers' logits; `input_scales` (a safetensors file with `<module>.activation_scale`
-  tensors) makes every such linear layer read its input through torch's float8_e4m3fn cast."""
+  tensors) makes every such linear layer read its input through torch's float8_e4m3fn cast.
+
+  `inputs` (module name -> our unrounded input to it) forces each hooked layer to round our
+  input instead of its own, after checking the two agree to float32 noise. FP8 rounding is a
+  step function: a value within that noise of a rounding midpoint lands on a different grid
+  point in each implementation, and that step (6 to 12% of the value) spreads to every later
+  layer. Forcing keeps both sides on one rounding, so the check below tests which tensor
+  each layer rounds and with which exported scale, not where float32 noise falls.
+  """
   import torch
   import transformers
 
@@ -84,18 +92,23 @@ def _hf_logits(out_dir, tokens, input_scales=None, **kw):
   if input_scales is not None:
     from safetensors import safe_open
 
-    def fp8_input(scale):
+    def fp8_input(scale, ours):
       def hook(module, args):
-        x = args[0] / scale
+        x = args[0]
+        if ours is not None:
+          assert _rel(x.numpy(), ours) <= 1e-4
+          x = torch.as_tensor(ours)
+        x = x / scale
         return (x.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32) * scale,)
       return hook
 
     with safe_open(input_scales, "pt") as f:
-      names = [n for n in f.keys() if n.endswith(".activation_scale")]
-      assert names
+      names = [n.removesuffix(".activation_scale") for n in f.keys()
+               if n.endswith(".activation_scale")]
+      assert names and (inputs is None or sorted(names) == sorted(inputs))
       for n in names:
-        model.get_submodule(n.removesuffix(".activation_scale")).register_forward_pre_hook(
-            fp8_input(f.get_tensor(n).float()))
+        model.get_submodule(n).register_forward_pre_hook(fp8_input(
+            f.get_tensor(f"{n}.activation_scale").float(), None if inputs is None else inputs[n]))
   return torch_logits(model.eval(), tokens)
 
 
@@ -357,10 +370,17 @@ def test_fp8_static_activation_scales(tiny, tiny_dir, tokens, tmp_path):
   assert got.shape == () and np.isclose(got, act["mlp_act"][1])
   # Our forward runs W8A8: each linear input is rounded onto the FP8 grid of its static scale.
   # Reference: transformers on the export (its CPU path dequantizes the weights and leaves
-  # activations alone), with torch's own float8 cast applied to every linear input by hooks.
-  ours = np.asarray(M.forward(qp, cfg, jnp.asarray(tokens))["logits"])
-  assert _rel(_hf_logits(out, tokens, input_scales=os.path.join(out, "model.safetensors")),
-              ours) <= 1e-3
+  # activations alone), with torch's own float8 cast applied to every linear input by hooks,
+  # each fed our unrounded input to that layer (see `_hf_logits`).
+  fwd = M.forward(qp, cfg, jnp.asarray(tokens),
+                  taps={t: lambda x: x for t in set(Q.INPUT_TAPS.values())})
+  ours = np.asarray(fwd["logits"])
+  inputs = {spec.hf_name.format(i=i).removesuffix(".weight"):
+            np.asarray(fwd["taps"][Q.INPUT_TAPS[spec.path[-1]]][i]).reshape(*tokens.shape, -1)
+            for spec in axes.PARAM_SPECS if spec.path[-1] in Q.INPUT_TAPS
+            for i in range(cfg.num_hidden_layers)}
+  assert _rel(_hf_logits(out, tokens, input_scales=os.path.join(out, "model.safetensors"),
+                         inputs=inputs), ours) <= 1e-3
   plain = _quantized(params, cfg, F.FP8_BLOCK)
   assert _rel(np.asarray(M.forward(plain, cfg, jnp.asarray(tokens))["logits"]), ours) > 1e-3
 
