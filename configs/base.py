@@ -11,7 +11,7 @@ DEFAULT_TASKS = ("ppl", "piqa", "arc_easy")
 
 
 def _train(steps, batch, seq_len, lr, min_lr, warmup):
-  return ConfigDict(dict(steps=steps, global_batch_size=batch, micro_batch_size=0,
+  return ConfigDict(dict(steps=steps, global_batch_size=batch, micro_batch_size=0, remat=False,
                          seq_len=seq_len, lr=lr, min_lr=min_lr, warmup_steps=warmup,
                          save_every=max(1, steps // 4), eval_every=0, eval_windows=4))
 

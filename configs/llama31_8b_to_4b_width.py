@@ -17,16 +17,16 @@ def get_config():
   # "Pod scale, proven by compilation").
   c.mesh = "fsdp:-1"
   c.data.source = ("path/to/distillation/corpus",)  # e.g. a Nemotron-CC style jsonl directory
-  c.correction = base._train(steps=200, batch=1152, seq_len=8192, lr=1e-5, min_lr=1e-6,
-                             warmup=20)
+  c.correction.update(base._train(steps=200, batch=1152, seq_len=8192, lr=1e-5, min_lr=1e-6,
+                             warmup=20))
   c.correction.micro_batch_size = 32
   c.correction.remat = True
   c.prune.kinds = ("width",)
   c.prune.width = dict(hidden_size=3072, intermediate_size=9216)
   c.prune.calib_samples = 1024
   c.prune.calib_seq_len = 4096
-  c.distill = base._train(steps=14_000, batch=1152, seq_len=8192, lr=1e-4, min_lr=1e-5,
-                          warmup=40)
+  c.distill.update(base._train(steps=14_000, batch=1152, seq_len=8192, lr=1e-4, min_lr=1e-5,
+                          warmup=40))
   c.distill.micro_batch_size = 32
   c.distill.remat = True
   c.distill.kd_temperature = 1.0

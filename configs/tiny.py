@@ -14,14 +14,14 @@ def get_config():
   c.teacher = "smollm2-tiny-random"
   c.run_dir = "runs/tiny"
   c.train_dtype = "float32"
-  c.correction = base._train(steps=2, batch=2, seq_len=32, lr=1e-3, min_lr=1e-4, warmup=1)
+  c.correction.update(base._train(steps=2, batch=2, seq_len=32, lr=1e-3, min_lr=1e-4, warmup=1))
   c.prune.width = dict(hidden_size=64, intermediate_size=128)
   c.prune.depth = dict(num_hidden_layers=2)
   c.prune.calib_samples = 4
   c.prune.calib_seq_len = 32
   c.prune.eval_samples = 2
   c.prune.batch_size = 2
-  c.distill = base._train(steps=4, batch=2, seq_len=32, lr=1e-3, min_lr=1e-4, warmup=1)
+  c.distill.update(base._train(steps=4, batch=2, seq_len=32, lr=1e-3, min_lr=1e-4, warmup=1))
   c.distill.kd_temperature = 1.0
   c.distill.hidden_loss = "none"
   c.distill.teacher_topk = 16          # the students read one cached teacher pass

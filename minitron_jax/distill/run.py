@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from minitron_jax import sharding
-from minitron_jax.io import checkpoint
+from minitron_jax.io import checkpoint, lock
 from minitron_jax.data import corpus as data, holdout, packing
 from minitron_jax.distill import losses as distill
 from minitron_jax.distill import metrics as metrics_lib
@@ -379,10 +379,9 @@ def _restore_or_init(ckpt: checkpoint.Checkpointer, run_meta: dict, abstract_sta
                      say: Callable[[str], None] = print
                      ) -> tuple[int | None, Any, dict | None]:
   """(resumed step or None, state, data position) from the latest checkpoint, else fresh."""
-  step = ckpt.latest_step()
+  step, state, meta = ckpt.restore_latest(abstract_state, log=say)  # a damaged one is skipped
   if step is None:
     return None, init(), None
-  state, meta = ckpt.restore(step, abstract_state)
   check_resume(meta.get("run", {}), run_meta, ckpt.directory, allow_schedule_change)
   say(f"resuming from the checkpoint at step {step}")
   return step, state, meta["data"]
@@ -469,13 +468,18 @@ def run(job: DistillJob, *, student_setup: StudentSetup | None = None,
   Returns:
     A summary (also written to `output_dir/run.json`; for a cache write, the cache's figures).
   """
-  from minitron_jax.io import hf as hf_io
-
   job.validate()
   if job.qad is not None and student_setup is None:
     raise SettingError("qad.format", "{name} needs the quantization setup of the student "
                        "(quantize.qad.QadSetup)")
   sharding.initialize_distributed(job.coordinator_address, job.num_processes, job.process_id)
+  with lock.lock_directory(job.output_dir, "output directory", jax.process_index()):
+    return _run(job, student_setup, on_saved)
+
+
+def _run(job: DistillJob, student_setup, on_saved) -> dict:
+  from minitron_jax.io import hf as hf_io
+
   models = _load_models(job)
   tok, tok_dir = _tokenizer(models.path, models.teacher_path)
   stream, eval_ids = _training_tokens(job, tok)

@@ -19,9 +19,11 @@ import os
 import socket
 import sys
 
+from minitron_jax.errors import UnavailableError
 
-class LockedError(RuntimeError):
-  """The directory is held by another live process."""
+
+class LockedError(UnavailableError):
+  """The directory is held by another live process (reported as one `error:` line)."""
 
 
 def _holder_text(record: dict) -> str:
@@ -112,11 +114,27 @@ class DirectoryLock:
     self.release()
 
 
-def lock_directory(directory: str, what: str = "directory") -> DirectoryLock:
-  """A `DirectoryLock` that only process 0 of a multi-process run takes (the others share the
-  directory with it and follow its lead)."""
-  import jax
+# Where launchers put a process's index (TPU VMs, SLURM, MPI, JAX's own variable).
+PROCESS_INDEX_VARS = ("JAX_PROCESS_ID", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID", "SLURM_PROCID",
+                      "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
-  if jax.process_index() != 0:
+
+def env_process_index() -> int:
+  """This process's index in a multi-host launch as its launcher's environment gives it (0
+  when none does), read without starting JAX (the recipe's orchestrator must not hold
+  accelerators its stages need)."""
+  for name in PROCESS_INDEX_VARS:
+    value = os.environ.get(name, "").strip()
+    if value.isdigit():
+      return int(value)
+  return 0
+
+
+def lock_directory(directory: str, what: str = "directory", process_index: int | None = None
+                   ) -> DirectoryLock:
+  """A `DirectoryLock` that only process 0 of a multi-process run takes (the others share the
+  directory with it and follow its lead). `process_index` defaults to `env_process_index()`."""
+  index = env_process_index() if process_index is None else process_index
+  if index != 0:
     return DirectoryLock("gs://not-locked", what)  # a no-op lock
   return DirectoryLock(directory, what)

@@ -5,8 +5,8 @@ The recipe config (`configs/base.py`) holds the recipe's settings; the job datac
 library's defaults for everything the config does not set. A bad setting raises
 `settings.SettingError` naming its config key (`prune.calib_samples`), not the job's field.
 
-Distillation jobs (teacher correction, the students, the baselines) are built by the distill
-stages in `stages.py`; their builder belongs here beside the others (`distill_job`).
+Distillation jobs (teacher correction, the teacher-logits cache, the students, the baselines)
+are built by `distill_job`.
 """
 
 from __future__ import annotations
@@ -140,6 +140,95 @@ def eval_job(cfg, model_dir: str, tasks: Iterable[str]):
                           mesh=MeshSpec(cfg.mesh), progress=False)
 
 
+# DistillJob fields whose config key is not `<section>.<field>`.
+_DISTILL = {"dtype": "train_dtype", "mesh": "mesh", "seed": "seed",
+            "temperature": "distill.kd_temperature", "cache_topk": "distill.teacher_topk",
+            "teacher_cache": "distill.teacher_topk", "qad.format": "distill.qad_format",
+            "qad.method": "distill.qad_method"}
+# The model each distillation-stage run trains, its objective and config section.
+DISTILL_RUNS = {
+    "corrected": ("correction", "teacher_correction"),
+    "teacher_logits": ("distill", "distill"),
+    "distill_width": ("distill", "distill"),
+    "distill_depth": ("distill", "distill"),
+    "distill_search": ("distill", "distill"),
+    "baseline_pruned_ce": ("distill", "teacher_correction"),
+    "baseline_random_ce": ("distill", "teacher_correction"),
+}
+
+
+def distill_names(section: str):
+  """Field of `DistillJob` (and its train and loss settings) -> config key."""
+  return settings.config_names(_DISTILL, section=section)
+
+
+def train_config(cfg, section: str, mode: str):
+  from minitron_jax.distill.step import TrainConfig
+
+  t = cfg[section]
+  return TrainConfig(
+      mode=mode, steps=t.steps, global_batch_size=t.global_batch_size,
+      micro_batch_size=t.micro_batch_size or None, seq_len=t.seq_len, lr=t.lr, min_lr=t.min_lr,
+      warmup_steps=t.warmup_steps, dtype=cfg.train_dtype, remat=bool(t.remat), mesh=cfg.mesh,
+      save_every=t.save_every, eval_every=t.eval_every, eval_windows=t.eval_windows,
+      seed=cfg.seed, log_every=max(1, t.steps // 20))
+
+
+def caching_teacher(cfg) -> bool:
+  """Whether the students distil from one cached pass of the teacher (`distill.teacher_topk`)."""
+  return bool(cfg.distill.teacher_topk)
+
+
+def teacher_cache_dir(run_dir: str) -> str:
+  return os.path.join(run_dir, "teacher_logits", "cache")
+
+
+def qad_spec(cfg):
+  """The students' quantization-aware distillation (`distill.qad_format`), or None."""
+  from minitron_jax.distill.job import QadSpec
+
+  d = cfg.distill
+  if not d.qad_format:
+    return None
+  return QadSpec(format=d.qad_format, **({"method": d.qad_method} if d.qad_method else {}))
+
+
+def _student_loss(cfg, run_dir: str, kind: str):
+  from minitron_jax.distill import losses
+
+  d = cfg.distill
+  report = os.path.join(run_dir, f"pruned_{kind}", "prune_report.json")
+  layer_map = losses.layer_map_from_report(report) if os.path.isfile(report) else None
+  return losses.DistillConfig(temperature=d.kd_temperature, hidden_loss=d.hidden_loss,
+                              layer_map=layer_map)
+
+
+def distill_job(cfg, run_dir: str, name: str):
+  """The job of distillation-stage run `name` (a key of `DISTILL_RUNS`)."""
+  from minitron_jax.distill.job import DistillJob
+
+  section, mode = DISTILL_RUNS[name]
+  common = dict(output_dir=os.path.join(run_dir, name), data=layout.training_data(run_dir),
+                train=train_config(cfg, section, mode), export_dtype="float32")
+  if name == "corrected":
+    return DistillJob(teacher_dir=source_dir(cfg, run_dir, "teacher"), **common)
+  if name == "teacher_logits":
+    common.pop("export_dtype")
+    return DistillJob(teacher_dir=students_source(cfg, run_dir),
+                      teacher_cache=teacher_cache_dir(run_dir),
+                      cache_topk=int(cfg.distill.teacher_topk), **common)
+  if name.startswith("distill_"):
+    kind = name.removeprefix("distill_")
+    return DistillJob(teacher_dir=students_source(cfg, run_dir),
+                      student_dir=os.path.join(run_dir, f"pruned_{kind}"),
+                      loss=_student_loss(cfg, run_dir, kind),
+                      teacher_cache=teacher_cache_dir(run_dir) if caching_teacher(cfg) else None,
+                      qad=qad_spec(cfg), **common)
+  init = (os.path.join(run_dir, "pruned_width") if name == "baseline_pruned_ce" else
+          os.path.join(run_dir, name, "init"))
+  return DistillJob(teacher_dir=init, **common)
+
+
 def check_recipe(cfg) -> None:
   """The settings that choose stages: which students, what to quantize."""
   bad = sorted(set(cfg.prune.kinds) - set(KINDS))
@@ -170,6 +259,10 @@ def validate(cfg, run_dir: str, stage_names: Iterable[str]) -> None:
     with settings.named(quantize_names()):
       for job in quantize_jobs(cfg, run_dir):
         job.validate()
+  for name, (section, _) in DISTILL_RUNS.items():
+    if name in todo:
+      with settings.named(distill_names(section)):
+        distill_job(cfg, run_dir, name).validate()
   if "evaluate" in todo:
     with settings.named(eval_names()):
       eval_job(cfg, cfg.teacher, cfg.eval.tasks).validate()

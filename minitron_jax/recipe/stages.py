@@ -13,14 +13,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
 from minitron_jax import settings
 from minitron_jax.evaluate import sources
 from minitron_jax.recipe import jobs, layout
-from minitron_jax.recipe.layout import data_root, get as _get, model_dir, students_teacher
+from minitron_jax.recipe.layout import data_root, get as _get, model_dir
 from minitron_jax.io import files
+from minitron_jax.io import lock
 from minitron_jax.io import hf as hf_io
 
 @dataclasses.dataclass(frozen=True)
@@ -124,49 +126,13 @@ def stage_synthetic(cfg, run_dir: str) -> None:
                             model_id=path)
 
 
-def _train_config(cfg, section, mode: str):
-  from minitron_jax.distill import step as train
-
-  t = cfg[section]
-  return train.TrainConfig(
-      mode=mode, steps=t.steps, global_batch_size=t.global_batch_size,
-      micro_batch_size=_get(cfg, f"{section}.micro_batch_size") or None, seq_len=t.seq_len,
-      lr=t.lr,
-      min_lr=t.min_lr, warmup_steps=t.warmup_steps, dtype=cfg.train_dtype,
-      remat=bool(_get(cfg, f"{section}.remat")), mesh=cfg.mesh, save_every=t.save_every, eval_every=t.eval_every,
-      eval_windows=t.eval_windows, seed=cfg.seed, log_every=max(1, t.steps // 20))
-
-
-def _config_names(section: str):
-  """Distillation-job fields -> this recipe's config keys, for error messages."""
-  from minitron_jax import settings
-
-  return settings.config_names({
-      "dtype": "train_dtype", "mesh": "mesh", "seed": "seed",
-      "temperature": "distill.kd_temperature", "cache_topk": "distill.teacher_topk",
-      "qad.format": "distill.qad_format", "qad.method": "distill.qad_method"},
-      section=section)
-
-
-def _qad_spec(cfg):
-  """The students' quantization-aware distillation (`distill.qad_format`), or None."""
-  from minitron_jax.distill.job import QadSpec
-
-  fmt = _get(cfg, "distill.qad_format", "")
-  if not fmt:
-    return None
-  method = _get(cfg, "distill.qad_method", "")
-  return QadSpec(format=fmt, **({"method": method} if method else {}))
-
-
-def _run_job(build_job: Callable[[], Any], section: str) -> dict:
-  """Builds, validates and runs a distillation job, errors named by this recipe's config
-  keys."""
-  from minitron_jax import settings
+def _run_job(cfg, run_dir: str, name: str) -> dict:
+  """Builds, validates and runs distillation-stage run `name`, errors named by this recipe's
+  config keys; a QAD job also exports its quantized student."""
   from minitron_jax.distill import run as trainer
 
-  with settings.named(_config_names(section)):
-    job = build_job()
+  with settings.named(jobs.distill_names(jobs.DISTILL_RUNS[name][0])):
+    job = jobs.distill_job(cfg, run_dir, name)
     job.validate()
     setup = None
     if job.qad is not None:
@@ -178,47 +144,15 @@ def _run_job(build_job: Callable[[], Any], section: str) -> dict:
   return summary
 
 
-def _train(cfg, run_dir: str, name: str, section: str, mode: str, *, teacher: str,
-           student: str | None = None, dcfg=None, teacher_cache: str | None = None,
-           qad=None) -> None:
-  from minitron_jax.distill.job import DistillJob
-
-  loss = {} if dcfg is None else {"loss": dcfg}
-  _run_job(lambda: DistillJob(
-      output_dir=os.path.join(run_dir, name), teacher_dir=teacher, student_dir=student,
-      data=training_data(cfg, run_dir), train=_train_config(cfg, section, mode),
-      export_dtype="float32", teacher_cache=teacher_cache, qad=qad, **loss), section)
-
-
-def caching_teacher(cfg) -> bool:
-  """Whether the students distil from one cached pass of the teacher (`distill.teacher_topk`)."""
-  return bool(_get(cfg, "distill.teacher_topk", 0))
-
-
-def teacher_cache_dir(run_dir: str) -> str:
-  return os.path.join(run_dir, "teacher_logits", "cache")
-
-
 def stage_teacher_logits(cfg, run_dir: str) -> None:
   """The teacher's top-K logits of the distillation batches, written once and read by every
   student's distillation (the batches are the same: same data, seed, batch and length)."""
-  from minitron_jax.distill.job import DistillJob
-
-  summary = _run_job(lambda: DistillJob(
-      output_dir=os.path.join(run_dir, "teacher_logits"),
-      teacher_dir=_teacher_for_students(cfg, run_dir), data=training_data(cfg, run_dir),
-      train=_train_config(cfg, "distill", "distill"), teacher_cache=teacher_cache_dir(run_dir),
-      cache_topk=int(cfg.distill.teacher_topk)), "distill")
+  summary = _run_job(cfg, run_dir, "teacher_logits")
   files.write_json(os.path.join(run_dir, "teacher_logits", "run.json"), summary)
 
 
 def stage_correct(cfg, run_dir: str) -> None:
-  _train(cfg, run_dir, "corrected", "correction", "teacher_correction",
-         teacher=model_dir(run_dir, "teacher"))
-
-
-def _teacher_for_students(cfg, run_dir: str) -> str:
-  return model_dir(run_dir, students_teacher(cfg))
+  _run_job(cfg, run_dir, "corrected")
 
 
 def _prune(cfg, run_dir: str, kind: str) -> None:
@@ -236,30 +170,15 @@ def stage_prune_search(cfg, run_dir: str) -> None:
     search.run(jobs.search_job(cfg, run_dir))
 
 
-def _distill_config(cfg, run_dir: str, kind: str):
-  from minitron_jax.distill import losses as distill
-
-  d = cfg.distill
-  report = os.path.join(run_dir, f"pruned_{kind}", "prune_report.json")
-  return distill.DistillConfig(temperature=d.kd_temperature, hidden_loss=d.hidden_loss,
-                               layer_map=distill.layer_map_from_report(report))
-
-
 def stage_distill(kind: str):
   def run(cfg, run_dir):
-    _train(cfg, run_dir, f"distill_{kind}", "distill", "distill",
-           teacher=_teacher_for_students(cfg, run_dir),
-           student=os.path.join(run_dir, f"pruned_{kind}"),
-           dcfg=_distill_config(cfg, run_dir, kind),
-           teacher_cache=teacher_cache_dir(run_dir) if caching_teacher(cfg) else None,
-           qad=_qad_spec(cfg))
+    _run_job(cfg, run_dir, f"distill_{kind}")
   return run
 
 
 def stage_baseline_pruned_ce(cfg, run_dir: str) -> None:
   """The width-pruned student trained on the same tokens with cross-entropy, no teacher."""
-  _train(cfg, run_dir, "baseline_pruned_ce", "distill", "teacher_correction",
-         teacher=os.path.join(run_dir, "pruned_width"))
+  _run_job(cfg, run_dir, "baseline_pruned_ce")
 
 
 def stage_baseline_random_ce(cfg, run_dir: str) -> None:
@@ -275,7 +194,7 @@ def stage_baseline_random_ce(cfg, run_dir: str) -> None:
     mcfg = hf_io.load_config(src)
     params = M.init_params(mcfg, jax.random.key(cfg.seed))
     hf_io.save_hf(params, mcfg, init_dir, source_dir=src, overwrite=True)
-  _train(cfg, run_dir, "baseline_random_ce", "distill", "teacher_correction", teacher=init_dir)
+  _run_job(cfg, run_dir, "baseline_random_ce")
 
 
 def stage_quantize(cfg, run_dir: str) -> None:
@@ -348,7 +267,7 @@ def stages() -> tuple[Stage, ...]:
       Stage("prune_depth", "pruned_depth/prune_report.json", lambda c, r: _prune(c, r, "depth"),
             ("teacher.json", "data/train.jsonl"), depth),
       Stage("teacher_logits", "teacher_logits/run.json", stage_teacher_logits,
-            ("teacher.json", "data/train.jsonl"), caching_teacher),
+            ("teacher.json", "data/train.jsonl"), jobs.caching_teacher),
       Stage("distill_width", "distill_width/run.json", stage_distill("width"),
             ("pruned_width/prune_report.json",), width),
       Stage("distill_depth", "distill_depth/run.json", stage_distill("depth"),
@@ -433,46 +352,83 @@ def _check_inputs(cfg, todo) -> None:
                             + "\n  ".join(problems))
 
 
-def run(cfg, only: tuple[str, ...] | None = None) -> str:
-  """Runs every enabled stage whose output is missing (or just `only`); returns the run dir."""
+def _damaged(run_dir: str, stage: Stage) -> list[tuple[str, list[str]]]:
+  """(directory, problems) of each checksummed output directory of a finished stage (under
+  the top folder of its output) whose files are missing or differ from their checksums."""
+  top = os.path.join(run_dir, stage.output.split("/")[0])
+  bad = []
+  for dirpath, dirs, names in os.walk(top):
+    dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "checkpoints")
+    if files.CHECKSUMS in names:
+      problems = files.verify_checksums(dirpath)
+      if problems:
+        bad.append((dirpath, problems))
+  return bad
+
+
+def _done(run_dir: str, stage: Stage) -> bool:
+  return os.path.exists(os.path.join(run_dir, stage.output))
+
+
+def _repair(run_dir: str, stage: Stage) -> None:
+  """A finished stage with a damaged output directory is run again: the directory and the
+  stage's marker are removed, with a warning naming what was wrong."""
+  bad = _damaged(run_dir, stage) if _done(run_dir, stage) else []
+  for path, problems in bad:
+    print(f"[{stage.name}] warning: {path} is damaged ({'; '.join(problems[:3])}); running "
+          "the stage again", flush=True)
+    shutil.rmtree(path)
+  marker = os.path.join(run_dir, stage.output)
+  if bad and os.path.exists(marker):
+    os.remove(marker)
+
+
+def _selected(cfg, only) -> list[Stage]:
   all_stages = stages()
-  known = {s.name for s in all_stages}
-  unknown = sorted(set(only or ()) - known)
+  unknown = sorted(set(only or ()) - {s.name for s in all_stages})
   if unknown:
     raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(s.name for s in all_stages)}")
+  return [s for s in all_stages if s.enabled(cfg) and (not only or s.name in only)]
+
+
+def run(cfg, only: tuple[str, ...] | None = None) -> str:
+  """Runs every enabled stage whose output is missing or damaged (or just `only`); returns the
+  run dir. One process at a time: a second one on the same run directory is refused."""
+  selected = _selected(cfg, only)
   data_weights(cfg)
   run_dir = os.path.abspath(cfg.run_dir)
-  todo = [s.name for s in all_stages
-          if s.enabled(cfg) and (not only or s.name in only)
-          and not os.path.exists(os.path.join(run_dir, s.output))]
+  todo = [s.name for s in selected if not _done(run_dir, s) or _damaged(run_dir, s)]
   jobs.validate(cfg, run_dir, todo)
   _check_inputs(cfg, todo)
-  os.makedirs(run_dir, exist_ok=True)
-  files.write_json(os.path.join(run_dir, "config.json"), json.loads(cfg.to_json()))
-  t_run = time.perf_counter()
-  for stage in all_stages:
-    if not stage.enabled(cfg) or (only and stage.name not in only):
-      continue
-    if os.path.exists(os.path.join(run_dir, stage.output)):
-      print(f"[{stage.name}] done already ({stage.output}), skipping", flush=True)
-      continue
-    for need in stage.needs:
-      if not os.path.exists(os.path.join(run_dir, need)):
-        raise FileNotFoundError(f"stage {stage.name!r} needs {os.path.join(run_dir, need)} "
-                                f"(the output of stage {_producer(need)!r}), which is missing")
-    print(f"[{stage.name}] running", flush=True)
-    t0 = time.perf_counter()
-    status, peak = run_isolated(run_dir, stage.name)
-    seconds = time.perf_counter() - t0
-    if status != 0:
-      # The stage's process has reported its error; stop with its status, marking nothing.
-      raise SystemExit(status)
-    print(f"[{stage.name}] finished in {seconds:.1f}s, peak RSS {peak:.2f} GiB", flush=True)
-    _log_stage(run_dir, stage.name, seconds, peak)
-  # This process only orders the stages; its own peak shows it never held a model.
-  _log_stage(run_dir, "orchestrator", time.perf_counter() - t_run, _own_peak_rss_gib())
+  with lock.lock_directory(run_dir, "run directory"):
+    files.write_json(os.path.join(run_dir, "config.json"), json.loads(cfg.to_json()))
+    t_run = time.perf_counter()
+    for stage in selected:
+      _repair(run_dir, stage)
+      _run_stage(run_dir, stage)
+    # This process only orders the stages; its own peak shows it never held a model.
+    _log_stage(run_dir, "orchestrator", time.perf_counter() - t_run, _own_peak_rss_gib())
   print(f"run directory: {run_dir}", flush=True)
   return run_dir
+
+
+def _run_stage(run_dir: str, stage: Stage) -> None:
+  if _done(run_dir, stage):
+    print(f"[{stage.name}] done already ({stage.output}), skipping", flush=True)
+    return
+  for need in stage.needs:
+    if not os.path.exists(os.path.join(run_dir, need)):
+      raise FileNotFoundError(f"stage {stage.name!r} needs {os.path.join(run_dir, need)} "
+                              f"(the output of stage {_producer(need)!r}), which is missing")
+  print(f"[{stage.name}] running", flush=True)
+  t0 = time.perf_counter()
+  status, peak = run_isolated(run_dir, stage.name)
+  seconds = time.perf_counter() - t0
+  if status != 0:
+    # The stage's process has reported its error; stop with its status, marking nothing.
+    raise SystemExit(status)
+  print(f"[{stage.name}] finished in {seconds:.1f}s, peak RSS {peak:.2f} GiB", flush=True)
+  _log_stage(run_dir, stage.name, seconds, peak)
 
 
 # ------------------------------------------------------------------------------ processes

@@ -81,14 +81,14 @@ def test_qad_setup_checks_the_format_and_method_before_any_model():
 def test_the_recipe_builds_qad_jobs_and_names_its_config_keys():
   from ml_collections import ConfigDict
 
-  from minitron_jax.recipe import stages
+  from minitron_jax.recipe import jobs
 
   cfg = ConfigDict({"distill": {"qad_format": "", "qad_method": ""}})
-  assert stages._qad_spec(cfg) is None
+  assert jobs.qad_spec(cfg) is None
   cfg.distill.qad_format = "int8"
-  assert stages._qad_spec(cfg) == QadSpec(format="int8")
+  assert jobs.qad_spec(cfg) == QadSpec(format="int8")
   cfg.distill.qad_method = "gptq"
-  assert stages._qad_spec(cfg).method == "gptq"
-  names = stages._config_names("distill")
+  assert jobs.qad_spec(cfg).method == "gptq"
+  names = jobs.distill_names("distill")
   assert (names("lr"), names("dtype"), names("qad.method")) == (
       "distill.lr", "train_dtype", "distill.qad_method")
