@@ -98,7 +98,7 @@ class MeshSpec:
     try:
       sharding.parse_mesh(self.train_spec)
     except ValueError as e:
-      raise SettingError(field, f"{{name}}={self.spec!r}: {e}") from None
+      raise SettingError(field, f"{{name}}: {e}") from None
 
   @property
   def train_spec(self) -> str:

@@ -46,21 +46,21 @@ def parse_mesh(spec: str, num_devices: int | None = None) -> dict[str, int]:
   for part in filter(None, (p.strip() for p in spec.split(","))):
     name, _, value = part.partition(":")
     if name not in MESH_AXES:
-      raise ValueError(f"--mesh: unknown axis {name!r} (axes: {', '.join(MESH_AXES)})")
+      raise ValueError(f"mesh {spec!r}: unknown axis {name!r} (axes: {', '.join(MESH_AXES)})")
     try:
       sizes[name] = int(value)
     except ValueError:
-      raise ValueError(f"--mesh: {part!r} is not axis:size") from None
+      raise ValueError(f"mesh {spec!r}: {part!r} is not axis:size") from None
   free = [a for a, n in sizes.items() if n == -1]
   if len(free) > 1 or any(n == 0 or n < -1 for n in sizes.values()):
-    raise ValueError(f"--mesh {spec!r}: sizes must be positive (at most one -1)")
+    raise ValueError(f"mesh {spec!r}: sizes must be positive (at most one -1)")
   if free:
     rest = int(np.prod([n for n in sizes.values() if n != -1]))
     if num_devices % rest:
-      raise ValueError(f"--mesh {spec!r} does not divide {num_devices} devices")
+      raise ValueError(f"mesh {spec!r} does not divide {num_devices} devices")
     sizes[free[0]] = num_devices // rest
   if int(np.prod(list(sizes.values()))) != num_devices:
-    raise ValueError(f"--mesh {spec!r}: product {int(np.prod(list(sizes.values())))} != "
+    raise ValueError(f"mesh {spec!r}: product {int(np.prod(list(sizes.values())))} != "
                      f"{num_devices} devices")
   return sizes
 

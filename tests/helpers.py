@@ -60,3 +60,14 @@ def count_compiles():
     yield seen
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def recipe_command(teacher, run_dir, data_root, *extra):
+  """`launch/minitron.py` on the tiny recipe with `teacher`, as a subprocess argument list."""
+  import os
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return [sys.executable, os.path.join(root, "launch", "minitron.py"),
+          f"--config={os.path.join(root, 'configs', 'tiny.py')}", f"--config.teacher={teacher}",
+          f"--config.run_dir={run_dir}", f"--config.data_root={data_root}", *extra]

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from helpers import make_hf_llama
+from minitron_jax.io import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +38,7 @@ def test_evaluate_writes_table_and_json(tiny_dir, data_root, tmp_path):
                            f"--data_root={data_root}", "--limit=4", "--seq_len=64",
                            "--max_windows=2", f"--output_json={out}")
   assert rc == 0, stderr
-  res = json.load(open(out))["results"]
+  res = files.read_json(out)["results"]
   assert res["ppl"]["windows"] == 2 and res["ppl"]["tokens"] == 126
   assert res["piqa"]["examples"] == 4 and 0 <= res["piqa"]["acc_norm"] <= 1
   assert "lambada" in stdout and "acc_norm" in stdout
@@ -76,7 +77,7 @@ def test_bad_input_is_one_line_error(tiny_dir, tmp_path, script, args, culprit):
 def test_unsupported_architecture_via_cli(tiny_dir, tmp_path):
   d = tmp_path / "m"
   shutil.copytree(tiny_dir, d)
-  cfg = json.load(open(d / "config.json"))
+  cfg = files.read_json(d / "config.json")
   cfg["model_type"] = "gpt_neox"
   json.dump(cfg, open(d / "config.json", "w"))
   rc, _, stderr = run("generate.py", f"--model_dir={d}")

@@ -13,6 +13,8 @@ import time
 
 import jax
 
+from minitron_jax.io import files
+
 from minitron_jax import plots
 
 LOSS_CURVES = ("distill/loss", "distill/kl", "distill/hidden", "distill/ce", "train/ce")
@@ -28,9 +30,7 @@ class MetricsLog:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rows = read_metrics(path) if os.path.isfile(path) else []
     keep = [r for r in rows if resume_step is not None and r.get("step", 0) <= resume_step]
-    with open(path, "w", encoding="utf-8") as f:
-      for r in keep:
-        f.write(json.dumps(r) + "\n")
+    files.write_jsonl(path, keep)  # atomic: a kill now loses no row
 
   def write(self, row: dict) -> None:
     if jax.process_index() == 0:
@@ -39,8 +39,17 @@ class MetricsLog:
 
 
 def read_metrics(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl; a last line cut short by a killed process is dropped."""
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i + 1 < len(lines) or line.endswith("\n"):
+        raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+  return rows
 
 
 class Meter:

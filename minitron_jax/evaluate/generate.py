@@ -277,7 +277,7 @@ def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
   """Token ids of a prompt, through the tokenizer's chat template when `chat`."""
   if chat:
     if not getattr(tokenizer, "chat_template", None):
-      raise ValueError("--chat: the tokenizer has no chat template")
+      raise ValueError("chat prompts need a chat template, and the tokenizer has none")
     return list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                               add_generation_prompt=True, tokenize=True,
                                               return_dict=False))

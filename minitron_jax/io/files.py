@@ -104,6 +104,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
   check_output_dir(out_dir, overwrite, flag="overwrite")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
+  _remove_leftovers(parent, os.path.basename(out_dir))
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
   umask = os.umask(0)
   os.umask(umask)
@@ -170,6 +171,15 @@ def verify_checksums(root: str) -> list[str]:
         problems.append(f"{path}: content differs from its checksum ({os.path.getsize(path)} "
                         "bytes)")
   return problems
+
+
+def _remove_leftovers(parent: str, name: str) -> None:
+  """Removes what a killed earlier write of `parent/name` left: its temporary directory and
+  the old copy it was replacing (one writer per output: the recipe and distillation hold a
+  lock on their directories)."""
+  for entry in os.listdir(parent):
+    if entry.startswith((f".{name}.tmp-", f".{name}.old-")):
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool, flag: str = "--overwrite"

@@ -328,10 +328,9 @@ def _write_outputs(d: str, src: str, report: dict, scores, layer_scores, drop_bl
 
 def plot_unit_scores(path: str, scores: I.Scores) -> None:
   """Heatmaps of head and neuron importance per layer, and the channel importance curve."""
-  import matplotlib
+  from minitron_jax import plots
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plots.pyplot()
 
   fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
   for ax, m, name in ((a, scores.heads, "attention heads"), (b, scores.neurons, "MLP neurons")):

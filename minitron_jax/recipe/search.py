@@ -334,10 +334,9 @@ def candidate_rows(job: SearchJob, cfg, short, order, top, oneshot, accs, after,
 
 def plot(path: str, rows: list[dict], teacher_loss: float) -> None:
   """Held-out perplexity against parameters: one-shot, after the short distillation, winner."""
-  import matplotlib
+  from minitron_jax import plots
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plots.pyplot()
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   p = np.array([r["params"] for r in rows]) / 1e6

@@ -506,6 +506,6 @@ def run_isolated(run_dir: str, name: str) -> tuple[int, float]:
 
 def _log_stage(run_dir: str, name: str, seconds: float, peak_gib: float) -> None:
   path = os.path.join(run_dir, "stage_times.json")
-  log = json.load(open(path)) if os.path.isfile(path) else {}
+  log = files.read_json(path) if os.path.isfile(path) else {}
   log[name] = {"seconds": round(seconds, 1), "peak_rss_gib": round(peak_gib, 3)}
   files.write_json(path, log)

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from minitron_jax.io import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 300
@@ -417,7 +418,7 @@ def test_resume_after_sigkill_is_exact(tiny_dirs, tmp_path):
                                                    jax.tree_util.tree_leaves(ps)))
   assert (full / "losses.png").stat().st_size > 1000
   assert (full / "hf" / "tokenizer.json").exists()
-  run = json.load(open(full / "run.json"))
+  run = files.read_json(full / "run.json")
   assert run["steps"] == 6 and run["evals"][-1]["step"] == 6
   assert run["prune_report"].endswith("prune_report.json")
   assert run["distill_config"]["layer_map"] == [1]
@@ -468,7 +469,7 @@ def test_qad_exports_the_quantized_student(tiny_dirs, tmp_path):
                          "--dtype=float32", "--qad_format=int4", "--qad_group_size=16")
   assert rc == 0, err
   assert "int4, rtn" in stdout
-  report = json.load(open(out / "quantized" / "quantize_report.json"))
+  report = files.read_json(out / "quantized" / "quantize_report.json")
   assert report["format"] == "int4" and report["method"] == "rtn"
   # The quantized export is the trained float32 weights in the format trained for.
   trained, cfg = hf_io.load_hf(out / "hf")
@@ -501,7 +502,7 @@ def test_qad_from_a_calibrated_grid_exports_on_that_grid(tiny_dirs, tmp_path):
                          "--dtype=float32", "--qad_format=int4_asym", "--qad_group_size=16",
                          "--qad_method=gptq", "--qad_calib_samples=2", "--qad_calib_seq_len=32")
   assert rc == 0, err
-  assert json.load(open(out / "quantized" / "quantize_report.json"))["method"] == "frozen_grid"
+  assert files.read_json(out / "quantized" / "quantize_report.json")["method"] == "frozen_grid"
   fmt = Q.QuantFormat.INT4_GROUP_ASYM
   params, cfg = hf_io.load_hf(student)
   tok = hf_io.load_tokenizer(teacher)

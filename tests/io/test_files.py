@@ -88,3 +88,13 @@ def test_checksums_match_sha256sum(tmp_path):
 def test_a_directory_without_checksums_is_not_flagged(tmp_path):
   (tmp_path / "a").write_text("x")
   assert files.verify_checksums(str(tmp_path)) == []
+
+
+def test_a_killed_writes_leftovers_are_removed_by_the_next_write(tmp_path):
+  (tmp_path / ".model.tmp-abc").mkdir()
+  (tmp_path / ".model.tmp-abc" / "half.safetensors").write_bytes(b"x")
+  (tmp_path / ".other.tmp-abc").mkdir()  # another output's: not this write's business
+  with files.atomic_output_dir(str(tmp_path / "model")) as d:
+    with open(os.path.join(d, "a"), "w") as f:
+      f.write("a")
+  assert sorted(os.listdir(tmp_path)) == [".other.tmp-abc", "model"]

@@ -1,7 +1,6 @@
 """Pruned checkpoints: valid HF directories, streaming equals in-memory, the CLI, and the real
 teacher pruned by activation importance against random importance."""
 
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from minitron_jax.prune import slicing
 from minitron_jax.data.calib import CalibSpec
 from minitron_jax.prune import run as prune_job
 from minitron_jax.io.safetensors import SafetensorsFile
+from minitron_jax.io import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ODD = dict(hidden_size=448, intermediate_size=1000, num_attention_heads=6, num_key_value_heads=3,
@@ -40,7 +40,7 @@ def test_odd_target_of_real_teacher_loads_in_transformers(real_model, tmp_path):
   tokens = np.array([tok("The quick brown fox jumps over the lazy dog. " * 6)["input_ids"]])
   ours = np.asarray(M.forward(pruned, new, tokens)["logits"])
   assert np.abs(ours - torch_logits(ref, tokens)).max() <= 1e-4
-  assert json.load(open(os.path.join(out, "config.json")))["head_dim"] == 64
+  assert files.read_json(os.path.join(out, "config.json"))["head_dim"] == 64
 
 
 def test_streaming_prune_equals_in_memory(tmp_path):
@@ -95,7 +95,7 @@ def test_real_teacher_activation_importance_beats_random(real_dir, tmp_path):
     assert os.path.isfile(tmp_path / "act" / name)
   loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "act"))
   assert loaded.config.hidden_size == 432 and loaded.config.intermediate_size == 896
-  report = json.load(open(tmp_path / "act" / "prune_report.json"))
+  report = files.read_json(tmp_path / "act" / "prune_report.json")
   assert len(report["kept"]["embed"]) == 432 and report["params_after"] < report["params_before"]
 
 
@@ -106,7 +106,7 @@ def test_depth_pruning_by_layer_importance_cli(real_dir, tmp_path):
                  "--layer_importance=lm_loss", "--calib_samples=8", "--calib_seq_len=128",
                  "--eval_samples=8")
   assert p.returncode == 0, p.stderr[-2000:]
-  report = json.load(open(out / "prune_report.json"))
+  report = files.read_json(out / "prune_report.json")
   kept = report["kept"]["layers"]
   dropped = sorted(set(range(30)) - set(kept))
   assert len(kept) == 24 and dropped == list(range(dropped[0], dropped[0] + 6))  # contiguous
@@ -125,7 +125,7 @@ def test_depth_pruning_by_layer_importance_cli(real_dir, tmp_path):
   p = _run_prune(f"--model_dir={real_dir}", f"--output_dir={again}", "--num_hidden_layers=24",
                  f"--scores_npz={npz}")
   assert p.returncode == 0, p.stderr[-2000:]
-  assert json.load(open(again / "prune_report.json"))["kept"]["layers"] == kept
+  assert files.read_json(again / "prune_report.json")["kept"]["layers"] == kept
   p = _run_prune(f"--model_dir={real_dir}", f"--output_dir={tmp_path / 'wide'}",
                  "--hidden_size=432", f"--scores_npz={npz}")
   assert p.returncode == 1 and f"{npz} holds layer scores only" in p.stderr

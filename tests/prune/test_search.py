@@ -2,7 +2,6 @@
 brute-force loop, one-shot scoring against numpy, determinism, the 8B dry run and bad targets."""
 
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from minitron_jax.recipe import search as R
 from minitron_jax.prune import slicing
 from minitron_jax.data.calib import CalibSpec
 from minitron_jax.settings import SettingError
+from minitron_jax.io import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC = C.preset("tiny").replace(num_attention_heads=6, num_key_value_heads=2,
@@ -210,7 +210,7 @@ def test_search_end_to_end_is_deterministic(tmp_path):
                       budget=S.Budget(target_params=5e6, slack=0.1, multiple=16),
                       max_candidates=2, top_k=2, search_steps=1, search_batch_size=2,
                       calib=CalibSpec(samples=4, seq_len=32, batch_size=4), eval_samples=2))
-  a, b = (json.load(open(tmp_path / n / "search_report.json")) for n in "ab")
+  a, b = (files.read_json(tmp_path / n / "search_report.json") for n in "ab")
   for k in ("seconds", "output_dir"):
     a.pop(k), b.pop(k)
   a["teacher_cache"].pop("seconds"), b["teacher_cache"].pop("seconds")  # times only

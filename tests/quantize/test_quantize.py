@@ -22,9 +22,9 @@ from minitron_jax import model as M
 from minitron_jax.quantize import export as quant_export
 from minitron_jax.quantize import run as quantize_run
 from minitron_jax.quantize import formats as Q
-from minitron_jax.quantize import run as quantize_run
 from minitron_jax.data.calib import CalibSpec
 from minitron_jax.config import preset
+from minitron_jax.io import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 F = Q.QuantFormat
@@ -340,7 +340,7 @@ def test_export_loads_in_transformers(tiny, tiny_dir, tokens, tmp_path, name):
     kw["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
   assert _rel(_hf_logits(out, tokens, **kw), ours) <= 1e-3
   if not fmt.is_gguf:
-    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    qc = files.read_json(os.path.join(out, "config.json"))["quantization_config"]
     if name == "fp8":
       assert qc == {"quant_method": "fp8", "activation_scheme": "dynamic",
                     "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head"]}
@@ -362,7 +362,7 @@ def test_fp8_static_activation_scales(tiny, tiny_dir, tokens, tmp_path):
   qp = _quantized(params, cfg, F.FP8_BLOCK, activation_scales=act)
   assert qp["layers"]["down"].input_scale.shape == (cfg.num_hidden_layers,)
   out = quant_export.export(qp, cfg, F.FP8_BLOCK, tmp_path / "fp8s", source_dir=tiny_dir)
-  assert json.load(open(os.path.join(out, "config.json")))[
+  assert files.read_json(os.path.join(out, "config.json"))[
       "quantization_config"]["activation_scheme"] == "static"
   from safetensors import safe_open
   with safe_open(os.path.join(out, "model.safetensors"), "np") as f:
@@ -407,7 +407,7 @@ def test_dims_that_are_not_multiples_of_128(tmp_path, tokens):
   qp = _quantized(params, cfg, F.INT4_GROUP)
   assert qp["layers"]["q"].block == (1, 64) and qp["layers"]["down"].block == (1, 64)
   out = quant_export.export(qp, cfg, F.INT4_GROUP, tmp_path / "int4", source_dir=str(d))
-  groups = json.load(open(os.path.join(out, "config.json")))[
+  groups = files.read_json(os.path.join(out, "config.json"))[
       "quantization_config"]["config_groups"]
   assert [g["weights"]["group_size"] for g in groups.values()] == [64]
   ours = np.asarray(M.forward(qp, cfg, jnp.asarray(tokens))["logits"])
@@ -504,7 +504,7 @@ def test_quantize_checkpoint_report(tiny_dir, tmp_path):
   out = tmp_path / "out"
   rep = quantize_run.quantize_checkpoint(tiny_dir, str(out), "int4", ppl_file=str(ppl), seq_len=32,
                               max_windows=2, progress=False)
-  on_disk = json.load(open(out / quant_export.REPORT_FILE))
+  on_disk = files.read_json(out / quant_export.REPORT_FILE)
   assert on_disk == json.loads(json.dumps(rep))
   assert rep["size"]["bytes"] == os.path.getsize(out / "model.safetensors")
   assert rep["size"]["ratio_vs_bf16"] < 0.7

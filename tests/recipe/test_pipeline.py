@@ -1,36 +1,20 @@
 """The whole recipe end to end on a tiny random teacher: every stage, the report, resuming."""
 
-import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from helpers import make_hf_llama
+from helpers import recipe_command
+from minitron_jax.io import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory, real_dir):
-  _, d = make_hf_llama(tmp_path_factory.mktemp("teacher") / "tiny", vocab=49152, hidden=128,
-                       inter=256, layers=4, heads=4, kv_heads=2, max_pos=512)
-  for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-            "special_tokens_map.json"):
-    if os.path.exists(os.path.join(real_dir, f)):
-      shutil.copy(os.path.join(real_dir, f), d)
-  return d
-
-
-def command(teacher, run_dir, data_root, *extra):
-  return [sys.executable, os.path.join(ROOT, "launch", "minitron.py"),
-          f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", f"--config.teacher={teacher}",
-          f"--config.run_dir={run_dir}", f"--config.data_root={data_root}", *extra]
+command = recipe_command
 
 
 def test_tiny_recipe_end_to_end_resumes_after_a_kill(tiny_teacher, data_root, tmp_path):
@@ -58,10 +42,10 @@ def test_tiny_recipe_end_to_end_resumes_after_a_kill(tiny_teacher, data_root, tm
   for stage in ("fetch", "teacher_correction", "prune_width", "prune_depth", "teacher_logits"):
     assert f"[{stage}] done already" in p.stdout, stage
   assert "[distill_width] running" in p.stdout
-  summary = json.load(open(run_dir / "distill_width" / "run.json"))
+  summary = files.read_json(run_dir / "distill_width" / "run.json")
   assert summary["resumed_from"] and summary["steps"] == 24
   report = (run_dir / "report.md").read_text()
-  evals = json.load(open(run_dir / "report.json"))["models"]
+  evals = files.read_json(run_dir / "report.json")["models"]
   names = [e["name"] for e in evals]
   assert names == ["teacher", "corrected", "pruned_width", "distill_width", "pruned_depth",
                    "distill_depth", "baseline_pruned_ce", "baseline_random_ce",
@@ -75,9 +59,9 @@ def test_tiny_recipe_end_to_end_resumes_after_a_kill(tiny_teacher, data_root, tm
     assert e["size_bytes"] > 0 and e["params"] > 0 and e["decode_tokens_per_second"] > 0
   assert "## What wins" in report and "loss_curves.png" in report
   assert (run_dir / "loss_curves.png").is_file() and (run_dir / "layer_importance.png").is_file()
-  times = json.load(open(run_dir / "stage_times.json"))
+  times = files.read_json(run_dir / "stage_times.json")
   assert {"fetch", "data", "prune_width", "teacher_logits", "evaluate", "report"} <= set(times)
-  cache = json.load(open(run_dir / "teacher_logits" / "run.json"))
+  cache = files.read_json(run_dir / "teacher_logits" / "run.json")
   assert cache["k"] == 16 and cache["steps"] == 24
   # Both students read the one cached teacher pass (the width student again, resumed).
   assert p.stdout.count("reading the teacher's top-16 logits") == 2, p.stdout[-3000:]
@@ -124,7 +108,7 @@ def test_failing_stage_reports_one_error_and_marks_nothing(tiny_teacher, data_ro
   assert "Traceback" not in p.stderr
   assert "[prune_width] running" in p.stdout and "[prune_width] finished" not in p.stdout
   assert not (run_dir / "pruned_width" / "prune_report.json").exists()
-  assert "prune_width" not in json.load(open(run_dir / "stage_times.json"))
+  assert "prune_width" not in files.read_json(run_dir / "stage_times.json")
 
 
 def test_mismatched_data_weights_are_refused_before_any_work(tiny_teacher, data_root, tmp_path):

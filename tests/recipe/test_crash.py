@@ -1,0 +1,149 @@
+"""Crash safety: the tiny recipe, killed with SIGKILL at random moments inside its stages and
+resumed after each kill, ends with the same results as an uninterrupted run, and no kill leaves
+a half-written output behind.
+
+The kill moments are drawn from a seed: a stage and a fraction of that stage's duration in the
+uninterrupted run, counted from the moment the stage starts (again) in the resumed run. CI runs
+`CRASH_KILLS` (default 3: a prune, a distillation and the evaluate/report end); the full soak is
+
+  MINITRON_JAX_CRASH_KILLS=50 python -m pytest -q tests/recipe/test_crash.py
+"""
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from minitron_jax.io import files
+
+from helpers import recipe_command as command
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytestmark = pytest.mark.slow
+
+KILLS = int(os.environ.get("MINITRON_JAX_CRASH_KILLS", "3"))
+SEED = int(os.environ.get("MINITRON_JAX_CRASH_SEED", "0"))
+STAGE_LINE = re.compile(r"^\[(\w+)\] (running|done already|finished)")
+# Report fields that measure the machine (time, speed, memory), not the computation.
+TIMING_KEYS = re.compile(r"(second|tokens_per_s|per_second|peak|rss|time|_s$)")
+
+
+def _reader(proc, lines):
+  for line in proc.stdout:
+    lines.put(line)
+  lines.put(None)
+
+
+def _killed_once(cmd, stage, fraction, durations, order, timeout=1800):
+  """Runs `cmd` and SIGKILLs its process group `fraction` of `stage`'s reference duration after
+  `stage` (or, when it is already done, the first later stage) starts. Returns the stage that
+  was running when the kill landed, or None when the run finished first."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)
+  lines: queue.Queue = queue.Queue()
+  threading.Thread(target=_reader, args=(proc, lines), daemon=True).start()
+  current, kill_at, deadline = None, None, time.time() + timeout
+  while time.time() < deadline:
+    if kill_at is not None and time.time() >= kill_at:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait(timeout=60)
+      return current
+    try:
+      line = lines.get(timeout=0.02)
+    except queue.Empty:
+      continue
+    if line is None:  # the run ended before the kill
+      proc.wait(timeout=60)
+      assert proc.returncode == 0, f"the run failed instead of being killed (exit {proc.returncode})"
+      return None
+    m = STAGE_LINE.match(line)
+    if m and m.group(2) == "running":
+      current = m.group(1)
+      if kill_at is None and order.index(current) >= order.index(stage):
+        kill_at = time.time() + fraction * durations[current]
+  os.killpg(proc.pid, signal.SIGKILL)
+  raise AssertionError(f"no kill within {timeout}s")
+
+
+def half_written(run_dir) -> list[str]:
+  """Outputs a kill must never leave: a checksummed directory whose files differ from their
+  checksums, or a JSON file that does not parse (temporary names are not outputs)."""
+  bad = []
+  for dirpath, dirs, names in os.walk(run_dir):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    if files.CHECKSUMS in names:
+      bad += files.verify_checksums(dirpath)
+    for n in names:
+      if n.endswith(".json") and not n.startswith("."):
+        try:
+          files.read_json(os.path.join(dirpath, n))
+        except (ValueError, UnicodeDecodeError) as e:
+          bad.append(f"{os.path.join(dirpath, n)}: {e}")
+  return bad
+
+
+def results(run_dir):
+  """(report numbers without timings, checksums of every exported directory)."""
+  def strip(x):
+    if isinstance(x, dict):
+      return {k: strip(v) for k, v in x.items() if not TIMING_KEYS.search(k)}
+    if isinstance(x, list):
+      return [strip(v) for v in x]
+    return x
+
+  report = strip(files.read_json(os.path.join(run_dir, "report.json"))["models"])
+  sums = {}
+  for dirpath, dirs, names in os.walk(run_dir):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    if files.CHECKSUMS in names:
+      with open(os.path.join(dirpath, files.CHECKSUMS)) as f:
+        sums[os.path.relpath(dirpath, run_dir)] = f.read()
+  return report, sums
+
+
+def draw_kills(n, order, seed):
+  """`n` (stage, fraction) pairs in run order: stages spread over every stage of the run."""
+  rng = np.random.default_rng(seed)
+  stages = [order[i % len(order)] for i in range(n)] if n >= len(order) else list(
+      rng.choice(order, size=n, replace=False))
+  kills = [(s, float(rng.uniform(0.05, 0.95))) for s in stages]
+  return sorted(kills, key=lambda k: (order.index(k[0]), k[1]))
+
+
+def test_random_kills_resume_to_the_same_results(tiny_teacher, data_root, tmp_path):
+  extra = ("--config.distill.steps=8", "--config.distill.save_every=2")
+  ref_dir = tmp_path / "reference"
+  p = subprocess.run(command(tiny_teacher, ref_dir, data_root, *extra), cwd=ROOT,
+                     capture_output=True, text=True, timeout=1800)
+  assert p.returncode == 0, p.stderr[-3000:]
+  times = files.read_json(str(ref_dir / "stage_times.json"))
+  order = [s for s in times if s != "orchestrator"]
+  durations = {s: times[s]["seconds"] for s in order}
+
+  run_dir = tmp_path / "killed"
+  cmd = command(tiny_teacher, run_dir, data_root, *extra)
+  kills = (draw_kills(KILLS, order, SEED) if KILLS != 3 else
+           [("prune_width", 0.6), ("distill_width", 0.7), ("evaluate", 0.9)])
+  hits = []
+  for stage, fraction in kills:
+    hits.append(_killed_once(cmd, stage, fraction, durations, order))
+    assert half_written(run_dir) == [], (stage, fraction)
+  p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+  assert p.returncode == 0, p.stderr[-3000:]
+  landed = [h for h in hits if h is not None]
+  print(f"\n{len(landed)} of {len(kills)} kills landed, in stages: "
+        + json.dumps({s: landed.count(s) for s in dict.fromkeys(landed)}))
+  assert len(landed) >= max(1, len(kills) * 3 // 4)
+  assert half_written(run_dir) == []
+  ref_report, ref_sums = results(ref_dir)
+  report, sums = results(run_dir)
+  assert report == ref_report
+  assert sums == ref_sums  # every export byte for byte
