@@ -100,6 +100,28 @@ def killing_worker(spec: dict) -> None:
   trainer.run(launcher.build_job(), on_saved=kill)
 
 
+def preempt_worker(spec: dict) -> None:
+  """A 2-process distillation that the test preempts with SIGTERM to one process; each process
+  records where its run stopped."""
+  import jax
+
+  jax.distributed.initialize(coordinator_address=spec["coordinator"], num_processes=2,
+                             process_id=spec["process_id"])
+  from minitron_jax.distill import losses as distill
+  from minitron_jax.distill import run as trainer
+  from minitron_jax.distill.step import TrainConfig
+
+  tp, tcfg, sp, scfg, stream = tiny_problem()
+  cfg = TrainConfig(steps=spec["steps"], global_batch_size=8, seq_len=32, lr=1e-3,
+                    warmup_steps=1, dtype="float32", mesh="data:2", save_every=0, log_every=1)
+  res = trainer.fit(cfg, model_params=sp, model_cfg=scfg, train_tokens=stream,
+                    output_dir=spec["out"], teacher_params=tp, teacher_cfg=tcfg,
+                    dcfg=distill.DistillConfig(), log=lambda line: print(line, flush=True))
+  with open(os.path.join(spec["out"], f"stop{spec['process_id']}-{spec['run']}.json"), "w") as f:
+    json.dump({"step": res.step, "preempted": res.preempted,
+               "resumed_from": res.resumed_from}, f)
+
+
 # ---------------------------------------------------------------------------- test side
 
 
@@ -186,6 +208,34 @@ def test_two_processes_match_one_process(one_device, tmp_path):
   assert (b[0]["devices"], b[0]["processes"]) == (4, 2)
   _assert_same(a, b)
   _assert_same(one_device, b)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
+  """A pod's preemption notice reaches one host: every process saves the same step, exits 0,
+  and the same command resumes from it."""
+  from minitron_jax.io import checkpoint, files
+
+  out = str(tmp_path / "run")
+  spec = {"out": out, "steps": 60, "coordinator": f"127.0.0.1:{_free_port()}", "run": 1}
+  procs = [_start({**spec, "process_id": i}, 1) for i in range(2)]
+  log0, deadline = os.path.join(out, "log0.txt"), time.time() + TIMEOUT_S
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    with open(log0) as f:
+      if any(line.startswith("step 3/") for line in f):
+        break
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  _wait_all(procs, [out, out])
+  stops = [files.read_json(os.path.join(out, f"stop{i}-1.json")) for i in range(2)]
+  assert stops[0] == stops[1] and stops[0]["preempted"], stops
+  step = stops[0]["step"]
+  assert 3 <= step < 60
+  assert checkpoint.Checkpointer(os.path.join(out, "checkpoints")).all_steps() == [step]
+  spec.update(run=2, coordinator=f"127.0.0.1:{_free_port()}")
+  _wait_all([_start({**spec, "process_id": i}, 1) for i in range(2)], [out, out])
+  for i in range(2):
+    assert files.read_json(os.path.join(out, f"stop{i}-2.json")) == {
+        "step": 60, "preempted": False, "resumed_from": step}
 
 
 def test_split_holdout_keeps_whole_documents_out_of_training():
@@ -609,5 +659,7 @@ if __name__ == "__main__":
   spec = json.loads(sys.argv[1])
   if "args" in spec:
     killing_worker(spec)
+  elif "steps" in spec:
+    preempt_worker(spec)
   else:
     worker(spec)
