@@ -303,7 +303,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
       os.kill(os.getpid(), signal.SIGTERM)
 
   res = trainer.fit(cfg, log=log, **kw)
-  assert res.preempted and res.step == 2 and "SIGTERM" in lines[-1]
+  assert res.preempted and res.step == 2
   assert checkpoint.Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
   res = trainer.fit(cfg, log=lines.append, **kw)
   assert not res.preempted and res.resumed_from == 2 and res.step == 4
@@ -426,6 +426,7 @@ def _finish(p):
 
 
 def test_resume_after_sigkill_is_exact(tiny_dirs, tmp_path):
+  from minitron_jax.distill import metrics
   from minitron_jax.io import hf as hf_io
 
   teacher, student = tiny_dirs
@@ -444,12 +445,11 @@ def test_resume_after_sigkill_is_exact(tiny_dirs, tmp_path):
   assert not (crashed / "hf").exists()
   rc, out, err = _cli(*common, f"--output_dir={crashed}")
   assert rc == 0, err
-  assert "resuming from the checkpoint at step 4" in out
+  assert files.read_json(crashed / "run.json")["resumed_from"] == 4
   rc, out_full, err = _finish(p_full)
   assert rc == 0, err
-  assert "tok/s" in out_full and "ETA" in out_full and "memory" in out_full
 
-  rows = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+  rows = {name: metrics.read_metrics(str(tmp_path / name / "metrics.jsonl"))
           for name in ("full", "crashed")}
   assert [r["step"] for r in rows["full"]] == [r["step"] for r in rows["crashed"]]
   for a, b in zip(rows["full"], rows["crashed"]):

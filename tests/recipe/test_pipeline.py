@@ -46,7 +46,6 @@ def test_failing_stage_reports_one_error_and_marks_nothing(tiny_teacher, data_ro
   assert p.returncode == 1, p.stderr[-2000:]
   assert p.stderr.count("error:") == 1 and "hidden_size" in p.stderr, p.stderr[-2000:]
   assert "Traceback" not in p.stderr
-  assert "[prune_width] running" in p.stdout and "[prune_width] finished" not in p.stdout
   assert not (run_dir / "pruned_width" / "prune_report.json").exists()
   assert "prune_width" not in files.read_json(run_dir / "stage_times.json")
 
@@ -57,4 +56,4 @@ def test_mismatched_data_weights_are_refused_before_any_work(tiny_teacher, data_
                              "--config.data.weights=(1.0,)"),
                      capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert p.returncode == 1 and "data.weights" in p.stderr and "Traceback" not in p.stderr
-  assert "running" not in p.stdout and not (tmp_path / "run" / "teacher.json").exists()
+  assert not (tmp_path / "run").exists()  # refused before the first stage
