@@ -35,7 +35,7 @@ from minitron_jax import cli, config as C, sharding  # noqa: E402
 from minitron_jax.prune.slicing import Targets  # noqa: E402
 from benchmarks import aot  # noqa: E402
 
-# The settings the compile proof used, per slice (README, "Pod scale, proven by compilation").
+# The settings the compile proof used, per slice (docs/pod-scale.md).
 PLANS = {
     "v5p-64": dict(mesh="fsdp:-1", micro_batch_size=32, remat=True),
     "v5e-256": dict(mesh="fsdp:-1,tensor:8", micro_batch_size=32, remat=True),

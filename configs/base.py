@@ -39,7 +39,7 @@ def get_config() -> ConfigDict:
 
   # Sized for a 2-core CPU (with the SmolLM2 teacher on these settings, 19.7 minutes measured end
   # to end; the default recipe's synthetic data adds 7.5); most of the time goes to distilling
-  # the two students and evaluating the models (README, "The whole recipe").
+  # the two students and evaluating the models (docs/recipe.md).
   c.correction = _train(steps=8, batch=4, seq_len=256, lr=2e-5, min_lr=2e-6, warmup=2)
 
   c.prune = ConfigDict()
@@ -91,10 +91,13 @@ def get_config() -> ConfigDict:
   c.baselines = False
 
   # GGUF blocks need hidden sizes that are multiples of 32 (576 is; 432 is not).
-  # Formats: fp8, int8, int4, int4_asym, gguf_q8_0, gguf_q4_0 (README, "Quantization"). One by
+  # Formats: fp8, int8, int4, int4_asym, gguf_q8_0, gguf_q4_0 (docs/quantization.md). One by
   # default (each adds a quantization and an evaluated model); e.g.
   # --config.quantize.formats="('int8','gguf_q4_0')" for more.
-  c.quantize = ConfigDict(dict(source="distill_depth", formats=("gguf_q4_0",)))
+  # gguf_tokenizer_pre: llama.cpp's pre-tokenizer name for GGUF exports ("" = the one recorded
+  # at GGUF import, else detected from the tokenizer).
+  c.quantize = ConfigDict(dict(source="distill_depth", formats=("gguf_q4_0",),
+                               gguf_tokenizer_pre=""))
 
   # Tuples, not lists: ml_collections overrides tuples from the command line.
   # max_windows applies to WikiText-2 test and to the held-out slice of the training data.

@@ -13,8 +13,8 @@ def get_config():
   c.train_dtype = "bfloat16"  # bf16 compute, float32 master weights and Adam moments
   # The settings `benchmarks/aot_pod.py` compiled for a v5p-64 slice (32 chips): every stage
   # sharded over one FSDP axis, one 8192-token row per chip per micro-batch, layers
-  # rematerialised. On a v5e-256 (16 GiB chips): --config.mesh=fsdp:-1,tensor:8 (README,
-  # "Pod scale, proven by compilation").
+  # rematerialised. On a v5e-256 (16 GiB chips): --config.mesh=fsdp:-1,tensor:8
+  # (docs/pod-scale.md).
   c.mesh = "fsdp:-1"
   c.data.source = ("path/to/distillation/corpus",)  # e.g. a Nemotron-CC style jsonl directory
   c.correction.update(base._train(steps=200, batch=1152, seq_len=8192, lr=1e-5, min_lr=1e-6,

@@ -22,9 +22,9 @@ import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from minitron_jax.io.files import write_json
+from minitron_jax.settings import SettingError
 
 PRE_TOKENIZER_KEY = "gguf_pre_tokenizer"
-PRE_FLAG = "--gguf_tokenizer_pre"
 
 # llama.cpp's split regexes per pre-tokenizer (src/llama-vocab.cpp), applied one after another.
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -207,8 +207,9 @@ def detect_pre_tokenizer(tokenizer) -> str:
   """
   digest = hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
   if digest not in PRE_HASHES:
-    raise ValueError(f"cannot tell the llama.cpp pre-tokenizer of this tokenizer (hash "
-                     f"{digest}); name it with {PRE_FLAG} (e.g. llama-bpe, smollm, gpt-2)")
+    raise SettingError("gguf_tokenizer_pre", "cannot tell the llama.cpp pre-tokenizer of this "
+                       f"tokenizer (hash {digest}); name it with {{name}} (e.g. llama-bpe, "
+                       "smollm, gpt-2)")
   return PRE_HASHES[digest]
 
 

@@ -125,6 +125,7 @@ def quantize_jobs(cfg, run_dir: str, ppl_file: str | None = None) -> list:
   return [quantize_run.QuantizeJob(
       model_dir=src, output_dir=os.path.join(run_dir, "quantized", fmt), format=fmt,
       overwrite=True, ppl_file=ppl_file, max_windows=QUANTIZE_PPL_WINDOWS,
+      gguf_tokenizer_pre=cfg.quantize.gguf_tokenizer_pre,
       mesh=MeshSpec(cfg.mesh)) for fmt in cfg.quantize.formats]
 
 

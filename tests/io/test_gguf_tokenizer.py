@@ -285,12 +285,12 @@ class _StubTokenizer:
 
 
 def test_unknown_tokenizer_names_the_flag():
-  with pytest.raises(ValueError, match="--gguf_tokenizer_pre"):
+  with pytest.raises(ValueError, match="name it with gguf_tokenizer_pre"):
     GT.detect_pre_tokenizer(_StubTokenizer())
 
 
 def test_pre_tokenizer_precedence(tmp_path):
-  with pytest.raises(ValueError, match="--gguf_tokenizer_pre"):
+  with pytest.raises(ValueError, match="name it with gguf_tokenizer_pre"):
     GT.resolve_pre_tokenizer(tmp_path, _StubTokenizer())
   assert GT.resolve_pre_tokenizer(tmp_path, _StubTokenizer(), "llama-bpe") == "llama-bpe"
   (tmp_path / "tokenizer_config.json").write_text(json.dumps({GT.PRE_TOKENIZER_KEY: "qwen2"}))
