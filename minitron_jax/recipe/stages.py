@@ -370,10 +370,9 @@ def _done(run_dir: str, stage: Stage) -> bool:
   return os.path.exists(os.path.join(run_dir, stage.output))
 
 
-def _repair(run_dir: str, stage: Stage) -> None:
-  """A finished stage with a damaged output directory is run again: the directory and the
-  stage's marker are removed, with a warning naming what was wrong."""
-  bad = _damaged(run_dir, stage) if _done(run_dir, stage) else []
+def _repair(run_dir: str, stage: Stage, bad: list[tuple[str, list[str]]]) -> None:
+  """A finished stage with damaged output directories (`bad`, from `_damaged`) is run again:
+  the directories and the stage's marker are removed, with a warning naming what was wrong."""
   for path, problems in bad:
     print(f"[{stage.name}] warning: {path} is damaged ({'; '.join(problems[:3])}); running "
           "the stage again", flush=True)
@@ -397,14 +396,16 @@ def run(cfg, only: tuple[str, ...] | None = None) -> str:
   selected = _selected(cfg, only)
   data_weights(cfg)
   run_dir = os.path.abspath(cfg.run_dir)
-  todo = [s.name for s in selected if not _done(run_dir, s) or _damaged(run_dir, s)]
+  # Checksums are read once: they decide what runs and what the repair removes.
+  damaged = {s.name: _damaged(run_dir, s) for s in selected if _done(run_dir, s)}
+  todo = [s.name for s in selected if damaged.get(s.name, True)]
   jobs.validate(cfg, run_dir, todo)
   _check_inputs(cfg, todo)
   with lock.lock_directory(run_dir, "run directory"):
     files.write_json(os.path.join(run_dir, "config.json"), json.loads(cfg.to_json()))
     t_run = time.perf_counter()
     for stage in selected:
-      _repair(run_dir, stage)
+      _repair(run_dir, stage, damaged.get(stage.name, []))
       _run_stage(run_dir, stage)
     # This process only orders the stages; its own peak shows it never held a model.
     _log_stage(run_dir, "orchestrator", time.perf_counter() - t_run, _own_peak_rss_gib())

@@ -24,14 +24,14 @@ def test_a_truncated_weight_file_makes_its_stage_run_again(tmp_path):
   damaged = stages._damaged(str(tmp_path), stage)
   assert [d for d, _ in damaged] == [str(tmp_path / "pruned_width")]
   assert str(weights) in damaged[0][1][0]
-  stages._repair(str(tmp_path), stage)
+  stages._repair(str(tmp_path), stage, stages._damaged(str(tmp_path), stage))
   assert not stages._done(str(tmp_path), stage)  # the stage will run again
   assert not (tmp_path / "pruned_width").exists()
 
 
 def test_an_intact_stage_is_left_alone(tmp_path):
   stage = _finished_prune(str(tmp_path))
-  stages._repair(str(tmp_path), stage)
+  stages._repair(str(tmp_path), stage, stages._damaged(str(tmp_path), stage))
   assert stages._done(str(tmp_path), stage)
   assert files.verify_checksums(str(tmp_path / "pruned_width")) == []
 
@@ -43,6 +43,6 @@ def test_a_damaged_export_inside_a_training_stage_removes_its_marker(tmp_path):
       f.write(b"x" * 100)
   files.write_json(str(tmp_path / "distill_width" / "run.json"), {"steps": 4})
   (tmp_path / "distill_width" / "hf" / "model.safetensors").write_bytes(b"y" * 100)
-  stages._repair(str(tmp_path), stage)
+  stages._repair(str(tmp_path), stage, stages._damaged(str(tmp_path), stage))
   assert not (tmp_path / "distill_width" / "run.json").exists()
   assert not (tmp_path / "distill_width" / "hf").exists()
