@@ -10,6 +10,7 @@ record exists is skipped: a killed preparation resumes shard by shard.
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import sys
@@ -110,6 +111,7 @@ def _work(args) -> dict:
 
 
 def _check_settings(out_dir: str, settings: dict) -> None:
+  settings = json.loads(json.dumps(settings))  # as read back (tuples become lists)
   path = os.path.join(out_dir, SETTINGS)
   if os.path.isfile(path):
     old = files.read_json(path)
