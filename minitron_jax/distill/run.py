@@ -140,8 +140,7 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
   Args:
     cfg: train settings (`cfg.mode` picks the objective).
     model_params, model_cfg: the model to train (host arrays, identical on every process).
-    train_tokens: the training corpus (a `TokenStream` or a document source,
-      `corpus.open_documents`).
+    train_tokens: the training corpus (a `TokenStream` or `corpus.open_documents`).
     output_dir: checkpoints and metrics go here.
     teacher_params, teacher_cfg: the frozen teacher (distill mode).
     dcfg: loss settings (distill mode; default `DistillConfig()`).
@@ -562,8 +561,7 @@ def _tokenizer(path: str, teacher_path: str):
 
 
 def _training_tokens(job: DistillJob, tok):
-  """(training documents, held-out ids or None): `eval_data`, else the tail of the training
-  data (which then is read into memory whole)."""
+  """(training documents, held-out ids or None): `eval_data`, else the training data's tail."""
   cfg = job.train
   docs = data.open_documents(job.data, tok)
   if not cfg.eval_every:
