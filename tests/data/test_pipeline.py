@@ -2,6 +2,7 @@
 resume from the checkpointed state, weighted blending."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -9,6 +10,8 @@ import pytest
 
 from minitron_jax import config as C, model as M
 from minitron_jax.data import pipeline, tokens
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def random_stream(seed, num_docs, max_len, vocab=256, low=3):
@@ -153,3 +156,38 @@ def test_reader_threads_give_the_same_batches():
   for _ in range(6):
     want, got = next(plain), next(threaded)
     assert all(np.array_equal(want[k], got[k]) for k in want)
+
+
+_READER = """
+import sys, numpy as np
+from minitron_jax.data import prepared, pipeline
+src = prepared.PreparedSource(sys.argv[1])
+loader = pipeline.Loader([src], seq_len=16, global_batch_size=6, seed=3,
+                         process_index=int(sys.argv[2]), process_count=int(sys.argv[3]))
+np.save(sys.argv[4], np.stack([next(loader)["tokens"] for _ in range(4)]))
+"""
+
+
+def test_two_processes_read_disjoint_rows_whose_union_is_the_global_batch(tmp_path,
+                                                                          bpe_tokenizer):
+  import subprocess
+  import sys
+
+  from minitron_jax.data import corpus, prepare
+
+  docs = tmp_path / "docs"
+  docs.mkdir()
+  for i in range(40):  # distinct text, so distinct rows (within the first epoch read here)
+    (docs / f"{i:02d}.txt").write_text(" ".join(str(1000 * i + j) for j in range(i % 9 + 4)))
+  out = tmp_path / "prepared"
+  corpus.prepare(prepare.PrepareSpec(str(docs), docs_per_shard=8), out, bpe_tokenizer)
+  env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  runs = [(str(out), str(i), str(n), str(tmp_path / f"rows{i}{n}.npy")) for i, n in
+          ((0, 2), (1, 2), (0, 1))]
+  procs = [subprocess.Popen([sys.executable, "-c", _READER, *r], env=env) for r in runs]
+  assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+  p0, p1, whole = (np.load(r[3]) for r in runs)  # (batches, local rows, seq_len)
+  assert p0.shape == p1.shape == (4, 3, 16) and whole.shape == (4, 6, 16)
+  assert np.array_equal(np.concatenate([p0, p1], 1), whole)  # the union, in order
+  mine = {tuple(r) for r in p0.reshape(-1, 16)}
+  assert not mine & {tuple(r) for r in p1.reshape(-1, 16)}  # no row read twice
