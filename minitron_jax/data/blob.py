@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-_REMOTE = ("gs://", "s3://", "http://", "https://")
+# file:// goes through the same key-value store (how the object-store path is tested).
+_REMOTE = ("gs://", "s3://", "http://", "https://", "file://")
 
 
 def is_remote(path: str | os.PathLike) -> bool:

@@ -150,3 +150,19 @@ def test_megatron_indexed_dataset_reads_back_token_for_token(tmp_path):
   open(prefix + ".idx", "wb").write(idx[:-8])
   with pytest.raises(DataError, match="corpus_text_document.idx: .* truncated or damaged"):
     megatron.MegatronSource(prefix)
+
+
+def test_object_store_paths_read_through_tensorstore(tmp_path, bpe_tokenizer):
+  # A file:// URL takes the gs:// code path: tensorstore's key-value store, byte ranges.
+  docs = write_corpus(tmp_path / "c.jsonl")
+  corpus.prepare(spec(tmp_path / "c.jsonl"), tmp_path / "p", bpe_tokenizer)
+  url = "file://" + str(tmp_path / "p")
+  src = corpus.open_documents(url, bpe_tokenizer)
+  assert isinstance(src, prepared.PreparedSource) and src._tokens[0]._kv is not None
+  ref = tokens.tokenize_documents(docs, bpe_tokenizer)
+  assert np.array_equal(src.read(6, 1, 4), ref.document(6)[1:4])
+  assert np.array_equal(src.all_tokens(), ref.tokens)
+  shard = tmp_path / "p" / "shard-00002.offsets"
+  shard.write_bytes(shard.read_bytes()[:-8])
+  with pytest.raises(DataError, match="shard-00002.offsets: missing or truncated"):
+    prepared.PreparedSource(url)
