@@ -171,7 +171,8 @@ def _hub_dataset(name: str, split: str, streaming: bool = False):
 
   repo, _, config = name.partition(":")
   try:
-    return datasets.load_dataset(repo, config or None, split=split, streaming=streaming)
+    extra = {"streaming": True} if streaming else {}
+    return datasets.load_dataset(repo, config or None, split=split, **extra)
   except Exception as e:  # offline, DNS, missing dataset or split: nothing else to try
     reason = " ".join(str(e).split()) or type(e).__name__
     raise DataDownloadError(f"{name!r} is not a local file or directory, and loading it as a "
