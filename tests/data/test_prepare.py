@@ -166,3 +166,22 @@ def test_object_store_paths_read_through_tensorstore(tmp_path, bpe_tokenizer):
   shard.write_bytes(shard.read_bytes()[:-8])
   with pytest.raises(DataError, match="shard-00002.offsets: missing or truncated"):
     prepared.PreparedSource(url)
+
+
+def test_a_streamed_hub_dataset_prepares_like_its_text(tmp_path, bpe_tokenizer, monkeypatch):
+  import datasets
+
+  docs = write_corpus(tmp_path / "c.jsonl")
+  calls = []
+
+  def load(repo, config, split, streaming=False):
+    calls.append((repo, config, split, streaming))
+    return datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset()
+
+  monkeypatch.setattr(datasets, "load_dataset", load)
+  m = corpus.prepare(spec("org/web:cfg", streaming=True), tmp_path / "hub", bpe_tokenizer)
+  assert calls == [("org/web", "cfg", "train", True)] and m["documents"] == len(docs)
+  corpus.prepare(spec(tmp_path / "c.jsonl"), tmp_path / "local", bpe_tokenizer)
+  shards = [n for n in os.listdir(tmp_path / "local") if n.startswith("shard-")]
+  for n in shards:
+    assert (tmp_path / "hub" / n).read_bytes() == (tmp_path / "local" / n).read_bytes()
