@@ -185,3 +185,19 @@ def test_a_streamed_hub_dataset_prepares_like_its_text(tmp_path, bpe_tokenizer, 
   shards = [n for n in os.listdir(tmp_path / "local") if n.startswith("shard-")]
   for n in shards:
     assert (tmp_path / "hub" / n).read_bytes() == (tmp_path / "local" / n).read_bytes()
+
+
+def test_the_launch_script_refuses_an_empty_source_in_one_line(tmp_path, bpe_tokenizer):
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  bpe_tokenizer.save_pretrained(tmp_path / "tok")
+  (tmp_path / "empty.jsonl").write_text('{"text": ""}\n')
+  r = subprocess.run([sys.executable, os.path.join(root, "launch", "prepare_data.py"),
+                      f"--source={tmp_path / 'empty.jsonl'}", f"--output_dir={tmp_path / 'out'}",
+                      f"--tokenizer={tmp_path / 'tok'}"], capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  assert "error: " + str(tmp_path / "empty.jsonl") + ": no documents" in r.stderr
+  assert not prepared.is_prepared(tmp_path / "out")
