@@ -7,8 +7,8 @@ cut into pieces of at most `seq_len` tokens and packed into rows (`packing.pack_
 the lengths alone); a row holds its pieces as segments 1, 2, ... (0 is padding) whose positions
 restart at 0, so attention never crosses documents.
 
-The rows form one endless Grain `MapDataset`: each source's rows shuffled per epoch
-(`shuffle().repeat()`), sources interleaved by weight (`MapDataset.mix`), and global batch `k`
+The rows form one endless Grain `MapDataset`: each source's rows reshuffled every epoch
+(`EpochShuffled`), sources interleaved by weight (`MapDataset.mix`), and global batch `k`
 is rows `[k*B, (k+1)*B)` of it. Process `i` of `P` reads rows `[k*B + i*B/P, k*B + (i+1)*B/P)`
 (every `P`-th batch of `B/P` rows, a lazy slice: it never reads another process's tokens), so
 the processes' rows are disjoint and, concatenated, are the global batch. A `MapDataset` is a pure function of the index, so
@@ -18,6 +18,7 @@ run (with any process count) sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -83,9 +84,25 @@ class PackedRows:
     return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
 
 
-def _seed(seed: int, k: int) -> int:
-  # Seeded by the pair, so source 1 of seed 0 does not replay source 0 of seed 1.
-  return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+class EpochShuffled:
+  """The rows of a source endlessly, epoch `e` in the order of a permutation seeded with
+  `(seed, e)` (source `k > 0`: `(seed, e, k)`, so sources and seeds never replay each other).
+  A random-access Grain source; the order of the data path before Grain, so a run's batches,
+  and the recipe's published figures, are unchanged (one `num_rows` permutation per epoch)."""
+
+  def __init__(self, rows: PackedRows, seed: int, k: int = 0):
+    self.rows, self.seed, self.k = rows, seed, k
+    self._perm: tuple[int, np.ndarray] | None = None
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    epoch, r = divmod(int(i), self.rows.num_rows)
+    if self._perm is None or self._perm[0] != epoch:
+      key = (self.seed, epoch) if self.k == 0 else (self.seed, epoch, self.k)
+      self._perm = (epoch, np.random.default_rng(key).permutation(self.rows.num_rows))
+    return self.rows[int(self._perm[1][r])]
 
 
 class Loader:
@@ -129,7 +146,7 @@ class Loader:
     self.weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
     total = sum(self.weights)
     self.weights = [w / total for w in self.weights]
-    rows = [grain.MapDataset.source(r).shuffle(seed=_seed(self.seed, k)).repeat()
+    rows = [grain.MapDataset.source(EpochShuffled(r, self.seed, k))
             for k, r in enumerate(self.sources)]
     self._rows = rows[0] if len(rows) == 1 else grain.MapDataset.mix(rows, self.weights)
     self._grain = grain
