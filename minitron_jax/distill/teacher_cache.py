@@ -129,7 +129,7 @@ def write(directory: str, teacher_params, teacher_cfg: LlamaConfig, dataset, ste
           log: Callable[[str], None] = print) -> TeacherCache:
   """Writes (or continues) the top-`k` teacher logits of `steps` batches of `dataset`.
 
-  `dataset` is the `packing.PackedDataset` a training run with `cfg` would read, from its start;
+  `dataset` is the `pipeline.Loader` a training run with `cfg` would read, from its start;
   entries already on disk are skipped (the data position is the entry count), so an interrupted
   write resumes. Each process runs the teacher on its own rows.
   """
@@ -217,14 +217,14 @@ def write_for_run(directory: str, cfg: train.TrainConfig, teacher_params,
   """
   import time
 
-  from minitron_jax.data import packing
+  from minitron_jax.data import pipeline
 
   t0 = time.perf_counter()
   mesh = sharding.make_mesh(cfg.mesh)
   index, count = train.batch_rows(mesh, cfg)
-  dataset = packing.PackedDataset(train_tokens, seq_len=cfg.seq_len,
-                                  global_batch_size=cfg.global_batch_size, seed=cfg.seed,
-                                  pad_id=pad_id, process_index=index, process_count=count)
+  dataset = pipeline.Loader([train_tokens], seq_len=cfg.seq_len,
+                            global_batch_size=cfg.global_batch_size, seed=cfg.seed,
+                            pad_id=pad_id, process_index=index, process_count=count)
   write(directory, teacher_params, teacher_cfg, dataset, cfg.steps, k, cfg, dtype,
         process_index=jax.process_index(), log=log)
   summary = {"teacher_cache": os.path.abspath(directory), "k": k, "steps": cfg.steps,

@@ -1,17 +1,14 @@
-"""Sources, the bundled corpus, the token cache, calibration windows, packing, resume and
-host sharding."""
+"""Sources, the bundled corpus, the token cache (prepared shards), calibration windows."""
 
 import io
 import json
 import os
 import tarfile
 
-import jax
 import numpy as np
 import pytest
 
-from minitron_jax import config as C, model as M
-from minitron_jax.data import corpus as data, packing
+from minitron_jax.data import corpus as data, packing, tokens as tokens_lib
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "To be, or not to be: that is it.",
              "Now is the winter of our discontent.", "All the world's a stage. 0123456789"]
@@ -64,17 +61,6 @@ def random_stream(seed, num_docs, max_len, vocab=256):
   lengths = rng.integers(1, max_len + 1, num_docs)
   offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
   return data.TokenStream(rng.integers(3, vocab, offsets[-1]).astype(np.int32), offsets)
-
-
-def packed(stream, **kw):
-  kw = {"seq_len": 32, "global_batch_size": 4, "process_index": 0, "process_count": 1, **kw}
-  return packing.PackedDataset(stream, **kw)
-
-
-def segments(row):
-  """(segment id, tokens, positions) of each segment of a packed row, in row order."""
-  seg = row["segment_ids"]
-  return [(s, row["tokens"][seg == s], row["positions"][seg == s]) for s in np.unique(seg) if s]
 
 
 # ---------------------------------------------------------------------------- sources
@@ -188,11 +174,13 @@ def test_token_cache_skips_the_tokenizer_and_tracks_changes(tmp_path, cache, tok
     doc = first.document(i)
     assert doc[-1] == eos and eos not in doc[:-1]
     assert tokenizer.decode(doc[:-1]) == text
-  assert len(list((cache / "tokens").glob("*.npy"))) == 2
+  assert [p.name for p in (cache / "tokens").iterdir() if p.is_dir()] == [
+      p.name for p in (cache / "tokens").glob("*/manifest.json") for p in [p.parent]]
 
   calls = []
-  real = data.tokenize_documents
-  monkeypatch.setattr(data, "tokenize_documents", lambda *a, **k: calls.append(1) or real(*a, **k))
+  real = tokens_lib.tokenize_documents
+  monkeypatch.setattr(tokens_lib, "tokenize_documents",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
   again = data.load_tokens(src.parent, tokenizer)
   assert calls == [] and np.array_equal(again.tokens, first.tokens)
   assert np.array_equal(again.offsets, first.offsets)
@@ -253,102 +241,3 @@ def test_eval_windows():
   assert w.shape == (7, 128) and np.array_equal(w.ravel(), np.arange(896))
   with pytest.raises(ValueError, match="fewer than one window"):
     packing.eval_windows(np.arange(10), 128)
-
-
-# ---------------------------------------------------------------------------- packing
-
-
-def test_packing_covers_every_token_once_within_segments():
-  stream = random_stream(0, num_docs=60, max_len=80)  # many docs longer than a row
-  ds = packed(stream, seq_len=32)
-  pieces = {}
-  for r in range(ds.num_rows):
-    row = ds.row(r)
-    seg = row["segment_ids"]
-    real = seg > 0
-    assert real[:real.sum()].all()  # padding only at the end
-    assert (row["tokens"][~real] == 0).all() and (row["positions"][~real] == 0).all()
-    assert np.array_equal(np.unique(seg[real]), np.arange(1, seg.max() + 1))
-    for _, toks, pos in segments(row):
-      assert np.array_equal(pos, np.arange(len(toks)))
-      pieces.setdefault(len(toks), []).append(toks)
-  # Reassemble: each document is its full pieces of 32 then one remainder, all found once.
-  pool = [tuple(p) for ps in pieces.values() for p in ps]
-  for i in range(stream.num_documents):
-    doc = stream.document(i)
-    for s in range(0, len(doc), 32):
-      pool.remove(tuple(doc[s:s + 32]))
-  assert pool == []
-  assert ds.padding_fraction < 0.1
-
-
-def test_one_epoch_of_batches_is_every_row_once():
-  ds = packed(random_stream(1, num_docs=40, max_len=50), global_batch_size=3)
-  n = ds.num_rows
-  rows = [tuple(r) for _ in range(-(-n // 3)) for r in next(ds)["tokens"]]
-  assert sorted(rows[:n]) == sorted(tuple(ds.row(r)["tokens"]) for r in range(n))
-  assert ds.state()["epoch"] == 1
-
-
-def test_packed_row_matches_documents_run_separately():
-  cfg = C.preset("tiny")
-  params = jax.jit(M.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(0))
-  forward = jax.jit(lambda t, pos=None, seg=None: M.forward(
-      params, cfg, t, positions_bt=pos, segment_ids_bt=seg)["logits"])
-  stream = random_stream(2, num_docs=5, max_len=14)
-  row = packed(stream, seq_len=64).row(0)
-  assert len(segments(row)) == 5 and (row["segment_ids"] == 0).any()
-  logits = forward(row["tokens"][None], row["positions"][None], row["segment_ids"][None])[0]
-  # Each document alone, as a causal row padded at the end (padding cannot reach back).
-  docs = segments(row)
-  alone_bt = np.zeros((len(docs), max(len(t) for _, t, _ in docs)), np.int32)
-  for i, (_, toks, _) in enumerate(docs):
-    alone_bt[i, :len(toks)] = toks
-  alone = forward(alone_bt)
-  for i, (s, toks, _) in enumerate(docs):
-    np.testing.assert_allclose(logits[row["segment_ids"] == s], alone[i, :len(toks)], atol=1e-5,
-                               rtol=0)
-
-
-def test_resume_gives_the_same_batches_across_epochs():
-  stream = random_stream(3, num_docs=30, max_len=40)
-  ref = packed(stream, global_batch_size=4, seed=5)
-  assert ref.num_rows % 4  # so batches straddle epoch boundaries
-  expected = [next(ref) for _ in range(3 * ref.num_rows // 4 + 2)]
-  for k in (0, 2, ref.num_rows // 4, len(expected) - 3):
-    it = packed(stream, global_batch_size=4, seed=5)
-    for _ in range(k):
-      next(it)
-    saved = json.loads(json.dumps(it.state()))
-    resumed = packed(stream, global_batch_size=4, seed=5, state=saved)
-    for want in expected[k:]:
-      got = next(resumed)
-      for key in ("tokens", "segment_ids", "positions"):
-        assert np.array_equal(got[key], want[key]), (k, key)
-  rows = np.concatenate([b["tokens"] for b in expected])
-  n = ref.num_rows
-  assert not np.array_equal(rows[:n], rows[n:2 * n])  # epoch 1 is reshuffled ...
-  assert sorted(map(tuple, rows[:n])) == sorted(map(tuple, rows[n:2 * n]))  # ... the same rows
-  # The state is a row position, so a run may resume with another batch size.
-  state = {**saved, "epoch": 0, "row": 8}
-  assert np.array_equal(next(packed(stream, global_batch_size=2, seed=5, state=state))["tokens"],
-                        rows[8:10])
-  with pytest.raises(ValueError, match="saved with seed=5"):
-    packed(stream, global_batch_size=4, seed=6).restore(saved)
-
-
-def test_hosts_together_produce_the_global_batch():
-  stream = random_stream(4, num_docs=30, max_len=40)
-  single = packed(stream, global_batch_size=6)
-  hosts = [packed(stream, global_batch_size=6, process_index=i, process_count=2) for i in (0, 1)]
-  for _ in range(5):
-    want = next(single)
-    local = [next(h) for h in hosts]
-    assert local[0]["tokens"].shape == (3, 32)
-    for key in want:
-      assert np.array_equal(np.concatenate([b[key] for b in local]), want[key])
-  assert hosts[0].state() == hosts[1].state() == single.state()
-  with pytest.raises(ValueError, match="not divisible by process_count=4"):
-    packed(stream, global_batch_size=6, process_index=0, process_count=4)
-  with pytest.raises(ValueError, match="process_index=2"):
-    packed(stream, global_batch_size=6, process_index=2, process_count=2)

@@ -12,7 +12,7 @@ import pytest
 
 from minitron_jax import axes, config, sharding
 from minitron_jax import model as M
-from minitron_jax.data import corpus as data, packing
+from minitron_jax.data import corpus as data, pipeline
 from minitron_jax.distill import losses as distill
 from minitron_jax.distill import run as trainer
 from minitron_jax.distill import teacher_cache as tc
@@ -70,8 +70,7 @@ def test_cache_holds_the_teachers_top_k_of_each_batch_and_resumes(problem, tmp_p
   tc.write_for_run(d, CFG, tp, tcfg, stream, k=5, log=lambda s: None)
   cache = tc.TeacherCache(d)
   assert cache.written() == 3 and cache.meta()["k"] == 5
-  ds = packing.PackedDataset(stream, seq_len=16, global_batch_size=4, seed=0, process_index=0,
-                             process_count=1)
+  ds = pipeline.Loader([stream], seq_len=16, global_batch_size=4, seed=0)
   first = [cache.read(i) for i in range(3)]
   for i in range(3):  # entry i = the teacher's top 5 on batch i + 1, from a plain forward
     b = next(ds)
