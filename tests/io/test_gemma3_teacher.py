@@ -129,3 +129,39 @@ def test_wikitext2_perplexity_matches_llama_cpp(data_root, gemma_gguf, tokenizer
   # thousands.
   assert ppl < 150 and abs(ppl / ppl_cpp - 1) <= 0.03, (ppl, ppl_cpp)
   assert np.mean(agree) >= 0.9
+
+
+def test_q8_0_export_runs_in_llama_cpp(gemma_dir, tokenizer, hf_model, tmp_path):
+  """The converted directory's tensors, rounded to Q8_0 with gguf's reference quantizer and
+  written by our GGUF export (names, 1 + w norms, SentencePiece vocabulary, metadata)."""
+  import types
+
+  import gguf
+  import torch
+
+  from minitron_jax.quantize import formats as Q
+  from minitron_jax.quantize import gguf_export
+
+  with open(gemma_dir / "config.json") as f:
+    hf = json.load(f)
+  cfg = types.SimpleNamespace(**{**hf, "rope_scaling": types.SimpleNamespace(rope_type="default"),
+                                 "eos_token_ids": (hf["eos_token_id"],)})
+  q8 = gguf.GGMLQuantizationType.Q8_0
+
+  def tensors():
+    for name, w in load_file(str(gemma_dir / "model.safetensors")).items():
+      yield (name, gguf.quants.quantize(w, q8), q8) if w.ndim == 2 else (name, w, None)
+
+  path = tmp_path / "gemma-Q8_0.gguf"
+  gguf_export.write_tensors(str(path), cfg, Q.QuantFormat.GGUF_Q8_0, tensors(), str(gemma_dir))
+  ids = tokenizer(TEXTS[0] + " The capital of France is Paris.")["input_ids"]
+  with llamacpp.LlamaCpp(path) as llm:
+    for text in TEXTS:
+      assert llm.tokenize(text) == tokenizer(text)["input_ids"], repr(text)
+    theirs = llm.logits(ids)
+  with torch.no_grad():
+    ours = hf_model(torch.tensor([ids])).logits[0].numpy()
+  # Measured over 25 positions: top-1 agreement 0.92, correlation of all logits 0.9988 (Q8_0
+  # weights, embedding included, and llama.cpp's 8-bit activations against float32).
+  assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.8
+  assert np.corrcoef(theirs.ravel(), ours.ravel())[0, 1] >= 0.99
