@@ -2,8 +2,8 @@
 
 References: transformers' own GGUF loader (an independent dequantisation and norm shift),
 transformers' `Gemma3ForCausalLM` on the converted directory, and llama.cpp on the original file
-(its SentencePiece tokenizer and its Gemma 3 forward). Comparing our tokenizer with
-transformers' GGUF tokenizer as well costs a minute: MINITRON_JAX_GEMMA_TOKENIZER_REF=1.
+(its SentencePiece tokenizer and its Gemma 3 forward). The comparisons with transformers' GGUF
+loader (tensors, tokenizer) cost minutes on 2 cores: MINITRON_JAX_GEMMA_REFERENCE=1 runs them.
 """
 
 import json
@@ -20,6 +20,9 @@ from minitron_jax.evaluate import sources
 from minitron_jax.io import gguf_tokenizer
 
 pytestmark = pytest.mark.slow
+reference = pytest.mark.skipif(
+    not os.environ.get("MINITRON_JAX_GEMMA_REFERENCE"),
+    reason="minutes of transformers' GGUF loader; set MINITRON_JAX_GEMMA_REFERENCE=1")
 
 TEXTS = [
     "The quick brown fox jumps over 13 lazy dogs, doesn't it?",
@@ -64,6 +67,7 @@ def test_config_from_gguf_metadata(gemma_dir):
   assert "lm_head.weight" not in load_file(str(gemma_dir / "model.safetensors"))
 
 
+@reference
 def test_tensors_match_transformers_gguf_loader(gemma_dir, gemma_gguf):
   import torch
   import transformers
@@ -85,9 +89,7 @@ def test_tokenizer_matches_llama_cpp(gemma_gguf, tokenizer):
   assert tokenizer.decode(tokenizer(TEXTS[2])["input_ids"], skip_special_tokens=True) == TEXTS[2]
 
 
-@pytest.mark.skipif(not os.environ.get("MINITRON_JAX_GEMMA_TOKENIZER_REF"),
-                    reason="a minute of transformers' GGUF tokenizer; set "
-                           "MINITRON_JAX_GEMMA_TOKENIZER_REF=1")
+@reference
 def test_tokenizer_matches_transformers_gguf_tokenizer(gemma_gguf, tokenizer):
   import transformers
 
