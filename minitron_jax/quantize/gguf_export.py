@@ -195,9 +195,9 @@ def check_tokenizer(source_dir: str) -> str:
 
 
 def _add_tokenizer(w: gguf.GGUFWriter, cfg: LlamaConfig, source_dir: str, pre: str) -> None:
-  """Byte-level BPE vocabulary in llama.cpp's `gpt2` tokenizer model, as its converter writes
-  it: one entry per id (holes as `[PAD<i>]`), special added tokens marked CONTROL; `pre` as
-  `tokenizer_pre` of `write_gguf`."""
+  """The vocabulary as llama.cpp's converter writes it: one entry per id (holes as `[PAD<i>]`),
+  special added tokens marked CONTROL; byte-level BPE as the `gpt2` model with merges and
+  `pre` (as `tokenizer_pre` of `write_gguf`), Gemma's as the SentencePiece `llama` model."""
   from minitron_jax.io import hf as hf_io
 
   model = check_tokenizer(source_dir)
