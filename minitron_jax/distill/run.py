@@ -128,11 +128,10 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
         teacher_params: dict | None = None, teacher_cfg: LlamaConfig | None = None,
         dcfg: distill.DistillConfig | None = None, eval_tokens: np.ndarray | None = None,
         projection: np.ndarray | None = None, pad_id: int = 0,
-        log: Callable[[str], None] | None = None,
+        log: Callable[[str], None] | None = None, lora: lora_lib.LoraSpec | None = None,
         student_transform: Callable[[dict], dict] | None = None,
         teacher_cache: str | None = None, step_hook: train.StepHook | None = None,
-        on_saved: Callable[[int], None] | None = None,
-        lora: lora_lib.LoraSpec | None = None) -> FitResult:
+        on_saved: Callable[[int], None] | None = None) -> FitResult:
   """Trains `model_params` (distillation from a teacher, or CE in teacher-correction mode).
 
   Resumes from the latest checkpoint in `output_dir/checkpoints` if there is one.
@@ -186,8 +185,7 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
   t0 = time.perf_counter()
   step_fn = train.make_train_step(model_cfg, source, dcfg, cfg, optimizer,
                                   grad_shardings=state_sh["params"],
-                                  student_transform=student_transform, hook=step_hook,
-                                  lora=lora)
+                                  student_transform=student_transform, hook=step_hook, lora=lora)
   compiled, mem = train.compile_step(step_fn, state_sh, teacher_sh, mesh,
                                      train.abstract(state_shape, state_sh),
                                      train.abstract(teacher_params, teacher_sh)
