@@ -115,10 +115,10 @@ def test_lora_distillation_exports_merged_and_peft_and_resumes_exactly(hf_dirs, 
 
   # transformers + peft: the student with the adapter gives the merged model's logits.
   tokens = np.random.default_rng(0).integers(3, 49152, (2, 16))
-  peft_model = PeftModel.from_pretrained(student_model, str(tmp_path / "run" / "peft")).eval()
-  with torch.no_grad():
-    got = peft_model(torch.tensor(tokens)).logits.numpy()
+  with torch.no_grad():  # (PEFT wraps the model's layers in place: the plain logits first)
     plain = student_model(torch.tensor(tokens)).logits.numpy()
+    peft_model = PeftModel.from_pretrained(student_model, str(tmp_path / "run" / "peft")).eval()
+    got = peft_model(torch.tensor(tokens)).logits.numpy()
   ours = np.asarray(M.forward(merged, cfg.replace(dtype="float32"), tokens)["logits"])
   np.testing.assert_allclose(got, ours, atol=2e-4, rtol=1e-4)
   assert np.abs(plain - ours).max() > 1e-2  # the adapters matter
