@@ -233,7 +233,7 @@ def main(argv):
       sys.exit(2)
   if summary.get("preempted"):
     sys.exit(143)  # like a process ended by SIGTERM: schedulers then requeue the job
-  if setup is not None and "hf_dir" in summary:  # process 0 wrote the float export
+  if job.qad is not None and "hf_dir" in summary:  # process 0 wrote the float export
     from minitron_jax.quantize import export as quant_export
     print(quant_export.format_report(setup.export(summary["hf_dir"], job.output_dir)))
 
