@@ -85,6 +85,14 @@ def get_config() -> ConfigDict:
   # calibrated on the distillation data).
   c.distill.qad_format = ""
   c.distill.qad_method = ""
+  # LoRA recovery (LLM-Pruner): > 0 trains rank-r adapters on the frozen student instead of
+  # every weight, then exports them merged (docs/distillation.md#lora-recovery). lora_targets:
+  # comma-separated of q,k,v,o,gate,up,down; lora_alpha: 0 = the rank (scale 1);
+  # lora_base_format: "" = the base in train_dtype, int8/int4/int4_asym = QLoRA.
+  c.distill.lora_rank = 0
+  c.distill.lora_targets = "q,k,v,o,gate,up,down"
+  c.distill.lora_alpha = 0.0
+  c.distill.lora_base_format = ""
 
   # CE-trained pruned student and random-init student on the same tokens: two more trainings
   # as long as a distillation, so off by default (--config.baselines=True).

@@ -35,9 +35,11 @@ from minitron_jax.config import ATTENTION_IMPLS  # noqa: E402
 from minitron_jax.distill import losses as distill  # noqa: E402
 from minitron_jax.distill import run as trainer  # noqa: E402
 from minitron_jax.distill.job import CACHE_DTYPES, QAD_METHODS, DistillJob, QadSpec  # noqa: E402
+from minitron_jax.distill.lora import BASE_FORMATS, LoraSpec, parse_targets  # noqa: E402
 from minitron_jax.distill.step import MODES, TrainConfig  # noqa: E402
 
-_JOB, _T, _L, _Q = DistillJob(), TrainConfig(), distill.DistillConfig(), QadSpec()
+_JOB, _T, _L, _Q, _R = (DistillJob(), TrainConfig(), distill.DistillConfig(), QadSpec(),
+                         LoraSpec())
 
 _TEACHER = flags.DEFINE_string("teacher_dir", _JOB.teacher_dir,
                                "Teacher: HF directory, known short name, or hub id.")
@@ -136,6 +138,20 @@ _QAD_NCAL = flags.DEFINE_integer("qad_calib_samples", _Q.calib.samples, "Calibra
                                  "of --qad_method.")
 _QAD_LCAL = flags.DEFINE_integer("qad_calib_seq_len", _Q.calib.seq_len, "Tokens per "
                                  "calibration window.")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA: train rank-R adapters on the frozen "
+                                  "model instead of every weight (distill or "
+                                  "teacher_correction); the export merges them (0 = off).")
+_LORA_TARGETS = flags.DEFINE_string("lora_targets", ",".join(_R.targets), "LoRA: the linear "
+                                    "layers that get adapters, of q,k,v,o,gate,up,down.")
+_LORA_ALPHA = flags.DEFINE_float("lora_alpha", None, "LoRA: adapters scaled by alpha / rank "
+                                 "(default alpha = rank).")
+_LORA_BASE = flags.DEFINE_enum("lora_base_format", None, list(BASE_FORMATS), "QLoRA: hold the "
+                               "frozen base's linear weights in this INT format (default: the "
+                               "compute dtype).")
+_LORA_GROUP = flags.DEFINE_integer("lora_group_size", _R.group_size, "INT4 group size of "
+                                   "--lora_base_format.")
+_LORA_PEFT = flags.DEFINE_bool("lora_peft", _R.peft, "LoRA: also write the adapters as a PEFT "
+                               "adapter directory (<output_dir>/peft) for the student.")
 
 # Job fields whose flag is not `--` + the field's last part.
 FLAG_NAMES = settings.flag_names({
@@ -143,7 +159,22 @@ FLAG_NAMES = settings.flag_names({
     "cache_topk": "--cache_teacher_topk", "qad.format": "--qad_format",
     "qad.group_size": "--qad_group_size", "qad.method": "--qad_method",
     "qad.calib.data": "--qad_calib_data", "qad.calib.samples": "--qad_calib_samples",
-    "qad.calib.seq_len": "--qad_calib_seq_len"})
+    "qad.calib.seq_len": "--qad_calib_seq_len", "lora.rank": "--lora_rank",
+    "lora.targets": "--lora_targets", "lora.alpha": "--lora_alpha",
+    "lora.base_format": "--lora_base_format", "lora.group_size": "--lora_group_size",
+    "lora.peft": "--lora_peft"})
+
+
+def _lora_spec() -> LoraSpec | None:
+  """The LoRA spec of the --lora_* flags; None when none is given."""
+  given = (_LORA_RANK.value, _LORA_ALPHA.value is not None, _LORA_BASE.value, _LORA_PEFT.value,
+           _LORA_GROUP.value != _R.group_size,
+           parse_targets(_LORA_TARGETS.value) != _R.targets)
+  if not any(given):
+    return None
+  return LoraSpec(rank=_LORA_RANK.value, targets=parse_targets(_LORA_TARGETS.value),
+                  alpha=_LORA_ALPHA.value, base_format=_LORA_BASE.value or "",
+                  group_size=_LORA_GROUP.value, peft=_LORA_PEFT.value)
 
 
 def _qad_spec() -> QadSpec | None:
@@ -177,7 +208,7 @@ def build_job() -> DistillJob:
       data=_DATA.value, eval_data=_EVAL_DATA.value, train=train, loss=loss,
       prune_report=_REPORT.value, export_dtype=_EXPORT_DTYPE.value,
       teacher_cache=_CACHE.value, cache_topk=_CACHE_K.value, cache_dtype=_CACHE_DTYPE.value,
-      qad=_qad_spec(), coordinator_address=_COORD.value, num_processes=_NPROC.value,
+      qad=_qad_spec(), lora=_lora_spec(), coordinator_address=_COORD.value, num_processes=_NPROC.value,
       process_id=_PID.value)
 
 
@@ -192,6 +223,9 @@ def main(argv):
     if job.qad is not None:
       from minitron_jax.quantize import qad
       setup = qad.QadSetup(job.qad, job.data)
+    if job.lora is not None and job.lora.base_format:
+      from minitron_jax.quantize import formats
+      setup = formats.QuantizedBase(job.lora.base_format, job.lora.group_size)
     try:
       summary = trainer.run(job, student_setup=setup)
     except trainer.NonFiniteLossError as e:
@@ -199,7 +233,7 @@ def main(argv):
       sys.exit(2)
   if summary.get("preempted"):
     sys.exit(143)  # like a process ended by SIGTERM: schedulers then requeue the job
-  if setup is not None and "hf_dir" in summary:  # process 0 wrote the float export
+  if job.qad is not None and "hf_dir" in summary:  # process 0 wrote the float export
     from minitron_jax.quantize import export as quant_export
     print(quant_export.format_report(setup.export(summary["hf_dir"], job.output_dir)))
 

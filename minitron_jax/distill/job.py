@@ -16,6 +16,7 @@ import dataclasses
 
 from minitron_jax.data.calib import CalibSpec
 from minitron_jax.distill.losses import DistillConfig, check_topk_targets
+from minitron_jax.distill.lora import LoraSpec
 from minitron_jax.distill.step import TrainConfig
 from minitron_jax.settings import MeshSpec, SettingError, check_positive
 
@@ -84,6 +85,8 @@ class DistillJob:
     cache_topk: K of the cache to write (0 = read `teacher_cache`, if set).
     cache_dtype: dtype of the cached logits.
     qad: quantization-aware distillation, or None.
+    lora: train LoRA adapters on the frozen model (distillation or teacher correction) and
+      export them merged, or None (every weight trains).
     coordinator_address, num_processes, process_id: multi-host settings (None = the
       cluster's environment, or one process).
   """
@@ -101,6 +104,7 @@ class DistillJob:
   cache_topk: int = 0
   cache_dtype: str = "float32"
   qad: QadSpec | None = None
+  lora: LoraSpec | None = None
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
@@ -135,6 +139,15 @@ class DistillJob:
         raise SettingError("export_dtype", "{name}: quantization-aware distillation exports "
                            "float32 weights (then quantizes them exactly as trained); leave "
                            "it unset")
+
+    if self.lora is not None:
+      self.lora.validate()
+      if self.qad is not None:
+        raise SettingError("lora.rank", "{name}: LoRA adapters and quantization-aware "
+                           "distillation do not combine (QLoRA: lora.base_format)")
+      if self.writing_cache:
+        raise SettingError("lora.rank", "{name} is for training, not for writing a teacher "
+                           "cache")
 
   def _validate_cache(self) -> None:
     if not isinstance(self.cache_topk, int) or self.cache_topk < 0:

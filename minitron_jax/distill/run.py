@@ -20,6 +20,7 @@ Output directory layout:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -34,7 +35,10 @@ from minitron_jax import sharding
 from minitron_jax.io import checkpoint, lock
 from minitron_jax.data import corpus as data, holdout, packing, pipeline
 from minitron_jax.distill import losses as distill
+from minitron_jax.distill import lora as lora_lib
 from minitron_jax.distill import metrics as metrics_lib
+from minitron_jax.distill.resume import (DATA_SETTINGS, SCHEDULE_SETTINGS,  # noqa: F401
+                                         check_resume, restore_or_init)
 from minitron_jax.distill import step as train
 from minitron_jax.config import LlamaConfig
 from minitron_jax.distill.job import DistillJob, QadSpec  # noqa: F401 (re-exported)
@@ -44,11 +48,6 @@ from minitron_jax.settings import SettingError
 # (params, config, tokenizer) -> (params to start from, transform applied inside the loss)
 StudentSetup = Callable[[dict, LlamaConfig, Any], tuple[dict, Callable[[dict], dict]]]
 
-# Settings a resume must keep, saved with every checkpoint. The data settings fix the batches,
-# their order and the units of the saved data position; the schedule settings fix the learning
-# rate of every later update (`TrainConfig.allow_schedule_change` lets those change).
-DATA_SETTINGS = ("mode", "global_batch_size", "seq_len", "seed")
-SCHEDULE_SETTINGS = ("steps", "lr", "min_lr", "warmup_steps")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -129,7 +128,7 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
         teacher_params: dict | None = None, teacher_cfg: LlamaConfig | None = None,
         dcfg: distill.DistillConfig | None = None, eval_tokens: np.ndarray | None = None,
         projection: np.ndarray | None = None, pad_id: int = 0,
-        log: Callable[[str], None] | None = None,
+        log: Callable[[str], None] | None = None, lora: lora_lib.LoraSpec | None = None,
         student_transform: Callable[[dict], dict] | None = None,
         teacher_cache: str | None = None, step_hook: train.StepHook | None = None,
         on_saved: Callable[[int], None] | None = None) -> FitResult:
@@ -154,6 +153,7 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
       teacher's top-K logits from it instead of running the teacher (no teacher params needed).
     step_hook: see `train.make_train_step` (fault injection in tests).
     on_saved: called with the step once each checkpoint is on disk (crash tests).
+    lora: train LoRA adapters on `model_params` frozen (`FitResult.params` = the adapters).
 
   Raises:
     NonFiniteLossError: a loss became NaN/inf (the bad state is never saved).
@@ -167,13 +167,13 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
   data_index, data_count = train.batch_rows(mesh, cfg)
   optimizer = train.make_optimizer(cfg)
   state_shape, state_sh, fresh_state = _state_layout(model_params, model_cfg, proj, mesh,
-                                                     optimizer)
+                                                     optimizer, lora, cfg)
   teacher_sh = (sharding.param_shardings(teacher_cfg, mesh, params=teacher_params)
                 if live_teacher else None)
   ckpt = checkpoint.Checkpointer(os.path.join(output_dir, "checkpoints"),
                                  keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
   run_meta = {k: getattr(cfg, k) for k in DATA_SETTINGS + SCHEDULE_SETTINGS}
-  resumed_from, state, data_state = _restore_or_init(
+  resumed_from, state, data_state = restore_or_init(
       ckpt, run_meta, train.abstract(state_shape, state_sh), fresh_state,
       allow_schedule_change=cfg.allow_schedule_change, say=say)
   teacher = train.put_global(teacher_params, teacher_sh) if live_teacher else None
@@ -185,7 +185,7 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
   t0 = time.perf_counter()
   step_fn = train.make_train_step(model_cfg, source, dcfg, cfg, optimizer,
                                   grad_shardings=state_sh["params"],
-                                  student_transform=student_transform, hook=step_hook)
+                                  student_transform=student_transform, hook=step_hook, lora=lora)
   compiled, mem = train.compile_step(step_fn, state_sh, teacher_sh, mesh,
                                      train.abstract(state_shape, state_sh),
                                      train.abstract(teacher_params, teacher_sh)
@@ -195,7 +195,7 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
   loop = _Loop(cfg, mesh, ckpt, run_meta, output_dir, resumed_from, say, on_saved)
   if cfg.eval_every and eval_tokens is not None:
     loop.set_eval(eval_tokens, train.make_eval_fn(model_cfg, cfg, mesh,
-                                                  state_sh["params"]["model"]))
+                                                  train.eval_params(state_sh), lora))
     if live_teacher and resumed_from is None:
       loop.evaluate_teacher(train.make_eval_fn(teacher_cfg, cfg, mesh, teacher_sh), teacher)
   state, preempted = loop.run(compiled, state, teacher, _batches(dataset, cache, mesh, cfg),
@@ -205,15 +205,21 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
                    evals=loop.evals, seconds=loop.meter.total_seconds, tokens=loop.tokens)
 
 
-def _state_layout(model_params, model_cfg: LlamaConfig, proj, mesh, optimizer):
+def _state_layout(model_params, model_cfg: LlamaConfig, proj, mesh, optimizer, lora, cfg):
   """(state shape, state shardings, () -> the fresh sharded train state)."""
-  def init(params, proj_de):
-    return train.init_state(params, optimizer, proj_de)
+  base = None
+  if lora is not None:  # the model is the frozen base; fresh adapters train
+    base = lora_lib.frozen_base(model_params, cfg.dtype)
+    model_params = lora_lib.init_adapters(jax.random.key(cfg.seed), model_cfg, lora)
 
-  state_shape = jax.eval_shape(init, model_params, proj)
+  def init(params, proj_de, base):
+    return train.init_state(params, optimizer, proj_de, base)
+
+  state_shape = jax.eval_shape(init, model_params, proj, base)
   state_sh = train.state_shardings(state_shape, model_cfg, mesh, optimizer)
   return state_shape, state_sh, lambda: jax.jit(init, out_shardings=state_sh)(
-      train.put_global(model_params, state_sh["params"]["model"]), proj)
+      train.put_global(model_params, state_sh["params"]["model"]), proj,
+      None if base is None else train.put_global(base, state_sh["base"]))
 
 
 def _compiled_line(cfg: TrainConfig, mesh, seconds: float, mem) -> str:
@@ -321,7 +327,7 @@ class _Loop:
           data_state: Callable[[], dict]) -> tuple[Any, bool]:
     """Updates `start + 1 .. steps`; returns (final state, whether SIGTERM stopped the run)."""
     if self.windows is not None and self.start == 0:
-      self.evaluate(state["params"]["model"], 0)
+      self.evaluate(train.eval_params(state), 0)
     preempted = False
     with _Stop() as stop:
       pending = None
@@ -342,7 +348,7 @@ class _Loop:
         if fetched:  # evaluation and checkpoint time is not training time
           self.t_window = time.perf_counter()
     if self.windows is not None and not preempted:
-      self.evaluate(state["params"]["model"], self.cfg.steps)
+      self.evaluate(train.eval_params(state), self.cfg.steps)
     self.ckpt.close()
     if _is_main() and os.path.isfile(self.metrics_log.path):
       metrics_lib.plot_losses(self.metrics_log.path, os.path.join(self.output_dir, "losses.png"))
@@ -360,7 +366,7 @@ class _Loop:
       if printing:
         self.say(metrics_lib.format_row(row, cfg.steps, *self.meter.report()))
     if evaluating:
-      self.evaluate(state["params"]["model"], step)
+      self.evaluate(train.eval_params(state), step)
     stopping = stop.agreed()
     if stopping and not fetched:
       self.fetch()
@@ -372,43 +378,6 @@ class _Loop:
         self.ckpt.wait()
         self.on_saved(step)
     return fetched, stopping
-
-
-def _restore_or_init(ckpt: checkpoint.Checkpointer, run_meta: dict, abstract_state,
-                     init: Callable[[], Any], allow_schedule_change: bool = False,
-                     say: Callable[[str], None] = print
-                     ) -> tuple[int | None, Any, dict | None]:
-  """(resumed step or None, state, data position) from the latest checkpoint, else fresh."""
-  step, state, meta = ckpt.restore_latest(abstract_state, log=say)  # a damaged one is skipped
-  if step is None:
-    return None, init(), None
-  check_resume(meta.get("run", {}), run_meta, ckpt.directory, allow_schedule_change)
-  say(f"resuming from the checkpoint at step {step}")
-  return step, state, meta["data"]
-
-
-def check_resume(saved: dict, current: dict, directory: str,
-                 allow_schedule_change: bool = False) -> None:
-  """Refuses to resume with settings that differ from the checkpoint's, in one line.
-
-  Checkpoints written before the schedule settings were recorded lack them; those are not
-  checked (nothing to compare with).
-
-  Raises:
-    ValueError: naming each differing setting, its saved and its new value.
-  """
-  differ = [k for k, v in current.items()
-            if saved.get(k) != v and not (k in SCHEDULE_SETTINGS and k not in saved)]
-  if allow_schedule_change:
-    differ = [k for k in differ if k not in SCHEDULE_SETTINGS]
-  if not differ:
-    return
-  what = ", ".join(f"{k} (saved {saved.get(k)!r}, now {current[k]!r})" for k in differ)
-  how = "rerun with the saved values or use a new output_dir"
-  if all(k in SCHEDULE_SETTINGS for k in differ):
-    how += ", or set allow_schedule_change to continue on the new learning-rate schedule"
-  raise ValueError(f"{directory}: cannot resume: this run changes settings the checkpoint was "
-                   f"written with: {what}; {how}")
 
 
 def _check_models(cfg, model_cfg, teacher_cfg, teacher_params, dcfg, projection):
@@ -472,6 +441,9 @@ def run(job: DistillJob, *, student_setup: StudentSetup | None = None,
   if job.qad is not None and student_setup is None:
     raise SettingError("qad.format", "{name} needs the quantization setup of the student "
                        "(quantize.qad.QadSetup)")
+  if job.lora is not None and job.lora.base_format and student_setup is None:
+    raise SettingError("lora.base_format", "{name} needs the quantization of the base "
+                       "(quantize.formats.QuantizedBase)")
   sharding.initialize_distributed(job.coordinator_address, job.num_processes, job.process_id)
   with lock.lock_directory(job.output_dir, "output directory", jax.process_index()):
     return _run(job, student_setup, on_saved)
@@ -500,7 +472,7 @@ def _run(job: DistillJob, student_setup, on_saved) -> dict:
                teacher_cfg=models.teacher_cfg, dcfg=dcfg if job.distilling else None,
                eval_tokens=eval_ids, projection=projection, pad_id=pad_id,
                student_transform=transform, teacher_cache=job.teacher_cache,
-               on_saved=on_saved)
+               on_saved=on_saved, lora=job.lora)
   summary = {"mode": job.train.mode, "teacher_dir": models.teacher_path,
              "student_dir": models.path if job.distilling else None,
              "steps": result.step, "resumed_from": result.resumed_from,
@@ -508,11 +480,16 @@ def _run(job: DistillJob, student_setup, on_saved) -> dict:
              "seconds_this_run": round(result.seconds, 2),
              "evals": result.evals, "train_config": dataclasses.asdict(job.train),
              "distill_config": dataclasses.asdict(dcfg) if job.distilling else None,
+             "lora": dataclasses.asdict(job.lora) if job.lora is not None else None,
              "prune_report": os.path.abspath(report) if report else None}
   if result.preempted:
     return summary
   export_dtype = "float32" if job.qad is not None else job.export_dtype
-  return _export(summary, result, models, job.output_dir, tok_dir, export_dtype, hf_io)
+  merge = None
+  if job.lora is not None:  # export the adapters merged into the base (and as PEFT)
+    merge = functools.partial(lora_lib.export, base=params, spec=job.lora, write=_is_main(),
+                              output_dir=job.output_dir, base_model=models.path)
+  return _export(summary, result, models, job.output_dir, tok_dir, export_dtype, hf_io, merge)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -585,11 +562,13 @@ def _student_losses(job: DistillJob, path: str, mcfg: LlamaConfig, tcfg: LlamaCo
 
 
 def _export(summary: dict, result: FitResult, models: _Models, output_dir: str, tok_dir: str,
-            export_dtype: str | None, hf_io) -> dict:
-  """Writes `output_dir/hf` and `run.json` on process 0; every process joins the gather."""
+            export_dtype: str | None, hf_io, merge: Callable[[Any], Any] | None = None) -> dict:
+  """Writes `output_dir/hf` and `run.json` on process 0; every process joins the gather.
+  `merge` maps the gathered trained params to the exported model (LoRA's adapters)."""
   from minitron_jax.io import files
 
   host = sharding.host_params(result.params)
+  host = host if merge is None else merge(host)
   hf_dir = os.path.join(output_dir, "hf")
   if _is_main():
     hf_io.save_hf(host, models.cfg.replace(dtype="float32"), hf_dir, source_dir=tok_dir,

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from minitron_jax import model as M, sharding
 from minitron_jax.sharding import put_global, replicated  # noqa: F401 (re-exported)
 from minitron_jax.distill import losses as distill
+from minitron_jax.distill import lora as lora_lib
 from minitron_jax.config import ATTENTION_IMPLS, LlamaConfig
 from minitron_jax.settings import SettingError, check_positive
 
@@ -178,13 +179,23 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 # ---------------------------------------------------------------------------- state and sharding
 
 
-def init_state(model_params, optimizer, proj=None) -> dict:
-  """A fresh train state; params are cast to float32 master weights."""
+def init_state(model_params, optimizer, proj=None, base=None) -> dict:
+  """A fresh train state; params are cast to float32 master weights. With LoRA,
+  `model_params` are the adapters and `base` the frozen model (kept as given, never trained)."""
   params = {"model": jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), model_params)}
   if proj is not None:
     params["proj"] = jnp.asarray(proj, jnp.float32)
-  return {"step": jnp.zeros((), jnp.int32), "params": params,
-          "opt_state": optimizer.init(params)}
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": optimizer.init(params)}
+  return state if base is None else {**state, "base": base}
+
+
+def eval_params(state: dict):
+  """What the evaluation reads of a train state (or of its shardings): the model, or with
+  LoRA the frozen base and the adapters (`make_eval_fn(..., lora=)` merges them)."""
+  if "base" not in state:
+    return state["params"]["model"]
+  return {"base": state["base"], "adapters": state["params"]["model"]}
 
 
 def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
@@ -199,14 +210,18 @@ def state_shardings(state_shape: dict, model_cfg: LlamaConfig, mesh: Mesh,
   """Params by the logical-axis rules; optimizer moments mirror their params; the rest (the
   step, counters, the small projection) is replicated."""
   rep = replicated(mesh)
-  params_sh = {"model": sharding.param_shardings(model_cfg, mesh,
-                                                 params=state_shape["params"]["model"])}
+  model = state_shape["params"]["model"]
+  params_sh = {"model": lora_lib.adapter_shardings(model, mesh) if "base" in state_shape
+               else sharding.param_shardings(model_cfg, mesh, params=model)}
   if "proj" in state_shape["params"]:
     params_sh["proj"] = rep
   opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, state_shape["opt_state"], params_sh,
                                  transform_non_params=lambda _: rep,
                                  is_leaf=lambda x: isinstance(x, NamedSharding))
-  return {"step": rep, "params": params_sh, "opt_state": opt_sh}
+  state_sh = {"step": rep, "params": params_sh, "opt_state": opt_sh}
+  if "base" in state_shape:
+    state_sh["base"] = lora_lib.base_shardings(state_shape["base"], model_cfg, mesh)
+  return state_sh
 
 
 def abstract(tree, shardings):
@@ -318,15 +333,21 @@ StepHook = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 def _micro_losses(model_cfg: LlamaConfig, teacher: TeacherSource | None,
                   dcfg: distill.DistillConfig | None, cfg: TrainConfig,
-                  student_transform: Callable[[dict], dict] | None):
-  """(micro_loss, micro_terms) of one micro-batch: `(params, teacher_params, mb, norm)` ->
-  (loss, metrics), or -> ((rest, hidden) terms, metrics) for the dynamic-alpha split."""
+                  student_transform: Callable[[dict], dict] | None,
+                  lora: lora_lib.LoraSpec | None = None):
+  """(micro_loss, micro_terms) of one micro-batch: `(params, frozen, mb, norm)` -> (loss,
+  metrics), or -> ((rest, hidden) terms, metrics) for the dynamic-alpha split; `frozen` is
+  (teacher params, LoRA base or None)."""
   mcfg = model_cfg.replace(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
   hidden = dcfg is not None and dcfg.needs_hidden
 
-  def forward(params, teacher_params, mb):
+  def forward(params, frozen, mb):
     # Final-normed states, not logits: the losses project them `logits_chunk` tokens at a time.
-    model = params["model"] if student_transform is None else student_transform(params["model"])
+    teacher_params, base = frozen
+    model = params["model"]
+    if base is not None:  # LoRA: the trained params are adapters on the frozen base
+      model = lora_lib.merge(base, model, lora.scale, jnp.dtype(cfg.dtype))
+    model = model if student_transform is None else student_transform(model)
     out = M.forward(model, mcfg, mb["tokens"], positions_bt=mb["positions"],
                     segment_ids_bt=mb["segment_ids"], return_hidden=hidden, remat=cfg.remat,
                     logits=False)
@@ -410,7 +431,8 @@ def make_train_step(model_cfg: LlamaConfig, teacher: TeacherSource | LlamaConfig
                     optimizer: optax.GradientTransformation,
                     grad_shardings: Any = None,
                     student_transform: Callable[[dict], dict] | None = None,
-                    hook: StepHook | None = None) -> Callable:
+                    hook: StepHook | None = None,
+                    lora: lora_lib.LoraSpec | None = None) -> Callable:
   """`(state, teacher_params, batch) -> (state, metrics)` for the configured mode.
 
   Args:
@@ -424,13 +446,14 @@ def make_train_step(model_cfg: LlamaConfig, teacher: TeacherSource | LlamaConfig
     student_transform: applied to the trained model's params inside the loss (e.g.
       quantization-aware distillation's fake quantization, `quantize.qad`).
     hook: applied to the update's loss and gradients before the optimizer (fault injection).
+    lora: the adapters' settings when the state holds a frozen `base` (`init_state`).
   """
   if isinstance(teacher, LlamaConfig):
     teacher = LiveTeacher(teacher)
   if isinstance(teacher, CachedTopK):
     distill.check_topk_targets(dcfg)
   dynamic = dcfg is not None and dcfg.needs_hidden and dcfg.hidden_weight is None
-  micro_loss, micro_terms = _micro_losses(model_cfg, teacher, dcfg, cfg, student_transform)
+  micro_loss, micro_terms = _micro_losses(model_cfg, teacher, dcfg, cfg, student_transform, lora)
   accumulate = _accumulator(jax.value_and_grad(micro_loss, has_aux=True), micro_terms,
                            grad_shardings, dynamic, dcfg)
 
@@ -439,7 +462,7 @@ def make_train_step(model_cfg: LlamaConfig, teacher: TeacherSource | LlamaConfig
     norm = jax.vmap(distill.normalizers)(batch["tokens"], batch["segment_ids"])
     norm = distill.Normalizers(*(jnp.sum(x) for x in norm))
     params = state["params"]
-    grads, metrics = accumulate(params, teacher_params, batch, norm)
+    grads, metrics = accumulate(params, (teacher_params, state.get("base")), batch, norm)
     prefix = "train" if cfg.mode == "teacher_correction" else "distill"
     loss = metrics[f"{prefix}/loss"]
     if hook is not None:
@@ -455,6 +478,8 @@ def make_train_step(model_cfg: LlamaConfig, teacher: TeacherSource | LlamaConfig
     if prefix == "distill":
       metrics["train/loss"] = loss
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    if "base" in state:
+      new_state["base"] = state["base"]
     return new_state, metrics
 
   return step
@@ -518,12 +543,17 @@ def format_memory(mem) -> str:
 # ---------------------------------------------------------------------------- evaluation
 
 
-def make_eval_fn(model_cfg: LlamaConfig, cfg: TrainConfig, mesh: Mesh, params_sh) -> Callable:
-  """Jitted `(model_params, windows_bt, weights_b) -> (nll sum, predicted tokens)`."""
+def make_eval_fn(model_cfg: LlamaConfig, cfg: TrainConfig, mesh: Mesh, params_sh,
+                 lora: lora_lib.LoraSpec | None = None) -> Callable:
+  """Jitted `(model_params, windows_bt, weights_b) -> (nll sum, predicted tokens)`; with
+  `lora`, the params are `eval_params(state)` (base and adapters, merged here)."""
   mcfg = model_cfg.replace(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
   row = sharding.logical_to_spec(("batch",), mesh=mesh)[0]
 
   def nll(params, windows_bt, weights_b):
+    if lora is not None:
+      params = lora_lib.merge(params["base"], params["adapters"], lora.scale,
+                              jnp.dtype(cfg.dtype))
     normed = M.forward(params, mcfg, windows_bt[:, :-1], logits=False)["normed"]
     per_bt = M.token_scores_bt(params, mcfg, normed, windows_bt[:, 1:], cfg.logits_chunk)[0]
     return jnp.sum(per_bt * weights_b[:, None]), jnp.sum(weights_b) * per_bt.shape[1]

@@ -445,6 +445,29 @@ def cast_unquantized(params: dict, dtype) -> dict:
                                 params, is_leaf=is_quantized)
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizedBase:
+  """The student setup of QLoRA (`distill.run.run(job, student_setup=...)`): the frozen base
+  with its linear weights quantized to `fmt` (the adapters then train on it).
+
+  Attributes:
+    fmt: an export name of a weight-only INT format (`FORMATS`).
+    group_size: INT4 group size.
+  """
+
+  FORMATS = {"int8": QuantFormat.INT8_CHANNEL, "int4": QuantFormat.INT4_GROUP,
+             "int4_asym": QuantFormat.INT4_GROUP_ASYM}
+
+  fmt: str
+  group_size: int = DEFAULT_GROUP_SIZE
+
+  def __call__(self, params: dict, cfg: LlamaConfig, tok) -> tuple[dict, None]:
+    del tok
+    if self.fmt not in self.FORMATS:
+      raise ValueError(f"QLoRA base format {self.fmt!r} is not one of {tuple(self.FORMATS)}")
+    return quantize_params(params, cfg, self.FORMATS[self.fmt], group_size=self.group_size), None
+
+
 def param_bytes(params: dict) -> int:
   """Bytes held by the param pytree (values, scales and zero points included)."""
   return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(params))

@@ -145,7 +145,9 @@ def eval_job(cfg, model_dir: str, tasks: Iterable[str]):
 _DISTILL = {"dtype": "train_dtype", "mesh": "mesh", "seed": "seed",
             "temperature": "distill.kd_temperature", "cache_topk": "distill.teacher_topk",
             "teacher_cache": "distill.teacher_topk", "qad.format": "distill.qad_format",
-            "qad.method": "distill.qad_method"}
+            "qad.method": "distill.qad_method", "lora.rank": "distill.lora_rank",
+            "lora.targets": "distill.lora_targets", "lora.alpha": "distill.lora_alpha",
+            "lora.base_format": "distill.lora_base_format"}
 # The model each distillation-stage run trains, its objective and config section.
 DISTILL_RUNS = {
     "corrected": ("correction", "teacher_correction"),
@@ -194,6 +196,17 @@ def qad_spec(cfg):
   return QadSpec(format=d.qad_format, **({"method": d.qad_method} if d.qad_method else {}))
 
 
+def lora_spec(cfg):
+  """The students' LoRA recovery (`distill.lora_rank` > 0), or None (every weight trains)."""
+  from minitron_jax.distill.lora import LoraSpec, parse_targets
+
+  d = cfg.distill
+  if not d.lora_rank:
+    return None
+  return LoraSpec(rank=d.lora_rank, targets=parse_targets(d.lora_targets),
+                  alpha=d.lora_alpha or None, base_format=d.lora_base_format)
+
+
 def _student_loss(cfg, run_dir: str, kind: str):
   from minitron_jax.distill import losses
 
@@ -224,7 +237,7 @@ def distill_job(cfg, run_dir: str, name: str):
                       student_dir=os.path.join(run_dir, f"pruned_{kind}"),
                       loss=_student_loss(cfg, run_dir, kind),
                       teacher_cache=teacher_cache_dir(run_dir) if caching_teacher(cfg) else None,
-                      qad=qad_spec(cfg), **common)
+                      qad=qad_spec(cfg), lora=lora_spec(cfg), **common)
   init = (os.path.join(run_dir, "pruned_width") if name == "baseline_pruned_ce" else
           os.path.join(run_dir, name, "init"))
   return DistillJob(teacher_dir=init, **common)

@@ -138,8 +138,11 @@ def _run_job(cfg, run_dir: str, name: str) -> dict:
     if job.qad is not None:
       from minitron_jax.quantize import qad
       setup = qad.QadSetup(job.qad, job.data)
+    elif job.lora is not None and job.lora.base_format:  # QLoRA: the frozen base quantized
+      from minitron_jax.quantize import formats
+      setup = formats.QuantizedBase(job.lora.base_format, job.lora.group_size)
     summary = trainer.run(job, student_setup=setup)
-  if setup is not None and "hf_dir" in summary:
+  if job.qad is not None and "hf_dir" in summary:
     setup.export(summary["hf_dir"], job.output_dir)
   return summary
 

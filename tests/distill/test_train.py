@@ -491,6 +491,7 @@ def test_resume_after_sigkill_is_exact(tiny_dirs, tmp_path):
     (["--teacher_cache=x", "--hidden_loss=cosine"], "--hidden_loss"),
     (["--qad_format=int4", "--qad_calib_data=shakespeare"], "--qad_calib_data is for a"),
     (["--qad_format=int8", "--qad_method=awq"], "--qad_method=awq cannot quantize int8"),
+    (["--lora_rank=4", "--lora_targets=q,qkv"], "--lora_targets"),
 ])
 def test_bad_flags_are_one_line_errors(tiny_dirs, tmp_path, args, culprit):
   teacher, student = tiny_dirs
