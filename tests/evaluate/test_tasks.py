@@ -19,6 +19,7 @@ COUNTS = {
   "arc_challenge": 1172,
   "openbookqa": 500,
   "lambada": 5153,
+  "mmlu": 5686,
 }
 
 
