@@ -168,7 +168,7 @@ def load_prompted(name: str, data_root: str | os.PathLike | None = None, *,
 
   if limit is not None and limit < 0:
     raise ValueError(f"limit must be >= 0, got {limit}")
-  examples = load_examples(name, data_root, limit=None if num_fewshot else limit)
+  examples = load_examples(name, data_root, limit=None if num_fewshot or per_group else limit)
   if only_ok:
     examples = [ex for ex in examples if not ex.flagged]
   dev = None

@@ -71,3 +71,15 @@ def test_job_shots_and_bad_spec():
     eval_run.EvalJob("m", tasks=("piqa",), num_fewshot="piqa:x").validate()
   with pytest.raises(SettingError, match="protocol"):
     eval_run.EvalJob("m", tasks=("piqa",), protocol="papers").validate()
+
+
+def test_mmlu_redux_subsets(data_root):
+  from collections import Counter
+
+  from minitron_jax.evaluate import sources
+
+  got = sources.load_prompted("mmlu", data_root, per_group=2, limit=7, num_fewshot=1)
+  assert len(got) == 7 and max(Counter(ex.group for ex in got).values()) == 2
+  assert len({ex.group for ex in got}) == 4
+  ok = sources.load_prompted("mmlu", data_root, only_ok=True)
+  assert len(ok) == 5316 and not any(ex.flagged for ex in ok)
