@@ -112,8 +112,11 @@ def get_config() -> ConfigDict:
   # reference_tasks: the only tasks for the models the report does not compare on zero-shot
   # (the teacher before correction, one-shot pruned and quantized models: their scores sit at
   # chance or within noise of their source's; perplexity shows the change). () = all of `tasks`.
+  # protocol: shots per task, "zero_shot" or "minitron" (MMLU 5-shot, WinoGrande 5, ARC-Challenge
+  # 25, HellaSwag 10: add those to `tasks`; docs/evaluation.md).
   c.eval = ConfigDict(dict(tasks=DEFAULT_TASKS, ppl_file="", seq_len=512, max_windows=8,
-                           limit=100, batch_size=16, decode_tokens=16, reference_tasks=("ppl",)))
+                           limit=100, batch_size=16, decode_tokens=16, reference_tasks=("ppl",),
+                           protocol="zero_shot"))
   c.generate = ConfigDict(dict(
       prompts=("What is the capital of France?",
                "Explain in two sentences why the sky is blue.",

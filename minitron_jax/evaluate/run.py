@@ -9,6 +9,25 @@ from minitron_jax.settings import MeshSpec, SettingError, check_positive
 ALL_TASKS = ("ppl", "winogrande", "piqa", "hellaswag", "arc_easy", "arc_challenge", "lambada",
              "openbookqa")
 DTYPES = ("float32", "bfloat16")
+# Shots per task of each report protocol; a task not named is zero-shot. "minitron": the
+# columns of the Llama-3.1-Minitron table (MMLU 5-shot, WinoGrande 5, ARC-Challenge 25,
+# HellaSwag 10).
+PROTOCOLS: dict[str, dict[str, int]] = {
+  "zero_shot": {},
+  "minitron": {"mmlu": 5, "winogrande": 5, "arc_challenge": 25, "hellaswag": 10},
+}
+
+
+def parse_fewshot(spec: str) -> dict[str, int]:
+  """`num_fewshot` as {task: shots}: "" (none), "5" (every task, key "*") or
+  "mmlu:5,hellaswag:10"; raises SettingError."""
+  out = {}
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    task, _, k = part.rpartition(":")
+    if not k.isdigit():
+      raise SettingError("num_fewshot", f"{{name}}={spec!r}: {part!r} is not N or TASK:N")
+    out[task or "*"] = int(k)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +49,13 @@ class EvalJob:
     mesh: shards params and batch rows ("" = one device).
     output_json: where `run` writes the results (None: nowhere).
     progress: print progress.
+    protocol: shots per task by default (`PROTOCOLS`).
+    num_fewshot: shots overriding the protocol: "5" for every task or "mmlu:5,winogrande:0".
+    mmlu_only_ok: score only the MMLU-Redux questions whose label was confirmed.
+    mmlu_per_subject: score only the first N questions of each MMLU subject (None: all).
+    harness_tasks: lm-evaluation-harness tasks to run through its `minitron_jax` backend
+      (needs the `eval` extra); their shots follow `num_fewshot` ("*") or the task's default.
+    harness_include_path: folder of extra harness task YAMLs.
   """
 
   model_dir: str
@@ -44,19 +70,35 @@ class EvalJob:
   mesh: MeshSpec = MeshSpec()
   output_json: str | None = None
   progress: bool = True
+  protocol: str = "zero_shot"
+  num_fewshot: str = ""
+  mmlu_only_ok: bool = False
+  mmlu_per_subject: int | None = None
+  harness_tasks: tuple[str, ...] = ()
+  harness_include_path: str | None = None
+
+  def shots(self) -> dict[str, int]:
+    """{task: shots} of every in-house task of the job."""
+    given = parse_fewshot(self.num_fewshot)
+    base = PROTOCOLS[self.protocol]
+    return {t: given.get(t, given.get("*", base.get(t, 0))) for t in self.tasks if t != "ppl"}
 
   def validate(self) -> None:
     """Every setting on its own, before any file is read; raises SettingError."""
     from minitron_jax.evaluate import tasks
 
     unknown = [t for t in self.tasks if t != "ppl" and t not in tasks.TASKS]
-    if unknown or not self.tasks:
+    if unknown or not (self.tasks or self.harness_tasks):
       raise SettingError("tasks", f"{{name}}: unknown task(s) {unknown}; known: ppl, "
                          f"{', '.join(tasks.TASKS)}")
     check_positive(self, "seq_len", "batch_size")
     if self.seq_len < 2:
       raise SettingError("seq_len", f"{{name}}={self.seq_len} must be >= 2")
-    for f in ("max_windows", "limit"):
+    if self.protocol not in PROTOCOLS:
+      raise SettingError("protocol", f"{{name}}={self.protocol!r} is not one of "
+                         f"{tuple(PROTOCOLS)}")
+    self.shots()  # parses num_fewshot
+    for f in ("max_windows", "limit", "mmlu_per_subject"):
       if getattr(self, f) is not None:
         check_positive(self, f)
     if self.dtype not in DTYPES:
@@ -72,7 +114,24 @@ def evaluate_params(job: EvalJob, params, cfg, tok, mesh=None) -> dict[str, dict
   return scoring.run_evaluation(params, cfg, tok, list(job.tasks), data_root=job.data_root,
                                 ppl_file=job.ppl_file, seq_len=job.seq_len,
                                 max_windows=job.max_windows, limit=job.limit,
-                                batch_size=job.batch_size, progress=job.progress, mesh=mesh)
+                                batch_size=job.batch_size, progress=job.progress, mesh=mesh,
+                                num_fewshot=job.shots(), mmlu_only_ok=job.mmlu_only_ok,
+                                mmlu_per_subject=job.mmlu_per_subject)
+
+
+def harness_results(job: EvalJob, params, cfg, tok, mesh=None) -> dict:
+  """lm-evaluation-harness's results dict for `job.harness_tasks`, scored by our backend."""
+  import lm_eval
+  from lm_eval.tasks import TaskManager
+
+  from minitron_jax.evaluate import harness
+
+  lm = harness.MinitronLM(params=params, cfg=cfg, tokenizer=tok, batch_size=job.batch_size,
+                          max_length=job.seq_len, mesh=mesh)
+  shots = parse_fewshot(job.num_fewshot).get("*")
+  return lm_eval.simple_evaluate(model=lm, tasks=list(job.harness_tasks), num_fewshot=shots,
+                                 limit=job.limit,
+                                 task_manager=TaskManager(include_path=job.harness_include_path))
 
 
 def run(job: EvalJob) -> dict:
@@ -85,8 +144,12 @@ def run(job: EvalJob) -> dict:
   job.validate()
   sources.require_eval_data(list(job.tasks), job.data_root, ppl_file=job.ppl_file)
   params, cfg, tok, path = hf_io.load_model(job.model_dir, job.dtype)
-  out = {"model_dir": path,
-         "results": evaluate_params(job, params, cfg, tok, job.mesh.stage_mesh())}
+  mesh = job.mesh.stage_mesh()
+  out = {"model_dir": path, "results": evaluate_params(job, params, cfg, tok, mesh)}
+  if job.harness_tasks:
+    res = harness_results(job, params, cfg, tok, mesh)
+    out["harness"] = {k: res[k] for k in ("results", "versions", "n-shot", "higher_is_better")
+                      if k in res}
   if job.output_json:
     files.write_json(job.output_json, out)
   return out

@@ -122,14 +122,14 @@ def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
 
 @functools.lru_cache(maxsize=None)
 def _packed_scorer(cfg: LlamaConfig, mesh: Mesh | None = None):
-  """Jitted (params, inputs, positions, segments, targets, where_n) -> (log p, is argmax) of
-  the targets at the flat token indices `where_n`: the LM head runs on those tokens only."""
-  def score(params, inputs_bt, positions_bt, segments_bt, targets_bt, where_n):
+  """Jitted (params, inputs, positions, segments, where_n, labels_n) -> (log p, is argmax) of
+  `labels_n` after the flat token indices `where_n`: the LM head runs on those tokens only
+  (an index may repeat, with another label: requests that share their inputs)."""
+  def score(params, inputs_bt, positions_bt, segments_bt, where_n, labels_n):
     normed_btd = M.forward(params, cfg, inputs_bt, positions_bt=positions_bt,
                            segment_ids_bt=segments_bt, logits=False)["normed"]
     x_1nd = normed_btd.reshape(-1, normed_btd.shape[-1])[where_n][None]
-    labels_1n = targets_bt.reshape(-1)[where_n][None]
-    nll_1n, greedy_1n = M.token_scores_bt(params, cfg, x_1nd, labels_1n, M.LOGITS_CHUNK)
+    nll_1n, greedy_1n = M.token_scores_bt(params, cfg, x_1nd, labels_n[None], M.LOGITS_CHUNK)
     return -nll_1n[0], greedy_1n[0]
   return sharding.jit_on(score, mesh)
 
@@ -166,7 +166,13 @@ def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int]
   lls, greedy = np.zeros(len(seqs)), np.ones(len(seqs), bool)
   if not seqs:
     return lls, greedy
-  lengths = [len(full) - 1 for full, _ in seqs]
+  # Requests with the same input tokens (the options of a multiple-choice question with
+  # one-token answers, as MMLU's " A".." D") run through the model once.
+  users: dict[tuple[int, ...], list[int]] = {}
+  for i, (full, _) in enumerate(seqs):
+    users.setdefault(tuple(full[:-1]), []).append(i)
+  inputs_u = list(users)
+  lengths = [len(u) for u in inputs_u]
   row_len = max(bucket(max(lengths)), MIN_ROW_TOKENS)
   packed = pack_rows(lengths, row_len)
   score = _packed_scorer(cfg, mesh)
@@ -175,24 +181,27 @@ def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int]
   done = 0
   for start in range(0, len(packed), batch_size):
     shape = (rows, row_len)
-    inputs, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    inputs = np.zeros(shape, np.int32)
     positions, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
-    where, owner = [], []
+    where, labels, owner = [], [], []
     for row, members in enumerate(packed[start: start + batch_size]):
       at = 0
-      for seg, i in enumerate(members, start=1):
-        full, n_cont = seqs[i]
-        n = len(full) - 1
-        inputs[row, at: at + n], targets[row, at: at + n] = full[:-1], full[1:]
+      for seg, u in enumerate(members, start=1):
+        n = lengths[u]
+        inputs[row, at: at + n] = inputs_u[u]
         positions[row, at: at + n] = np.arange(n)
         segments[row, at: at + n] = seg
-        where += range(row * row_len + at + n - n_cont, row * row_len + at + n)
-        owner += [i] * n_cont
+        for i in users[inputs_u[u]]:
+          full, n_cont = seqs[i]
+          where += range(row * row_len + at + n - n_cont, row * row_len + at + n)
+          labels += full[-n_cont:]
+          owner += [i] * n_cont
+          done += 1
         at += n
-      done += len(members)
-    where_n = np.zeros(bucket(len(where), minimum=64), np.int32)
-    where_n[:len(where)] = where
-    lp_n, g_n = score(params, *_rows(mesh, inputs, positions, segments, targets), where_n)
+    n_where = bucket(len(where), minimum=64)
+    where_n, labels_n = np.zeros(n_where, np.int32), np.zeros(n_where, np.int32)
+    where_n[:len(where)], labels_n[:len(where)] = where, labels
+    lp_n, g_n = score(params, *_rows(mesh, inputs, positions, segments), where_n, labels_n)
     owner_n = np.asarray(owner)
     np.add.at(lls, owner_n, np.asarray(lp_n, np.float64)[:len(owner)])
     np.logical_and.at(greedy, owner_n, np.asarray(g_n)[:len(owner)])
@@ -201,20 +210,46 @@ def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int]
   return lls, greedy
 
 
+def item_scores(name: str, examples, lls: np.ndarray, greedy: np.ndarray
+                ) -> tuple[list[bool], list[bool]]:
+  """Per example: is the highest summed log-likelihood the gold option (`acc`), and the
+  highest per character of the option (`acc_norm`); LAMBADA: greedy agreement (both)."""
+  from minitron_jax.evaluate import tasks
+
+  k, acc, acc_norm = 0, [], []
+  for ex in examples:
+    n = len(ex.requests)
+    ll, g = lls[k: k + n], greedy[k: k + n]
+    k += n
+    if name == "lambada":
+      acc.append(bool(g[0]))
+      acc_norm.append(bool(g[0]))
+      continue
+    lengths = np.array([max(tasks.choice_length(r), 1) for r in ex.requests], np.float64)
+    acc.append(int(np.argmax(ll)) == ex.label)
+    acc_norm.append(int(np.argmax(ll / lengths)) == ex.label)
+  return acc, acc_norm
+
+
 def evaluate_task(params, cfg: LlamaConfig, tokenizer, name: str, data_root: str | None, *,
                   limit: int | None = None, batch_size: int = 16, max_len: int = 1024,
-                  progress: bool = True, mesh: Mesh | None = None) -> dict:
-  """Zero-shot accuracy of one task (see `tasks.TASKS`).
+                  progress: bool = True, mesh: Mesh | None = None, num_fewshot: int = 0,
+                  mmlu_only_ok: bool = False, per_group: int | None = None) -> dict:
+  """Accuracy of one task (see `tasks.TASKS`), zero- or few-shot (`fewshot`).
 
   Multiple-choice: the option with the highest summed log-likelihood wins (`acc`), or the
   highest log-likelihood per character of the option (`acc_norm`, as lm-evaluation-harness).
   LAMBADA: `acc` is greedy agreement on the target word, `ppl` is exp(-mean log-likelihood).
-  The data comes from `data_root`, the default local folders or the hub (`sources`); the
+  MMLU adds the macro-average over subjects (`acc_macro`); `mmlu_only_ok` scores only the
+  questions whose label MMLU-Redux confirmed, `per_group` the first N of each subject. The
+  data comes from `data_root`, the default local folders or the hub (`sources`); the
   result's `data` says which.
   """
-  from minitron_jax.evaluate import sources, tasks
+  from minitron_jax.evaluate import fewshot, sources, tasks
 
-  examples = sources.load_examples(name, data_root, limit=limit)
+  examples = sources.load_prompted(name, data_root, limit=limit, num_fewshot=num_fewshot,
+                                   only_ok=mmlu_only_ok and name == "mmlu",
+                                   per_group=per_group if name == "mmlu" else None)
   pairs_per_example = tasks.tokenize_requests(examples, tokenizer)
   flat = [pair for pairs in pairs_per_example for pair in pairs]
   bar = Progress(name, len(flat), "requests", progress)
@@ -223,28 +258,20 @@ def evaluate_task(params, cfg: LlamaConfig, tokenizer, name: str, data_root: str
                                progress=bar.update, mesh=mesh)
   bar.update(len(flat), force=True)
   out = {"examples": len(examples), "seconds": round(time.perf_counter() - t0, 2),
-         "data": sources.locate(name, data_root)}
-  k = 0
-  correct = correct_norm = 0
-  for ex in examples:
-    n = len(ex.requests)
-    ll, g = lls[k: k + n], greedy[k: k + n]
-    k += n
-    if name == "lambada":
-      correct += bool(g[0])
-      continue
-    lengths = np.array([max(tasks.choice_length(r), 1) for r in ex.requests], np.float64)
-    correct += int(np.argmax(ll)) == ex.label
-    correct_norm += int(np.argmax(ll / lengths)) == ex.label
+         "data": sources.locate(name, data_root), "num_fewshot": num_fewshot}
+  acc, acc_norm = item_scores(name, examples, lls, greedy)
   metrics = tasks.TASK_SPECS[name].metrics
   n = len(examples)
-  out["acc"] = correct / n
+  out["acc"] = sum(acc) / n
   out["acc_stderr"] = stderr(out["acc"], n)
   if "acc_norm" in metrics:
-    out["acc_norm"] = correct_norm / n
+    out["acc_norm"] = sum(acc_norm) / n
     out["acc_norm_stderr"] = stderr(out["acc_norm"], n)
   if "ppl" in metrics:
     out["ppl"] = math.exp(-float(np.mean(lls)))
+  if name == "mmlu":
+    out.update(fewshot.group_summary([ex.group for ex in examples], acc))
+    out["only_ok"] = mmlu_only_ok
   return out
 
 
@@ -270,12 +297,15 @@ def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str
                    data_root: str | None = None, ppl_file: str | None = None,
                    seq_len: int = 1024, max_windows: int | None = None,
                    limit: int | None = None, batch_size: int = 16,
-                   progress: bool = True, mesh: Mesh | None = None) -> dict[str, dict]:
+                   progress: bool = True, mesh: Mesh | None = None,
+                   num_fewshot: dict[str, int] | None = None, mmlu_only_ok: bool = False,
+                   mmlu_per_subject: int | None = None) -> dict[str, dict]:
   """Perplexity (task `ppl`) and zero-shot tasks; returns {task: metrics}. With a `mesh`,
   params are sharded once by the logical-axis rules and every batch is split over it.
 
   Perplexity is of `ppl_file`, else of the WikiText-2 test text; that and the tasks' data
   come from `data_root`, the default local folders or the hub, in that order (`sources`).
+  `num_fewshot` maps a task to its shots (absent: zero-shot).
   """
   from minitron_jax.evaluate import sources, tasks
 
@@ -309,5 +339,6 @@ def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str
     else:
       results[name] = evaluate_task(params, cfg, tokenizer, name, data_root, limit=limit,
                                     batch_size=batch_size, max_len=seq_len, progress=progress,
-                                    mesh=mesh)
+                                    mesh=mesh, num_fewshot=(num_fewshot or {}).get(name, 0),
+                                    mmlu_only_ok=mmlu_only_ok, per_group=mmlu_per_subject)
   return results

@@ -149,6 +149,43 @@ def load_examples(name: str, data_root: str | os.PathLike | None = None,
   return tasks.examples_from_rows(name, rows, str(source))
 
 
+# MMLU's shots on the hub come from its dev split (5 per subject).
+MMLU_DEV = HubSource("cais/mmlu", "all", "dev")
+
+
+def load_prompted(name: str, data_root: str | os.PathLike | None = None, *,
+                  limit: int | None = None, num_fewshot: int = 0,
+                  only_ok: bool = False, per_group: int | None = None) -> list[Example]:
+  """A task's first `limit` examples with their description and `num_fewshot` shots in the
+  contexts (`fewshot.with_shots`); `only_ok` keeps the items whose label no re-annotation
+  flagged (MMLU-Redux), before shots are chosen; `per_group` scores only the first
+  `per_group` items of each subject (shots still come from the whole subject).
+
+  Raises:
+    As `load_examples`; ValueError if a task has too few items for the shots.
+  """
+  from minitron_jax.evaluate import fewshot
+
+  if limit is not None and limit < 0:
+    raise ValueError(f"limit must be >= 0, got {limit}")
+  examples = load_examples(name, data_root, limit=None if num_fewshot or per_group else limit)
+  if only_ok:
+    examples = [ex for ex in examples if not ex.flagged]
+  dev = None
+  if name == "mmlu" and num_fewshot and find_local(name, data_root) is None:
+    dev = tasks.examples_from_rows(name, _hub_rows(name, data_root, MMLU_DEV), str(MMLU_DEV))
+  out = fewshot.with_shots(examples, num_fewshot, limit=None if per_group else limit, dev=dev)
+  if per_group:
+    seen: dict[str, int] = {}
+    kept = []
+    for ex in out:
+      seen[ex.group] = seen.get(ex.group, 0) + 1
+      if seen[ex.group] <= per_group:
+        kept.append(ex)
+    out = kept if limit is None else kept[:limit]
+  return out
+
+
 def wikitext2_text(rows: Iterable[str]) -> str:
   """The WikiText-2 file from its hub rows: non-blank lines keep their newline, and blank
   lines (a lone space in the file) are empty rows."""

@@ -37,11 +37,19 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  """One evaluation item: a request per option (one for LAMBADA) and the gold index."""
+  """One evaluation item: a request per option (one for LAMBADA) and the gold index.
+
+  ``description`` goes before any few-shot examples and the request's context (MMLU's
+  subject line); ``group`` is the subject a task averages over (MMLU); ``flagged`` marks an
+  item whose gold label a re-annotation found wrong or unclear (MMLU-Redux).
+  """
 
   task: str
   requests: tuple[Request, ...]
   label: int
+  description: str = ""
+  group: str = ""
+  flagged: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +100,9 @@ TASK_SPECS: dict[str, TaskSpec] = {
              HubSource("allenai/openbookqa", "main", "test")),
     TaskSpec("lambada", ("lambada/lambada_openai_test.jsonl",), ("acc", "ppl"), 1, 1,
              HubSource("EleutherAI/lambada_openai", "default", "test")),
+    # Locally MMLU-Redux (5,686 re-annotated MMLU test questions); on the hub all of MMLU.
+    TaskSpec("mmlu", ("mmlu-redux/mmlu_redux.jsonl",), ("acc",), 4, 4,
+             HubSource("cais/mmlu", "all", "test")),
   )
 }
 TASKS: tuple[str, ...] = tuple(TASK_SPECS)
@@ -297,6 +308,33 @@ def _lambada(rec: dict) -> Example:
   return Example("lambada", (Request(context, " " + word),), 0)
 
 
+MMLU_LETTERS = ("A", "B", "C", "D")
+
+
+def mmlu_example(subject: str, question: str, choices: Sequence[str], answer: int,
+                 flagged: bool = False) -> Example:
+  """lm-evaluation-harness's MMLU prompt: a subject line, the question, lettered options and
+  "Answer:", scored on the continuations " A" .. " D"."""
+  if len(choices) != 4:
+    raise ValueError(f"{len(choices)} choices, MMLU has 4")
+  lines = [question.strip()] + [f"{k}. {c}" for k, c in zip(MMLU_LETTERS, choices)]
+  context = "\n".join(lines) + "\nAnswer:"
+  description = (f"The following are multiple choice questions (with answers) about "
+                 f"{subject.replace('_', ' ')}.\n\n")
+  return Example("mmlu", tuple(Request(context, " " + k) for k in MMLU_LETTERS),
+                 _index(answer, 4), description, subject, flagged)
+
+
+def _mmlu(rec: dict) -> Example:
+  # MMLU-Redux's error_type: "ok" (any case) confirms the original label.
+  return mmlu_example(rec["subject"], rec["question"], rec["choices"], rec["answer"],
+                      str(rec["error_type"]).lower() != "ok")
+
+
+def _hub_mmlu(row: dict) -> Example:
+  return mmlu_example(row["subject"], row["question"], row["choices"], row["answer"])
+
+
 _LOADERS: dict[str, Callable[[Sequence[Path]], list[Example]]] = {
   "winogrande": _jsonl(_winogrande),
   "piqa": _load_piqa,
@@ -305,6 +343,7 @@ _LOADERS: dict[str, Callable[[Sequence[Path]], list[Example]]] = {
   "arc_challenge": _jsonl(_arc_builder("arc_challenge")),
   "openbookqa": _load_openbookqa,
   "lambada": _jsonl(_lambada),
+  "mmlu": _jsonl(_mmlu),
 }
 
 
@@ -375,6 +414,7 @@ _HUB_BUILDERS: dict[str, Callable[[dict], Example]] = {
   "arc_challenge": _hub_arc("arc_challenge"),
   "openbookqa": _hub_openbookqa,
   "lambada": _lambada,
+  "mmlu": _hub_mmlu,
 }
 
 

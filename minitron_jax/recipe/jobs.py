@@ -138,7 +138,8 @@ def eval_job(cfg, model_dir: str, tasks: Iterable[str]):
                           data_root=layout.data_root(cfg), ppl_file=e.ppl_file or None,
                           seq_len=e.seq_len, max_windows=e.max_windows or None,
                           limit=e.limit or None, batch_size=e.batch_size, dtype=cfg.dtype,
-                          mesh=MeshSpec(cfg.mesh), progress=False)
+                          mesh=MeshSpec(cfg.mesh), progress=False,
+                          protocol=e.get("protocol", "zero_shot"))
 
 
 # DistillJob fields whose config key is not `<section>.<field>`.

@@ -21,7 +21,7 @@ LABELS = {"teacher": "teacher", "corrected": "corrected teacher",
           "baseline_pruned_ce": "baseline: pruned width + CE (no teacher)",
           "baseline_random_ce": "baseline: random init + CE",
           "pruned_search": "pruned, searched shape", "distill_search": "distilled, searched shape"}
-TASK_COLUMNS = ("winogrande", "piqa", "hellaswag", "arc_easy", "arc_challenge", "lambada",
+TASK_COLUMNS = ("mmlu", "winogrande", "piqa", "hellaswag", "arc_easy", "arc_challenge", "lambada",
                 "openbookqa")
 TRAINED = ("corrected", "distill_width", "distill_depth", "distill_search",
            "baseline_pruned_ce", "baseline_random_ce")
@@ -144,9 +144,12 @@ def results_table(evals: list[dict]) -> str:
   held = any("heldout_ppl" in e["results"] for e in evals)
   counts = {t: max((e["results"].get(t, {}).get("examples", 0) for e in evals), default=0)
             for t in tasks}
+  shots = {t: max((e["results"].get(t, {}).get("num_fewshot", 0) for e in evals), default=0)
+           for t in tasks}
   head = (["model", "params", "size (MiB)", "WikiText-2 ppl"]
           + (["held-out ppl"] if held else [])
-          + [f"{t} (n={counts[t]})" for t in tasks] + ["repeated 3-grams", "decode tok/s"])
+          + [f"{t} ({shots[t]}-shot, n={counts[t]})" if shots[t] else f"{t} (n={counts[t]})"
+             for t in tasks] + ["repeated 3-grams", "decode tok/s"])
   rows = []
   for e in evals:
     r = e["results"]

@@ -41,6 +41,10 @@ def test_loglikelihoods_match_torch(tiny, monkeypatch, min_row, batch):
   rng = np.random.RandomState(0)
   pairs = [(rng.randint(0, cfg.vocab_size, n).tolist(), rng.randint(0, cfg.vocab_size, m).tolist())
            for n, m in [(1, 1), (5, 3), (40, 2), (17, 9), (3, 30), (70, 1), (2, 2)]]
+  # Requests with the same input tokens run once: four one-token options of one context, and
+  # a two-token continuation whose inputs equal a longer context's.
+  shared = rng.randint(0, cfg.vocab_size, 12).tolist()
+  pairs += [(shared, [t]) for t in (5, 6, 7, 8)] + [(shared[:-1], [shared[-1], 9])]
   lls, greedy = E.loglikelihoods(params, cfg, pairs, batch_size=batch)
   for (ctx, cont), ll, g in zip(pairs, lls, greedy):
     ref_ll, ref_g = _torch_loglik(model, ctx, cont)

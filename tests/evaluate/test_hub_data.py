@@ -117,6 +117,22 @@ def _wikitext_rows(root: Path) -> list[dict]:
           for line in _lines(root / "wikitext-2" / "test.txt")]
 
 
+def _mmlu_rows(root: Path) -> list[dict]:
+  keys = ("question", "subject", "choices", "answer")
+  return [{k: r[k] for k in keys} for r in _jsonl(root / "mmlu-redux" / "mmlu_redux.jsonl")]
+
+
+def _mmlu_dev_rows(root: Path) -> list[dict]:
+  """A stand-in dev split: five questions per subject, reworded so they differ from the
+  scored ones (the layout is what is tested)."""
+  rows, seen = [], {}
+  for r in _mmlu_rows(root):
+    seen[r["subject"]] = seen.get(r["subject"], 0) + 1
+    if seen[r["subject"]] <= 5:
+      rows.append({**r, "question": f"(dev) {r['question']}"})
+  return rows
+
+
 # The schemas of the hub datasets (their dataset cards), for the columns and types used.
 _STRINGS = pa.list_(pa.string())
 _CHOICES = pa.struct([("text", _STRINGS), ("label", _STRINGS)])
@@ -135,6 +151,8 @@ SCHEMAS = {
   "openbookqa": pa.schema([("id", pa.string()), ("question_stem", pa.string()),
                            ("choices", _CHOICES), ("answerKey", pa.string())]),
   "text": pa.schema([("text", pa.string())]),
+  "mmlu": pa.schema([("question", pa.string()), ("subject", pa.string()),
+                     ("choices", _STRINGS), ("answer", pa.int64())]),
 }
 
 
@@ -178,6 +196,11 @@ def build_hub_mirror(data_root: Path, mirror: Path) -> dict[str, tasks.HubSource
         "default", "test", "default/test/*", _lambada_rows(data_root), "text")},
     "allenai/openbookqa": {SPLIT_FILE.format(split="main/test"): (
         "main", "test", "main/test-*", _openbookqa_rows(data_root), "openbookqa")},
+    "cais/mmlu": {
+        "all/test-00000-of-00001.parquet": ("all", "test", "all/test-*",
+                                            _mmlu_rows(data_root), "mmlu"),
+        "all/dev-00000-of-00001.parquet": ("all", "dev", "all/dev-*",
+                                           _mmlu_dev_rows(data_root), "mmlu")},
     "Salesforce/wikitext": {SPLIT_FILE.format(split="wikitext-2-v1/test"): (
         "wikitext-2-v1", "test", "wikitext-2-v1/test-*", _wikitext_rows(data_root), "text")},
   }
@@ -218,6 +241,8 @@ def use_mirror(mirror_sources, monkeypatch):
     monkeypatch.setitem(tasks.TASK_SPECS, name,
                         dataclasses.replace(spec, hub=mirror_sources[name]))
   monkeypatch.setattr(sources, "WIKITEXT2", mirror_sources[sources.PPL])
+  monkeypatch.setattr(sources, "MMLU_DEV", dataclasses.replace(mirror_sources["mmlu"],
+                                                               split="dev"))
   return mirror_sources
 
 
@@ -235,10 +260,24 @@ def test_hub_examples_equal_local_examples(use_mirror, data_root, empty_root, na
   assert sources.locate(name, empty_root) == f"hub:{use_mirror[name]}"
   hub = sources.load_examples(name, empty_root)
   local = tasks.load_task(name, data_root)
+  # MMLU on the hub has no re-annotation: nothing is flagged.
+  local = [dataclasses.replace(ex, flagged=False) for ex in local]
   assert len(hub) == len(local)
   for i, (h, loc) in enumerate(zip(hub, local)):
     assert h == loc, f"{name} item {i}"
   assert sources.load_examples(name, empty_root, limit=3) == local[:3]
+
+
+def test_hub_mmlu_shots_come_from_the_dev_split(use_mirror, data_root, empty_root):
+  """On the hub MMLU's shots are the first k dev questions of the subject (the harness's
+  first_n sampler); locally the first k of the subject other than the scored one."""
+  hub = sources.load_prompted("mmlu", empty_root, limit=3, num_fewshot=2)
+  local = sources.load_prompted("mmlu", data_root, limit=3, num_fewshot=2)
+  for h, loc in zip(hub, local):
+    assert h.requests[0].context.count("(dev) ") == 2
+    assert "(dev) " not in loc.requests[0].context
+    assert h.requests[0].context.rsplit("\n\n", 1)[1] == loc.requests[0].context.rsplit(
+        "\n\n", 1)[1]
 
 
 def test_hub_ppl_text_equals_local_file(use_mirror, data_root, empty_root):
@@ -249,7 +288,8 @@ def test_hub_ppl_text_equals_local_file(use_mirror, data_root, empty_root):
 
 def test_hub_row_count_and_schema_match_the_harness_splits(use_mirror):
   counts = {"winogrande": 1267, "piqa": 1838, "hellaswag": 10042, "arc_easy": 2376,
-            "arc_challenge": 1172, "lambada": 5153, "openbookqa": 500, sources.PPL: 4358}
+            "arc_challenge": 1172, "lambada": 5153, "openbookqa": 500, sources.PPL: 4358,
+            "mmlu": 5686}
   for name, n in counts.items():
     assert len(sources.load_hub(use_mirror[name])) == n, name
   assert sources.load_hub(use_mirror["hellaswag"]).features["label"].dtype == "string"

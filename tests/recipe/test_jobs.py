@@ -80,9 +80,11 @@ def test_quantize_and_evaluate_flag_defaults_are_the_jobs():
   assert {k: got[k] for k in want} == want
   got = _flag_defaults("evaluate.py")
   e = _field_defaults(eval_run.EvalJob)
-  want = {"tasks": list(e["tasks"]), "mesh": e["mesh"].spec}
+  want = {"tasks": list(e["tasks"]), "mesh": e["mesh"].spec,
+          "harness_tasks": list(e["harness_tasks"])}
   for name in ("data_root", "ppl_file", "seq_len", "max_windows", "limit", "batch_size",
-               "dtype", "output_json"):
+               "dtype", "output_json", "protocol", "num_fewshot", "mmlu_only_ok",
+               "mmlu_per_subject", "harness_include_path"):
     want[name] = e[name]
   assert {k: got[k] for k in want} == want
 

@@ -60,6 +60,9 @@ def test_table_shows_stderr_examples_and_repetition():
   table = report.results_table([_ev("teacher", [3.0], {"piqa": (0.6, 101)})])
   assert "piqa (n=101)" in table and "60.0 ± 4.9" in table and "repeated 3-grams" in table
   assert "| 50.0 |" in table
+  ev = _ev("teacher", [3.0], {"mmlu": (0.3, 57)})
+  ev["results"]["mmlu"]["num_fewshot"] = 5
+  assert "mmlu (5-shot, n=57)" in report.results_table([ev])
 
 
 def test_zero_shot_only_for_the_models_the_report_compares():
