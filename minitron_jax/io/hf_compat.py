@@ -1,11 +1,12 @@
-"""Compatibility with transformers releases that reject valid pruned Llama configs.
+"""Compatibility with transformers releases that reject valid pruned Llama and Gemma 3 configs.
 
 Width pruning keeps `head_dim` while shrinking `hidden_size`, so `hidden_size` need not be a
 multiple of `num_attention_heads` (e.g. hidden 448 with 6 heads of 64). transformers' Llama
 computes every projection from `num_attention_heads * head_dim` and handles this, but the
 config validator of transformers 5.x raises on it even when `head_dim` is explicit (an open
 upstream bug, huggingface/transformers#46211). `allow_explicit_head_dim()` relaxes exactly that
-check for configs that set `head_dim`; older transformers releases need nothing. vLLM (>= 0.24
+check for configs that set `head_dim`; older transformers releases need nothing. Gemma 3's text
+config has the same check; Qwen2, Qwen3 and Mistral configs have none. vLLM (>= 0.24
 requires transformers 5) builds the config with `AutoConfig` and so refuses these configs too.
 """
 
@@ -22,13 +23,23 @@ def refused_by_transformers5(hf_config: Mapping[str, Any]) -> bool:
   return bool(hf_config.get("head_dim") and heads and hidden and hidden % heads)
 
 
+# transformers config classes whose validator refuses hidden % heads != 0.
+_STRICT_CLASSES = ("LlamaConfig", "Gemma3TextConfig")
+
+
 @functools.lru_cache(maxsize=None)
 def allow_explicit_head_dim() -> bool:
-  """Patches `transformers.LlamaConfig.validate_architecture`; returns whether it patched."""
+  """Patches `validate_architecture` of transformers' Llama and Gemma 3 text configs; returns
+  whether it patched."""
   import transformers
 
-  cls = transformers.LlamaConfig
-  original = getattr(cls, "validate_architecture", None)
+  patched = [_patch(getattr(transformers, name)) for name in _STRICT_CLASSES
+             if hasattr(transformers, name)]
+  return any(patched)
+
+
+def _patch(cls) -> bool:
+  original = cls.__dict__.get("validate_architecture")
   if original is None:
     return False
 

@@ -1,4 +1,4 @@
-"""Writing HF Llama directories from our param tree, tensor by tensor, without torch.
+"""Writing HF directories (every family of `config.ARCHITECTURES`) from our param tree, tensor by tensor, without torch.
 
 Tensors stream into safetensors shards, and the whole directory is written under a temporary
 name that is renamed into place only when complete, so a failure never leaves a directory that
@@ -17,7 +17,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from minitron_jax import axes
+from minitron_jax import axes, model
 from minitron_jax.config import LlamaConfig
 from minitron_jax.io.files import atomic_output_dir
 from minitron_jax.io.safetensors import write
@@ -140,6 +140,7 @@ def save_hf(params: dict, cfg: LlamaConfig, out_dir: str | os.PathLike, *,
   Returns:
     The output directory.
   """
+  params, cfg = model.fold_embed_scale(params, cfg)
   tensors = _hf_tensors(params, cfg, np.dtype(dtype) if dtype is not None else None)
   with atomic_output_dir(out_dir, overwrite) as tmp:
     write_weights(tmp, tensors, max_shard_bytes)

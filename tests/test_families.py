@@ -1,0 +1,117 @@
+"""Qwen2, Qwen3, Mistral and Gemma 3 (text): parity with transformers' own models, HF round
+trips, sliding windows in packed rows and in the KV cache."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from helpers import FAMILIES, make_hf_family, torch_logits
+from minitron_jax import config as C, model as M
+from minitron_jax.io import hf as hf_io
+from minitron_jax.io.safetensors import SafetensorsFile
+
+FAMILY_NAMES = sorted(FAMILIES)
+
+
+def _nll(logits_btv, tokens_bt):
+  logp = jax.nn.log_softmax(np.asarray(logits_btv, np.float64), axis=-1)
+  return -np.take_along_axis(np.asarray(logp), tokens_bt[:, 1:, None], axis=-1).mean()
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_logits_and_perplexity_match_transformers(tmp_path, family):
+  model, d = make_hf_family(tmp_path / "hf", family)
+  params, cfg = hf_io.load_hf(d)
+  assert cfg.model_type == family
+  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 24))  # past every window
+  ours = np.asarray(jax.jit(lambda p, t: M.forward(p, cfg, t)["logits"])(params, tokens))
+  ref = torch_logits(model, tokens)
+  assert np.abs(ours - ref).max() <= 1e-4
+  ppl_ours, ppl_ref = np.exp(_nll(ours[:, :-1], tokens)), np.exp(_nll(ref[:, :-1], tokens))
+  assert abs(ppl_ours / ppl_ref - 1) <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_round_trip_is_bit_identical(tmp_path, family):
+  model, d = make_hf_family(tmp_path / "hf", family)
+  params, cfg = hf_io.load_hf(d)
+  out = hf_io.save_hf(params, cfg, tmp_path / "out", source_dir=d)
+  a, b = (SafetensorsFile(os.path.join(p, "model.safetensors")) for p in (d, out))
+  assert sorted(a.keys()) == sorted(b.keys())
+  for name in a.keys():
+    x, y = a.get(name), b.get(name)
+    assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
+  assert hf_io.load_config(out) == cfg
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  assert type(reloaded) is type(model)
+  tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (1, 20))
+  np.testing.assert_allclose(torch_logits(reloaded, tokens), torch_logits(model, tokens),
+                             atol=1e-5)  # eager (the source) vs the default sdpa
+
+
+def test_packed_rows_with_sliding_windows_equal_separate_sequences(tmp_path):
+  _, d = make_hf_family(tmp_path / "hf", "gemma3_text")  # sliding and global layers
+  params, cfg = hf_io.load_hf(d)
+  rng = np.random.RandomState(0)
+  a, b = rng.randint(0, cfg.vocab_size, 11), rng.randint(0, cfg.vocab_size, 9)
+  packed = np.concatenate([a, b, [0, 0]])[None]
+  seg = np.array([[1] * 11 + [2] * 9 + [0, 0]])
+  pos = np.array([list(range(11)) + list(range(9)) + [0, 0]])
+  out = M.forward(params, cfg, packed, positions_bt=pos, segment_ids_bt=seg)["logits"][0]
+  np.testing.assert_allclose(out[:11], M.forward(params, cfg, a[None])["logits"][0], atol=1e-5)
+  np.testing.assert_allclose(out[11:20], M.forward(params, cfg, b[None])["logits"][0],
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])  # every layer / some slide
+def test_cached_decode_equals_full_forward(tmp_path, family):
+  """Left-padded prompts, then decoding past the sliding window, token by token (the window
+  counts real tokens, so a row's result does not depend on its padding)."""
+  _, d = make_hf_family(tmp_path / "hf", family)
+  params, cfg = hf_io.load_hf(d)
+  rng = np.random.RandomState(0)
+  seqs = [rng.randint(3, cfg.vocab_size, n) for n in (7, 4)]
+  steps = rng.randint(3, cfg.vocab_size, (2, 8)).astype(np.int32)
+  t = 7
+  tokens, valid = np.zeros((2, t), np.int32), np.zeros((2, t), bool)
+  for i, s in enumerate(seqs):
+    tokens[i, t - len(s):], valid[i, t - len(s):] = s, True
+  cache = M.init_cache(cfg, 2, 32)
+  step = jax.jit(M.forward_cached, static_argnums=(1,))
+  logits, cache = step(params, cfg, tokens, valid, cache)
+  got = [np.asarray(logits[:, -1])]
+  for j in range(steps.shape[1]):
+    logits, cache = step(params, cfg, steps[:, j:j + 1], np.ones((2, 1), bool), cache)
+    got.append(np.asarray(logits[:, 0]))
+  for i, s in enumerate(seqs):
+    full = M.forward(params, cfg, np.concatenate([s, steps[i]])[None])["logits"][0]
+    want = np.asarray(full[len(s) - 1:])
+    np.testing.assert_allclose(np.stack([g[i] for g in got]), want, atol=2e-5)
+
+
+def test_unmodelled_attributes_are_refused_by_name():
+  base = transformers.Gemma3TextConfig(
+      vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=2, num_key_value_heads=1, head_dim=16).to_diff_dict()
+  for key, value in (("final_logit_softcapping", 30.0), ("attn_logit_softcapping", 50.0),
+                     ("use_bidirectional_attention", True), ("attention_bias", True)):
+    with pytest.raises(C.ConfigError, match=key):
+      C.LlamaConfig.from_hf({**base, key: value})
+  with pytest.raises(C.ConfigError, match="gemma3_text"):
+    C.LlamaConfig.from_hf({**base, "model_type": "gemma3"})
+  qwen3 = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=2).to_diff_dict()
+  with pytest.raises(C.ConfigError, match="attention_bias"):
+    C.LlamaConfig.from_hf({**qwen3, "attention_bias": True})
+  mistral = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                       num_hidden_layers=2, num_attention_heads=2).to_diff_dict()
+  with pytest.raises(C.ConfigError, match="layer_types"):
+    C.LlamaConfig.from_hf({**mistral, "layer_types": ["full_attention"] * 2})
+  with pytest.raises(C.ConfigError, match="sliding_window"):
+    C.LlamaConfig.from_hf({**transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2).to_diff_dict(), "sliding_window": 8})
