@@ -181,6 +181,13 @@ class LlamaConfig:
     """The attention logits' scale."""
     return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
+  def keep_layers(self, kept) -> "LlamaConfig":
+    """This config with only the layers `kept` (source indices, in order), each keeping its
+    kind (`layer_types`)."""
+    kept = [int(i) for i in kept]
+    types = None if self.layer_types is None else tuple(self.layer_types[i] for i in kept)
+    return self.replace(num_hidden_layers=len(kept), layer_types=types)
+
   def local_rope(self) -> "LlamaConfig":
     """This config with the RoPE of its sliding layers (unscaled, `rope_local_base_freq`)."""
     if self.rope_local_base_freq is None:

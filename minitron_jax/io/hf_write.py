@@ -94,6 +94,10 @@ def write_config(out_dir: str, cfg: LlamaConfig, *, torch_dtype: str = "float32"
                  source_dir: str | os.PathLike | None = None,
                  extra_config: dict | None = None) -> None:
   """config.json, the tokenizer files copied from `source_dir`, and generation_config.json."""
+  if cfg.embed_scale != cfg.hf_embed_scale:
+    raise ValueError(f"embed_scale {cfg.embed_scale} is not the {cfg.hf_embed_scale} "
+                     "transformers derives for this config: fold it first "
+                     "(model.fold_embed_scale)")
   hf_cfg = cfg.to_hf(torch_dtype=torch_dtype)
   hf_cfg.update(extra_config or {})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
