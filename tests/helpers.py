@@ -83,6 +83,49 @@ def make_hf_family(out_dir, family, *, vocab=128, hidden=64, inter=96, layers=3,
   return model, os.fspath(out_dir)
 
 
+# Our configs of each family on the tiny preset (6 query heads in 2 KV groups, 3 layers):
+# every switch a family sets, windows shorter than a 12-token test sequence.
+_S, _F = "sliding_attention", "full_attention"
+FAMILY_CONFIGS = {
+    "qwen2": dict(attention_bias=True, sliding_window=5, layer_types=(_F, _S, _S)),
+    "qwen3": dict(qk_norm=True, tie_word_embeddings=True),
+    "mistral": dict(sliding_window=6),
+    "gemma3_text": dict(qk_norm=True, norm_plus_one=True, embed_scale=8.0,
+                        hidden_act="gelu_pytorch_tanh", sandwich_norms=True,
+                        query_pre_attn_scalar=20.0, sliding_window=5, layer_types=(_S, _F, _S),
+                        rope_local_base_freq=100.0, tie_word_embeddings=True),
+}
+
+
+def family_config(family, **overrides):
+  """A tiny `LlamaConfig` of `family` (a `FAMILY_CONFIGS` key)."""
+  from minitron_jax import config as C
+
+  kw = {"num_attention_heads": 6, "num_key_value_heads": 2, "num_hidden_layers": 3,
+        **FAMILY_CONFIGS[family], **overrides}
+  if kw.get("layer_types"):
+    kw["layer_types"] = tuple(kw["layer_types"][:kw["num_hidden_layers"]])
+  return C.preset("tiny").replace(model_type=family, **kw)
+
+
+def family_params(cfg, seed=0):
+  """Random params with non-trivial norms (around 0 for (1 + w) norms) and biases."""
+  import jax
+
+  from minitron_jax import axes, model as M
+
+  p = M.init_params(cfg, jax.random.key(seed), std=0.1)
+  leaves = []
+  for i, (spec, x) in enumerate(axes.iter_leaves(p, cfg)):
+    noise = jax.random.normal(jax.random.key(seed * 100 + i + 1), x.shape)
+    if axes.is_norm(spec):
+      x = (0.0 if cfg.norm_plus_one else 1.0) + 0.2 * noise
+    elif spec.path[-1].endswith("bias"):
+      x = 0.5 * noise
+    leaves.append((spec, x))
+  return axes.tree_from_leaves(leaves)
+
+
 def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
   import torch
 

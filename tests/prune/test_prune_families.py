@@ -10,39 +10,14 @@ import pytest
 import torch
 import transformers
 
-from helpers import make_hf_family, torch_logits
-from minitron_jax import axes, config as C, model as M
+from helpers import FAMILY_CONFIGS, family_config, family_params, make_hf_family, torch_logits
+from minitron_jax import axes, model as M
 from minitron_jax.io import hf as hf_io, hf_compat
 from minitron_jax.io.safetensors import SafetensorsFile
 from minitron_jax.prune import importance as I, slicing
 
-BASE = C.preset("tiny").replace(num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=3)
-S, F = "sliding_attention", "full_attention"
-FAMILIES = {
-    "qwen2": BASE.replace(model_type="qwen2", attention_bias=True, sliding_window=5,
-                          layer_types=(F, S, S)),
-    "qwen3": BASE.replace(model_type="qwen3", qk_norm=True, tie_word_embeddings=True),
-    "mistral": BASE.replace(model_type="mistral", sliding_window=6),
-    "gemma3_text": BASE.replace(
-        model_type="gemma3_text", qk_norm=True, norm_plus_one=True, embed_scale=8.0,
-        hidden_act="gelu_pytorch_tanh", sandwich_norms=True, query_pre_attn_scalar=20.0,
-        sliding_window=5, layer_types=(S, F, S), rope_local_base_freq=100.0,
-        tie_word_embeddings=True),
-}
-
-
-def _params(cfg):
-  """Random params with non-trivial norms (around 0 for (1 + w) norms) and biases."""
-  p = M.init_params(cfg, jax.random.key(0), std=0.1)
-  leaves = []
-  for i, (spec, x) in enumerate(axes.iter_leaves(p, cfg)):
-    noise = jax.random.normal(jax.random.key(i + 1), x.shape)
-    if axes.is_norm(spec):
-      x = (0.0 if cfg.norm_plus_one else 1.0) + 0.2 * noise
-    elif spec.path[-1].endswith("bias"):
-      x = 0.5 * noise
-    leaves.append((spec, x))
-  return axes.tree_from_leaves(leaves)
+FAMILIES = {name: family_config(name) for name in FAMILY_CONFIGS}
+_params = family_params
 
 
 def _logits(p, cfg, **kw):
