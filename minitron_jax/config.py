@@ -472,6 +472,32 @@ PRESETS: dict[str, LlamaConfig] = {
 PRESETS["minitron-4b-width"] = PRESETS["llama3.1-8b"].replace(
     hidden_size=3072, intermediate_size=9216)
 PRESETS["minitron-4b-depth"] = PRESETS["llama3.1-8b"].replace(num_hidden_layers=16)
+# The other families' small members, as their HF config.json describe them.
+PRESETS["qwen2.5-0.5b"] = LlamaConfig(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
+    rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True,
+    bos_token_id=151643, eos_token_id=151643, model_type="qwen2", attention_bias=True)
+PRESETS["qwen3-0.6b"] = LlamaConfig(
+    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+    rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=True,
+    bos_token_id=151643, eos_token_id=151645, model_type="qwen3", qk_norm=True)
+PRESETS["mistral-7b-v0.1"] = LlamaConfig(
+    vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+    rope_theta=10000.0, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2,
+    model_type="mistral", sliding_window=4096)
+PRESETS["gemma3-270m"] = LlamaConfig(
+    vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+    num_attention_heads=4, num_key_value_heads=1, head_dim=256, rms_norm_eps=1e-6,
+    rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True,
+    bos_token_id=2, eos_token_id=1, pad_token_id=0, model_type="gemma3_text", qk_norm=True,
+    norm_plus_one=True, embed_scale=640 ** 0.5, hidden_act="gelu_pytorch_tanh",
+    sandwich_norms=True, query_pre_attn_scalar=256.0, sliding_window=512,
+    layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                      for i in range(18)),
+    rope_local_base_freq=10000.0)
 # SmolLM2's vocabulary and RoPE on a body small enough for a recipe smoke test in minutes.
 PRESETS["smollm2-tiny"] = PRESETS["smollm2-135m"].replace(
     hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,

@@ -115,3 +115,19 @@ def test_unmodelled_attributes_are_refused_by_name():
     C.LlamaConfig.from_hf({**transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=2).to_diff_dict(), "sliding_window": 8})
+
+
+# Parameter counts the model cards publish (tied embeddings counted once).
+PUBLISHED = {"qwen2.5-0.5b": 494_032_768, "qwen3-0.6b": 596_049_920,
+             "mistral-7b-v0.1": 7_241_732_096, "gemma3-270m": 268_098_176}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_family_presets_have_the_published_sizes(name):
+  cfg = C.preset(name, dtype="bfloat16")
+  shapes = jax.eval_shape(lambda k: M.init_params(cfg, k, jax.numpy.bfloat16), jax.random.key(0))
+  assert M.num_params(shapes) == cfg.num_params() == PUBLISHED[name]
+  logits = jax.eval_shape(lambda p, t: M.forward(p, cfg, t)["logits"], shapes,
+                          jax.ShapeDtypeStruct((1, 16), jax.numpy.int32))
+  assert logits.shape == (1, 16, cfg.vocab_size)
+  assert C.LlamaConfig.from_hf(cfg.to_hf(), dtype="bfloat16") == cfg
