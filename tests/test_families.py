@@ -18,8 +18,10 @@ FAMILY_NAMES = sorted(FAMILIES)
 
 
 def _nll(logits_btv, tokens_bt):
-  logp = jax.nn.log_softmax(np.asarray(logits_btv, np.float64), axis=-1)
-  return -np.take_along_axis(np.asarray(logp), tokens_bt[:, 1:, None], axis=-1).mean()
+  x = np.asarray(logits_btv, np.float64)  # float64 numpy: jax would round to float32
+  x = x - x.max(-1, keepdims=True)
+  logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+  return -np.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1).mean()
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -131,3 +133,34 @@ def test_family_presets_have_the_published_sizes(name):
                           jax.ShapeDtypeStruct((1, 16), jax.numpy.int32))
   assert logits.shape == (1, 16, cfg.vocab_size)
   assert C.LlamaConfig.from_hf(cfg.to_hf(), dtype="bfloat16") == cfg
+
+
+# A Gemma-style turn template (Qwen's and Mistral's differ only in their markers).
+_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn> {{ m['role'] }} "
+             "{{ m['content'] }} <end_of_turn> {% endfor %}"
+             "{% if add_generation_prompt %}<start_of_turn> model {% endif %}")
+
+
+def test_generation_prompts_use_the_checkpoints_own_chat_template(tmp_path):
+  """The template travels with the tokenizer through our export, and chat prompts go through
+  it."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  from minitron_jax.evaluate import generate as G
+
+  words = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "user", "model",
+           "hello", "world"]
+  backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>",
+                                             eos_token="<eos>", pad_token="<pad>")
+  tok.chat_template = _TEMPLATE
+  _, d = make_hf_family(tmp_path / "hf", "gemma3_text")
+  tok.save_pretrained(d)
+  params, cfg = hf_io.load_hf(d)
+  out = hf_io.save_hf(params, cfg, tmp_path / "out", source_dir=d)
+  loaded = hf_io.load_tokenizer(out)
+  ids = G.encode_prompt(loaded, "hello world", chat=True)
+  assert [words[i] for i in ids] == ["<bos>", "<start_of_turn>", "user", "hello", "world",
+                                     "<end_of_turn>", "<start_of_turn>", "model"]
+  assert G.encode_prompt(loaded, "hello world") != ids  # plain prompts skip the template
