@@ -14,7 +14,7 @@ from helpers import FAMILY_CONFIGS, family_config, family_params, make_hf_family
 from minitron_jax import axes, model as M
 from minitron_jax.io import hf as hf_io, hf_compat
 from minitron_jax.io.safetensors import SafetensorsFile
-from minitron_jax.prune import importance as I, slicing
+from minitron_jax.prune import importance as I, search as S, slicing
 
 FAMILIES = {name: family_config(name) for name in FAMILY_CONFIGS}
 _params = family_params
@@ -108,3 +108,13 @@ def test_pruned_exports_load_in_transformers_with_our_logits(tmp_path, family):
   tokens = np.random.RandomState(4).randint(0, cfg.vocab_size, (1, 20))
   ours = np.asarray(M.forward(pruned, new, tokens)["logits"])
   assert np.abs(ours - torch_logits(ref, tokens)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", COVERING)
+def test_search_accounting_counts_each_familys_leaves(family):
+  cfg = FAMILIES[family]
+  p = _params(cfg)
+  scores, layers = I.random_scores(cfg, 0), np.random.default_rng(1).random(3)
+  for c in (S.Candidate(48, (64,) * 2, 2, 1), S.Candidate(64, (128,) * 3, 3, 2)):
+    pruned, new = slicing.prune(p, cfg, S.plan_for(cfg, c, scores, layers))
+    assert S.param_count(cfg, c) == M.num_params(pruned) == new.num_params(), c
