@@ -97,6 +97,15 @@ FAMILY_CONFIGS = {
 }
 
 
+def covering_families(*default):
+  """Families an expensive test runs: `default` (those whose switches cover the rest: Qwen2's
+  biases and mixed windows, Gemma 3's every other switch), or all of them with
+  MINITRON_JAX_ALL_FAMILIES=1."""
+  if os.environ.get("MINITRON_JAX_ALL_FAMILIES"):
+    return sorted(FAMILY_CONFIGS)
+  return list(default or ("gemma3_text", "qwen2"))
+
+
 def family_config(family, **overrides):
   """A tiny `LlamaConfig` of `family` (a `FAMILY_CONFIGS` key)."""
   from minitron_jax import config as C

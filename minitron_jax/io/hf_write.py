@@ -1,4 +1,5 @@
-"""Writing HF directories (every family of `config.ARCHITECTURES`) from our param tree, tensor by tensor, without torch.
+"""Writing HF directories (every family of `config.ARCHITECTURES`) from our param tree,
+tensor by tensor, without torch.
 
 Tensors stream into safetensors shards, and the whole directory is written under a temporary
 name that is renamed into place only when complete, so a failure never leaves a directory that
