@@ -244,7 +244,9 @@ class LlamaConfig:
       if key not in hf:
         raise ConfigError(f"{where} missing required attribute {key!r}")
     n = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // n
+    # transformers' class defaults where a config.json leaves head_dim out
+    head_dim = hf.get("head_dim") or {"qwen3": 128, "gemma3_text": 256}.get(
+        model_type, hf["hidden_size"] // n)
     eos = hf.get("eos_token_id")
     try:
       family = _family_from_hf(hf, model_type, where)
@@ -344,7 +346,7 @@ def _family_from_hf(hf: Mapping[str, Any], model_type: str, where: str) -> dict[
   theta, out["rope_scaling"] = _rope_from_hf(hf, where)
   out["rope_theta"] = float(theta)
   if model_type == "mistral":
-    out["sliding_window"] = hf.get("sliding_window")
+    out["sliding_window"] = hf.get("sliding_window", 4096)  # MistralConfig's default
   elif model_type in ("qwen2", "qwen3"):
     out["attention_bias"] = model_type == "qwen2"
     out["qk_norm"] = model_type == "qwen3"
