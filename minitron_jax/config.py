@@ -334,7 +334,7 @@ _HF_IGNORED = frozenset({
     "initializer_range", "use_cache", "attention_dropout", "output_attentions",
     "output_hidden_states", "return_dict", "is_llama_config", "id2label", "label2id",
     "tokenizer_class", "_attn_implementation_autoset", "keys_to_ignore_at_inference",
-    "decoder_start_token_id", "sep_token_id", "unk_token_id"})
+    "decoder_start_token_id", "sep_token_id", "unk_token_id", "cache_implementation"})
 
 
 def _family_from_hf(hf: Mapping[str, Any], model_type: str, where: str) -> dict[str, Any]:
