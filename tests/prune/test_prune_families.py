@@ -118,3 +118,20 @@ def test_search_accounting_counts_each_familys_leaves(family):
   for c in (S.Candidate(48, (64,) * 2, 2, 1), S.Candidate(64, (128,) * 3, 3, 2)):
     pruned, new = slicing.prune(p, cfg, S.plan_for(cfg, c, scores, layers))
     assert S.param_count(cfg, c) == M.num_params(pruned) == new.num_params(), c
+
+
+def test_channel_importance_reads_every_norm_output_of_gemma():
+  """Hidden channels score by every norm's output, Gemma's sandwich norms included
+  (default aggregation: L2 over the batch of each token's mean |x| over the sequence)."""
+  cfg = FAMILIES["gemma3_text"]
+  p = _params(cfg)
+  batch = np.random.RandomState(5).randint(0, cfg.vocab_size, (3, 10))
+  scores = I.activation_scores(p, cfg, [batch])
+  names = ("attn_in", "mlp_in", "attn_out", "mlp_out", "final_norm")
+  taps = M.forward(p, cfg, batch, taps={n: (lambda x: x) for n in names})["taps"]
+  want = 0.0
+  for n in names:
+    x = np.abs(np.asarray(taps[n], np.float64)).mean(-2)  # (L,) B, D: mean over tokens
+    x = np.sqrt((x ** 2).sum(-2))  # L2 over the batch
+    want = want + (x.sum(0) if n != "final_norm" else x)
+  np.testing.assert_allclose(scores.channels, want, rtol=2e-4)
