@@ -17,14 +17,18 @@ from typing import Any, Mapping
 
 
 def refused_by_transformers5(hf_config: Mapping[str, Any]) -> bool:
-  """Whether transformers 5.x's Llama config check refuses this `config.json` dict: an explicit
-  `head_dim` with `hidden_size` not a multiple of `num_attention_heads` (a valid model)."""
+  """Whether transformers 5.x's Llama / Gemma 3 config check refuses this `config.json` dict:
+  an explicit `head_dim` with `hidden_size` not a multiple of `num_attention_heads` (a valid
+  model; Qwen's and Mistral's configs have no such check)."""
   heads, hidden = hf_config.get("num_attention_heads"), hf_config.get("hidden_size")
-  return bool(hf_config.get("head_dim") and heads and hidden and hidden % heads)
+  strict = hf_config.get("model_type", "llama") in _STRICT_TYPES
+  return bool(strict and hf_config.get("head_dim") and heads and hidden and hidden % heads)
 
 
-# transformers config classes whose validator refuses hidden % heads != 0.
+# transformers config classes (and their model types) whose validator refuses
+# hidden % heads != 0.
 _STRICT_CLASSES = ("LlamaConfig", "Gemma3TextConfig")
+_STRICT_TYPES = ("llama", "gemma3_text")
 
 
 @functools.lru_cache(maxsize=None)
