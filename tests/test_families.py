@@ -58,15 +58,14 @@ def test_round_trip_is_bit_identical(tmp_path, family):
 def test_packed_rows_with_sliding_windows_equal_separate_sequences(tmp_path):
   _, d = make_hf_family(tmp_path / "hf", "gemma3_text")  # sliding and global layers
   params, cfg = hf_io.load_hf(d)
-  rng = np.random.RandomState(0)
-  a, b = rng.randint(0, cfg.vocab_size, 11), rng.randint(0, cfg.vocab_size, 9)
-  packed = np.concatenate([a, b, [0, 0]])[None]
-  seg = np.array([[1] * 11 + [2] * 9 + [0, 0]])
-  pos = np.array([list(range(11)) + list(range(9)) + [0, 0]])
+  ab = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 10))  # both past the window
+  packed = np.concatenate([ab[0], ab[1], [0, 0]])[None]
+  seg = np.array([[1] * 10 + [2] * 10 + [0, 0]])
+  pos = np.array([list(range(10)) * 2 + [0, 0]])
   out = M.forward(params, cfg, packed, positions_bt=pos, segment_ids_bt=seg)["logits"][0]
-  np.testing.assert_allclose(out[:11], M.forward(params, cfg, a[None])["logits"][0], atol=1e-5)
-  np.testing.assert_allclose(out[11:20], M.forward(params, cfg, b[None])["logits"][0],
-                             atol=1e-5)
+  ref = M.forward(params, cfg, ab)["logits"]
+  np.testing.assert_allclose(out[:10], ref[0], atol=1e-5)
+  np.testing.assert_allclose(out[10:20], ref[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("family", covering_families("gemma3_text"))
@@ -89,9 +88,14 @@ def test_cached_decode_equals_full_forward(tmp_path, family):
   for j in range(steps.shape[1]):
     logits, cache = step(params, cfg, steps[:, j:j + 1], np.ones((2, 1), bool), cache)
     got.append(np.asarray(logits[:, 0]))
+  # The reference: both rows in one full forward, right-padded (segment 0) to one length.
+  full_tokens, seg = np.zeros((2, 15), np.int32), np.zeros((2, 15), np.int32)
   for i, s in enumerate(seqs):
-    full = M.forward(params, cfg, np.concatenate([s, steps[i]])[None])["logits"][0]
-    want = np.asarray(full[len(s) - 1:])
+    n = len(s) + steps.shape[1]
+    full_tokens[i, :n], seg[i, :n] = np.concatenate([s, steps[i]]), 1
+  full = np.asarray(M.forward(params, cfg, full_tokens, segment_ids_bt=seg)["logits"])
+  for i, s in enumerate(seqs):
+    want = full[i, len(s) - 1:len(s) + steps.shape[1]]
     np.testing.assert_allclose(np.stack([g[i] for g in got]), want, atol=2e-5)
 
 

@@ -49,6 +49,8 @@ def test_scaled_down_distill_step_compiles_with_sane_memory():
   assert 0 < mem.temporaries < chip.hbm_bytes and mem.peak < chip.hbm_bytes
 
 
+@pytest.mark.skipif(not os.environ.get("MINITRON_JAX_ALL_FAMILIES"),
+                    reason="a minute of compiling: set MINITRON_JAX_ALL_FAMILIES=1")
 def test_scaled_down_qwen3_distill_step_compiles():
   """q/k norms (head_dim-sized, replicated) and a tied embedding under FSDP."""
   teacher = config.preset("qwen3-0.6b").replace(

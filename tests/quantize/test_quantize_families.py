@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import FAMILY_CONFIGS, covering_families, family_config, family_params
+from helpers import covering_families, family_config, family_params
 from minitron_jax import axes, model as M
 from minitron_jax.quantize import awq, calibrate
 from minitron_jax.quantize import formats as Q
@@ -49,19 +49,19 @@ def test_awq_calibration_runs_on_sliding_and_global_layers():
   assert _rel(np.asarray(M.forward(qp, cfg, _tokens(cfg))["logits"]), want) < 0.5
 
 
-# Each family runs two formats, so the families together run all of them;
-# MINITRON_JAX_ALL_FAMILIES=1 runs every format on every family.
-ALL_FORMATS = bool(os.environ.get("MINITRON_JAX_ALL_FAMILIES"))
+# By default the covering families run every other format between them (one of each kind:
+# FP8, INT8, INT4 and GGUF); MINITRON_JAX_ALL_FAMILIES=1 runs every format on every family.
+ALL = bool(os.environ.get("MINITRON_JAX_ALL_FAMILIES"))
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+@pytest.mark.parametrize("family", covering_families())
 def test_every_format_runs_on_every_family(family):
   cfg = family_config(family, num_hidden_layers=2)
   params = family_params(cfg)
   fwd = jax.jit(lambda p: M.forward(p, cfg, _tokens(cfg))["logits"])
   want = np.asarray(fwd(params))
-  i = sorted(FAMILY_CONFIGS).index(family)
-  for fmt in list(Q.QuantFormat) if ALL_FORMATS else list(Q.QuantFormat)[2 * i:2 * i + 2]:
+  i = covering_families().index(family)
+  for fmt in list(Q.QuantFormat) if ALL else list(Q.QuantFormat)[i::4]:
     qp = Q.quantize_params(params, cfg, fmt, group_size=32)
     for spec, leaf in axes.iter_leaves(qp, cfg):  # biases and norms stay as they were
       assert Q.is_quantized(leaf) == Q.is_quantizable(spec), (fmt, spec.name)
