@@ -452,8 +452,8 @@ def distill_report(student: LlamaConfig, teacher: LlamaConfig, name: str, mesh: 
   def measure_depth(depth):
     micro = dataclasses.replace(plan, accum_steps=1)
     with measuring():
-      c = lower_distill(student.replace(num_hidden_layers=depth["student"]),
-                        teacher.replace(num_hidden_layers=depth["teacher"]), mesh, micro)
+      c = lower_distill(student.keep_layers(range(depth["student"])),
+                        teacher.keep_layers(range(depth["teacher"])), mesh, micro)
     kernels.append(kernel_calls(c))
     return cost(c)
 
@@ -508,7 +508,7 @@ def forward_report(stage: str, cfg: LlamaConfig, name: str, mesh: Mesh, mesh_spe
 
   def measure_depth(depth):
     with measuring():
-      c = lower(cfg.replace(num_hidden_layers=depth["model"]), mesh, batch, seq)
+      c = lower(cfg.keep_layers(range(depth["model"])), mesh, batch, seq)
     kernels.append(kernel_calls(c))
     return cost(c)
 
@@ -535,7 +535,7 @@ def generate_reports(cfg: LlamaConfig, name: str, mesh: Mesh, mesh_spec: str, ch
 
   def measure_depth(depth):
     with measuring():
-      p, d = lower_generate(cfg.replace(num_hidden_layers=depth["model"]), mesh, batch,
+      p, d = lower_generate(cfg.keep_layers(range(depth["model"])), mesh, batch,
                             prompt_len, new_tokens)
     if kernel_calls(p) or kernel_calls(d):  # the cached attention is plain XLA
       raise ValueError("generation calls a Pallas kernel, whose FLOPs XLA does not count")

@@ -177,7 +177,7 @@ def time_teacher(tcfg, tparams, mesh, local, dtype, repeats):
 
 def xla_check(scfg, tcfg, mesh, b, t):
   """{kind: (analytic FLOPs, XLA FLOPs)} on one-layer copies of both models, float32."""
-  s1, t1 = scfg.replace(num_hidden_layers=1), tcfg.replace(num_hidden_layers=1)
+  s1, t1 = scfg.keep_layers([0]), tcfg.keep_layers([0])
   t1_params = _abstract_params(t1)
   out = {}
   for kind in ("ce", "distill"):

@@ -17,6 +17,12 @@ before it with the same segment id (0 = padding). Padding queries' outputs are u
 - "auto": splash on TPU; on GPU cudnn for unpacked rows and pallas_gpu for packed ones; xla
   elsewhere.
 
+A sliding-window layer (`window`, Mistral's and Gemma 3's local layers) also drops keys `window`
+or more positions before the query (HF's `kv_idx > q_idx - window`): a mask term on the XLA
+path, `local_window_size` for cuDNN, a `LocalMask` in splash; the Pallas GPU kernel has no
+window and refuses one shorter than the sequence. A window as long as the sequence changes
+nothing and is dropped.
+
 The Pallas kernels need the sequence in whole blocks, so T is zero-padded (segment id 0, after
 every real token, hence never attended to by a real query) and the outputs cut back. On CPU they
 run in Pallas' interpreter (`interpret=True`), which is how their parity is tested. XLA cannot
@@ -51,13 +57,20 @@ def resolve_impl(impl: str, packed: bool, platform: str | None = None) -> str:
   return "xla"
 
 
-def segment_mask(segment_ids_bt: jax.Array) -> jax.Array:
+def window_mask(t: int, window: int | None) -> jax.Array:
+  """(T, T) causal mask, within `window` positions when one is given (the query included)."""
+  q_t1, k_1t = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+  mask = k_1t <= q_t1
+  return mask if window is None else mask & (k_1t > q_t1 - window)
+
+
+def segment_mask(segment_ids_bt: jax.Array, window: int | None = None) -> jax.Array:
   """Causal mask within segments, (B, 1, T, T), segment 0 = padding; the reference path's.
 
   A padding query attends to itself only, so its (discarded) output stays finite.
   """
   t = segment_ids_bt.shape[1]
-  causal_tt = jnp.tril(jnp.ones((t, t), bool))
+  causal_tt = window_mask(t, window)
   same_btt = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
   real_bt = segment_ids_bt != 0
   mask = causal_tt[None] & same_btt & real_bt[:, None, :]
@@ -65,8 +78,8 @@ def segment_mask(segment_ids_bt: jax.Array) -> jax.Array:
 
 
 def attend(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
-           segment_ids_bt: jax.Array | None, *, scale: float, impl: str = "auto"
-           ) -> jax.Array:
+           segment_ids_bt: jax.Array | None, *, scale: float, impl: str = "auto",
+           window: int | None = None) -> jax.Array:
   """Causal (within-segment) attention, (B, T, N, H); K/V heads are shared by N/K query heads.
 
   Args:
@@ -74,23 +87,37 @@ def attend(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
     segment_ids_bt: document ids of packed rows (0 = padding), or None: one causal sequence.
     scale: logit scale (head_dim ** -0.5).
     impl: one of `config.ATTENTION_IMPLS`.
+    window: a sliding-window layer's window (keys within `window` positions, the query's own
+      included), or None.
   """
-  impl = resolve_impl(impl, segment_ids_bt is not None)
+  t = q_btnh.shape[1]
+  if window is not None and window >= t:
+    window = None
+  chosen, impl = impl, resolve_impl(impl, segment_ids_bt is not None)
+  if chosen == "auto" and impl == "pallas_gpu" and window is not None:
+    impl = "xla"  # the one GPU path with segment ids and a window
   if impl == "xla":
-    mask = None if segment_ids_bt is None else segment_mask(segment_ids_bt)
+    if segment_ids_bt is not None:
+      mask = segment_mask(segment_ids_bt, window)
+    else:
+      mask = None if window is None else window_mask(t, window)[None, None]
     return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask,
                                         is_causal=mask is None, scale=scale)
   if impl == "cudnn":
     if segment_ids_bt is not None:
       raise ValueError("attention_impl='cudnn' takes no segment ids (packed rows): use "
                        "'pallas_gpu' or 'auto'")
-    return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True, scale=scale,
-                                        implementation="cudnn")
+    return jax.nn.dot_product_attention(
+        q_btnh, k_btkh, v_btkh, is_causal=True, scale=scale, implementation="cudnn",
+        local_window_size=None if window is None else (window - 1, 0))
+  if impl == "pallas_gpu" and window is not None:
+    raise ValueError(f"attention_impl='pallas_gpu' has no sliding window ({window} < {t} "
+                     "tokens): use 'xla', or 'cudnn' for unpacked rows")
   interpret = sharding.mesh_platform() == "cpu"
   if segment_ids_bt is None:
     segment_ids_bt = jnp.ones(q_btnh.shape[:2], jnp.int32)
-  kernel = functools.partial(_splash if impl == "splash" else _pallas_gpu, scale=scale,
-                             interpret=interpret)
+  kernel = functools.partial(_splash, window=window) if impl == "splash" else _pallas_gpu
+  kernel = functools.partial(kernel, scale=scale, interpret=interpret)
   mesh = sharding.active_mesh()
   if mesh is None:
     return kernel(q_btnh, k_btkh, v_btkh, segment_ids_bt)
@@ -123,10 +150,12 @@ def _block_size(t: int, largest: int) -> int:
   return min(largest, -(-t // 128) * 128)
 
 
-def _splash_kernel(t: int, groups: int, block: int, interpret: bool):
+def _splash_kernel(t: int, groups: int, block: int, interpret: bool, window: int | None = None):
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-  mask = sa.MultiHeadMask([sa.CausalMask((t, t))] * groups)
+  head = (sa.CausalMask((t, t)) if window is None
+          else sa.LocalMask((t, t), window_size=(window - 1, 0), offset=0))
+  mask = sa.MultiHeadMask([head] * groups)
   sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                         block_q_dq=block, block_kv_dq=block)
@@ -134,7 +163,7 @@ def _splash_kernel(t: int, groups: int, block: int, interpret: bool):
   return sa.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
-def _splash(q_btnh, k_btkh, v_btkh, seg_bt, *, scale, interpret):
+def _splash(q_btnh, k_btkh, v_btkh, seg_bt, *, scale, interpret, window=None):
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
   b, t, n, h = q_btnh.shape
@@ -142,7 +171,7 @@ def _splash(q_btnh, k_btkh, v_btkh, seg_bt, *, scale, interpret):
   block = _block_size(t, 512)
   q_btnh, k_btkh, v_btkh, seg_bt = _pad_tokens(block, q_btnh, k_btkh, v_btkh, seg_bt)
   tp = q_btnh.shape[1]
-  kernel = _splash_kernel(tp, n // kv, block, interpret)
+  kernel = _splash_kernel(tp, n // kv, block, interpret, window)
   # (B, T, N, H) -> (B, K, G, T, H): one MQA kernel call per KV head and its query group.
   q_bkgth = (q_btnh * jnp.asarray(scale, q_btnh.dtype)).reshape(
       b, tp, kv, n // kv, h).transpose(0, 2, 3, 1, 4)

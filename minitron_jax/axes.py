@@ -76,10 +76,57 @@ PARAM_SPECS: tuple[ParamSpec, ...] = (
 )
 
 
+# Leaves only some families have (`LlamaConfig`'s switches): q/k/v biases follow their heads,
+# q/k norms act on head_dim (shared by every head, so never pruned), Gemma's extra norms are
+# hidden-sized like every other norm.
+BIAS_SPECS: tuple[ParamSpec, ...] = (
+    _layer("q_bias", (Q_HEADS, HEAD_DIM), "self_attn.q_proj.bias", ((Q_HEADS, HEAD_DIM),)),
+    _layer("k_bias", (KV_HEADS, HEAD_DIM), "self_attn.k_proj.bias", ((KV_HEADS, HEAD_DIM),)),
+    _layer("v_bias", (KV_HEADS, HEAD_DIM), "self_attn.v_proj.bias", ((KV_HEADS, HEAD_DIM),)),
+)
+QK_NORM_SPECS: tuple[ParamSpec, ...] = (
+    _layer("q_norm", (HEAD_DIM,), "self_attn.q_norm.weight", ((HEAD_DIM,),)),
+    _layer("k_norm", (HEAD_DIM,), "self_attn.k_norm.weight", ((HEAD_DIM,),)),
+)
+# Gemma's four norms per block: HF's `post_attention_layernorm` normalises the attention's
+# output (Llama's is the MLP's input norm, our `mlp_norm`, which Gemma calls
+# `pre_feedforward_layernorm`).
+SANDWICH_SPECS: tuple[ParamSpec, ...] = (
+    _layer("post_attn_norm", (EMBED,), "post_attention_layernorm.weight", ((EMBED,),)),
+    _layer("post_mlp_norm", (EMBED,), "post_feedforward_layernorm.weight", ((EMBED,),)),
+)
+ALL_SPECS: tuple[ParamSpec, ...] = PARAM_SPECS + BIAS_SPECS + QK_NORM_SPECS + SANDWICH_SPECS
+NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm",
+         "final_norm")
+
+
 def param_specs(cfg: LlamaConfig) -> tuple[ParamSpec, ...]:
-  """The specs present in a model (no `lm_head` when embeddings are tied)."""
-  return tuple(s for s in PARAM_SPECS
-               if not (cfg.tie_word_embeddings and s.path == ("lm_head",)))
+  """The specs present in a model (no `lm_head` when embeddings are tied; each family's own
+  leaves after the attention projections they belong to)."""
+  out = []
+  for s in PARAM_SPECS:
+    if cfg.tie_word_embeddings and s.path == ("lm_head",):
+      continue
+    if cfg.sandwich_norms and s.path == ("layers", "mlp_norm"):
+      s = dataclasses.replace(s, hf_name="model.layers.{i}.pre_feedforward_layernorm.weight")
+    out.append(s)
+    if s.path == ("layers", "v") and cfg.attention_bias:
+      out.extend(BIAS_SPECS)
+    if s.path == ("layers", "o"):
+      out.extend(QK_NORM_SPECS if cfg.qk_norm else ())
+      out.extend(SANDWICH_SPECS[:1] if cfg.sandwich_norms else ())
+    if s.path == ("layers", "down") and cfg.sandwich_norms:
+      out.append(SANDWICH_SPECS[1])
+  return tuple(out)
+
+
+def is_matrix(spec: ParamSpec) -> bool:
+  """Whether the leaf is a linear layer's weight (two HF dims), not a norm or a bias."""
+  return len(spec.hf_axes) == 2
+
+
+def is_norm(spec: ParamSpec) -> bool:
+  return spec.path[-1] in NORMS
 
 
 def axis_sizes(cfg: LlamaConfig) -> dict[str, int]:

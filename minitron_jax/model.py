@@ -1,9 +1,14 @@
-"""Llama as pure functions over a nested dict of arrays.
+"""Llama (and Mistral, Qwen2/2.5, Qwen3, Gemma 3) as pure functions over a nested dict of arrays.
 
 Layers are stacked on a leading `layers` axis and run under `jax.lax.scan`, so compile time
 does not grow with depth and depth pruning is a slice. One block function serves training,
 evaluation, prefill and cached decode; `taps` lets a caller reduce any intermediate
 activation inside the scan (importance estimation) without a second code path.
+
+The families differ only by `LlamaConfig`'s switches, read here in one block: q/k/v biases,
+per-head q/k norms, (1 + w) norms, an embedding scale, GeGLU, Gemma's sandwich norms, the
+attention scale, and sliding-window layers with their own RoPE base. A layer's kind (global or
+sliding) is scanned along with its params, so depth pruning keeps each layer's kind.
 
 Shape letters: B batch, T query length, S key length, D hidden, N query heads, K KV heads,
 H head dim, F MLP width, V vocab, L layers.
@@ -14,6 +19,7 @@ table) when a mesh is set, and left to XLA otherwise.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -36,20 +42,22 @@ BTV = ("batch", "seq", axes.VOCAB)
 # Tokens per row whose logits exist at once in losses and scoring (`chunked_token_map`): at a
 # 128K vocabulary, 512 tokens of float32 logits are 256 MiB per row, against 4 GiB at T = 8192.
 LOGITS_CHUNK = 512
-TAP_NAMES = ("block_in", "attn_in", "attn_heads", "mlp_in", "mlp_act", "block_out", "block_io",
-             "final_norm")
+# "attn_out" / "mlp_out" are the sandwich norms' outputs (Gemma), added to the residual stream.
+TAP_NAMES = ("block_in", "attn_in", "attn_heads", "attn_out", "mlp_in", "mlp_act", "mlp_out",
+             "block_out", "block_io", "final_norm")
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02
                 ) -> Params:
-  """Random params (normal(0, std) matrices, unit norms), laid out as `axes.PARAM_SPECS`."""
+  """Random params (normal(0, std) matrices and biases, unit norms: weights of one, or of
+  zero for (1 + w) norms), laid out as `axes.param_specs(cfg)`."""
   specs = axes.param_specs(cfg)
   keys = jax.random.split(key, len(specs))
   leaves = []
   for k, spec in zip(keys, specs):
     shp = axes.shape(spec, cfg)
-    if spec.path[-1].endswith("norm"):
-      leaves.append((spec, jnp.ones(shp, dtype)))
+    if axes.is_norm(spec):
+      leaves.append((spec, jnp.full(shp, 0.0 if cfg.norm_plus_one else 1.0, dtype)))
     else:
       leaves.append((spec, (std * jax.random.normal(k, shp, jnp.float32)).astype(dtype)))
   return axes.tree_from_leaves(leaves)
@@ -69,11 +77,26 @@ def linear_input(x, leaf):
   return leaf.quantize_input(x) if hasattr(leaf, "quantize_input") else x
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+  """HF LlamaRMSNorm: normalise in float32, cast back, then scale. `plus_one` is Gemma's:
+  scale by (1 + w) in float32, then cast back."""
   x32 = x.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  if plus_one:
+    return (x32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
   return scale.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def norm(cfg: LlamaConfig, x: jax.Array, scale: jax.Array) -> jax.Array:
+  """The model's RMSNorm (`cfg.norm_plus_one` picks Gemma's (1 + w))."""
+  return rms_norm(x, scale, cfg.rms_norm_eps, cfg.norm_plus_one)
+
+
+def activation(cfg: LlamaConfig, x: jax.Array) -> jax.Array:
+  """The gate's activation: SiLU (SwiGLU) or tanh-approximated GELU (Gemma's GeGLU)."""
+  if cfg.hidden_act == "gelu_pytorch_tanh":
+    return jax.nn.gelu(x, approximate=True)
+  return jax.nn.silu(x)
 
 
 def rope_tables(cfg: LlamaConfig, positions_bt: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -84,10 +107,62 @@ def rope_tables(cfg: LlamaConfig, positions_bt: jax.Array, dtype) -> tuple[jax.A
   return (jnp.cos(emb_bth) * scale).astype(dtype), (jnp.sin(emb_bth) * scale).astype(dtype)
 
 
+def sliding_flags(cfg: LlamaConfig) -> jax.Array:
+  """(L,) bool: which layers are sliding-window (local) layers; scanned with the params."""
+  return jnp.asarray(cfg.sliding_layers, bool)
+
+
+def layer_setup(cfg: LlamaConfig, positions_bt: jax.Array, dtype, make_attend: Callable):
+  """RoPE tables and attention per kind of layer.
+
+  Args:
+    cfg: model config.
+    positions_bt: RoPE positions.
+    dtype: compute dtype of the tables.
+    make_attend: window (int or None) -> `attend(q_btnh, k_bskh, v_bskh)`.
+
+  Returns:
+    `pick(sliding) -> (cos_bth, sin_bth, attend)` for a layer whose `sliding_flags` entry is
+    `sliding` (traced inside the layer scan; a model with one kind of layer ignores it).
+  """
+  kinds = set(cfg.sliding_layers)
+  glob = (*rope_tables(cfg, positions_bt, dtype), make_attend(None))
+  if kinds == {False}:
+    return lambda sliding: glob
+  local_tables = (rope_tables(cfg.local_rope(), positions_bt, dtype)
+                  if cfg.rope_local_base_freq is not None else glob[:2])
+  local = (*local_tables, make_attend(cfg.sliding_window))
+  if kinds == {True}:
+    return lambda sliding: local
+
+  def pick(sliding):
+    def attend(q_btnh, k_bskh, v_bskh):
+      return jax.lax.cond(sliding, local[2], glob[2], q_btnh, k_bskh, v_bskh)
+    return jnp.where(sliding, local[0], glob[0]), jnp.where(sliding, local[1], glob[1]), attend
+  return pick
+
+
 def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
   h = x_btnh.shape[-1] // 2
   rot = jnp.concatenate([-x_btnh[..., h:], x_btnh[..., :h]], axis=-1)
   return x_btnh * cos_bth[:, :, None, :] + rot * sin_bth[:, :, None, :]
+
+
+def _qkv(cfg: LlamaConfig, lp: Params, h_btd):
+  """q, k, v of one layer before RoPE: projections, biases (Qwen2), per-head norms (Qwen3,
+  Gemma 3), in HF's order."""
+  dt = h_btd.dtype
+  q_btnh = jnp.einsum("BTD,DNH->BTNH", h_btd, weight(lp["q"], dt))
+  k_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, weight(lp["k"], dt))
+  v_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, weight(lp["v"], dt))
+  if cfg.attention_bias:
+    q_btnh = q_btnh + weight(lp["q_bias"], dt)
+    k_btkh = k_btkh + weight(lp["k_bias"], dt)
+    v_btkh = v_btkh + weight(lp["v_bias"], dt)
+  if cfg.qk_norm:
+    q_btnh = norm(cfg, q_btnh, lp["q_norm"])
+    k_btkh = norm(cfg, k_btkh, lp["k_norm"])
+  return q_btnh, k_btkh, v_btkh
 
 
 def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, attend, kv_cache,
@@ -107,12 +182,9 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, attend, kv_cac
 
   tap("block_in", x_btd)
   x_in_btd = x_btd
-  h_btd = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps)
+  h_btd = norm(cfg, x_btd, lp["attn_norm"])
   tap("attn_in", h_btd)
-  h_btd = linear_input(h_btd, lp["q"])  # q, k, v read one tap: one input scale
-  q_btnh = jnp.einsum("BTD,DNH->BTNH", h_btd, weight(lp["q"], dt))
-  k_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, weight(lp["k"], dt))
-  v_btkh = jnp.einsum("BTD,DKH->BTKH", h_btd, weight(lp["v"], dt))
+  q_btnh, k_btkh, v_btkh = _qkv(cfg, lp, linear_input(h_btd, lp["q"]))  # one input scale
   q_btnh = sharding.constrain(apply_rope(q_btnh, cos_bth, sin_bth), BTNH)
   k_btkh = sharding.constrain(apply_rope(k_btkh, cos_bth, sin_bth), BTKH)
   v_btkh = sharding.constrain(v_btkh, BTKH)
@@ -122,18 +194,24 @@ def _block(cfg: LlamaConfig, lp: Params, x_btd, cos_bth, sin_bth, attend, kv_cac
   attn_btnh = sharding.constrain(attend(q_btnh, k_btkh, v_btkh), BTNH)
   tap("attn_heads", attn_btnh)
   attn_btnh = linear_input(attn_btnh, lp["o"])
-  x_btd = x_btd + jnp.einsum("BTNH,NHD->BTD", attn_btnh, weight(lp["o"], dt))
-  x_btd = sharding.constrain(x_btd, BTD)
-  h_btd = rms_norm(x_btd, lp["mlp_norm"], cfg.rms_norm_eps)
+  out_btd = jnp.einsum("BTNH,NHD->BTD", attn_btnh, weight(lp["o"], dt))
+  if cfg.sandwich_norms:
+    out_btd = norm(cfg, out_btd, lp["post_attn_norm"])
+    tap("attn_out", out_btd)
+  x_btd = sharding.constrain(x_btd + out_btd, BTD)
+  h_btd = norm(cfg, x_btd, lp["mlp_norm"])
   tap("mlp_in", h_btd)
   h_btd = linear_input(h_btd, lp["gate"])
   gate_btf = jnp.einsum("BTD,DF->BTF", h_btd, weight(lp["gate"], dt))
   up_btf = jnp.einsum("BTD,DF->BTF", h_btd, weight(lp["up"], dt))
-  act_btf = sharding.constrain(jax.nn.silu(gate_btf) * up_btf, BTF)
+  act_btf = sharding.constrain(activation(cfg, gate_btf) * up_btf, BTF)
   tap("mlp_act", act_btf)
   act_btf = linear_input(act_btf, lp["down"])
-  x_btd = sharding.constrain(x_btd + jnp.einsum("BTF,FD->BTD", act_btf, weight(lp["down"], dt)),
-                             BTD)
+  out_btd = jnp.einsum("BTF,FD->BTD", act_btf, weight(lp["down"], dt))
+  if cfg.sandwich_norms:
+    out_btd = norm(cfg, out_btd, lp["post_mlp_norm"])
+    tap("mlp_out", out_btd)
+  x_btd = sharding.constrain(x_btd + out_btd, BTD)
   tap("block_out", x_btd)
   if "block_io" in taps:
     out["block_io"] = taps["block_io"]((x_in_btd, x_btd))
@@ -146,14 +224,38 @@ def embed(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array) -> jax.Array:
     x_btd = table.take_rows(tokens_bt, jnp.dtype(cfg.dtype))
   else:
     x_btd = jnp.take(table, tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
+  if cfg.embed_scale != 1.0:  # Gemma: the scale rounded to the compute dtype, as HF does
+    x_btd = x_btd * jnp.asarray(cfg.embed_scale, x_btd.dtype)
   return sharding.constrain(x_btd, BTD)
+
+
+def fold_embed_scale(params: Params, cfg: LlamaConfig) -> tuple[Params, LlamaConfig]:
+  """The same model with the embedding scale transformers derives (`cfg.hf_embed_scale`).
+
+  A width-pruned Gemma keeps its teacher's sqrt(hidden), which transformers would recompute
+  from the smaller `hidden_size`; the ratio goes into the embedding table instead, untied
+  from the LM head (which keeps the original table). Equal up to rounding of the product.
+  """
+  want = cfg.hf_embed_scale
+  if cfg.embed_scale == want:
+    return params, cfg
+  table = params["embed"]
+  if hasattr(table, "dequantize"):
+    raise ValueError(f"embed_scale {cfg.embed_scale} differs from the {want} HF derives, and a "
+                     "quantized embedding table cannot absorb the ratio")
+  out = dict(params)
+  if cfg.tie_word_embeddings:
+    out["lm_head"] = table.T
+  ratio = cfg.embed_scale / want
+  out["embed"] = (table.astype(jnp.float32) * ratio).astype(table.dtype)
+  return out, cfg.replace(embed_scale=want, tie_word_embeddings=False)
 
 
 def unembed(params: Params, cfg: LlamaConfig, x_btd: jax.Array, normed: bool = False
             ) -> jax.Array:
   """Final norm (unless `normed`) and LM head; logits in float32."""
   if not normed:
-    x_btd = rms_norm(x_btd, params["final_norm"], cfg.rms_norm_eps)
+    x_btd = norm(cfg, x_btd, params["final_norm"])
   if cfg.tie_word_embeddings:
     logits = jnp.einsum("BTD,VD->BTV", x_btd, weight(params["embed"], x_btd.dtype))
   else:
@@ -199,34 +301,33 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
     positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   dt = jnp.dtype(cfg.dtype)
   x_btd = embed(params, cfg, tokens_bt)
-  cos_bth, sin_bth = rope_tables(cfg, positions_bt, dt)
-
-  def attend(q_btnh, k_btkh, v_btkh):
-    return attention.attend(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=cfg.head_dim ** -0.5,
-                            impl=cfg.attention_impl)
-
+  setup = layer_setup(cfg, positions_bt, dt, lambda window: functools.partial(
+      attention.attend, segment_ids_bt=segment_ids_bt, scale=cfg.attn_scale,
+      impl=cfg.attention_impl, window=window))
   final_tap = taps.pop("final_norm", None)
   keep_l = jnp.ones((cfg.num_hidden_layers,), bool) if layer_mask is None else layer_mask
 
-  def block(x, lp):
+  def block(x, lp, sliding):
+    cos_bth, sin_bth, attend = setup(sliding)
     y, _, tapped = _block(cfg, lp, x, cos_bth, sin_bth, attend, None, taps)
     return y, tapped
 
   def body(x, layer):
-    lp, keep = layer
+    lp, keep, sliding = layer
     if layer_mask is None:
-      y, tapped = block(x, lp)
+      y, tapped = block(x, lp, sliding)
     else:  # a skipped layer costs nothing: its input passes through, its taps are zeros
-      def skip(x, lp):
-        shapes = jax.eval_shape(block, x, lp)[1]
+      def skip(x, lp, sliding):
+        shapes = jax.eval_shape(block, x, lp, sliding)[1]
         return x, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      y, tapped = jax.lax.cond(keep, block, skip, x, lp)
+      y, tapped = jax.lax.cond(keep, block, skip, x, lp, sliding)
     return y, (y if return_hidden else None, tapped)
 
   if remat:
     body = jax.checkpoint(body)
-  x_last, (hidden, tapped) = jax.lax.scan(body, x_btd, (params["layers"], keep_l))
-  normed_btd = rms_norm(x_last, params["final_norm"], cfg.rms_norm_eps)
+  x_last, (hidden, tapped) = jax.lax.scan(
+      body, x_btd, (params["layers"], keep_l, sliding_flags(cfg)))
+  normed_btd = norm(cfg, x_last, params["final_norm"])
   out = {"embeddings": x_btd}
   if logits:
     out["logits"] = unembed(params, cfg, normed_btd, normed=True)
@@ -291,17 +392,25 @@ def forward_cached(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
   slot_q_t = idx + jnp.arange(t)
   causal_ta = jnp.arange(a)[None, :] <= slot_q_t[:, None]
   self_ta = jnp.arange(a)[None, :] == slot_q_t[:, None]
-  mask_b1ta = ((causal_ta[None] & valid_bs[:, None, :a]) | self_ta[None])[:, None]
+  mask_bta = causal_ta[None] & valid_bs[:, None, :a]
   x_btd = embed(params, cfg, tokens_bt)
-  cos_bth, sin_bth = rope_tables(cfg, positions_bt, dt)
   zero = jnp.zeros((), jnp.int32)
 
-  def attend(q_btnh, k_bakh, v_bakh):  # a few queries over the cache: an explicit mask is small
-    return jax.nn.dot_product_attention(q_btnh, k_bakh, v_bakh, mask=mask_b1ta,
-                                        scale=cfg.head_dim ** -0.5)
+  def make_attend(window):  # a few queries over the cache: an explicit mask is small
+    mask = mask_bta
+    if window is not None:  # the window counts real tokens (RoPE positions), not padding
+      key_pos_ba = jnp.cumsum(valid_bs[:, :a], axis=1) - 1
+      mask = mask & (key_pos_ba[:, None, :] > positions_bt[:, :, None] - window)
+    mask_b1ta = (mask | self_ta[None])[:, None]
+    return lambda q_btnh, k_bakh, v_bakh: jax.nn.dot_product_attention(
+        q_btnh, k_bakh, v_bakh, mask=mask_b1ta, scale=cfg.attn_scale)
 
-  def body(carry, lp):
+  setup = layer_setup(cfg, positions_bt, dt, make_attend)
+
+  def body(carry, layer_in):
     x, k_lbskh, v_lbskh, layer = carry
+    lp, sliding = layer_in
+    cos_bth, sin_bth, attend = setup(sliding)
 
     def kv_cache(k_btkh, v_btkh):
       at = (layer, zero, idx, zero, zero)
@@ -316,7 +425,7 @@ def forward_cached(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
     return (y, k_lbskh, v_lbskh, layer + 1), None
 
   (x_btd, k, v, _), _ = jax.lax.scan(body, (x_btd, cache["k"], cache["v"], zero),
-                                     params["layers"])
+                                     (params["layers"], sliding_flags(cfg)))
   new_cache = {"k": k, "v": v, "valid": valid_bs, "index": idx + t,
                "next_position": cache["next_position"] + valid_bt.sum(axis=1).astype(jnp.int32)}
   return unembed(params, cfg, x_btd), new_cache

@@ -27,8 +27,9 @@ def _qkv(seed, b=2, t=37, n=4, k=2, h=16):
   return q, kk, v, jnp.asarray(seg)
 
 
-def _numpy_reference(q, k, v, seg, scale):
-  """Loops over queries: each attends to earlier keys of its own document."""
+def _numpy_reference(q, k, v, seg, scale, window=None):
+  """Loops over queries: each attends to earlier keys of its own document (the last `window`
+  positions only, its own included, when a window is given)."""
   q, k, v, seg = map(np.asarray, (q, k, v, seg))
   b, t, n, h = q.shape
   g = n // k.shape[2]
@@ -37,7 +38,8 @@ def _numpy_reference(q, k, v, seg, scale):
     for j in range(t):
       if seg[i, j] == 0:
         continue
-      keys = [s for s in range(j + 1) if seg[i, s] == seg[i, j]]
+      first = 0 if window is None else max(0, j - window + 1)
+      keys = [s for s in range(first, j + 1) if seg[i, s] == seg[i, j]]
       for head in range(n):
         logits = k[i, keys, head // g] @ q[i, j, head] * scale
         p = np.exp(logits - logits.max())
@@ -62,6 +64,24 @@ def test_packed_attention_matches_the_reference_with_gradients(impl, kv_heads):
   grads = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)
   for g, r in zip(grads(impl, q, k, v), grads("xla", q, k, v)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+def test_sliding_window_matches_the_reference(impl):
+  """Mistral's and Gemma 3's local layers: keys less than `window` positions back."""
+  q, k, v, seg = _qkv(3)
+  real = np.asarray(seg != 0)
+  ref = _numpy_reference(q, k, v, seg, 0.25, window=6)
+  out = A.attend(q, k, v, seg, scale=0.25, impl=impl, window=6)
+  np.testing.assert_allclose(np.asarray(out)[real], ref[real], atol=2e-6)
+  unpacked = A.attend(q, k, v, None, scale=0.25, impl=impl, window=6)
+  ref = _numpy_reference(q, k, v, jnp.ones_like(seg), 0.25, window=6)
+  np.testing.assert_allclose(np.asarray(unpacked), ref, atol=2e-6)
+  with pytest.raises(ValueError, match="no sliding window"):
+    A.attend(q, k, v, seg, scale=0.25, impl="pallas_gpu", window=6)
+  np.testing.assert_array_equal(  # a window as long as the rows changes nothing
+      A.attend(q, k, v, seg, scale=0.25, impl="xla", window=37),
+      A.attend(q, k, v, seg, scale=0.25, impl="xla"))
 
 
 @pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])

@@ -160,10 +160,10 @@ def learning_rate(step, cfg: TrainConfig):
 
 
 def _decay_mask(params):
-  """Decay matrices only: norms (and anything 1-D per layer) are left alone."""
+  """Decay matrices only: norms, biases (and anything 1-D per layer) are left alone."""
   def keep(path, leaf):
     name = str(getattr(path[-1], "key", path[-1]))
-    return not name.endswith("norm") and leaf.ndim >= 2
+    return not name.endswith(("norm", "bias")) and leaf.ndim >= 2
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

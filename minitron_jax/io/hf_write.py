@@ -1,4 +1,5 @@
-"""Writing HF Llama directories from our param tree, tensor by tensor, without torch.
+"""Writing HF directories (every family of `config.ARCHITECTURES`) from our param tree,
+tensor by tensor, without torch.
 
 Tensors stream into safetensors shards, and the whole directory is written under a temporary
 name that is renamed into place only when complete, so a failure never leaves a directory that
@@ -17,7 +18,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from minitron_jax import axes
+from minitron_jax import axes, model
 from minitron_jax.config import LlamaConfig
 from minitron_jax.io.files import atomic_output_dir
 from minitron_jax.io.safetensors import write
@@ -94,6 +95,10 @@ def write_config(out_dir: str, cfg: LlamaConfig, *, torch_dtype: str = "float32"
                  source_dir: str | os.PathLike | None = None,
                  extra_config: dict | None = None) -> None:
   """config.json, the tokenizer files copied from `source_dir`, and generation_config.json."""
+  if cfg.embed_scale != cfg.hf_embed_scale:
+    raise ValueError(f"embed_scale {cfg.embed_scale} is not the {cfg.hf_embed_scale} "
+                     "transformers derives for this config: fold it first "
+                     "(model.fold_embed_scale)")
   hf_cfg = cfg.to_hf(torch_dtype=torch_dtype)
   hf_cfg.update(extra_config or {})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -140,6 +145,7 @@ def save_hf(params: dict, cfg: LlamaConfig, out_dir: str | os.PathLike, *,
   Returns:
     The output directory.
   """
+  params, cfg = model.fold_embed_scale(params, cfg)
   tensors = _hf_tensors(params, cfg, np.dtype(dtype) if dtype is not None else None)
   with atomic_output_dir(out_dir, overwrite) as tmp:
     write_weights(tmp, tensors, max_shard_bytes)

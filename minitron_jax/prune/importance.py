@@ -147,8 +147,7 @@ def activation_step(cfg: LlamaConfig, seq: str, batch: str, mesh: Mesh | None = 
     return reduce_seq(jnp.linalg.norm(x_btnh.astype(jnp.float32), axis=-1), seq)
 
   taps = {"attn_heads": head_norms, "mlp_act": lambda x: reduce_seq(x, seq),
-          "attn_in": lambda x: reduce_seq(x, seq), "mlp_in": lambda x: reduce_seq(x, seq),
-          "final_norm": lambda x: reduce_seq(x, seq)}
+          **{name: lambda x: reduce_seq(x, seq) for name in _channel_taps(cfg)}}
 
   def stats(params, tokens_bt, weights_b):
     t = M.forward(params, cfg, tokens_bt, taps=taps, logits=False)["taps"]
@@ -192,10 +191,18 @@ def activation_scores(params, cfg: LlamaConfig, batches: Iterable[np.ndarray],
     raise ValueError("no calibration samples")
   acc = jax.device_get(acc)  # the one transfer to the host
   r = {k: finish_stats(v, n, aggregation.batch) for k, v in acc.items()}
-  channels = r["attn_in"].sum(0) + r["mlp_in"].sum(0) + r["final_norm"]
+  channels = sum(r[name].sum(0) if name != "final_norm" else r[name]
+                 for name in _channel_taps(cfg))
   heads = r["attn_heads"]
   return Scores(heads=heads, neurons=r["mlp_act"], channels=channels,
                 kv_groups=_group_sum(heads, cfg))
+
+
+def _channel_taps(cfg: LlamaConfig) -> tuple[str, ...]:
+  """The normed activations whose per-channel magnitudes score hidden channels: every norm's
+  output (Gemma's sandwich norms write theirs into the residual stream)."""
+  sandwich = ("attn_out", "mlp_out") if cfg.sandwich_norms else ()
+  return ("attn_in", "mlp_in", *sandwich, "final_norm")
 
 
 def _group_sum(heads_ln: np.ndarray, cfg: LlamaConfig) -> np.ndarray:

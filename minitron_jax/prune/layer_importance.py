@@ -124,7 +124,7 @@ def drop_layers_params(params, cfg: LlamaConfig, dropped: Sequence[int]):
   """Params and config without the given layers (a slice of the stacked `layers` axis)."""
   keep = np.array([i for i in range(cfg.num_hidden_layers) if i not in set(dropped)])
   layers = jax.tree_util.tree_map(lambda x: x[keep], params["layers"])
-  return {**params, "layers": layers}, cfg.replace(num_hidden_layers=len(keep))
+  return {**params, "layers": layers}, cfg.keep_layers(keep)
 
 
 def accuracy_drop(params, cfg: LlamaConfig, tokenizer, task: str, data_root: str, *,

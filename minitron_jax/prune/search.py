@@ -66,9 +66,11 @@ class Candidate:
     return self.mlp_widths[0]
 
   def config(self, src: LlamaConfig) -> LlamaConfig:
+    """The candidate's config; with mixed layer kinds (`layer_types`) those of the first
+    layers stand in until layer importance picks the kept ones."""
     return src.replace(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                       num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                       num_hidden_layers=self.num_layers)
+                       num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads
+                       ).keep_layers(range(self.num_layers))
 
   def targets(self) -> slicing.Targets:
     return slicing.Targets(hidden_size=self.hidden_size,
@@ -94,11 +96,14 @@ def param_count(src: LlamaConfig, c: Candidate) -> int:
   """Parameters of `src` pruned to `c`, summed layer by layer (a tied embedding counted once).
 
   Per layer: q and o (D x N x H each), k and v (D x K x H each), gate, up and down (D x F_l
-  each), two RMSNorm weights (D). Outside the layers: the embedding (V x D, twice when untied)
-  and the final norm (D).
+  each), two RMSNorm weights (D); q/k/v biases ((N + 2K) x H), q/k norms (2 H) and the
+  sandwich norms (2 D) where the family has them. Outside the layers: the embedding (V x D,
+  twice when untied) and the final norm (D).
   """
   d, h = c.hidden_size, src.head_dim
   attn = d * h * (2 * c.num_heads + 2 * c.num_kv_heads) + 2 * d
+  attn += ((c.num_heads + 2 * c.num_kv_heads) * h * src.attention_bias + 2 * h * src.qk_norm
+           + 2 * d * src.sandwich_norms)
   layers = sum(attn + 3 * d * f for f in c.mlp_widths)
   return layers + src.vocab_size * d * (1 if src.tie_word_embeddings else 2) + d
 

@@ -6,6 +6,11 @@ layer, same count in every layer), and whole layers. `prune` applies it to any l
 the axis table, so every place an axis occurs (embeddings, norms, projections, lm_head) is
 sliced consistently. Query heads are chosen within each KV group, the same number per group,
 so grouped-query attention stays valid.
+
+Every family follows from the table: q/k/v biases go with their heads, per-head q/k norms act
+on head_dim and are kept whole, every norm (Gemma's (1 + w) ones too) loses the pruned hidden
+channels, a tied embedding is sliced once, Gemma's embedding scale keeps the teacher's value,
+and each kept layer keeps its kind (`layer_types`: sliding or global, with its RoPE base).
 """
 
 from __future__ import annotations
@@ -74,9 +79,11 @@ class Targets:
         raise SettingError("drop_layers", "{name} would remove every layer")
     elif self.num_hidden_layers is not None:
       layers = self.num_hidden_layers
+    kept = ([i for i in range(cfg.num_hidden_layers) if i not in set(self.drop_layers)]
+            if self.drop_layers is not None else range(layers))  # kinds: known once ranked
     return cfg.replace(hidden_size=self.hidden_size or cfg.hidden_size,
                        intermediate_size=self.intermediate_size or cfg.intermediate_size,
-                       num_attention_heads=n, num_key_value_heads=k, num_hidden_layers=layers)
+                       num_attention_heads=n, num_key_value_heads=k).keep_layers(kept)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,11 +187,10 @@ def pruned_config(cfg: LlamaConfig, plan: PrunePlan) -> LlamaConfig:
            axes.Q_HEADS: cfg.num_attention_heads, axes.KV_HEADS: cfg.num_key_value_heads}
   for a, idx in plan.by_axis().items():
     sizes[a] = np.asarray(idx).shape[-1]
+  kept = range(cfg.num_hidden_layers) if plan.layers is None else plan.layers
   return cfg.replace(hidden_size=sizes[axes.EMBED], intermediate_size=sizes[axes.MLP],
                      num_attention_heads=sizes[axes.Q_HEADS],
-                     num_key_value_heads=sizes[axes.KV_HEADS],
-                     num_hidden_layers=(cfg.num_hidden_layers if plan.layers is None
-                                        else len(plan.layers)))
+                     num_key_value_heads=sizes[axes.KV_HEADS]).keep_layers(kept)
 
 
 def slice_leaf(x, spec_axes: tuple[str, ...], plan: PrunePlan, layer: int | None = None):
@@ -262,10 +268,31 @@ def prune_checkpoint(src_dir: str, out_dir: str, plan: PrunePlan, *, overwrite: 
       raise hf_io.CheckpointError(f"{src_dir}: tensor {src_name} is missing")
     tensors.append((spec.hf_name.format(i=new_layer), axes.hf_shape(spec, new),
                     files[src_name].dtype(src_name), produce(spec, src_name, src_layer)))
+  tensors, written = _fold_embed_scale(tensors, new)
   with hf_io.atomic_output_dir(out_dir, overwrite) as tmp:
     hf_io.write_weights(tmp, tensors, max_shard_bytes or hf_io.DEFAULT_MAX_SHARD_BYTES)
-    hf_io.write_config(tmp, new, torch_dtype=hf_io.torch_dtype_name(t[2] for t in tensors),
+    hf_io.write_config(tmp, written, torch_dtype=hf_io.torch_dtype_name(t[2] for t in tensors),
                        source_dir=src_dir)
     if extra_files is not None:
       extra_files(tmp)
   return new
+
+
+def _fold_embed_scale(tensors: list, new: LlamaConfig) -> tuple[list, LlamaConfig]:
+  """`model.fold_embed_scale` on streamed tensors: when the kept embedding scale differs from
+  the one transformers derives, the embedding carries the ratio and the LM head (tied before)
+  keeps the unscaled table. Returns (tensors, the config written)."""
+  want = new.hf_embed_scale
+  if new.embed_scale == want:
+    return tensors, new
+  name, shape, dtype, produce = tensors[0]
+  assert name == "model.embed_tokens.weight", name
+  ratio = new.embed_scale / want
+
+  def scaled():
+    return (produce().astype(np.float32) * ratio).astype(dtype)
+
+  out = [(name, shape, dtype, scaled)] + tensors[1:]
+  if new.tie_word_embeddings:
+    out.append(("lm_head.weight", shape, dtype, produce))
+  return out, new.replace(embed_scale=want, tie_word_embeddings=False)

@@ -14,6 +14,10 @@ usual layout and consumers need nothing new:
                                                  shared KV heads a v row feeds several o
                                                  inputs, so AutoAWQ skips o, as we do)
 
+Gemma's (1 + w) norms take the division as (1 + w') = (1 + w) / s, and Qwen2's v bias is
+divided with v's rows; both stay exact in float. Gemma calls the MLP's input norm
+pre_feedforward_layernorm (our `mlp_norm` either way).
+
 `s = mean|x| ** α` (normalised by the geometric mean of its extremes), with α searched on a
 grid in [0, 1). Each weight's grid is then clipped: per output row and group, the range is
 shrunk by a ratio from a grid, keeping the ratio of least output error. Both searches score
@@ -242,17 +246,19 @@ def _check(fmt: Q.QuantFormat, group: int, inp: int) -> None:
 
 
 def fold_layer(mats: dict[str, np.ndarray], norms: dict[str, np.ndarray],
-               scales: dict[str, np.ndarray]) -> tuple[dict, dict]:
+               scales: dict[str, np.ndarray], plus_one: bool = False) -> tuple[dict, dict]:
   """Applies per-channel `scales` (tap -> `(in,)`) to one layer; exact in float.
 
   Args:
     mats: linear name -> HF `[out, in]` matrix.
-    norms: 'attn_norm' / 'mlp_norm' -> RMSNorm weight.
+    norms: 'attn_norm' / 'mlp_norm' -> RMSNorm weight, and 'v_bias' -> v's bias (HF `(out,)`)
+      when the model has one.
     scales: keys of `SCALE_GROUPS`.
+    plus_one: the norms scale by (1 + w) (Gemma).
 
   Returns:
     (mats, norms) with the readers' input columns multiplied by `s` and the producer (norm
-    weight or output rows) divided by it.
+    weight, or output rows and their bias) divided by it.
   """
   mats, norms = dict(mats), dict(norms)
   for tap, s in scales.items():
@@ -260,10 +266,17 @@ def fold_layer(mats: dict[str, np.ndarray], norms: dict[str, np.ndarray],
     for n in readers:
       mats[n] = mats[n] * s[None, :]
     if kind == "norm":
-      norms[producer] = norms[producer] / s
+      norms[producer] = (1.0 + norms[producer]) / s - 1.0 if plus_one else norms[producer] / s
     else:
       mats[producer] = mats[producer] / s[:, None]
+      if f"{producer}_bias" in norms:
+        norms[f"{producer}_bias"] = norms[f"{producer}_bias"] / s
   return mats, norms
+
+
+def folded_vectors(cfg) -> tuple[str, ...]:
+  """The per-layer vectors AWQ's folding rewrites: the two norms, and v's bias if any."""
+  return ("attn_norm", "mlp_norm", *(("v_bias",) if cfg.attention_bias else ()))
 
 
 def fold_params(params: dict, cfg, scales: dict[str, np.ndarray]) -> dict:
@@ -285,10 +298,12 @@ def fold_params(params: dict, cfg, scales: dict[str, np.ndarray]) -> dict:
   names = [n for n in specs if len(specs[n].hf_axes) == 2]
   layers = dict(params["layers"])
   mats = {n: np.asarray(Q.to_matrix(layers[n], specs[n]), np.float64) for n in names}
-  norms = {n: np.asarray(layers[n], np.float64) for n in ("attn_norm", "mlp_norm")}
+  norms = {n: np.asarray(layers[n], np.float64).reshape(cfg.num_hidden_layers, -1)
+           for n in folded_vectors(cfg)}
   for i in range(cfg.num_hidden_layers):
     m, nm = fold_layer({n: mats[n][i] for n in names}, {n: v[i] for n, v in norms.items()},
-                       {t: np.asarray(s[i], np.float64) for t, s in scales.items()})
+                       {t: np.asarray(s[i], np.float64) for t, s in scales.items()},
+                       plus_one=cfg.norm_plus_one)
     for n in names:
       mats[n][i] = m[n]
     for n in norms:
@@ -298,5 +313,5 @@ def fold_params(params: dict, cfg, scales: dict[str, np.ndarray]) -> dict:
     m = mats[n].reshape(-1, *out_dims, *in_dims).transpose(0, *(1 + p for p in perm))
     layers[n] = jnp.asarray(m, layers[n].dtype)
   for n, v in norms.items():
-    layers[n] = jnp.asarray(v, layers[n].dtype)
+    layers[n] = jnp.asarray(v.reshape(layers[n].shape), layers[n].dtype)
   return dict(params, layers=layers)

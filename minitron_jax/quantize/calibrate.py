@@ -35,8 +35,6 @@ from minitron_jax.settings import SettingError
 
 METHODS = ("rtn", "gptq", "awq", "awq_gptq")
 CALIBRATED = ("gptq", "awq", "awq_gptq")
-# The layer norms AWQ folds its scales into.
-_NORMS = ("attn_norm", "mlp_norm")
 
 
 def applies(method: str, fmt: Q.QuantFormat) -> bool:
@@ -81,14 +79,13 @@ def _layer_fn(cfg: LlamaConfig, with_hessians: bool):
   """Jitted (layer params, x_btd) -> (layer output, tap -> (Hessian, |x| sums) or {})."""
   taps = {t: _stats for t in sorted(set(Q.INPUT_TAPS.values()))} if with_hessians else {}
 
-  def run(lp, x_btd):
+  def run(lp, x_btd, sliding):
     b, t = x_btd.shape[:2]
     positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cos_bth, sin_bth = M.rope_tables(cfg, positions_bt, x_btd.dtype)
-    def attend(q_btnh, k_btkh, v_btkh):  # one causal sequence per row, as `M.forward`
-      return attention.attend(q_btnh, k_btkh, v_btkh, None, scale=cfg.head_dim ** -0.5,
-                              impl=cfg.attention_impl)
-
+    setup = M.layer_setup(cfg, positions_bt, x_btd.dtype, lambda window: functools.partial(
+        attention.attend, segment_ids_bt=None, scale=cfg.attn_scale, impl=cfg.attention_impl,
+        window=window))  # one causal sequence per row, as `M.forward`
+    cos_bth, sin_bth, attend = setup(sliding)
     y_btd, _, tapped = M._block(cfg, lp, x_btd, cos_bth, sin_bth, attend, None, taps)
     return y_btd, tapped
 
@@ -102,11 +99,11 @@ def _stack(parts: list[tuple]) -> tuple:
           None if zp[0] is None else jnp.asarray(np.stack(zp)))
 
 
-def _layer_stats(float_layer, lp: dict, xs: list[jax.Array]) -> dict:
+def _layer_stats(float_layer, lp: dict, xs: list[jax.Array], sliding) -> dict:
   """tap -> (Hessian, |x| sums), summed over every calibration batch of one float layer."""
   stats = None
   for x in xs:
-    got = float_layer(lp, x)[1]
+    got = float_layer(lp, x, sliding)[1]
     stats = got if stats is None else jax.tree_util.tree_map(jnp.add, stats, got)
   return stats
 
@@ -154,7 +151,7 @@ def _assembled(params: dict, cfg: LlamaConfig, parts: dict, fmt: Q.QuantFormat, 
     if spec.stacked and name in blocks:
       leaf = Q.QuantizedArray(*_stack(parts[name]), act[name], fmt.value, blocks[name],
                               *layouts[name])
-    elif spec.stacked and name in _NORMS:
+    elif spec.stacked and name in awq.folded_vectors(cfg):
       leaf = jnp.asarray(np.stack(parts[name]))
     elif Q.is_quantizable(spec, include_embeddings):
       leaf = Q.quantize_leaf(leaf, spec, fmt, group_size)
@@ -205,24 +202,26 @@ def calibrated_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
   blocks = {n: Q.block_shape(fmt, *mats[n].shape[-2:], group_size) for n in specs}
   groups = awq.scale_groups(cfg.num_attention_heads, cfg.num_key_value_heads)
   rounding = _Rounding(method, fmt, group_size, damp, act_order, block_size)
-  parts: dict[str, list] = {n: [] for n in (*specs, *_NORMS)}
+  vectors = awq.folded_vectors(cfg)  # what AWQ's folding may rewrite
+  parts: dict[str, list] = {n: [] for n in (*specs, *vectors)}
+  sliding_l = M.sliding_flags(cfg)
   float_layer, quant_layer = _layer_fn(cfg, True), _layer_fn(cfg, False)
   tokens = sum(x.shape[0] * x.shape[1] for x in xs)
   bar = Progress(f"{method} {fmt.value}", cfg.num_hidden_layers, "layers", enabled=progress)
   for i in range(cfg.num_hidden_layers):
     lp = jax.tree_util.tree_map(lambda a: a[i], params["layers"])
-    stats = _layer_stats(float_layer, lp, xs)
+    stats = _layer_stats(float_layer, lp, xs, sliding_l[i])
     hess = {k: np.asarray(v[0], np.float64) for k, v in stats.items()}
     w = {n: np.asarray(mats[n][i], np.float64) for n in specs}
-    norms = {n: np.asarray(lp[n], np.float64) for n in _NORMS}
+    norms = {n: np.asarray(lp[n], np.float64).reshape(-1) for n in vectors}
     if method.startswith("awq"):
       scales = _awq_scales(w, hess, stats, groups, tokens, fmt, blocks)
-      w, norms = awq.fold_layer(w, norms, scales)
+      w, norms = awq.fold_layer(w, norms, scales, plus_one=cfg.norm_plus_one)
       for tap, s in scales.items():
         hess[tap] = hess[tap] / np.outer(s, s)
     qlp = dict(lp)
-    for n in _NORMS:
-      qlp[n] = jnp.asarray(norms[n], lp[n].dtype)
+    for n in vectors:
+      qlp[n] = jnp.asarray(norms[n].reshape(lp[n].shape), lp[n].dtype)
       parts[n].append(np.asarray(qlp[n]))
     for n in specs:
       part = rounding.round(w[n], hess[Q.INPUT_TAPS[n]], blocks[n])
@@ -230,7 +229,7 @@ def calibrated_params(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat | str,
       values, scale, zp = (None if a is None else jnp.asarray(a) for a in part)
       qlp[n] = Q.QuantizedArray(values, scale, zp, None if act[n] is None else act[n][i],
                                 fmt.value, blocks[n], *layouts[n])
-    xs = [quant_layer(qlp, x)[0] for x in xs]
+    xs = [quant_layer(qlp, x, sliding_l[i])[0] for x in xs]
     bar.update(i + 1)
   return _assembled(params, cfg, parts, fmt, blocks, layouts, act, group_size,
                     include_embeddings)

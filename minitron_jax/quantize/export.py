@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax import axes
+from minitron_jax import axes, model as M
 from minitron_jax.io import hf as hf_io
 from minitron_jax.quantize import formats as Q
 from minitron_jax.config import LlamaConfig
@@ -323,7 +323,10 @@ def export(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, out_dir: str, *,
 
 def write_into(params: dict, cfg: LlamaConfig, fmt: Q.QuantFormat, tmp: str,
                source_dir: str | None, gguf_tokenizer_pre: str = "") -> None:
-  """Writes the export of `fmt` into an existing directory."""
+  """Writes the export of `fmt` into an existing directory. A pruned Gemma's kept embedding
+  scale is folded into its embedding first (`model.fold_embed_scale`): consumers derive the
+  scale from `hidden_size`."""
+  params, cfg = M.fold_embed_scale(params, cfg)
   if fmt.is_gguf:
     from minitron_jax.quantize import gguf_export
     gguf_export.write_gguf(params, cfg, os.path.join(tmp, gguf_export.gguf_file_name(fmt)),

@@ -47,3 +47,18 @@ def test_scaled_down_distill_step_compiles_with_sane_memory():
   # The state is donated: its outputs reuse the argument buffers.
   assert mem.aliased >= 0.95 * 3 * 4 * student.num_params() / 4
   assert 0 < mem.temporaries < chip.hbm_bytes and mem.peak < chip.hbm_bytes
+
+
+@pytest.mark.skipif(not os.environ.get("MINITRON_JAX_ALL_FAMILIES"),
+                    reason="a minute of compiling: set MINITRON_JAX_ALL_FAMILIES=1")
+def test_scaled_down_qwen3_distill_step_compiles():
+  """q/k norms (head_dim-sized, replicated) and a tied embedding under FSDP."""
+  teacher = config.preset("qwen3-0.6b").replace(
+      num_hidden_layers=2, hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+      num_key_value_heads=4, vocab_size=32000)
+  student = teacher.replace(hidden_size=384, intermediate_size=768)
+  _, devices = aot.topology_devices("v5p:2x2x1")
+  mesh = sharding.make_mesh("fsdp:-1", devices)
+  plan = aot.DistillPlan(micro_batch_size=4, accum_steps=1, seq_len=512, remat=True)
+  compiled = aot.lower_distill(student, teacher, mesh, plan)
+  assert aot.kernel_calls(compiled) and aot.memory(compiled).peak > 0

@@ -56,7 +56,7 @@ def test_tensor_shape_disagrees_with_config(hf_dir, tmp_path):
 
 
 @pytest.mark.parametrize("edit,pattern", [
-    (dict(model_type="mistral"), "model_type 'mistral'"),
+    (dict(model_type="phi3"), "model_type 'phi3'"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(sliding_window=4096), "sliding_window"),

@@ -576,18 +576,18 @@ def test_cli_bad_inputs_fail_before_work(tmp_path):
   cfg_only = tmp_path / "cfg_only"  # a config but no weights: any load would fail differently
   cfg_only.mkdir()
   json.dump(preset("tiny").to_hf(), open(cfg_only / "config.json", "w"))
-  mistral = tmp_path / "mistral"
-  mistral.mkdir()
-  json.dump({**preset("tiny").to_hf(), "model_type": "mistral"},
-            open(mistral / "config.json", "w"))
+  other = tmp_path / "phi3"  # a model type we do not support
+  other.mkdir()
+  json.dump({**preset("tiny").to_hf(), "model_type": "phi3"},
+            open(other / "config.json", "w"))
   busy = tmp_path / "busy"
   busy.mkdir()
   (busy / "keep.txt").write_text("x")
   cases = [
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o1'}", "--format=int3"],
        "--format='int3' is not a known export format"),
-      ([f"--model_dir={mistral}", f"--output_dir={tmp_path / 'o2'}", "--format=int8"],
-       "model_type 'mistral'"),
+      ([f"--model_dir={other}", f"--output_dir={tmp_path / 'o2'}", "--format=int8"],
+       "model_type 'phi3'"),
       ([f"--model_dir={cfg_only}", f"--output_dir={busy}", "--format=int8"], "not empty"),
       ([f"--model_dir={cfg_only}", f"--output_dir={tmp_path / 'o3'}", "--format=int4",
         "--method=gptq"], "method=gptq needs calibration data: set --calib_data"),
