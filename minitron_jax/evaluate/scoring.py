@@ -53,12 +53,23 @@ def _rows(mesh: Mesh | None, *arrays):
   return arrays if mesh is None else tuple(sharding.shard_rows(a, mesh) for a in arrays)
 
 
+def bos_prefix(tokenizer) -> int | None:
+  """The BOS id when the tokenizer puts BOS before every encoded text (Gemma, Llama 3), else
+  None (SmolLM2, Qwen): read from what encoding does, as transformers and the harness apply it."""
+  bos = tokenizer.bos_token_id
+  ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+  return bos if bos is not None and len(ids) > 0 and ids[0] == bos else None
+
+
 def perplexity(params, cfg: LlamaConfig, token_ids: Sequence[int], *, seq_len: int = 1024,
                max_windows: int | None = None, batch_size: int = 4,
-               progress: bool = True, mesh: Mesh | None = None) -> dict:
+               progress: bool = True, mesh: Mesh | None = None,
+               bos_id: int | None = None) -> dict:
   """Perplexity over consecutive non-overlapping windows of `seq_len` tokens.
 
   The last partial window is dropped; every token but the first of each window is predicted.
+  With `bos_id` (`bos_prefix` of the tokenizer) each window is BOS then `seq_len - 1` text
+  tokens, all of them predicted: the same count, and the context a BOS-trained model expects.
   With a `mesh`, params are sharded by the logical-axis rules and each batch (rounded up to
   a multiple of the batch shards) is split over the batch axes; every host passes the same
   text and feeds only its own rows.
@@ -70,12 +81,15 @@ def perplexity(params, cfg: LlamaConfig, token_ids: Sequence[int], *, seq_len: i
   if seq_len < 2:
     raise ValueError(f"seq_len must be >= 2, got {seq_len}")
   ids = np.asarray(token_ids, np.int32)
-  n_windows = len(ids) // seq_len
+  text_len = seq_len if bos_id is None else seq_len - 1
+  n_windows = len(ids) // text_len
   if max_windows is not None:
     n_windows = min(n_windows, max_windows)
   if n_windows == 0:
     raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
-  windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+  windows = ids[: n_windows * text_len].reshape(n_windows, text_len)
+  if bos_id is not None:
+    windows = np.concatenate([np.full((n_windows, 1), bos_id, np.int32), windows], 1)
   score = _scorer(cfg, mesh)
   params = _placed(params, cfg, mesh)
   batch_size = sharding.padded_rows(batch_size, mesh)
@@ -332,7 +346,8 @@ def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str
         tokenizer.model_max_length = max_len
       t0 = time.perf_counter()
       res = perplexity(params, cfg, ids, seq_len=seq_len, max_windows=max_windows,
-                       batch_size=max(1, batch_size // 4), progress=progress, mesh=mesh)
+                       batch_size=max(1, batch_size // 4), progress=progress, mesh=mesh,
+                       bos_id=bos_prefix(tokenizer))
       res["seconds"] = round(time.perf_counter() - t0, 2)
       res["file"] = where
       results["ppl"] = res

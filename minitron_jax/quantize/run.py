@@ -206,8 +206,8 @@ def measurements(job: QuantizeJob, out_dir: str, params, qparams, cfg, tok, mesh
       "error_summary": quant_export.summarize(stats), "tensors": stats}
   if job.ppl_file is not None:
     ids = _tokens(job.ppl_file, tok)
-    before = _ppl(params, cfg, ids, job, mesh)
-    after = _ppl(qparams, cfg, ids, job, mesh)
+    before = _ppl(params, cfg, ids, job, mesh, tok)
+    after = _ppl(qparams, cfg, ids, job, mesh, tok)
     out["perplexity"] = {"file": os.path.abspath(job.ppl_file), "before": before["ppl"],
                          "after": after["ppl"], "increase": after["ppl"] - before["ppl"],
                          "tokens": after["tokens"], "windows": after["windows"]}
@@ -219,11 +219,12 @@ def _tokens(path: str, tok) -> list[int]:
     return tok(f.read(), add_special_tokens=False)["input_ids"]
 
 
-def _ppl(params, cfg, ids, job: QuantizeJob, mesh) -> dict:
+def _ppl(params, cfg, ids, job: QuantizeJob, mesh, tok) -> dict:
   from minitron_jax.evaluate import scoring
 
   res = scoring.perplexity(params, cfg, ids, seq_len=job.seq_len, max_windows=job.max_windows,
-                           batch_size=1, progress=job.progress, mesh=mesh)
+                           batch_size=1, progress=job.progress, mesh=mesh,
+                           bos_id=scoring.bos_prefix(tok))
   return {k: res[k] for k in ("ppl", "nll", "tokens", "windows")}
 
 

@@ -120,6 +120,34 @@ def test_perplexity_protocol_windows():
     E.perplexity(params, cfg, ids[:10], seq_len=64)
 
 
+def test_perplexity_windows_start_with_bos():
+  cfg = C.preset("tiny")
+  params = M.init_params(cfg, jax.random.key(0))
+  ids = np.random.RandomState(1).randint(3, cfg.vocab_size, 300)
+  res = E.perplexity(params, cfg, ids, seq_len=64, progress=False, bos_id=1)
+  assert res["windows"] == 300 // 63 and res["tokens"] == 4 * 63
+  total = 0.0  # independent: BOS then 63 text tokens, every text token predicted
+  for w in range(4):
+    x = np.concatenate([[1], ids[w * 63:(w + 1) * 63]])
+    logp = jax.nn.log_softmax(M.forward(params, cfg, x[None])["logits"][0], -1)
+    total -= float(np.sum(np.take_along_axis(np.asarray(logp[:-1]), x[1:, None], 1)))
+  assert abs(res["nll"] - total / (4 * 63)) < 1e-5
+
+
+class _Tok:
+  bos_token_id = 5
+
+  def __init__(self, adds_bos):
+    self.adds_bos = adds_bos
+
+  def __call__(self, text, add_special_tokens=True):
+    return {"input_ids": ([5] if self.adds_bos and add_special_tokens else []) + [9]}
+
+
+def test_bos_prefix_follows_what_the_tokenizer_adds():
+  assert E.bos_prefix(_Tok(True)) == 5 and E.bos_prefix(_Tok(False)) is None
+
+
 def test_decode_compiles_once_per_length_bucket():
   cfg = C.preset("tiny", eos_token_id=None)
   params = M.init_params(cfg, jax.random.key(0))

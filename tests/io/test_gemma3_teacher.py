@@ -167,3 +167,28 @@ def test_q8_0_export_runs_in_llama_cpp(gemma_dir, tokenizer, hf_model, tmp_path)
   # weights, embedding included, and llama.cpp's 8-bit activations against float32).
   assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.8
   assert np.corrcoef(theirs.ravel(), ours.ravel())[0, 1] >= 0.99
+
+
+def test_our_loader_perplexity_matches_transformers(data_root, gemma_dir, tokenizer, hf_model,
+                                                    real_dir):
+  """`load_hf` of the converted directory scores WikiText-2 windows as transformers does; the
+  windows start with BOS because Gemma's tokenizer adds it (SmolLM2's does not)."""
+  import torch
+
+  from minitron_jax.evaluate import scoring
+  from minitron_jax.io import hf as hf_io
+
+  assert scoring.bos_prefix(tokenizer) == tokenizer.bos_token_id == 2
+  assert scoring.bos_prefix(hf_io.load_tokenizer(str(real_dir))) is None
+  text, _ = sources.load_ppl_text(data_root)
+  ids = tokenizer(text[:5000], add_special_tokens=False)["input_ids"]
+  params, cfg = hf_io.load_hf(str(gemma_dir))
+  ours = scoring.perplexity(params, cfg, ids, seq_len=64, max_windows=2, batch_size=2,
+                            progress=False, bos_id=scoring.bos_prefix(tokenizer))
+  windows = np.concatenate([np.full((2, 1), 2), np.reshape(ids[:2 * 63], (2, 63))], 1)
+  with torch.no_grad():
+    logits = hf_model(torch.tensor(windows, dtype=torch.long)).logits.numpy()
+  logp = np.concatenate([_target_logprobs(lg, row) for lg, row in zip(logits, windows)])
+  ppl = math.exp(-np.mean(logp))
+  assert ours["tokens"] == logp.size and ppl < 300, ppl
+  assert abs(ours["ppl"] / ppl - 1) <= 1e-4, (ours["ppl"], ppl)
