@@ -120,6 +120,10 @@ def check_architecture(cfg) -> None:
     raise ValueError(f"GGUF export does not support rope type {cfg.rope_scaling.rope_type!r}")
   if cfg.rope_scaling.rope_type == "llama3" and arch.name != "llama":
     raise ValueError(f"GGUF architecture {arch.name!r} has no llama3 rope scaling")
+  if arch.name == "qwen2" and cfg.num_attention_heads * cfg.head_dim != cfg.hidden_size:
+    raise ValueError(f"num_attention_heads {cfg.num_attention_heads} x head_dim {cfg.head_dim} "
+                     f"!= hidden_size {cfg.hidden_size}: llama.cpp's qwen2 architecture needs "
+                     "them equal (its q/o projections are hidden x hidden)")
   if arch.name != "gemma3":
     return
   n = cfg.num_hidden_layers
