@@ -169,11 +169,13 @@ def test_hidden_states_and_taps_match_transformers(tmp_path):
 
 
 # Each recipe's teacher, as a preset of the same architecture (no download).
-TEACHER_PRESETS = {"smollm2-135m": "smollm2-135m", "meta-llama/Llama-3.1-8B": "llama3.1-8b"}
+TEACHER_PRESETS = {"smollm2-135m": "smollm2-135m", "meta-llama/Llama-3.1-8B": "llama3.1-8b",
+                   "gemma3-270m": "gemma3-270m"}
 
 
 @pytest.mark.parametrize("config_file,billions", [
-    ("smollm2_135m", None), ("llama31_8b_to_4b_width", 4.51), ("llama31_8b_to_4b_depth", 4.54)])
+    ("smollm2_135m", None), ("gemma3_270m", None), ("llama31_8b_to_4b_width", 4.51),
+    ("llama31_8b_to_4b_depth", 4.54)])
 def test_eval_shape_full_size_presets(config_file, billions):
   """Teacher and pruned student of each recipe in configs/, built abstractly (no memory)."""
   import importlib
@@ -192,8 +194,8 @@ def test_eval_shape_full_size_presets(config_file, billions):
                             jax.ShapeDtypeStruct((1, 16), jnp.int32))
     assert logits.shape == (1, 16, cfg.vocab_size)
   n_teacher = teacher.num_params()
-  if billions is None:  # SmolLM2-135M: each student keeps about half the non-embedding params
-    assert n_teacher == 134_515_008
+  if billions is None:  # SmolLM2-135M, Gemma 3 270M: students keep about half the body
+    assert n_teacher == {"smollm2-135m": 134_515_008, "gemma3-270m": 268_098_176}[recipe.teacher]
 
     def body(c):
       return c.num_params() - c.vocab_size * c.hidden_size

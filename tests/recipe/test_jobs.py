@@ -150,3 +150,20 @@ def test_every_stage_job_comes_from_the_config(tmp_path):
   ev = jobs.eval_job(cfg, "m", cfg.eval.tasks)
   assert (ev.seq_len, ev.max_windows, ev.limit) == (512, 8, 100)
   assert ev.mesh.stage_mesh() is None  # data:-1: forward-only stages run unsharded
+
+
+def test_gemma3_recipe_validates_and_its_quantized_student_exports_to_gguf(tmp_path):
+  from configs import gemma3_270m
+  from minitron_jax import config as C
+  from minitron_jax.prune.slicing import Targets
+  from minitron_jax.quantize import gguf_export
+
+  cfg = gemma3_270m.get_config()
+  run_dir = str(tmp_path)
+  jobs.validate(cfg, run_dir, [s.name for s in stages.stages() if s.enabled(cfg)])
+  (q,) = jobs.quantize_jobs(cfg, run_dir)
+  assert q.format == "gguf_q8_0" and q.model_dir == os.path.join(run_dir, "distill_width", "hf")
+  teacher = C.preset("gemma3-270m")
+  width = Targets.from_flags(teacher, **dict(cfg.prune.width)).validate(teacher)
+  gguf_export.check_architecture(width)  # llama.cpp's Gemma 3 runs the width student
+  assert width.hidden_size % 32 == 0 and width.intermediate_size % 32 == 0  # Q8_0 blocks
