@@ -191,4 +191,5 @@ def test_our_loader_perplexity_matches_transformers(data_root, gemma_dir, tokeni
   logp = np.concatenate([_target_logprobs(lg, row) for lg, row in zip(logits, windows)])
   ppl = math.exp(-np.mean(logp))
   assert ours["tokens"] == logp.size and ppl < 300, ppl
+  # Measured: 68.5930 here, 68.5911 in transformers (2.7e-5); 824 without the BOS.
   assert abs(ours["ppl"] / ppl - 1) <= 1e-4, (ours["ppl"], ppl)

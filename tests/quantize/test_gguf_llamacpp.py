@@ -106,5 +106,7 @@ def test_family_export_runs_in_llama_cpp(tiny_random, tmp_path, family):
     assert ids == tok(PROMPTS[0])["input_ids"]
     theirs = llm.logits(ids)
   ours = np.asarray(M.forward(qp, cfg, jnp.asarray([ids]))["logits"][0])
+  # Measured (16 prompt tokens): Qwen2 1.7e-2, Gemma 3 1.3e-2, Mistral 2.0e-2; our own Q8_0
+  # forward is 1.6e-2, 1.2e-2 and 2.6e-2 from the float model's.
   err = np.abs(theirs - ours).max() / np.abs(ours).max()
   assert err <= TOLERANCE, err
