@@ -164,3 +164,16 @@ def _perplexity(job: SparsifyJob, before: dict, after: dict, cfg, tok) -> dict:
   return {"file": os.path.abspath(job.ppl_file), "before": res[0]["ppl"],
           "after": res[1]["ppl"], "increase": res[1]["ppl"] - res[0]["ppl"],
           "tokens": res[1]["tokens"], "windows": res[1]["windows"]}
+
+
+def format_report(report: dict) -> str:
+  """A few human lines summarising a report."""
+  s = report["sparsity"]
+  lines = [f"wrote {report['output_dir']} ({report['export']}, {report['method']} "
+           f"{report['pattern']}: {s['sparsity']:.1%} of the linear weights zero, "
+           f"{report['size_bytes'] / 1e6:.1f} MB)"]
+  if "perplexity" in report:
+    p = report["perplexity"]
+    lines.append(f"perplexity {p['before']:.3f} -> {p['after']:.3f} "
+                 f"({p['windows']} windows, {p['tokens']} tokens)")
+  return "\n".join(lines)
