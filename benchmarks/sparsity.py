@@ -38,6 +38,8 @@ _KD_RUNS = flags.DEFINE_list("kd_runs", None, "Runs also distilled (default: all
 _KD_BATCH = flags.DEFINE_integer("kd_batch", 8, "KD sequences per update.", lower_bound=1)
 _KD_SEQ = flags.DEFINE_integer("kd_seq_len", 256, "KD sequence length.", lower_bound=2)
 _KD_LR = flags.DEFINE_float("kd_lr", 1e-4, "KD peak learning rate (cosine to a tenth).")
+_DENSE_PPL = flags.DEFINE_float("dense_ppl", None, "The dense model's perplexity measured "
+                                "before on the same windows (skips measuring it again).")
 
 
 def _kd(params, cfg, sparse, tok, source: str, work: str):
@@ -97,7 +99,7 @@ def main(argv):
     return scoring.perplexity(p, cfg, ids, seq_len=_SEQ.value, max_windows=_WINDOWS.value,
                               batch_size=4, progress=False)
 
-  dense = ppl(params)
+  dense = {"ppl": _DENSE_PPL.value, "tokens": "as before"} if _DENSE_PPL.value else ppl(params)
   print(f"dense: ppl {dense['ppl']:.3f} ({dense['tokens']} tokens)", flush=True)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
