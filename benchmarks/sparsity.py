@@ -38,6 +38,8 @@ _KD_RUNS = flags.DEFINE_list("kd_runs", None, "Runs also distilled (default: all
 _KD_BATCH = flags.DEFINE_integer("kd_batch", 8, "KD sequences per update.", lower_bound=1)
 _KD_SEQ = flags.DEFINE_integer("kd_seq_len", 256, "KD sequence length.", lower_bound=2)
 _KD_LR = flags.DEFINE_float("kd_lr", 1e-4, "KD peak learning rate (cosine to a tenth).")
+_ONESHOT = flags.DEFINE_bool("oneshot_eval", True, "Measure each run one-shot too (off: only "
+                              "after masked KD, when another command measured one-shot).")
 _DENSE_PPL = flags.DEFINE_float("dense_ppl", None, "The dense model's perplexity measured "
                                 "before on the same windows (skips measuring it again).")
 
@@ -107,10 +109,11 @@ def main(argv):
       t0 = time.perf_counter()
       sparse = apply.sparsify_params(params, cfg, method, pattern, batches)
       secs = time.perf_counter() - t0
-      got = ppl(sparse)["ppl"]
-      rows.append((method, pattern.name, "one-shot", got, secs))
-      print(f"{method} {pattern.name} one-shot: ppl {got:.3f} (+{got - dense['ppl']:.3f}), "
-            f"{secs:.0f}s", flush=True)
+      if _ONESHOT.value or name not in kd_runs:
+        got = ppl(sparse)["ppl"]
+        rows.append((method, pattern.name, "one-shot", got, secs))
+        print(f"{method} {pattern.name} one-shot: ppl {got:.3f} (+{got - dense['ppl']:.3f}), "
+              f"{secs:.0f}s", flush=True)
       if name in kd_runs:
         trained, secs = _kd(params, cfg, sparse, tok, calib_src, os.path.join(tmp, name))
         apply.sparsity_stats(trained, cfg, pattern)  # raises if a group lost its zeros
