@@ -83,7 +83,13 @@ def test_sparse24_export_decodes_to_our_logits_in_transformers(tiny, tokens, tmp
   qcfg = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
   sparse = Sparse24BitMaskConfig.model_validate(qcfg["sparsity_config"])
   assert (sparse.format, sparse.sparsity_structure) == ("sparse-24-bitmask", "2:4")
+  assert sparse.model_dump(exclude={"registry_requires_subclass"}) == qcfg["sparsity_config"]
   assert (qcfg["format"] == "dense") == (name == "sparse24")
+  if qcfg["config_groups"]:  # the W8A8 scheme parses as compressed-tensors' own config
+    from compressed_tensors.quantization import QuantizationConfig
+    q = QuantizationConfig.model_validate({k: v for k, v in qcfg.items()
+                                           if k != "sparsity_config"})
+    assert q.config_groups["group_0"].input_activations.dynamic
   _densify(out, str(tmp_path / "dense"))
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense")).eval()
   ours = np.asarray(M.forward(stored, cfg, jnp.asarray(tokens))["logits"])
