@@ -2,8 +2,7 @@
 
   python launch/sparsify.py --model_dir=smollm2-135m --output_dir=out/smollm2-24 \
       --method=sparsegpt --pattern=2:4 --calib_data=shakespeare --calib_samples=64
-  python launch/sparsify.py --output_dir=out/smollm2-50 --method=magnitude \
-      --pattern=unstructured --sparsity=0.5
+  python launch/sparsify.py --output_dir=out/smollm2-50 --method=magnitude --sparsity=0.5
 
 Methods: magnitude (no data), wanda and sparsegpt (calibrated on --calib_data, layer by
 layer). Exports: dense (an ordinary HF checkpoint with zeros), sparse24 (compressed-tensors
@@ -34,7 +33,7 @@ _METHOD = flags.DEFINE_string("method", JOB.method, "magnitude, wanda or sparseg
 _PATTERN = flags.DEFINE_string("pattern", JOB.pattern, "N:M (2:4, 4:8, ...: at most N "
                                "non-zeros in every M consecutive inputs) or 'unstructured'.")
 _SPARSITY = flags.DEFINE_float("sparsity", JOB.sparsity, "Fraction of zeros of "
-                               "--pattern=unstructured.")
+                               "--pattern=unstructured (given alone: unstructured).")
 _EXPORT = flags.DEFINE_string("export", JOB.export,
                               f"One of {', '.join(sparse_export.EXPORT_FORMATS)}.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", JOB.overwrite, "Replace a non-empty output directory.")
@@ -69,8 +68,11 @@ def job_from_flags() -> sparsify_run.SparsifyJob:
                                         "wikitext-2", "test.txt")
   calib = CalibSpec(data=_CDATA.value or "", samples=_NCAL.value, seq_len=_LCAL.value,
                     batch_size=JOB.calib.batch_size, seed=JOB.calib.seed)
+  # --sparsity alone asks for unstructured sparsity.
+  pattern = ("unstructured" if flags.FLAGS["sparsity"].present
+             and not flags.FLAGS["pattern"].present else _PATTERN.value)
   return JOB(model_dir=_MODEL.value, output_dir=_OUT.value, method=_METHOD.value,
-             pattern=_PATTERN.value, sparsity=_SPARSITY.value, export=_EXPORT.value,
+             pattern=pattern, sparsity=_SPARSITY.value, export=_EXPORT.value,
              overwrite=_OVERWRITE.value, calib=calib, damp=_DAMP.value,
              block_size=_BLOCK.value, dense_dtype=_DENSE.value,
              ppl_file=None if ppl_file == "none" else ppl_file, seq_len=_SEQ.value,
