@@ -76,13 +76,13 @@ def _sparse_tensors(module: str, matrix, dtype, scale, out: int, inp: int) -> li
   `[out, in]` stored values, computed once when the writer reaches them."""
   cache = {}
 
-  def parts():
-    if not cache:
+  def part(key: str):  # both halves from one compression; dropped once written
+    if key not in cache:
       cache["c"], cache["b"] = bitmask_compress(matrix())
-    return cache
+    return cache.pop(key)
 
-  tensors = [_lazy(f"{module}.compressed", (out, inp // 2), dtype, lambda: parts()["c"]),
-             _lazy(f"{module}.bitmask", (out, -(-inp // 8)), np.uint8, lambda: parts()["b"]),
+  tensors = [_lazy(f"{module}.compressed", (out, inp // 2), dtype, lambda: part("c")),
+             _lazy(f"{module}.bitmask", (out, -(-inp // 8)), np.uint8, lambda: part("b")),
              _lazy(f"{module}.shape", (2, 1), np.int64,
                    lambda: np.array([[out], [inp]], np.int64))]
   if scale is not None:
