@@ -107,6 +107,12 @@ def get_config() -> ConfigDict:
   c.quantize = ConfigDict(dict(source="distill_depth", formats=("gguf_q4_0",),
                                gguf_tokenizer_pre=""))
 
+  # Optional one-shot sparsity of a distilled student (docs/sparsity.md), evaluated as model
+  # `sparse`: pattern "2:4", "4:8", ... or "unstructured" (at `sparsity`); "" = off. method
+  # magnitude, wanda or sparsegpt (the calibrated ones read the training data).
+  c.sparsify = ConfigDict(dict(source="distill_depth", pattern="", method="sparsegpt",
+                               sparsity=0.5, calib_samples=64, calib_seq_len=512))
+
   # Tuples, not lists: ml_collections overrides tuples from the command line.
   # max_windows applies to WikiText-2 test and to the held-out slice of the training data.
   # reference_tasks: the only tasks for the models the report does not compare on zero-shot

@@ -112,6 +112,9 @@ _PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's inde
 _SCHEDULE = flags.DEFINE_bool("allow_schedule_change", _T.allow_schedule_change, "On resume, "
                               "accept new --steps, --lr, --min_lr or --warmup_steps instead of "
                               "refusing them.")
+_KEEP_SPARSITY = flags.DEFINE_bool("keep_sparsity", _T.keep_sparsity, "Masked distillation "
+                                   "of a sparse student (launch/sparsify.py): the linear "
+                                   "weights that start at zero stay zero.")
 _CACHE = flags.DEFINE_string("teacher_cache", None, "Directory of offline teacher logits: "
                              "written with --cache_teacher_topk, else read instead of running "
                              "the teacher.")
@@ -198,7 +201,8 @@ def build_job() -> DistillJob:
       dtype=_DTYPE.value, remat=_REMAT.value, logits_chunk=_CHUNK.value,
       attention_impl=_ATTN.value, seed=_SEED.value, mesh=_MESH.value, save_every=_SAVE.value,
       keep_checkpoints=_KEEP.value, eval_every=_EVAL.value, eval_windows=_EVAL_WIN.value,
-      log_every=_LOG.value, allow_schedule_change=_SCHEDULE.value)
+      log_every=_LOG.value, allow_schedule_change=_SCHEDULE.value,
+      keep_sparsity=_KEEP_SPARSITY.value)
   loss = distill.DistillConfig(
       temperature=_TEMP.value, kl=_KL.value, top_k=_TOPK.value, hidden_loss=_HIDDEN.value,
       hidden_weight=_HIDDEN_W.value, embedding_weight=_EMB_W.value, ce_weight=_CE_W.value,

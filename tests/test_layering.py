@@ -19,7 +19,7 @@ PACKAGE = "minitron_jax"
 CORE = {"config", "axes", "model", "attention", "sharding", "settings"}
 # Leaf helpers over the core (FLOP counts, progress lines, charts, error reporting).
 UTIL = {"flops", "progress", "plots", "errors"}
-STAGES = {"io", "data", "prune", "distill", "quantize", "evaluate"}
+STAGES = {"io", "data", "prune", "distill", "quantize", "sparsify", "evaluate"}
 ORCHESTRATOR = "recipe"
 CLI = "cli"
 
@@ -36,11 +36,14 @@ ALLOWED_STAGE_EDGES = {
     "distill": {"io", "data"},
     # io: models in and out; data: calibration windows; evaluate: perplexity before and after.
     "quantize": {"io", "data", "evaluate"},
+    # quantize: GPTQ's inverse-Hessian factor, the layer-by-layer Hessians, the formats and
+    # compressed-tensors writers the sparse exports reuse; the rest as quantize.
+    "sparsify": {"io", "data", "evaluate", "quantize"},
 }
 
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
-FUNCTION_LIMITED = {"recipe", "distill", "quantize"}
+FUNCTION_LIMITED = {"recipe", "distill", "quantize", "sparsify"}
 
 
 def package_modules(root: str, package: str) -> dict[str, str]:

@@ -34,6 +34,7 @@ from minitron_jax import model as M, sharding
 from minitron_jax.sharding import put_global, replicated  # noqa: F401 (re-exported)
 from minitron_jax.distill import losses as distill
 from minitron_jax.distill import lora as lora_lib
+from minitron_jax.distill import masked
 from minitron_jax.config import ATTENTION_IMPLS, LlamaConfig
 from minitron_jax.settings import SettingError, check_positive
 
@@ -78,6 +79,8 @@ class TrainConfig:
     allow_schedule_change: on resume, accept new `steps`, `lr`, `min_lr` or `warmup_steps`
       (the learning-rate schedule) instead of refusing them.
     async_checkpointing: write checkpoints in a background thread.
+    keep_sparsity: the decoder layers' linear weights that are zero at the start stay zero
+      (masked distillation of a sparse model; `masked.keep_zeros`).
   """
 
   mode: str = "distill"
@@ -106,6 +109,7 @@ class TrainConfig:
   log_every: int = 1
   allow_schedule_change: bool = False
   async_checkpointing: bool = True
+  keep_sparsity: bool = False
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -168,12 +172,13 @@ def _decay_mask(params):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW on the schedule of `learning_rate`."""
+  """Global-norm clipping, then AdamW on the schedule of `learning_rate` (zeros held fixed
+  with `keep_sparsity`)."""
   adamw = optax.adamw(lambda s: learning_rate(s, cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, mask=_decay_mask)
-  if cfg.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-  return adamw
+  tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 \
+      else adamw
+  return masked.keep_zeros(tx) if cfg.keep_sparsity else tx
 
 
 # ---------------------------------------------------------------------------- state and sharding

@@ -92,6 +92,12 @@ def _layer_fn(cfg: LlamaConfig, with_hessians: bool):
   return jax.jit(run)
 
 
+def layer_fn(cfg: LlamaConfig, with_hessians: bool):
+  """Jitted `(layer params, x_btd) -> (layer output, tap -> (X Xᵀ, sum |x|) or {})` of one
+  decoder layer (cached per config)."""
+  return _layer_fn(cfg, with_hessians)
+
+
 def _stack(parts: list[tuple]) -> tuple:
   """Per-layer (values, scale, zero point) -> stacked over a leading layers axis."""
   values, scale, zp = zip(*parts)

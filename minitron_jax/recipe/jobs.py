@@ -60,6 +60,16 @@ def quantize_names():
                                section="quantize")
 
 
+def sparsify_names():
+  return settings.config_names({"model_dir": "sparsify.source", "mesh": "mesh",
+                                "ppl_file": "eval.ppl_file",
+                                "calib.data": "data.source",
+                                "calib.samples": "sparsify.calib_samples",
+                                "calib.seq_len": "sparsify.calib_seq_len",
+                                "calib.batch_size": "prune.batch_size", "calib.seed": "seed"},
+                               section="sparsify")
+
+
 def eval_names():
   return settings.config_names({"dtype": "dtype", "mesh": "mesh", "data_root": "data_root"},
                                section="eval")
@@ -127,6 +137,21 @@ def quantize_jobs(cfg, run_dir: str, ppl_file: str | None = None) -> list:
       overwrite=True, ppl_file=ppl_file, max_windows=QUANTIZE_PPL_WINDOWS,
       gguf_tokenizer_pre=cfg.quantize.gguf_tokenizer_pre,
       mesh=MeshSpec(cfg.mesh)) for fmt in cfg.quantize.formats]
+
+
+def sparsify_job(cfg, run_dir: str, ppl_file: str | None = None):
+  """The sparse student (`sparsify.*`), written dense into `sparse/` (the evaluate stage
+  reads it); the calibrated methods read the training data."""
+  from minitron_jax.sparsify import run as sparsify_run
+
+  s = cfg.sparsify
+  calib = CalibSpec(data=layout.training_data(run_dir) if s.method != "magnitude" else "",
+                    samples=s.calib_samples, seq_len=s.calib_seq_len,
+                    batch_size=cfg.prune.batch_size, seed=cfg.seed)
+  return sparsify_run.SparsifyJob(
+      model_dir=source_dir(cfg, run_dir, s.source), output_dir=os.path.join(run_dir, "sparse"),
+      method=s.method, pattern=s.pattern, sparsity=s.sparsity, export="dense", overwrite=True,
+      calib=calib, ppl_file=ppl_file, max_windows=QUANTIZE_PPL_WINDOWS, mesh=MeshSpec(cfg.mesh))
 
 
 def eval_job(cfg, model_dir: str, tasks: Iterable[str]):
@@ -256,6 +281,12 @@ def check_recipe(cfg) -> None:
   if cfg.quantize.formats and any(src.endswith(k) and k not in cfg.prune.kinds for k in KINDS):
     raise SettingError("quantize.source", f"{{name}}={src!r} is not made: prune.kinds="
                        f"{tuple(cfg.prune.kinds)}")
+  src = layout.get(cfg, "sparsify.source")
+  if layout.get(cfg, "sparsify.pattern") and (
+      src not in layout.MODEL_STAGES
+      or any(src.endswith(k) and k not in cfg.prune.kinds for k in KINDS)):
+    raise SettingError("sparsify.source", f"{{name}}={src!r} is not a model this run makes "
+                       f"(one of {layout.MODEL_STAGES}, prune.kinds={tuple(cfg.prune.kinds)})")
 
 
 def validate(cfg, run_dir: str, stage_names: Iterable[str]) -> None:
@@ -274,6 +305,9 @@ def validate(cfg, run_dir: str, stage_names: Iterable[str]) -> None:
     with settings.named(quantize_names()):
       for job in quantize_jobs(cfg, run_dir):
         job.validate()
+  if "sparsify" in todo:
+    with settings.named(sparsify_names()):
+      sparsify_job(cfg, run_dir).validate()
   for name, (section, _) in DISTILL_RUNS.items():
     if name in todo:
       with settings.named(distill_names(section)):

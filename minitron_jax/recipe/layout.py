@@ -46,6 +46,6 @@ def model_dir(run_dir: str, name: str) -> str:
   """HF directory of a model stage."""
   if name == "teacher":
     return read(run_dir, "teacher.json")["model_dir"]
-  if name.startswith("pruned_"):
+  if name.startswith("pruned_") or name == "sparse":
     return os.path.join(run_dir, name)
   return os.path.join(run_dir, name, "hf")

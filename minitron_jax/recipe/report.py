@@ -20,7 +20,8 @@ LABELS = {"teacher": "teacher", "corrected": "corrected teacher",
           "distill_width": "distilled, width", "distill_depth": "distilled, depth",
           "baseline_pruned_ce": "baseline: pruned width + CE (no teacher)",
           "baseline_random_ce": "baseline: random init + CE",
-          "pruned_search": "pruned, searched shape", "distill_search": "distilled, searched shape"}
+          "pruned_search": "pruned, searched shape", "distill_search": "distilled, searched shape",
+          "sparse": "sparsified (sparsify stage)"}
 TASK_COLUMNS = ("mmlu", "winogrande", "piqa", "hellaswag", "arc_easy", "arc_challenge", "lambada",
                 "openbookqa")
 TRAINED = ("corrected", "distill_width", "distill_depth", "distill_search",
@@ -59,7 +60,7 @@ def model_tasks(cfg, name: str) -> list[str]:
   others (the teacher before correction, one-shot pruned and quantized models), whose zero-shot
   scores sit at chance or within noise of their source's. () = every task for every model."""
   ref = tuple(cfg.eval.reference_tasks)
-  reference = (name.startswith(("quantized/", "pruned_"))
+  reference = (name.startswith(("quantized/", "pruned_")) or name == "sparse"
                or (name == "teacher" and layout.students_teacher(cfg) != "teacher"))
   return [t for t in cfg.eval.tasks if not (ref and reference) or t in ref]
 

@@ -204,18 +204,32 @@ def stage_quantize(cfg, run_dir: str) -> None:
   from minitron_jax.quantize import export as quant_export
   from minitron_jax.quantize import run as quantize_run
 
-  ppl_file = sources.find_local(sources.PPL, data_root(cfg))
-  if ppl_file is not None:
-    ppl_file = os.path.join(ppl_file, sources.PPL_FILE)
-  elif sources.PPL in cfg.eval.tasks:  # checked up front: the hub has it
-    ppl_file = os.path.join(run_dir, "data", "wikitext-2-test.txt")
-    if not os.path.isfile(ppl_file):
-      files.write_text(ppl_file, sources.load_ppl_text(data_root(cfg))[0])
-  for job in jobs.quantize_jobs(cfg, run_dir, ppl_file):
+  for job in jobs.quantize_jobs(cfg, run_dir, _ppl_file(cfg, run_dir)):
     if os.path.isfile(os.path.join(job.output_dir, quant_export.REPORT_FILE)):
       continue
     with settings.named(jobs.quantize_names()):
       quantize_run.run(job)
+
+
+def stage_sparsify(cfg, run_dir: str) -> None:
+  from minitron_jax.sparsify import run as sparsify_run
+
+  with settings.named(jobs.sparsify_names()):
+    sparsify_run.run(jobs.sparsify_job(cfg, run_dir, _ppl_file(cfg, run_dir)))
+
+
+def _ppl_file(cfg, run_dir: str) -> str | None:
+  """WikiText-2 test for the reports' before / after perplexity: the local copy, else the
+  hub's written into the run (when the evaluation reads it anyway), else None."""
+  ppl_file = sources.find_local(sources.PPL, data_root(cfg))
+  if ppl_file is not None:
+    return os.path.join(ppl_file, sources.PPL_FILE)
+  if sources.PPL in cfg.eval.tasks:  # checked up front: the hub has it
+    ppl_file = os.path.join(run_dir, "data", "wikitext-2-test.txt")
+    if not os.path.isfile(ppl_file):
+      files.write_text(ppl_file, sources.load_ppl_text(data_root(cfg))[0])
+    return ppl_file
+  return None
 
 
 def stage_evaluate(cfg, run_dir: str) -> None:
@@ -247,7 +261,13 @@ def evaluated_models(cfg) -> list[str]:
   if searching(cfg):
     names += ["pruned_search", "distill_search"]
   names += [f"quantized/{f}" for f in (cfg.quantize.formats or ())]
+  if sparsifying(cfg):
+    names.append("sparse")
   return names
+
+
+def sparsifying(cfg) -> bool:
+  return bool(_get(cfg, "sparsify.pattern"))
 
 
 def searching(cfg) -> bool:
@@ -285,6 +305,7 @@ def stages() -> tuple[Stage, ...]:
             ("pruned_width/prune_report.json",), lambda c: bool(c.baselines) and width(c)),
       Stage("quantize", "quantized/done.json", _mark(stage_quantize, "quantized/done.json"),
             (), lambda c: bool(c.quantize.formats)),
+      Stage("sparsify", "sparse/sparsify_report.json", stage_sparsify, (), sparsifying),
       Stage("evaluate", "eval/done.json", _mark(stage_evaluate, "eval/done.json")),
       Stage("report", "report.md", stage_report),
   )
