@@ -93,8 +93,8 @@ def _layer_fn(cfg: LlamaConfig, with_hessians: bool):
 
 
 def layer_fn(cfg: LlamaConfig, with_hessians: bool):
-  """Jitted `(layer params, x_btd) -> (layer output, tap -> (X Xᵀ, sum |x|) or {})` of one
-  decoder layer (cached per config)."""
+  """Jitted `(layer params, x_btd, sliding) -> (layer output, tap -> (X Xᵀ, sum |x|) or {})` of
+  one decoder layer (cached per config; `sliding`: that layer's entry of `M.sliding_flags`)."""
   return _layer_fn(cfg, with_hessians)
 
 

@@ -80,12 +80,13 @@ def sparsify_params(params: dict, cfg: LlamaConfig, method: str, pattern: Patter
     if not xs:
       raise ValueError(f"{method} needs at least one calibration batch")
   dense_layer, run_layer = calibrate.layer_fn(cfg, True), calibrate.layer_fn(cfg, False)
+  sliding_l = M.sliding_flags(cfg)  # each layer runs with its own attention kind and RoPE
   layers = dict(params["layers"])
   pruned = {n: [] for n in specs}
   bar = Progress(f"{method} {pattern.name}", cfg.num_hidden_layers, "layers", enabled=progress)
   for i in range(cfg.num_hidden_layers):
     lp = jax.tree_util.tree_map(lambda a: a[i], params["layers"])
-    hess = _hessians(dense_layer, lp, xs) if xs else {}
+    hess = _hessians(dense_layer, lp, xs, sliding_l[i]) if xs else {}
     for n in specs:
       h = hess.get(Q.INPUT_TAPS[n])
       w = methods.prune_matrix(mats[n][i], h, method, pattern, block_size=block_size,
@@ -93,18 +94,18 @@ def sparsify_params(params: dict, cfg: LlamaConfig, method: str, pattern: Patter
       pruned[n].append(matrix_to_leaf(w, specs[n], lp[n].shape).astype(lp[n].dtype))
       lp[n] = jnp.asarray(pruned[n][-1])
     if xs:
-      xs = [run_layer(lp, x)[0] for x in xs]
+      xs = [run_layer(lp, x, sliding_l[i])[0] for x in xs]
     bar.update(i + 1)
   for n in specs:
     layers[n] = jnp.asarray(np.stack(pruned[n]))
   return {**params, "layers": layers}
 
 
-def _hessians(dense_layer, lp: dict, xs: list[jax.Array]) -> dict[str, np.ndarray]:
+def _hessians(dense_layer, lp: dict, xs: list[jax.Array], sliding) -> dict[str, np.ndarray]:
   """tap -> `X Xᵀ` (float64) summed over every calibration batch of one layer."""
   total = None
   for x in xs:
-    got = {k: v[0] for k, v in dense_layer(lp, x)[1].items()}
+    got = {k: v[0] for k, v in dense_layer(lp, x, sliding)[1].items()}
     total = got if total is None else jax.tree_util.tree_map(jnp.add, total, got)
   return {k: np.asarray(v, np.float64) for k, v in total.items()}
 
