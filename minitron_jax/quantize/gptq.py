@@ -105,6 +105,23 @@ def format_grid(w_oi: np.ndarray, fmt: Q.QuantFormat, group_size: int = Q.DEFAUL
   return grid, (np.asarray(scale), None if zp is None else np.asarray(zp))
 
 
+def checked_copies(w_oi: np.ndarray, h_ii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """float64 copies of `[out, in]` weights and their `[in, in]` Hessian, checked, with inputs
+  that were never active (zero diagonal) made harmless: their weights are zeroed (they cannot
+  matter) and their diagonal set to 1 (so the Hessian stays invertible)."""
+  w = np.array(w_oi, np.float64)
+  h = np.array(h_ii, np.float64)
+  n = w.shape[1]
+  if h.shape != (n, n):
+    raise ValueError(f"Hessian shape {h.shape} does not match {n} inputs")
+  if not np.all(np.isfinite(h)):
+    raise ValueError("the Hessian has non-finite entries")
+  dead = np.diag(h) == 0
+  h[dead, dead] = 1.0
+  w[:, dead] = 0.0
+  return w, h
+
+
 def gptq(w_oi: np.ndarray, h_ii: np.ndarray, grid: Grid, *, block_size: int = 128,
          damp: float = 0.01, act_order: bool = True) -> np.ndarray:
   """GPTQ codes of `w_oi` on `grid`, minimising `tr((W - Ŵ) H (W - Ŵ)ᵀ)`.
@@ -120,16 +137,8 @@ def gptq(w_oi: np.ndarray, h_ii: np.ndarray, grid: Grid, *, block_size: int = 12
   Returns:
     `[out, in]` float64 codes in `[grid.qmin, grid.qmax]` (integers, or FP8 values).
   """
-  w = np.array(w_oi, np.float64)
-  h = np.array(h_ii, np.float64)
+  w, h = checked_copies(w_oi, h_ii)
   n = w.shape[1]
-  if h.shape != (n, n):
-    raise ValueError(f"Hessian shape {h.shape} does not match {n} inputs")
-  if not np.all(np.isfinite(h)):
-    raise ValueError("the Hessian has non-finite entries")
-  dead = np.diag(h) == 0  # inputs never active: their weights cannot matter
-  h[dead, dead] = 1.0
-  w[:, dead] = 0.0
   order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
   w, h = w[:, order], h[np.ix_(order, order)]
   hinv_u = inverse_hessian_factor(h, damp)

@@ -126,18 +126,10 @@ def sparsegpt(w_oi: np.ndarray, h_ii: np.ndarray, pattern: Pattern, *, block_siz
       whose mask is chosen together (changes the result there, as in the paper's code).
     damp: added to the Hessian's diagonal as a fraction of its mean.
   """
-  w = np.array(w_oi, np.float64)
-  h = np.array(h_ii, np.float64)
-  n = w.shape[1]
-  if h.shape != (n, n):
-    raise ValueError(f"Hessian shape {h.shape} does not match {n} inputs")
-  if not np.all(np.isfinite(h)):
-    raise ValueError("the Hessian has non-finite entries")
   if pattern.structured and block_size % pattern.m:
     raise ValueError(f"block_size={block_size} must be a multiple of M={pattern.m}")
-  dead = np.diag(h) == 0
-  h[dead, dead] = 1.0
-  w[:, dead] = 0.0
+  w, h = gptq.checked_copies(w_oi, h_ii)
+  n = w.shape[1]
   hinv_u = gptq.inverse_hessian_factor(h, damp)
   d2 = np.diag(hinv_u) ** 2
   wt = np.ascontiguousarray(w.T)  # rows are input columns, as in `gptq.gptq`
