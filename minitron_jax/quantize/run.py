@@ -216,7 +216,8 @@ def measurements(job: QuantizeJob, out_dir: str, params, qparams, cfg, tok, mesh
 
 def _tokens(path: str, tok) -> list[int]:
   with open(path, encoding="utf-8") as f:
-    return tok(f.read(), add_special_tokens=False)["input_ids"]
+    # verbose=False: a whole file longer than the model's context is intended, not a warning.
+    return tok(f.read(), add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _ppl(params, cfg, ids, job: QuantizeJob, mesh, tok) -> dict:

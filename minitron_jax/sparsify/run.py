@@ -156,10 +156,12 @@ def _perplexity(job: SparsifyJob, before: dict, after: dict, cfg, tok) -> dict:
   from minitron_jax.evaluate import scoring
 
   with open(job.ppl_file, encoding="utf-8") as f:
-    ids = tok(f.read(), add_special_tokens=False)["input_ids"]
+    # verbose=False: a whole file longer than the model's context is intended, not a warning.
+    ids = tok(f.read(), add_special_tokens=False, verbose=False)["input_ids"]
   mesh = job.mesh.stage_mesh()
   res = [scoring.perplexity(p, cfg, ids, seq_len=job.seq_len, max_windows=job.max_windows,
-                            batch_size=1, progress=job.progress, mesh=mesh)
+                            batch_size=1, progress=job.progress, mesh=mesh,
+                            bos_id=scoring.bos_prefix(tok))
          for p in (before, after)]
   return {"file": os.path.abspath(job.ppl_file), "before": res[0]["ppl"],
           "after": res[1]["ppl"], "increase": res[1]["ppl"] - res[0]["ppl"],
