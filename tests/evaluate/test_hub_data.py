@@ -375,8 +375,8 @@ def test_check_eval_data_probes_each_missing_hub_split_once(isolated, empty_root
       f"perplexity text (WikiText-2): {missing}: no such file (--ppl_file)"]
   assert sources.check_eval_data(["ppl"], ppl_file=Path(data_root) / sources.PPL_FILE,
                                  probe=pytest.fail) == []
-  with pytest.raises(ValueError, match="unknown task 'mmlu'"):
-    sources.check_eval_data(["mmlu"], empty_root, probe=probe)
+  with pytest.raises(ValueError, match="unknown task 'mmlu_pro'"):
+    sources.check_eval_data(["mmlu_pro"], empty_root, probe=probe)
 
 
 def test_hub_problem_accepts_local_dataset_folders_and_the_datasets_cache(isolated, tmp_path):
