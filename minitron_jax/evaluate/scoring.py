@@ -53,6 +53,18 @@ def _rows(mesh: Mesh | None, *arrays):
   return arrays if mesh is None else tuple(sharding.shard_rows(a, mesh) for a in arrays)
 
 
+def text_tokens(tokenizer, text: str) -> list[int]:
+  """Token ids of a whole text, no special tokens (`perplexity` adds BOS where it is due);
+  verbose=False: a text longer than the model's context is intended here, not a warning."""
+  return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def file_tokens(tokenizer, path: str) -> list[int]:
+  """`text_tokens` of a UTF-8 text file."""
+  with open(path, encoding="utf-8") as f:
+    return text_tokens(tokenizer, f.read())
+
+
 def bos_prefix(tokenizer) -> int | None:
   """The BOS id when the tokenizer puts BOS before every encoded text (Gemma, Llama 3), else
   None (SmolLM2, Qwen): read from what encoding does, as transformers and the harness apply it."""
@@ -338,12 +350,7 @@ def run_evaluation(params, cfg: LlamaConfig, tokenizer, task_names: Sequence[str
       else:
         with open(ppl_file, encoding="utf-8") as f:
           text, where = f.read(), ppl_file
-      max_len = tokenizer.model_max_length
-      tokenizer.model_max_length = int(1e30)  # the whole text at once is intended here
-      try:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-      finally:
-        tokenizer.model_max_length = max_len
+      ids = text_tokens(tokenizer, text)
       t0 = time.perf_counter()
       res = perplexity(params, cfg, ids, seq_len=seq_len, max_windows=max_windows,
                        batch_size=max(1, batch_size // 4), progress=progress, mesh=mesh,

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax.data.calib import CalibSpec
+from minitron_jax.evaluate import scoring
 from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
 from minitron_jax.quantize import calibrate
@@ -174,7 +175,7 @@ def quantized_params(job: QuantizeJob, params, cfg, tok, fmt: Q.QuantFormat, met
   """(quantized params, the calibration's summary or None) of float32 `params`."""
   act = None
   if job.calibration_file is not None:
-    ids = _tokens(job.calibration_file, tok)
+    ids = scoring.file_tokens(tok, job.calibration_file)
     act = Q.calibrate_activation_scales(params, cfg,
                                         _windows(ids, job.seq_len, job.calibration_windows),
                                         mesh=mesh)
@@ -205,7 +206,7 @@ def measurements(job: QuantizeJob, out_dir: str, params, qparams, cfg, tok, mesh
       "param_bytes": {"quantized": Q.param_bytes(qparams), "float32": Q.param_bytes(params)},
       "error_summary": quant_export.summarize(stats), "tensors": stats}
   if job.ppl_file is not None:
-    ids = _tokens(job.ppl_file, tok)
+    ids = scoring.file_tokens(tok, job.ppl_file)
     before = _ppl(params, cfg, ids, job, mesh, tok)
     after = _ppl(qparams, cfg, ids, job, mesh, tok)
     out["perplexity"] = {"file": os.path.abspath(job.ppl_file), "before": before["ppl"],
@@ -214,15 +215,7 @@ def measurements(job: QuantizeJob, out_dir: str, params, qparams, cfg, tok, mesh
   return out
 
 
-def _tokens(path: str, tok) -> list[int]:
-  with open(path, encoding="utf-8") as f:
-    # verbose=False: a whole file longer than the model's context is intended, not a warning.
-    return tok(f.read(), add_special_tokens=False, verbose=False)["input_ids"]
-
-
 def _ppl(params, cfg, ids, job: QuantizeJob, mesh, tok) -> dict:
-  from minitron_jax.evaluate import scoring
-
   res = scoring.perplexity(params, cfg, ids, seq_len=job.seq_len, max_windows=job.max_windows,
                            batch_size=1, progress=job.progress, mesh=mesh,
                            bos_id=scoring.bos_prefix(tok))

@@ -155,9 +155,7 @@ def run(job: SparsifyJob) -> dict:
 def _perplexity(job: SparsifyJob, before: dict, after: dict, cfg, tok) -> dict:
   from minitron_jax.evaluate import scoring
 
-  with open(job.ppl_file, encoding="utf-8") as f:
-    # verbose=False: a whole file longer than the model's context is intended, not a warning.
-    ids = tok(f.read(), add_special_tokens=False, verbose=False)["input_ids"]
+  ids = scoring.file_tokens(tok, job.ppl_file)
   mesh = job.mesh.stage_mesh()
   res = [scoring.perplexity(p, cfg, ids, seq_len=job.seq_len, max_windows=job.max_windows,
                             batch_size=1, progress=job.progress, mesh=mesh,
