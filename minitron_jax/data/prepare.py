@@ -174,12 +174,12 @@ def prepare_documents(spec: PrepareSpec, fingerprint: dict, docs: Iterator[str],
 
   if spec.num_proc == 1:
     for args in work():
-      rec = write_shard(out, args[1], args[2], tokenizer, eos, dtype)
+      rec = write_shard(out, args[1], args[2], tokens.encoder(tokenizer), eos, dtype)
       records[rec["name"]] = rec
       meter.add(rec)
   else:
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold JAX threads
-    with ctx.Pool(spec.num_proc, _init_worker, (tokenizer,)) as pool:
+    with ctx.Pool(spec.num_proc, _init_worker, (tokens.encoder(tokenizer),)) as pool:
       pending = []
       for args in work():
         pending.append(pool.apply_async(_work, (args,)))

@@ -40,10 +40,25 @@ class TokenStream:
 
 
 def eos_token_id(tokenizer, eos_id: int | None) -> int:
-  eos = tokenizer.eos_token_id if eos_id is None else eos_id
+  eos = getattr(tokenizer, "eos_token_id", None) if eos_id is None else eos_id
   if eos is None:
     raise ValueError("the tokenizer has no EOS token; pass eos_id")
   return int(eos)
+
+
+def encoder(tokenizer):
+  """What `tokenize_documents` needs of `tokenizer`, cheap to send to a worker process: a fast
+  tokenizer's `tokenizers.Tokenizer` backend (a worker then never imports transformers), else
+  the tokenizer itself."""
+  return getattr(tokenizer, "backend_tokenizer", None) or tokenizer
+
+
+def _encode(tokenizer, chunk: list[str]) -> list[list[int]]:
+  if hasattr(tokenizer, "encode_batch"):  # a `tokenizers.Tokenizer`
+    return [e.ids for e in tokenizer.encode_batch(chunk, add_special_tokens=False)]
+  # verbose=False: documents longer than the model's context are expected, not a warning.
+  return tokenizer(chunk, add_special_tokens=False, return_attention_mask=False,
+                   verbose=False)["input_ids"]
 
 
 def tokenize_documents(docs: Iterable[str], tokenizer, *, eos_id: int | None = None,
@@ -52,7 +67,8 @@ def tokenize_documents(docs: Iterable[str], tokenizer, *, eos_id: int | None = N
 
   Args:
     docs: document texts.
-    tokenizer: an HF tokenizer; no BOS or other special tokens are added.
+    tokenizer: an HF tokenizer, or its `encoder` (then `eos_id` is required); no BOS or other
+      special tokens are added.
     eos_id: the separator; default `tokenizer.eos_token_id`.
     chunk_size: documents per tokenizer call (fast tokenizers parallelise within a call).
   """
@@ -60,10 +76,9 @@ def tokenize_documents(docs: Iterable[str], tokenizer, *, eos_id: int | None = N
   arrays, chunk = [], []
 
   def flush():
-    # verbose=False: documents longer than the model's context are expected, not a warning.
-    ids = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False,
-                    verbose=False)["input_ids"]
-    arrays.extend(np.asarray(list(x) + [eos], np.int32) for x in ids)
+    for ids in _encode(tokenizer, chunk):
+      ids.append(eos)
+      arrays.append(np.array(ids, np.int32))
     chunk.clear()
 
   for doc in docs:

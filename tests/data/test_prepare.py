@@ -36,6 +36,10 @@ def test_num_proc_gives_the_same_shards_and_they_read_back(tmp_path, bpe_tokeniz
   one, two = listing(tmp_path / "one"), listing(tmp_path / "two")
   assert one == two and len(manifest["shards"]) == 5 and manifest["documents"] == len(docs)
   ref = tokens.tokenize_documents(docs, bpe_tokenizer)
+  # Workers get the tokenizer's `tokenizers` backend; the ids are the tokenizer's own.
+  ids = bpe_tokenizer(docs, add_special_tokens=False)["input_ids"]
+  assert ref.tokens.tolist() == sum((x + [bpe_tokenizer.eos_token_id] for x in ids), [])
+  assert tokens.encoder(bpe_tokenizer) is not bpe_tokenizer
   src = prepared.PreparedSource(tmp_path / "two", verify=True,
                                 tokenizer_fingerprint=tokens.tokenizer_fingerprint(bpe_tokenizer))
   assert np.array_equal(src.all_tokens(), ref.tokens) and manifest["tokens"] == len(ref)
