@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import random
 import re
 import string
 import sys
@@ -34,9 +33,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from minitron_jax.evaluate import fewshot
 from minitron_jax.evaluate.tasks import HubSource
 
-FEWSHOT_SEED = 1234  # lm-evaluation-harness's default fewshot_random_seed
 UNTIL = ("\n", ".", ",")
 MAX_GEN_TOKS = 256  # the harness backends' default (the YAMLs set none)
 TARGET_DELIMITER = " "
@@ -115,23 +114,6 @@ def prompt(task: QASpec, question: str, shots: Sequence[QAItem] = ()) -> str:
           + task.template.format(question=question))
 
 
-def shot_indices(n_pool: int, scored_rows: Sequence[Any], pool_row: Callable[[int], Any], k: int,
-                 seed: int = FEWSHOT_SEED) -> list[list[int]]:
-  """The harness's default sampler over a separate few-shot split: per scored row in order,
-  ``k + 1`` indices drawn by one ``Random(seed)``, rows equal to the scored row dropped, the
-  first k kept (redrawn from the rest when duplicates left fewer than k)."""
-  if k > n_pool - 1:
-    raise ValueError(f"{k} shots asked, but the few-shot split has {n_pool} items")
-  rnd = random.Random(seed)
-  out = []
-  for row in scored_rows:
-    drawn = [j for j in rnd.sample(range(n_pool), k + 1) if pool_row(j) != row][:k]
-    if len(drawn) < k:
-      drawn = rnd.sample([j for j in range(n_pool) if pool_row(j) != row], k)
-    out.append(drawn)
-  return out
-
-
 def build_items(name: str, rows: Sequence[dict], k: int = 0, pool: Sequence[dict] | None = None,
                 where: str = "") -> list[QAItem]:
   """Items with their prompts from the scored rows, shots from `pool` (the train split)."""
@@ -148,7 +130,8 @@ def build_items(name: str, rows: Sequence[dict], k: int = 0, pool: Sequence[dict
     return [dataclasses.replace(q, prompt=prompt(task, q.question)) for q in scored]
   if pool is None:
     raise ValueError(f"{name}: {k} shots need the train split")
-  picks = shot_indices(len(pool), [rows[i] for i in range(len(rows))], lambda j: pool[j], k)
+  picks = fewshot.split_shot_indices(len(pool), [rows[i] for i in range(len(rows))],
+                                     lambda j: pool[j], k)
   return [dataclasses.replace(q, prompt=prompt(task, q.question,
                                                [one(pool, j, f"{name} train") for j in js]))
           for q, js in zip(scored, picks)]
