@@ -149,6 +149,7 @@ def evaluate_params(job: EvalJob, params, cfg, tok, mesh=None) -> dict[str, dict
     name, cap = job.qa()
     out[name] = qa.evaluate_qa(params, cfg, tok, name, limit=cap, num_fewshot=shots[name],
                                batch_size=job.batch_size, max_len=None,
+                               max_gen_toks=qa.MAX_GEN_TOKS,
                                mesh=mesh, progress=job.progress)
   return out
 

@@ -173,3 +173,13 @@ def test_inhouse_equals_harness_item_by_item(isolated, tiny, name):
   assert ours["exact_match"] == pytest.approx(sum(hits) / 6)
   assert ours["exact_match"] == pytest.approx(
       res["results"][f"mirror_{name}"]["exact_match,remove_whitespace"])
+  if name == "triviaqa":  # the job path: shots and item cap from the job's settings
+    from minitron_jax.evaluate import run as eval_run
+
+    job = eval_run.EvalJob("m", tasks=(), qa_task=f"{name}:6", num_fewshot=f"{name}:2",
+                           progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(qa, "MAX_GEN_TOKS", GEN_TOKS)
+      got = eval_run.evaluate_params(job, params, cfg, tok)[name]
+    assert got["examples"] == 6 and got["num_fewshot"] == 2
+    assert [p["prediction"] for p in got["predictions"]] == [p["prediction"] for p in preds]
