@@ -246,7 +246,8 @@ def check_data(name: str, probe=None) -> list[str]:
   why = probe(source)
   return [] if why is None else [
       f"QA task {name!r}: the Hugging Face hub dataset cannot be loaded ({source}: {why}); it "
-      f"has no local copy: allow hub access or set eval.qa_task=''"]
+      f"has no local copy: allow hub access, or leave the QA task out (--qa_task, "
+      f"--config.eval.qa_task)"]
 
 
 def evaluate_qa(params, cfg, tokenizer, name: str, *, limit: int | None = None,
