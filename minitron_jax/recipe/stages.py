@@ -370,9 +370,9 @@ def evaluation_data_problems(cfg, probe=None) -> list[str]:
   from minitron_jax.evaluate import qa
 
   job = jobs.eval_job(cfg, cfg.teacher, cfg.eval.tasks)
-  kw = {} if probe is None else {"probe": probe}
+  probe = probe or sources.hub_problem
   problems = sources.check_eval_data(list(job.run_tasks()), data_root(cfg),
-                                     ppl_file=_get(cfg, "eval.ppl_file"), **kw)
+                                     ppl_file=_get(cfg, "eval.ppl_file"), probe=probe)
   if job.qa_task:
     problems += qa.check_data(qa.parse_qa_task(job.qa_task)[0], probe)
   return problems

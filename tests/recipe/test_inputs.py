@@ -67,13 +67,13 @@ def test_evaluation_data_names_protocol_tasks_and_the_qa_task(cfg, tmp_path):
     mp.setattr(sources, "default_local_root", lambda: tmp_path / "none")
     mp.delenv(sources.DATA_ROOT_ENV, raising=False)
     problems = stages.evaluation_data_problems(cfg, probe=lambda s: "offline")
+    mp.setattr(sources, "hub_problem", lambda s, timeout=10.0: "offline")
     with pytest.raises(FileNotFoundError, match="nothing was run") as err:
-      mp.setattr(sources, "hub_problem", lambda s, timeout=10.0: "offline")
       stages._check_inputs(cfg, ["evaluate"])
   named = " ".join(problems)
   for task in ("mmlu", "winogrande", "arc_challenge", "hellaswag", "'triviaqa'"):
     assert task in named, task
-  assert "mandarjoshi/trivia_qa" in str(err.value)
+  assert "mandarjoshi/trivia_qa" in str(err.value) and "cais/mmlu" in str(err.value)
   cfg.eval.qa_task = ""
   cfg.eval.protocol = "zero_shot"
   with pytest.MonkeyPatch.context() as mp:
