@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -195,9 +195,17 @@ class GenerationResult:
     return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
+def _every_row(out, mesh: Mesh | None) -> np.ndarray:
+  if mesh is not None:  # every host reads every row
+    out = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))(out)
+  return np.asarray(out)
+
+
 def generate(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
              sampling: SamplingConfig = SamplingConfig(), eos_ids: Sequence[int] | None = None,
-             stop_at_eos: bool = True, mesh: Mesh | None = None) -> GenerationResult:
+             stop_at_eos: bool = True, mesh: Mesh | None = None,
+             stop_when: Callable[[list[list[int]]], bool] | None = None,
+             check_every: int = 8) -> GenerationResult:
   """Generates continuations for a batch of tokenised prompts.
 
   Args:
@@ -208,6 +216,10 @@ def generate(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
     eos_ids: tokens that end a sequence; default the config's EOS ids.
     stop_at_eos: stop once every row has produced EOS (otherwise run max_new_tokens steps,
       as throughput measurements need).
+    stop_when: called with every row's tokens so far (EOS included) every `check_every`
+      decode steps; True ends generation there (e.g. every row has produced a stop string).
+      Rows are independent, so each row's tokens are a prefix of what a longer run gives.
+    check_every: decode steps between `stop_when` calls.
     mesh: shard params by the logical-axis rules and the prompts' rows (padded with copies
       of the first prompt to a multiple of the batch shards) and KV cache over the batch
       axes; every host passes the same prompts and gets every row's tokens.
@@ -255,15 +267,17 @@ def generate(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
   while steps < max_new - 1:
     attend = bucket(t + steps + 1)  # covers the slot the next token writes
     want = min(attend - t - steps, max_new - 1 - steps)
+    if stop_when is not None:
+      want = min(want, check_every)
     state = decode(params, state, jnp.int32(want), temp, top_p, eos_e, stop, attend_len=attend)
     ran = int(state["n"]) - 1 - steps  # the one host sync per bucket
     steps += ran
     if ran < want:  # stopped on device: every row has produced EOS
       break
-  out = state["out"]
-  if mesh is not None:  # every host reads every row
-    out = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))(out)
-  seqs = np.asarray(out)[:n_prompts, :steps + 1]
+    if stop_when is not None and stop_when(
+        _every_row(state["out"], mesh)[:n_prompts, :steps + 1].tolist()):
+      break
+  seqs = _every_row(state["out"], mesh)[:n_prompts, :steps + 1]
   t2 = time.perf_counter()
   eos_set = set(eos)
   result = []

@@ -22,6 +22,8 @@ passed to ``lm_eval.simple_evaluate(model=...)``.
 
 from __future__ import annotations
 
+import functools
+
 import lm_eval.models  # noqa: F401  (the harness's own models first: its registry is lazy)
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -29,7 +31,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
 from minitron_jax.evaluate import generate, scoring
-from minitron_jax.evaluate.qa import cut_at_stop
+from minitron_jax.evaluate.qa import all_stopped, cut_at_stop
 
 MODEL_NAME = "minitron_jax"
 DEFAULT_MAX_GEN_TOKS = 256  # as the harness's hf backend
@@ -156,9 +158,12 @@ class MinitronLM(TemplateLM):
         prompts = [self.tok_encode(requests[i].args[0],
                                    left_truncate_len=self.max_length - max_new) or
                    [self.prefix_token_id] for i in batch]
-        result = generate.generate(self.params, self.cfg, prompts, sampling,
-                                   eos_ids=generate.eos_ids(self.cfg, self.tokenizer),
-                                   mesh=self.mesh)
+        eos = generate.eos_ids(self.cfg, self.tokenizer)
+        # A row's tokens never depend on how long the others run: stopping once every row
+        # holds a stop string changes no output.
+        result = generate.generate(self.params, self.cfg, prompts, sampling, eos_ids=eos,
+                                   mesh=self.mesh, stop_when=functools.partial(
+                                       all_stopped, self.tokenizer, until, set(eos)))
         for i, tokens in zip(batch, result.tokens):
           out[i] = cut_at_stop(self.tokenizer.decode(tokens), until)
           self.cache_hook.add_partial("generate_until", requests[i].args, out[i])

@@ -194,11 +194,21 @@ def generate_answers(params, cfg, tokenizer, prompts: Sequence[str], *, batch_si
   for start in range(0, len(prompts), batch_size):
     batch = [encode_context(tokenizer, p, max_len - max_gen_toks)
              for p in prompts[start: start + batch_size]]
-    result = generate.generate(params, cfg, batch, sampling, eos_ids=eos, mesh=mesh)
+    # Rows are independent and greedy, so stopping once every row holds a stop string (or EOS)
+    # changes no answer; it saves decoding the rest of max_gen_toks.
+    result = generate.generate(params, cfg, batch, sampling, eos_ids=eos, mesh=mesh,
+                               stop_when=functools.partial(all_stopped, tokenizer, until,
+                                                           set(eos)))
     out += [cut_at_stop(tokenizer.decode(t), until) for t in result.tokens]
     if progress is not None:
       progress(len(out))
   return out
+
+
+def all_stopped(tokenizer, until: Sequence[str], eos: set[int], rows: list[list[int]]) -> bool:
+  """Whether every row of generated tokens holds an EOS id or, decoded, a stop string."""
+  return all(eos.intersection(row) or any(u in tokenizer.decode(row) for u in until)
+             for row in rows)
 
 
 # --------------------------------------------------------------------------------- data

@@ -239,3 +239,23 @@ def test_nucleus_through_top_k_keeps_the_sorted_nucleus(top_p):
       big = {int(i) for i in np.flatnonzero(keep[row])
              if probs[i] / probs[keep[row]].sum() > 0.01}
       assert big <= seen
+
+
+def test_stop_when_ends_generation_early_with_a_prefix_of_the_full_run():
+  cfg = C.preset("tiny", eos_token_id=None)
+  params = M.init_params(cfg, jax.random.key(5))
+  prompts = [[5, 6, 7], [8], [9, 10, 11, 12]]
+  sampling = G.SamplingConfig(max_new_tokens=40)
+  full = G.generate(params, cfg, prompts, sampling, stop_at_eos=False)
+  seen = []
+
+  def stop_when(rows):
+    seen.append(len(rows[0]))
+    return len(rows[0]) >= 10
+
+  short = G.generate(params, cfg, prompts, sampling, stop_at_eos=False, stop_when=stop_when,
+                     check_every=4)
+  assert seen[-1] >= 10 and short.decode_steps < full.decode_steps
+  assert len(short.tokens) == 3 and all(len(r) == seen[-1] for r in short.tokens)
+  for a, b in zip(short.tokens, full.tokens):
+    assert a == b[:len(a)]
