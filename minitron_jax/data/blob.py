@@ -35,6 +35,9 @@ class Blob:
 
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
+    self._open()
+
+  def _open(self) -> None:
     self._mmap = None
     self._kv = None
     if not is_remote(self.path):
@@ -44,6 +47,15 @@ class Blob:
 
       parent, _, self._key = self.path.rpartition("/")
       self._kv = ts.KvStore.open(parent + "/").result()
+
+  def __getstate__(self) -> dict:
+    # A loader's worker process gets the path, never the bytes (pickling a memory map copies
+    # the whole file) nor the key-value store handle; it reopens the file itself.
+    return {"path": self.path}
+
+  def __setstate__(self, state: dict) -> None:
+    self.path = state["path"]
+    self._open()
 
   def exists(self) -> bool:
     if self._kv is None:

@@ -139,7 +139,8 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
   Args:
     cfg: train settings (`cfg.mode` picks the objective).
     model_params, model_cfg: the model to train (host arrays, identical on every process).
-    train_tokens: the training corpus (a `TokenStream` or `corpus.open_documents`).
+    train_tokens: the training corpus (a `TokenStream` or `corpus.open_documents`, a blend
+      included).
     output_dir: checkpoints and metrics go here.
     teacher_params, teacher_cfg: the frozen teacher (distill mode).
     dcfg: loss settings (distill mode; default `DistillConfig()`).
@@ -178,10 +179,11 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
       allow_schedule_change=cfg.allow_schedule_change, say=say)
   teacher = train.put_global(teacher_params, teacher_sh) if live_teacher else None
 
-  dataset = pipeline.Loader([train_tokens], seq_len=cfg.seq_len,
-                            global_batch_size=cfg.global_batch_size, seed=cfg.seed,
-                            pad_id=pad_id, process_index=data_index, process_count=data_count,
-                            state=data_state)
+  dataset = pipeline.training_loader(train_tokens, seq_len=cfg.seq_len,
+                                     global_batch_size=cfg.global_batch_size, seed=cfg.seed,
+                                     pad_id=pad_id, process_index=data_index,
+                                     process_count=data_count, state=data_state,
+                                     num_workers=cfg.data_workers)
   t0 = time.perf_counter()
   step_fn = train.make_train_step(model_cfg, source, dcfg, cfg, optimizer,
                                   grad_shardings=state_sh["params"],
@@ -198,8 +200,9 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
                                                   train.eval_params(state_sh), lora))
     if live_teacher and resumed_from is None:
       loop.evaluate_teacher(train.make_eval_fn(teacher_cfg, cfg, mesh, teacher_sh), teacher)
-  state, preempted = loop.run(compiled, state, teacher, _batches(dataset, cache, mesh, cfg),
-                              dataset.state)
+  with dataset:  # stops the loader's worker processes, if any
+    state, preempted = loop.run(compiled, state, teacher, _batches(dataset, cache, mesh, cfg),
+                                dataset.state)
   return FitResult(params=state["params"]["model"], step=int(state["step"]),
                    resumed_from=resumed_from, preempted=preempted, history=loop.history,
                    evals=loop.evals, seconds=loop.meter.total_seconds, tokens=loop.tokens)

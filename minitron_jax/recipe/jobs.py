@@ -168,7 +168,7 @@ def eval_job(cfg, model_dir: str, tasks: Iterable[str]):
 
 
 # DistillJob fields whose config key is not `<section>.<field>`.
-_DISTILL = {"dtype": "train_dtype", "mesh": "mesh", "seed": "seed",
+_DISTILL = {"dtype": "train_dtype", "mesh": "mesh", "seed": "seed", "data_workers": "data.workers",
             "temperature": "distill.kd_temperature", "cache_topk": "distill.teacher_topk",
             "teacher_cache": "distill.teacher_topk", "qad.format": "distill.qad_format",
             "qad.method": "distill.qad_method", "lora.rank": "distill.lora_rank",
@@ -200,7 +200,8 @@ def train_config(cfg, section: str, mode: str):
       micro_batch_size=t.micro_batch_size or None, seq_len=t.seq_len, lr=t.lr, min_lr=t.min_lr,
       warmup_steps=t.warmup_steps, dtype=cfg.train_dtype, remat=bool(t.remat), mesh=cfg.mesh,
       save_every=t.save_every, eval_every=t.eval_every, eval_windows=t.eval_windows,
-      seed=cfg.seed, log_every=max(1, t.steps // 20))
+      seed=cfg.seed, log_every=max(1, t.steps // 20),
+      data_workers=layout.get(cfg, "data.workers", 0))
 
 
 def caching_teacher(cfg) -> bool:
