@@ -168,8 +168,9 @@ def eval_job(cfg, model_dir: str, tasks: Iterable[str]):
 
 
 # DistillJob fields whose config key is not `<section>.<field>`.
-_DISTILL = {"dtype": "train_dtype", "mesh": "mesh", "seed": "seed", "data_workers": "data.workers",
-            "temperature": "distill.kd_temperature", "cache_topk": "distill.teacher_topk",
+_DISTILL = {"dtype": "train_dtype", "mesh": "mesh", "seed": "seed",
+            "data_workers": "data.workers", "temperature": "distill.kd_temperature",
+            "cache_topk": "distill.teacher_topk",
             "teacher_cache": "distill.teacher_topk", "qad.format": "distill.qad_format",
             "qad.method": "distill.qad_method", "lora.rank": "distill.lora_rank",
             "lora.targets": "distill.lora_targets", "lora.alpha": "distill.lora_alpha",
