@@ -179,11 +179,7 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
       allow_schedule_change=cfg.allow_schedule_change, say=say)
   teacher = train.put_global(teacher_params, teacher_sh) if live_teacher else None
 
-  dataset = pipeline.training_loader(train_tokens, seq_len=cfg.seq_len,
-                                     global_batch_size=cfg.global_batch_size, seed=cfg.seed,
-                                     pad_id=pad_id, process_index=data_index,
-                                     process_count=data_count, state=data_state,
-                                     num_workers=cfg.data_workers)
+  dataset = _loader(cfg, train_tokens, pad_id, (data_index, data_count), data_state)
   t0 = time.perf_counter()
   step_fn = train.make_train_step(model_cfg, source, dcfg, cfg, optimizer,
                                   grad_shardings=state_sh["params"],
@@ -206,6 +202,15 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
   return FitResult(params=state["params"]["model"], step=int(state["step"]),
                    resumed_from=resumed_from, preempted=preempted, history=loop.history,
                    evals=loop.evals, seconds=loop.meter.total_seconds, tokens=loop.tokens)
+
+
+def _loader(cfg: TrainConfig, train_tokens, pad_id: int, rows: tuple[int, int],
+            state: dict | None) -> pipeline.Loader:
+  """This process's rows (`rows`: its index and the count of row readers) of every batch."""
+  return pipeline.training_loader(train_tokens, seq_len=cfg.seq_len,
+                                  global_batch_size=cfg.global_batch_size, seed=cfg.seed,
+                                  pad_id=pad_id, process_index=rows[0], process_count=rows[1],
+                                  state=state, num_workers=cfg.data_workers)
 
 
 def _state_layout(model_params, model_cfg: LlamaConfig, proj, mesh, optimizer, lora, cfg):
