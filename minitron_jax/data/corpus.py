@@ -261,7 +261,7 @@ def open_documents(source: str | os.PathLike, tokenizer, *, text_field: str = "t
   Raises:
     prepared.DataError: damaged or mismatched prepared / indexed data, or an empty source.
   """
-  from minitron_jax.data import blend, megatron, prepare as prep, prepared
+  from minitron_jax.data import blend, blob, megatron, prepare as prep, prepared
 
   text = os.fspath(source)
   fingerprint = tokenizer_fingerprint(tokenizer)
@@ -273,10 +273,10 @@ def open_documents(source: str | os.PathLike, tokenizer, *, text_field: str = "t
     parts = [open_documents(e.source, tokenizer, text_field=text_field, split=split,
                             eos_id=eos_id, cache=cache, verify=verify) for e in entries]
     return blend.Blend(parts, [e.weight for e in entries], text)
-  if prepared.is_prepared(text):
-    return prepared.PreparedSource(text, tokenizer_fingerprint=fingerprint, verify=verify)
   if megatron.is_indexed(text):
     return megatron.MegatronSource(text, vocab_size=len(tokenizer))
+  if prepared.is_prepared(text) or blob.is_remote(text):  # a URL can only name token ids
+    return prepared.PreparedSource(text, tokenizer_fingerprint=fingerprint, verify=verify)
   if not cache:
     stream = tokenize_documents(open_source(source, text_field, split)[1], tokenizer,
                                 eos_id=eos_id)
