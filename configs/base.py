@@ -30,7 +30,8 @@ def get_config() -> ConfigDict:
   c.data = ConfigDict()
   # One source or a tuple mixed by `weights` (share of training characters; () = equal):
   # "wikitext2" (WikiText-2 valid; test is the evaluation set), "synthetic" (the teacher's own
-  # answers to seeded chat prompts), "shakespeare", a file, directory, glob or hub name.
+  # answers to seeded chat prompts), "shakespeare", a file, directory, glob or hub name; or a
+  # prepared directory (also gs://) or Megatron prefix, its weight a share of the rows.
   c.data.source = ("wikitext2",)   # `--config.data.source=shakespeare` parses as a 1-tuple
   c.data.weights = ()
   c.data.heldout_chars = 24_000       # held out from each source's end (> 8 windows of 512)
