@@ -298,6 +298,8 @@ def open_documents(source: str | os.PathLike, tokenizer, *, text_field: str = "t
 
 def to_stream(docs) -> TokenStream:
   """Every document of a source (`open_documents`) as one in-memory `TokenStream`."""
+  if isinstance(docs, TokenStream):
+    return docs
   if isinstance(docs, StreamDocuments):
     return docs.stream
   if hasattr(docs, "parts"):  # a blend: its sources' documents one after the other

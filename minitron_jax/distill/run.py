@@ -33,7 +33,7 @@ import numpy as np
 
 from minitron_jax import sharding
 from minitron_jax.io import checkpoint, lock
-from minitron_jax.data import corpus as data, holdout, packing, pipeline
+from minitron_jax.data import blend, corpus as data, holdout, packing, pipeline
 from minitron_jax.distill import losses as distill
 from minitron_jax.distill import lora as lora_lib
 from minitron_jax.distill import metrics as metrics_lib
@@ -553,6 +553,10 @@ def _training_tokens(job: DistillJob, tok):
     return docs, None
   if job.eval_data:
     return docs, np.asarray(data.load_tokens(job.eval_data, tok).tokens)
+  if hasattr(docs, "parts") and len(docs.parts) > 1:  # a blend: its first source's tail
+    train, held = holdout.split_holdout(data.to_stream(docs.parts[0]),
+                                        cfg.eval_windows * cfg.seq_len)
+    return blend.Blend([train, *docs.parts[1:]], docs.weights, docs.name), held
   return holdout.split_holdout(data.to_stream(docs), cfg.eval_windows * cfg.seq_len)
 
 

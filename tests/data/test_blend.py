@@ -1,9 +1,9 @@
 """Blends of training sources: the recipe's `data.source` mixes text, prepared directories and
 Megatron datasets through one blend file and one loader, checked by name before any stage."""
 
+import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -99,6 +99,14 @@ def test_the_recipe_blends_prepared_and_megatron_sources_as_distill_reads_them(
   assert not any(set(r[r > EOS].tolist()) & digit_ids for r in rows[~from_prep])
   n, p = len(rows), 0.7
   assert abs(from_prep.mean() - p) < 3 * np.sqrt(p * (1 - p) / n)
+  # Without eval data, the held-out tokens are the first source's tail; the weights stay.
+  held_job = distill_job.DistillJob(data=str(mine), train=dataclasses.replace(
+      train, eval_every=1, eval_windows=2))
+  docs, held = distill_run._training_tokens(held_job, bpe_tokenizer)
+  full = prepared.PreparedSource(prep).all_tokens()
+  assert docs.weights == [0.7, 0.3] and len(held) >= 32
+  assert np.array_equal(held, full[len(full) - len(held):])
+  assert len(corpus.to_stream(docs.parts[0])) == len(full) - len(held)
 
 
 def test_bad_blends_are_refused_by_name_before_any_stage(tmp_path, bpe_tokenizer, recipe_cfg):
