@@ -99,6 +99,11 @@ def test_the_recipe_blends_prepared_and_megatron_sources_as_distill_reads_them(
   assert not any(set(r[r > EOS].tolist()) & digit_ids for r in rows[~from_prep])
   n, p = len(rows), 0.7
   assert abs(from_prep.mean() - p) < 3 * np.sqrt(p * (1 - p) / n)
+  # Calibration reads a blend as its sources' documents one after the other.
+  stream = corpus.load_tokens(str(mine), bpe_tokenizer)
+  assert np.array_equal(stream.tokens, np.concatenate([
+      prepared.PreparedSource(prep).all_tokens(), megatron.MegatronSource(prefix).all_tokens()]))
+  assert stream.num_documents == 30 + 40
   # Without eval data, the held-out tokens are the first source's tail; the weights stay.
   held_job = distill_job.DistillJob(data=str(mine), train=dataclasses.replace(
       train, eval_every=1, eval_windows=2))
