@@ -354,7 +354,8 @@ def training_data_problems(cfg, probe=None, tokenizer=None) -> list[str]:
     if blend.looks_tokenized(name):
       why = blend.token_source_problem(name, tokenizer())
       if why:
-        problems.append(f"training data {name!r}: {why}")
+        problems.append(f"training data {name!r}: {why} (or choose other "
+                        "--config.data.source)")
       continue
     if name == WIKITEXT2:
       if os.path.isfile(_wikitext2_valid(cfg)):
