@@ -121,10 +121,13 @@ def get_config() -> ConfigDict:
   # (the teacher before correction, one-shot pruned and quantized models: their scores sit at
   # chance or within noise of their source's; perplexity shows the change). () = all of `tasks`.
   # protocol: shots per task, "zero_shot" or "minitron" (MMLU 5-shot, WinoGrande 5, ARC-Challenge
-  # 25, HellaSwag 10: add those to `tasks`; docs/evaluation.md).
+  # 25, HellaSwag 10; those tasks join `tasks` for the compared models; docs/evaluation.md).
+  # qa_task: closed-book QA from the hub for the teacher and every student, exact match of greedy
+  # answers as lm-eval scores it: "triviaqa" or "nq_open", ":N" for the first N questions
+  # (else `limit`), "" = off.
   c.eval = ConfigDict(dict(tasks=DEFAULT_TASKS, ppl_file="", seq_len=512, max_windows=8,
                            limit=100, batch_size=16, decode_tokens=16, reference_tasks=("ppl",),
-                           protocol="zero_shot"))
+                           protocol="zero_shot", qa_task=""))
   c.generate = ConfigDict(dict(
       prompts=("What is the capital of France?",
                "Explain in two sentences why the sky is blue.",

@@ -45,7 +45,8 @@ _MESH = flags.DEFINE_string("mesh", JOB.mesh.spec, "Device mesh to shard params 
                             "launch/distill.py); empty: one device.")
 _PROTOCOL = flags.DEFINE_enum("protocol", JOB.protocol, list(eval_run.PROTOCOLS),
                               "Shots per task by default: zero_shot, or minitron (MMLU 5, "
-                              "WinoGrande 5, ARC-Challenge 25, HellaSwag 10).")
+                              "WinoGrande 5, ARC-Challenge 25, HellaSwag 10; those tasks are "
+                              "added to --tasks).")
 _SHOTS = flags.DEFINE_string("num_fewshot", JOB.num_fewshot, "Few-shot examples: N for every "
                              "task, or TASK:N,... (overrides --protocol).")
 _OK = flags.DEFINE_bool("mmlu_only_ok", JOB.mmlu_only_ok, "MMLU-Redux: score only the "
@@ -57,6 +58,9 @@ _HARNESS = flags.DEFINE_list("harness_tasks", list(JOB.harness_tasks), "lm-evalu
                              "'.[eval]'); --num_fewshot=N and --limit apply.")
 _INCLUDE = flags.DEFINE_string("harness_include_path", JOB.harness_include_path,
                                "Folder of extra lm-evaluation-harness task YAMLs.")
+_QA = flags.DEFINE_string("qa_task", JOB.qa_task, "Closed-book QA from the hub, exact match of "
+                          "greedy answers as lm-eval scores it: triviaqa or nq_open, optionally "
+                          "with an item cap (triviaqa:200); --num_fewshot applies.")
 
 
 @cli.main_wrapper
@@ -69,12 +73,12 @@ def main(argv):
             mesh=settings.MeshSpec(_MESH.value), output_json=_OUT.value,
             protocol=_PROTOCOL.value, num_fewshot=_SHOTS.value, mmlu_only_ok=_OK.value,
             mmlu_per_subject=_PER_SUBJECT.value, harness_tasks=tuple(_HARNESS.value),
-            harness_include_path=_INCLUDE.value)
+            harness_include_path=_INCLUDE.value, qa_task=_QA.value)
   with settings.named(settings.flag_names()):
     out = eval_run.run(job)
   print(scoring.format_table(list(out["results"].items()),
                              ["ppl", "acc", "acc_stderr", "acc_norm", "acc_macro",
-                              "num_fewshot", "tokens", "examples", "seconds"]))
+                              "exact_match", "num_fewshot", "tokens", "examples", "seconds"]))
   if "harness" in out:
     from lm_eval.utils import make_table
 

@@ -1,8 +1,20 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
 import pytest
+
+# One persistent XLA compilation cache for the session, shared by every process the tests start
+# (launch scripts, recipe stages, multi-process runs): they compile the same small programs over
+# and over. A cached executable is the same machine code, so no result changes; a listener on
+# compile events still sees every compilation (jax records the event around the cache lookup).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="minitron-jax-xla-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))

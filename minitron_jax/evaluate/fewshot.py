@@ -12,9 +12,14 @@ Which items become shots:
   ``first_n`` sampler).
 - MMLU from MMLU-Redux (no dev split): the first k questions of the same subject in file
   order, never the scored one: the harness's ``first_n`` sampler on the scored split.
-- Every other task: k items of the scored split itself, never the scored one, drawn as the
-  harness draws them when the few-shot split is the scored split (one ``random.Random(1234)``
-  per task, ``k + 1`` drawn per item in order, the scored item dropped).
+- Every other task from the hub with a train split (``TaskSpec.train``: WinoGrande, PIQA,
+  HellaSwag, ARC, OpenBookQA): k items of that split, drawn as the harness draws them
+  (``split_shot_indices``: k + 1 per item, equal rows dropped, where the task's YAML has no
+  test split; k per item where it scores its test split).
+- Every other task from local files (and LAMBADA, which has no train split): k items of the
+  scored split itself, never the scored one, drawn as the harness draws them when the
+  few-shot split is the scored split (one ``random.Random(1234)`` per task, ``k + 1`` drawn
+  per item in order, the scored item dropped).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from minitron_jax.evaluate.stats import stderr
 from minitron_jax.evaluate.tasks import Example, Request
@@ -76,6 +81,29 @@ def random_shots(examples: Sequence[Example], k: int, seed: int = FEWSHOT_SEED
     if len(drawn) < k:  # duplicates of the scored item were drawn: redraw without them
       drawn = rnd.sample([j for j in range(len(examples)) if examples[j] != ex], k)
     out.append([examples[j] for j in drawn])
+  return out
+
+
+def split_shot_indices(n_pool: int, scored_rows: Sequence[Any], pool_row: Callable[[int], Any],
+                       k: int, exclude: bool = True, seed: int = FEWSHOT_SEED) -> list[list[int]]:
+  """The harness's default sampler over a few-shot split apart from the scored one: one
+  ``Random(seed)`` per task, per scored row in order. With `exclude` (the harness passes the
+  scored document when the task's few-shot split equals its test split, both unset for tasks
+  that score their validation split) ``k + 1`` indices are drawn, pool rows equal to the
+  scored row dropped and the first k kept (redrawn from the rest if fewer remain); without
+  it, k are drawn."""
+  if k > n_pool - exclude:
+    raise ValueError(f"{k} shots asked, but the few-shot split has {n_pool} items")
+  rnd = random.Random(seed)
+  out = []
+  for row in scored_rows:
+    if not exclude:
+      out.append(rnd.sample(range(n_pool), k))
+      continue
+    drawn = [j for j in rnd.sample(range(n_pool), k + 1) if pool_row(j) != row][:k]
+    if len(drawn) < k:
+      drawn = rnd.sample([j for j in range(n_pool) if pool_row(j) != row], k)
+    out.append(drawn)
   return out
 
 

@@ -29,6 +29,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
 from minitron_jax.evaluate import generate, scoring
+from minitron_jax.evaluate.qa import cut_at_stop
 
 MODEL_NAME = "minitron_jax"
 DEFAULT_MAX_GEN_TOKS = 256  # as the harness's hf backend
@@ -165,14 +166,6 @@ class MinitronLM(TemplateLM):
 
   def get_model_info(self) -> dict:
     return {"model_dir": str(self.model_dir), "backend": MODEL_NAME}
-
-
-def cut_at_stop(text: str, until) -> str:
-  """`text` up to the first occurrence of any stop sequence."""
-  for stop in until:
-    if stop:
-      text = text.split(stop)[0]
-  return text
 
 
 def cli() -> None:

@@ -1,4 +1,5 @@
-"""One evaluation: perplexity and zero-shot accuracy of a model, as a job."""
+"""One evaluation: perplexity, zero- or few-shot accuracy and closed-book QA of a model, as a
+job."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ ALL_TASKS = ("ppl", "winogrande", "piqa", "hellaswag", "arc_easy", "arc_challeng
 DTYPES = ("float32", "bfloat16")
 # Shots per task of each report protocol; a task not named is zero-shot. "minitron": the
 # columns of the Llama-3.1-Minitron table (MMLU 5-shot, WinoGrande 5, ARC-Challenge 25,
-# HellaSwag 10).
+# HellaSwag 10); a protocol's tasks join the job's (`EvalJob.run_tasks`).
 PROTOCOLS: dict[str, dict[str, int]] = {
   "zero_shot": {},
   "minitron": {"mmlu": 5, "winogrande": 5, "arc_challenge": 25, "hellaswag": 10},
@@ -56,6 +57,11 @@ class EvalJob:
     harness_tasks: lm-evaluation-harness tasks to run through its `minitron_jax` backend
       (needs the `eval` extra); their shots follow `num_fewshot` ("*") or the task's default.
     harness_include_path: folder of extra harness task YAMLs.
+    qa_task: closed-book QA task scored by exact match of greedy answers (`qa.QA_TASKS`),
+      "triviaqa" or "triviaqa:200" (its first 200 questions; else `limit`); "" = none. Its
+      context is the model's whole context length, as the harness backend's default.
+    protocol_tasks: whether the protocol's tasks join `tasks` (False: `tasks` alone, as for
+      the recipe's reference models).
   """
 
   model_dir: str
@@ -76,12 +82,29 @@ class EvalJob:
   mmlu_per_subject: int | None = None
   harness_tasks: tuple[str, ...] = ()
   harness_include_path: str | None = None
+  qa_task: str = ""
+  protocol_tasks: bool = True
+
+  def run_tasks(self) -> tuple[str, ...]:
+    """`tasks`, then the protocol's tasks that are not among them (when `protocol_tasks`)."""
+    extra = PROTOCOLS.get(self.protocol, {}) if self.protocol_tasks else {}
+    return tuple(self.tasks) + tuple(t for t in extra if t not in self.tasks)
+
+  def qa(self) -> tuple[str, int | None] | None:
+    """(QA task, item cap) or None; the cap defaults to `limit`."""
+    from minitron_jax.evaluate import qa
+
+    if not self.qa_task:
+      return None
+    name, cap = qa.parse_qa_task(self.qa_task)
+    return name, cap or self.limit
 
   def shots(self) -> dict[str, int]:
-    """{task: shots} of every in-house task of the job."""
+    """{task: shots} of every in-house task of the job, the QA task included."""
     given = parse_fewshot(self.num_fewshot)
     base = PROTOCOLS[self.protocol]
-    return {t: given.get(t, given.get("*", base.get(t, 0))) for t in self.tasks if t != "ppl"}
+    names = [t for t in self.run_tasks() if t != "ppl"] + ([self.qa()[0]] if self.qa() else [])
+    return {t: given.get(t, given.get("*", base.get(t, 0))) for t in names}
 
   def validate(self) -> None:
     """Every setting on its own, before any file is read; raises SettingError."""
@@ -97,6 +120,10 @@ class EvalJob:
     if self.protocol not in PROTOCOLS:
       raise SettingError("protocol", f"{{name}}={self.protocol!r} is not one of "
                          f"{tuple(PROTOCOLS)}")
+    try:
+      self.qa()
+    except ValueError as err:
+      raise SettingError("qa_task", f"{{name}}: {err}") from None
     self.shots()  # parses num_fewshot
     for f in ("max_windows", "limit", "mmlu_per_subject"):
       if getattr(self, f) is not None:
@@ -109,14 +136,22 @@ class EvalJob:
 def evaluate_params(job: EvalJob, params, cfg, tok, mesh=None) -> dict[str, dict]:
   """{task: metrics} of loaded `params` (sharded over `mesh` when given; `job.model_dir` and
   `job.mesh` are the caller's business here)."""
-  from minitron_jax.evaluate import scoring
+  from minitron_jax.evaluate import qa, scoring
 
-  return scoring.run_evaluation(params, cfg, tok, list(job.tasks), data_root=job.data_root,
-                                ppl_file=job.ppl_file, seq_len=job.seq_len,
-                                max_windows=job.max_windows, limit=job.limit,
-                                batch_size=job.batch_size, progress=job.progress, mesh=mesh,
-                                num_fewshot=job.shots(), mmlu_only_ok=job.mmlu_only_ok,
-                                mmlu_per_subject=job.mmlu_per_subject)
+  shots = job.shots()
+  out = scoring.run_evaluation(params, cfg, tok, list(job.run_tasks()), data_root=job.data_root,
+                               ppl_file=job.ppl_file, seq_len=job.seq_len,
+                               max_windows=job.max_windows, limit=job.limit,
+                               batch_size=job.batch_size, progress=job.progress, mesh=mesh,
+                               num_fewshot=shots, mmlu_only_ok=job.mmlu_only_ok,
+                               mmlu_per_subject=job.mmlu_per_subject)
+  if job.qa():
+    name, cap = job.qa()
+    out[name] = qa.evaluate_qa(params, cfg, tok, name, limit=cap, num_fewshot=shots[name],
+                               batch_size=job.batch_size, max_len=None,
+                               max_gen_toks=qa.MAX_GEN_TOKS,
+                               mesh=mesh, progress=job.progress)
+  return out
 
 
 def harness_results(job: EvalJob, params, cfg, tok, mesh=None) -> dict:
@@ -137,12 +172,16 @@ def harness_results(job: EvalJob, params, cfg, tok, mesh=None) -> dict:
 def run(job: EvalJob) -> dict:
   """Checks the settings and that the data is there, loads the model, evaluates it; returns
   {"model_dir": resolved directory, "results": {task: metrics}} (also `job.output_json`)."""
-  from minitron_jax.evaluate import sources
+  from minitron_jax.evaluate import qa, sources
   from minitron_jax.io import files
   from minitron_jax.io import hf as hf_io
 
   job.validate()
-  sources.require_eval_data(list(job.tasks), job.data_root, ppl_file=job.ppl_file)
+  sources.require_eval_data(list(job.run_tasks()), job.data_root, ppl_file=job.ppl_file)
+  if job.qa():
+    problems = qa.check_data(job.qa()[0])
+    if problems:
+      raise sources.EvalDataError("\n".join(problems))
   params, cfg, tok, path = hf_io.load_model(job.model_dir, job.dtype)
   mesh = job.mesh.stage_mesh()
   out = {"model_dir": path, "results": evaluate_params(job, params, cfg, tok, mesh)}

@@ -157,7 +157,8 @@ def load_prompted(name: str, data_root: str | os.PathLike | None = None, *,
                   limit: int | None = None, num_fewshot: int = 0,
                   only_ok: bool = False, per_group: int | None = None) -> list[Example]:
   """A task's first `limit` examples with their description and `num_fewshot` shots in the
-  contexts (`fewshot.with_shots`); `only_ok` keeps the items whose label no re-annotation
+  contexts (`fewshot.with_shots`; from the hub train split where the task has one and no
+  local copy, `hub_train_shots`); `only_ok` keeps the items whose label no re-annotation
   flagged (MMLU-Redux), before shots are chosen; `per_group` scores only the first
   `per_group` items of each subject (shots still come from the whole subject).
 
@@ -168,6 +169,9 @@ def load_prompted(name: str, data_root: str | os.PathLike | None = None, *,
 
   if limit is not None and limit < 0:
     raise ValueError(f"limit must be >= 0, got {limit}")
+  train = tasks.TASK_SPECS[name].train if name in tasks.TASK_SPECS else None
+  if num_fewshot and train is not None and find_local(name, data_root) is None:
+    return hub_train_shots(name, data_root, train, num_fewshot, limit)
   examples = load_examples(name, data_root, limit=None if num_fewshot or per_group else limit)
   if only_ok:
     examples = [ex for ex in examples if not ex.flagged]
@@ -184,6 +188,25 @@ def load_prompted(name: str, data_root: str | os.PathLike | None = None, *,
         kept.append(ex)
     out = kept if limit is None else kept[:limit]
   return out
+
+
+def hub_train_shots(name: str, data_root, train: HubSource, k: int,
+                    limit: int | None) -> list[Example]:
+  """The first `limit` hub items of a task with k shots from its hub train split, drawn by
+  the harness's rule (`fewshot.split_shot_indices`; rows compared as the harness compares
+  documents)."""
+  from minitron_jax.evaluate import fewshot
+
+  source = hub_source(name)
+  rows = _hub_rows(name, data_root, source)
+  if limit is not None:
+    rows = rows.select(range(min(limit, len(rows))))
+  pool = _hub_rows(name, data_root, train)
+  scored = tasks.examples_from_rows(name, rows, str(source))
+  picks = fewshot.split_shot_indices(len(pool), list(rows), lambda j: pool[j], k,
+                                     tasks.TASK_SPECS[name].shots_exclude_scored)
+  return [fewshot.prompted(ex, tasks.examples_from_rows(name, [pool[j] for j in js], str(train)))
+          for ex, js in zip(scored, picks)]
 
 
 def wikitext2_text(rows: Iterable[str]) -> str:

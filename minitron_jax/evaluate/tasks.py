@@ -75,6 +75,10 @@ class TaskSpec:
   min_choices: int
   max_choices: int
   hub: HubSource
+  # The hub split the harness draws shots from, and whether it leaves the scored item out
+  # (it does when the task's YAML names no test split, i.e. scores its validation split).
+  train: HubSource | None = None
+  shots_exclude_scored: bool = True
 
 
 _MC = ("acc", "acc_norm")
@@ -85,19 +89,24 @@ TASK_SPECS: dict[str, TaskSpec] = {
   s.name: s
   for s in (
     TaskSpec("winogrande", ("winogrande/dev.jsonl",), ("acc",), 2, 2,
-             HubSource("allenai/winogrande", "winogrande_xl", "validation")),
+             HubSource("allenai/winogrande", "winogrande_xl", "validation"),
+             HubSource("allenai/winogrande", "winogrande_xl", "train")),
     TaskSpec("piqa", ("piqa/valid.jsonl", "piqa/valid-labels.lst"), _MC, 2, 2,
-             HubSource("baber/piqa", None, "validation")),
+             HubSource("baber/piqa", None, "validation"), HubSource("baber/piqa", None, "train")),
     TaskSpec("hellaswag", ("hellaswag/hellaswag_val_full.txt",), _MC, 4, 4,
-             HubSource("Rowan/hellaswag", None, "validation")),
+             HubSource("Rowan/hellaswag", None, "validation"),
+             HubSource("Rowan/hellaswag", None, "train")),
     TaskSpec("arc_easy", ("arc/ARC-Easy-Test.gptfathom.jsonl",), _MC, 3, 5,
-             HubSource("allenai/ai2_arc", "ARC-Easy", "test")),
+             HubSource("allenai/ai2_arc", "ARC-Easy", "test"),
+             HubSource("allenai/ai2_arc", "ARC-Easy", "train"), False),
     # The original-layout ARC-Challenge file lacks the 22 numeric-key items; this
     # one has all 1172 test items the harness scores, identical on the overlap.
     TaskSpec("arc_challenge", ("arc/ARC-Challenge-Test.gptfathom.jsonl",), _MC, 3, 5,
-             HubSource("allenai/ai2_arc", "ARC-Challenge", "test")),
+             HubSource("allenai/ai2_arc", "ARC-Challenge", "test"),
+             HubSource("allenai/ai2_arc", "ARC-Challenge", "train"), False),
     TaskSpec("openbookqa", ("openbookqa/test.tsv",), _MC, 4, 4,
-             HubSource("allenai/openbookqa", "main", "test")),
+             HubSource("allenai/openbookqa", "main", "test"),
+             HubSource("allenai/openbookqa", "main", "train"), False),
     TaskSpec("lambada", ("lambada/lambada_openai_test.jsonl",), ("acc", "ppl"), 1, 1,
              HubSource("EleutherAI/lambada_openai", "default", "test")),
     # Locally MMLU-Redux (5,686 re-annotated MMLU test questions); on the hub all of MMLU.

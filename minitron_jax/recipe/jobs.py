@@ -154,8 +154,9 @@ def sparsify_job(cfg, run_dir: str, ppl_file: str | None = None):
       calib=calib, ppl_file=ppl_file, max_windows=QUANTIZE_PPL_WINDOWS, mesh=MeshSpec(cfg.mesh))
 
 
-def eval_job(cfg, model_dir: str, tasks: Iterable[str]):
-  """How the evaluate stage measures one model on `tasks` (a subset of `eval.tasks`)."""
+def eval_job(cfg, model_dir: str, tasks: Iterable[str], reference: bool = False):
+  """How the evaluate stage measures one model on `tasks` (a subset of `eval.tasks`); a
+  `reference` model gets neither the protocol's tasks nor `eval.qa_task`."""
   from minitron_jax.evaluate import run as eval_run
 
   e = cfg.eval
@@ -164,7 +165,8 @@ def eval_job(cfg, model_dir: str, tasks: Iterable[str]):
                           seq_len=e.seq_len, max_windows=e.max_windows or None,
                           limit=e.limit or None, batch_size=e.batch_size, dtype=cfg.dtype,
                           mesh=MeshSpec(cfg.mesh), progress=False,
-                          protocol=e.get("protocol", "zero_shot"))
+                          protocol=e.get("protocol", "zero_shot"), protocol_tasks=not reference,
+                          qa_task="" if reference else e.get("qa_task", ""))
 
 
 # DistillJob fields whose config key is not `<section>.<field>`.

@@ -22,8 +22,10 @@ LABELS = {"teacher": "teacher", "corrected": "corrected teacher",
           "baseline_random_ce": "baseline: random init + CE",
           "pruned_search": "pruned, searched shape", "distill_search": "distilled, searched shape",
           "sparse": "sparsified (sparsify stage)"}
+# Closed-book QA (`eval.qa_task`) comes last, as exact match ("EM") of greedy answers.
+QA_COLUMNS = ("triviaqa", "nq_open")
 TASK_COLUMNS = ("mmlu", "winogrande", "piqa", "hellaswag", "arc_easy", "arc_challenge", "lambada",
-                "openbookqa")
+                "openbookqa") + QA_COLUMNS
 TRAINED = ("corrected", "distill_width", "distill_depth", "distill_search",
            "baseline_pruned_ce", "baseline_random_ce")
 
@@ -60,9 +62,14 @@ def model_tasks(cfg, name: str) -> list[str]:
   others (the teacher before correction, one-shot pruned and quantized models), whose zero-shot
   scores sit at chance or within noise of their source's. () = every task for every model."""
   ref = tuple(cfg.eval.reference_tasks)
-  reference = (name.startswith(("quantized/", "pruned_")) or name == "sparse"
-               or (name == "teacher" and layout.students_teacher(cfg) != "teacher"))
-  return [t for t in cfg.eval.tasks if not (ref and reference) or t in ref]
+  return [t for t in cfg.eval.tasks if not (ref and is_reference(cfg, name)) or t in ref]
+
+
+def is_reference(cfg, name: str) -> bool:
+  """Whether the report only sets `name` beside its source (the teacher before correction,
+  one-shot pruned, quantized and sparse models) rather than comparing it."""
+  return (name.startswith(("quantized/", "pruned_")) or name == "sparse"
+          or (name == "teacher" and layout.students_teacher(cfg) != "teacher"))
 
 
 def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
@@ -74,7 +81,8 @@ def evaluate_model(cfg, run_dir: str, name: str, data_root: str | None) -> dict:
   from minitron_jax.recipe import jobs
 
   params, mcfg, tok, path = load_for_eval(cfg, run_dir, name)
-  job = jobs.eval_job(cfg, path, model_tasks(cfg, name))
+  job = jobs.eval_job(cfg, path, model_tasks(cfg, name),
+                      reference=bool(cfg.eval.reference_tasks) and is_reference(cfg, name))
   if data_root is not None:
     job = dataclasses.replace(job, data_root=data_root)
   mesh = job.mesh.stage_mesh()
@@ -131,10 +139,11 @@ def _fmt(v, kind="f"):
 
 
 def _acc(r: dict) -> tuple[float, float, int] | None:
-  """(accuracy, its standard error, examples) of a task result: acc_norm where defined."""
-  if "acc" not in r:
+  """(accuracy, its standard error, examples) of a task result: acc_norm where defined, exact
+  match for closed-book QA."""
+  if "acc" not in r and "exact_match" not in r:
     return None
-  key = "acc_norm" if "acc_norm" in r else "acc"
+  key = "exact_match" if "exact_match" in r else "acc_norm" if "acc_norm" in r else "acc"
   n = int(r.get("examples", 0))
   se = r.get(f"{key}_stderr")
   return r[key], stats.stderr(r[key], n) if se is None else se, n
@@ -147,10 +156,11 @@ def results_table(evals: list[dict]) -> str:
             for t in tasks}
   shots = {t: max((e["results"].get(t, {}).get("num_fewshot", 0) for e in evals), default=0)
            for t in tasks}
+  names = {t: f"{t} EM" if t in QA_COLUMNS else t for t in tasks}
   head = (["model", "params", "size (MiB)", "WikiText-2 ppl"]
           + (["held-out ppl"] if held else [])
-          + [f"{t} ({shots[t]}-shot, n={counts[t]})" if shots[t] else f"{t} (n={counts[t]})"
-             for t in tasks] + ["repeated 3-grams", "decode tok/s"])
+          + [f"{names[t]} ({shots[t]}-shot, n={counts[t]})" if shots[t] else
+             f"{names[t]} (n={counts[t]})" for t in tasks] + ["repeated 3-grams", "decode tok/s"])
   rows = []
   for e in evals:
     r = e["results"]

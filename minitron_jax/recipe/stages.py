@@ -386,13 +386,26 @@ def _teacher_tokenizer(cfg):
   return hf_io.load_tokenizer(str(registry.resolve_model_dir(cfg.teacher)))
 
 
+def evaluation_data_problems(cfg, probe=None) -> list[str]:
+  """What the evaluate stage lacks: `eval.tasks` with the protocol's, and `eval.qa_task`
+  (hub only); `probe` as `sources.hub_problem`."""
+  from minitron_jax.evaluate import qa
+
+  job = jobs.eval_job(cfg, cfg.teacher, cfg.eval.tasks)
+  probe = probe or sources.hub_problem
+  problems = sources.check_eval_data(list(job.run_tasks()), data_root(cfg),
+                                     ppl_file=_get(cfg, "eval.ppl_file"), probe=probe)
+  if job.qa_task:
+    problems += qa.check_data(qa.parse_qa_task(job.qa_task)[0], probe)
+  return problems
+
+
 def _check_inputs(cfg, todo) -> None:
   """Refuses the run before its first stage when a stage about to run (`todo`) lacks its
   input data."""
   problems = training_data_problems(cfg) if "data" in todo else []
   if "evaluate" in todo:
-    problems += sources.check_eval_data(list(cfg.eval.tasks), data_root(cfg),
-                                        ppl_file=_get(cfg, "eval.ppl_file"))
+    problems += evaluation_data_problems(cfg)
   if problems:
     raise FileNotFoundError("nothing was run: the recipe's input data is missing\n  "
                             + "\n  ".join(problems))

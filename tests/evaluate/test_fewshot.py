@@ -64,13 +64,33 @@ def test_group_summary_against_numpy():
 
 def test_job_shots_and_bad_spec():
   job = eval_run.EvalJob("m", tasks=("ppl", "mmlu", "piqa"), protocol="minitron")
-  assert job.shots() == {"mmlu": 5, "piqa": 0}
+  assert job.run_tasks() == ("ppl", "mmlu", "piqa", "winogrande", "arc_challenge", "hellaswag")
+  assert job.shots() == {"mmlu": 5, "piqa": 0, "winogrande": 5, "arc_challenge": 25,
+                         "hellaswag": 10}
+  job = eval_run.EvalJob("m", tasks=("ppl",), protocol="minitron", num_fewshot="hellaswag:0")
+  assert job.run_tasks() == ("ppl", "mmlu", "winogrande", "arc_challenge", "hellaswag")
+  assert job.shots()["hellaswag"] == 0 and job.shots()["arc_challenge"] == 25
+  job = eval_run.EvalJob("m", tasks=("ppl", "piqa"), protocol="minitron", protocol_tasks=False)
+  assert job.run_tasks() == ("ppl", "piqa") and job.shots() == {"piqa": 0}
+  assert eval_run.EvalJob("m", tasks=("piqa",)).run_tasks() == ("piqa",)
   job = eval_run.EvalJob("m", tasks=("mmlu", "piqa"), num_fewshot="3,piqa:1")
   assert job.shots() == {"mmlu": 3, "piqa": 1}
   with pytest.raises(SettingError, match="num_fewshot"):
     eval_run.EvalJob("m", tasks=("piqa",), num_fewshot="piqa:x").validate()
   with pytest.raises(SettingError, match="protocol"):
     eval_run.EvalJob("m", tasks=("piqa",), protocol="papers").validate()
+
+
+def test_job_qa_task():
+  job = eval_run.EvalJob("m", tasks=("ppl",), qa_task="triviaqa:200", limit=50,
+                         num_fewshot="triviaqa:5")
+  assert job.qa() == ("triviaqa", 200) and job.shots() == {"triviaqa": 5}
+  job = eval_run.EvalJob("m", tasks=("ppl",), qa_task="nq_open", limit=50, num_fewshot="2")
+  assert job.qa() == ("nq_open", 50) and job.shots() == {"nq_open": 2}
+  assert eval_run.EvalJob("m", tasks=("ppl",)).qa() is None
+  for bad in ("trivia", "triviaqa:0"):
+    with pytest.raises(SettingError, match="qa_task"):
+      eval_run.EvalJob("m", tasks=("ppl",), qa_task=bad).validate()
 
 
 def test_mmlu_redux_subsets(data_root):

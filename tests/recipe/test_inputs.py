@@ -51,3 +51,32 @@ def test_each_missing_source_is_named_with_the_fix(cfg, tmp_path):
 def test_reachable_hub_sources_pass(cfg):
   cfg.data.source = ("wikitext2", "org/some_data:cfg")
   assert stages.training_data_problems(cfg, probe=lambda s: None) == []
+
+
+def test_evaluation_data_names_protocol_tasks_and_the_qa_task(cfg, tmp_path):
+  """With no local data and the hub unreachable, the protocol's tasks and the QA task are
+  each refused by name before any stage runs."""
+  from minitron_jax.evaluate import sources
+
+  (tmp_path / "root").mkdir()
+  cfg.eval.tasks = ("ppl",)
+  cfg.eval.ppl_file = ""
+  cfg.eval.protocol = "minitron"
+  cfg.eval.qa_task = "triviaqa:50"
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sources, "default_local_root", lambda: tmp_path / "none")
+    mp.delenv(sources.DATA_ROOT_ENV, raising=False)
+    problems = stages.evaluation_data_problems(cfg, probe=lambda s: "offline")
+    mp.setattr(sources, "hub_problem", lambda s, timeout=10.0: "offline")
+    with pytest.raises(FileNotFoundError, match="nothing was run") as err:
+      stages._check_inputs(cfg, ["evaluate"])
+  named = " ".join(problems)
+  for task in ("mmlu", "winogrande", "arc_challenge", "hellaswag", "'triviaqa'"):
+    assert task in named, task
+  assert "mandarjoshi/trivia_qa" in str(err.value) and "cais/mmlu" in str(err.value)
+  cfg.eval.qa_task = ""
+  cfg.eval.protocol = "zero_shot"
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sources, "default_local_root", lambda: tmp_path / "none")
+    mp.delenv(sources.DATA_ROOT_ENV, raising=False)
+    assert len(stages.evaluation_data_problems(cfg, probe=lambda s: "offline")) == 1  # ppl

@@ -84,7 +84,7 @@ def test_quantize_and_evaluate_flag_defaults_are_the_jobs():
           "harness_tasks": list(e["harness_tasks"])}
   for name in ("data_root", "ppl_file", "seq_len", "max_windows", "limit", "batch_size",
                "dtype", "output_json", "protocol", "num_fewshot", "mmlu_only_ok",
-               "mmlu_per_subject", "harness_include_path"):
+               "mmlu_per_subject", "harness_include_path", "qa_task"):
     want[name] = e[name]
   assert {k: got[k] for k in want} == want
 

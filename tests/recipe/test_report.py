@@ -2,7 +2,7 @@
 
 import math
 
-from minitron_jax.recipe import report
+from minitron_jax.recipe import jobs, report
 
 
 def _ev(name, ppl_windows=None, tasks=None, heldout=None):
@@ -63,6 +63,11 @@ def test_table_shows_stderr_examples_and_repetition():
   ev = _ev("teacher", [3.0], {"mmlu": (0.3, 57)})
   ev["results"]["mmlu"]["num_fewshot"] = 5
   assert "mmlu (5-shot, n=57)" in report.results_table([ev])
+  ev["results"]["triviaqa"] = {"exact_match": 0.25, "exact_match_stderr": 0.0435,
+                               "examples": 100, "num_fewshot": 0}
+  table = report.results_table([ev, _ev("distill_width", [3.1], {"mmlu": (0.3, 57)})])
+  assert "triviaqa EM (n=100)" in table and "25.0 ± 4.3" in table
+  assert table.splitlines()[-1].count("–") == 1  # the student was not asked
 
 
 def test_zero_shot_only_for_the_models_the_report_compares():
@@ -76,6 +81,12 @@ def test_zero_shot_only_for_the_models_the_report_compares():
           "distill_search": full, "baseline_pruned_ce": full, "baseline_random_ce": full,
           "quantized/int8": ref}
   assert {n: report.model_tasks(cfg, n) for n in want} == want
+  cfg.eval.qa_task, cfg.eval.protocol = "triviaqa:20", "minitron"
+  for name, job in ((n, jobs.eval_job(cfg, "m", report.model_tasks(cfg, n),
+                                      reference=report.is_reference(cfg, n))) for n in want):
+    compared = want[name] == full
+    assert job.qa() == (("triviaqa", 20) if compared else None), name
+    assert ("hellaswag" in job.run_tasks() and "mmlu" in job.run_tasks()) == compared, name
   cfg.correction.steps = 0  # the downloaded teacher is then the one the students come from
   assert report.model_tasks(cfg, "teacher") == full
   cfg.eval.reference_tasks = ()
