@@ -41,6 +41,7 @@ _REPEAT = flags.DEFINE_integer("repeat", 4, "Copies of the text (a longer run pe
 _SEQ = flags.DEFINE_integer("seq_len", 8192, "Loader row length.")
 _ROWS = flags.DEFINE_integer("rows", 8, "Loader rows per batch.")
 _BATCHES = flags.DEFINE_integer("batches", 20, "Loader batches timed.")
+_WORKERS = flags.DEFINE_list("loader_workers", ["0"], "Loader worker-process counts to time.")
 _STEP_S = flags.DEFINE_float("pod_step_seconds", 39.9, "Seconds per 8B->4B update (roofline).")
 _POD_ROWS = flags.DEFINE_integer("pod_rows", 1152, "Rows per 8B->4B update.")
 _POD_SEQ = flags.DEFINE_integer("pod_seq_len", 8192, "Tokens per row of the 8B->4B update.")
@@ -70,14 +71,15 @@ def prepare_rate(tok, src: str, out: str, num_proc: int) -> tuple[float, int]:
   return m["tokens"] / (time.perf_counter() - t0), m["tokens"]
 
 
-def loader_rate(tok, out: str) -> float:
+def loader_rate(tok, out: str, workers: int = 0) -> float:
   docs = corpus.open_documents(out, tok)
-  loader = pipeline.Loader([docs], seq_len=_SEQ.value, global_batch_size=_ROWS.value)
-  next(loader)  # the first batch builds the iterator
-  t0 = time.perf_counter()
-  for _ in range(_BATCHES.value):
-    next(loader)
-  return _BATCHES.value * _ROWS.value * _SEQ.value / (time.perf_counter() - t0)
+  with pipeline.Loader([docs], seq_len=_SEQ.value, global_batch_size=_ROWS.value,
+                       num_workers=workers) as loader:
+    next(loader)  # the first batch builds the iterator (and starts the workers)
+    t0 = time.perf_counter()
+    for _ in range(_BATCHES.value):
+      next(loader)
+    return _BATCHES.value * _ROWS.value * _SEQ.value / (time.perf_counter() - t0)
 
 
 @cli.main_wrapper
@@ -103,11 +105,12 @@ def main(argv: list[str]) -> None:
             f"the ceiling per process")
     if 1 in rates and 2 in rates:
       print(f"speed-up 1 -> 2 processes: {rates[2] / rates[1]:.2f}x")
-    got = loader_rate(tok, os.path.join(work, f"p{min(rates)}"))
     per_host = _POD_ROWS.value * _POD_SEQ.value / _STEP_S.value / _CHIPS.value * _PER_HOST.value
-    print(f"loader, 1 process: {got:,.0f} tokens/s; the 8B->4B step needs "
-          f"{per_host / _PER_HOST.value:,.0f} tokens/s per chip, {per_host:,.0f} per host: "
-          f"{got / per_host:.1f}x")
+    for w in map(int, _WORKERS.value):
+      got = loader_rate(tok, os.path.join(work, f"p{min(rates)}"), w)
+      print(f"loader, 1 process, {w} workers: {got:,.0f} tokens/s; the 8B->4B step needs "
+            f"{per_host / _PER_HOST.value:,.0f} tokens/s per chip, {per_host:,.0f} per host: "
+            f"{got / per_host:.1f}x")
     print(f"load average afterwards {os.getloadavg()[0]:.1f}")
   finally:
     shutil.rmtree(work, ignore_errors=True)

@@ -30,10 +30,12 @@ def get_config() -> ConfigDict:
   c.data = ConfigDict()
   # One source or a tuple mixed by `weights` (share of training characters; () = equal):
   # "wikitext2" (WikiText-2 valid; test is the evaluation set), "synthetic" (the teacher's own
-  # answers to seeded chat prompts), "shakespeare", a file, directory, glob or hub name.
+  # answers to seeded chat prompts), "shakespeare", a file, directory, glob or hub name; or a
+  # prepared directory (also gs://) or Megatron prefix, its weight a share of the rows.
   c.data.source = ("wikitext2",)   # `--config.data.source=shakespeare` parses as a 1-tuple
   c.data.weights = ()
   c.data.heldout_chars = 24_000       # held out from each source's end (> 8 windows of 512)
+  c.data.workers = 0                  # data-loader worker processes (0 = none; same batches)
   c.data.synthetic = ConfigDict(dict(num_documents=256, max_new_tokens=192, batch_size=16,
                                      temperature=0.8, top_p=0.95, fact_share=0.5))
 

@@ -49,7 +49,8 @@ _MODE = flags.DEFINE_enum("mode", _T.mode, list(MODES),
                           "distill: train the student; teacher_correction: fine-tune the "
                           "teacher alone with cross-entropy.")
 _DATA = flags.DEFINE_string("data", _JOB.data, "Training corpus: file, directory, glob, hub "
-                            "dataset name[:config], or the bundled 'shakespeare'.")
+                            "dataset name[:config], the bundled 'shakespeare', a prepared "
+                            "directory, a Megatron .bin/.idx prefix, or a blend file.")
 _EVAL_DATA = flags.DEFINE_string("eval_data", None, "Held-out corpus (default: the tail of "
                                  "--data, excluded from training).")
 _STEPS = flags.DEFINE_integer("steps", _T.steps, "Optimizer updates.")
@@ -104,6 +105,9 @@ _ATTN = flags.DEFINE_enum("attention_impl", _T.attention_impl, list(ATTENTION_IM
                           "Attention kernel: auto = splash on TPU, Pallas/cuDNN flash on GPU, "
                           "XLA on CPU.")
 _SEED = flags.DEFINE_integer("seed", _T.seed, "Data order and projection init.")
+_WORKERS = flags.DEFINE_integer("data_workers", _T.data_workers, "Data-loader worker "
+                                "processes per JAX process (0 = none); the batches are the "
+                                "same at any count.")
 _COORD = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.",
                               lower_bound=1)
@@ -202,7 +206,7 @@ def build_job() -> DistillJob:
       attention_impl=_ATTN.value, seed=_SEED.value, mesh=_MESH.value, save_every=_SAVE.value,
       keep_checkpoints=_KEEP.value, eval_every=_EVAL.value, eval_windows=_EVAL_WIN.value,
       log_every=_LOG.value, allow_schedule_change=_SCHEDULE.value,
-      keep_sparsity=_KEEP_SPARSITY.value)
+      keep_sparsity=_KEEP_SPARSITY.value, data_workers=_WORKERS.value)
   loss = distill.DistillConfig(
       temperature=_TEMP.value, kl=_KL.value, top_k=_TOPK.value, hidden_loss=_HIDDEN.value,
       hidden_weight=_HIDDEN_W.value, embedding_weight=_EMB_W.value, ce_weight=_CE_W.value,

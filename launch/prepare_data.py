@@ -24,8 +24,9 @@ _D = PrepareSpec(source="")
 _SOURCE = flags.DEFINE_string(
     "source", None, "Text to prepare: a .txt / .jsonl / .json file, a directory, a glob, a hub "
     "dataset name[:config], or shakespeare.")
-_OUT = flags.DEFINE_string("output_dir", None, "Directory for the shards and manifest.json "
-                           "(local; copy it to object storage afterwards). Running again resumes.")
+_OUT = flags.DEFINE_string("output_dir", None, "Directory for the shards and manifest.json: "
+                           "local, or an object-store URL (gs://bucket/path, s3://...). Running "
+                           "again resumes.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Model directory, known model name or hub "
                                  "id whose tokenizer to use (the training run's).")
 _NUM_PROC = flags.DEFINE_integer("num_proc", _D.num_proc, "Tokenizing processes.")

@@ -1,13 +1,18 @@
-"""Byte ranges of one file, local or in an object store (`gs://`, `s3://`).
+"""Byte ranges of one file, local or in an object store (`gs://`, `s3://`), and whole-file
+writes to either.
 
 Local files are memory-mapped; object-store paths go through tensorstore's key-value store,
 which reads byte ranges without fetching the whole object. Prepared shards and Megatron
-indexed datasets are both flat arrays, so this is all either reader needs.
+indexed datasets are both flat arrays, so this is all either reader needs. A write is whole or
+absent: locally a temporary file renamed into place, in an object store one put (an object
+appears complete or not at all).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +31,49 @@ def join(root: str | os.PathLike, name: str) -> str:
   return root.rstrip("/") + "/" + name if is_remote(root) else os.path.join(root, name)
 
 
+def _kvstore(path: str):
+  import tensorstore as ts  # only object-store paths need it
+
+  parent, _, key = path.rpartition("/")
+  return ts.KvStore.open(parent + "/").result(), key
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes a whole file or object; a reader sees all of `data` under `path` or nothing."""
+  path = os.fspath(path)
+  if is_remote(path):
+    kv, key = _kvstore(path)
+    kv.write(key, data).result()
+    return
+  tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Writes a JSON file or object whole (locally also durably: `io.files.write_json`)."""
+  if not is_remote(path):
+    from minitron_jax.io import files
+
+    files.write_json(os.fspath(path), obj)
+    return
+  write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """The JSON document of a file or object."""
+  return json.loads(Blob(path).read_bytes())
+
+
+def makedirs(path: str | os.PathLike) -> None:
+  """Creates a local directory (an object store has none to create)."""
+  if not is_remote(path):
+    os.makedirs(os.fspath(path), exist_ok=True)
+
+
 class Blob:
   """One file's bytes, read as typed arrays by element range.
 
@@ -35,15 +83,24 @@ class Blob:
 
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
+    self._open()
+
+  def _open(self) -> None:
     self._mmap = None
     self._kv = None
     if not is_remote(self.path):
       self._local = os.path.expanduser(self.path)
     else:
-      import tensorstore as ts  # only object-store paths need it
+      self._kv, self._key = _kvstore(self.path)
 
-      parent, _, self._key = self.path.rpartition("/")
-      self._kv = ts.KvStore.open(parent + "/").result()
+  def __getstate__(self) -> dict:
+    # A loader's worker process gets the path, never the bytes (pickling a memory map copies
+    # the whole file) nor the key-value store handle; it reopens the file itself.
+    return {"path": self.path}
+
+  def __setstate__(self, state: dict) -> None:
+    self.path = state["path"]
+    self._open()
 
   def exists(self) -> bool:
     if self._kv is None:

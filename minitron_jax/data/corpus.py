@@ -245,7 +245,8 @@ def open_documents(source: str | os.PathLike, tokenizer, *, text_field: str = "t
   """The documents of a source as token ids, ready for `data.pipeline` and `load_tokens`.
 
   A prepared directory (`launch/prepare_data.py`) and a Megatron indexed dataset (the path
-  prefix of its `.bin` / `.idx`) are read as they are, locally or from `gs://`; any text source
+  prefix of its `.bin` / `.idx`) are read as they are, locally or from `gs://`; a blend file
+  (`data.blend`) opens each of its sources (a `blend.Blend`); any text source
   is prepared once into the cache (`tokens/<key>/`), and later calls read its shards. The key
   covers the source (file paths, sizes and mtimes, or the hub dataset's fingerprint), the text
   field, the tokenizer's full serialisation and the EOS id.
@@ -260,14 +261,22 @@ def open_documents(source: str | os.PathLike, tokenizer, *, text_field: str = "t
   Raises:
     prepared.DataError: damaged or mismatched prepared / indexed data, or an empty source.
   """
-  from minitron_jax.data import megatron, prepare as prep, prepared
+  from minitron_jax.data import blend, blob, megatron, prepare as prep, prepared
 
   text = os.fspath(source)
   fingerprint = tokenizer_fingerprint(tokenizer)
-  if prepared.is_prepared(text):
-    return prepared.PreparedSource(text, tokenizer_fingerprint=fingerprint, verify=verify)
+  if blend.is_blend(text):
+    entries = blend.read(text)
+    nested = [e.source for e in entries if blend.is_blend(e.source)]
+    if nested:
+      raise prepared.DataError(f"{text}: a blend cannot name another blend ({nested[0]})")
+    parts = [open_documents(e.source, tokenizer, text_field=text_field, split=split,
+                            eos_id=eos_id, cache=cache, verify=verify) for e in entries]
+    return blend.Blend(parts, [e.weight for e in entries], text)
   if megatron.is_indexed(text):
     return megatron.MegatronSource(text, vocab_size=len(tokenizer))
+  if prepared.is_prepared(text) or blob.is_remote(text):  # a URL can only name token ids
+    return prepared.PreparedSource(text, tokenizer_fingerprint=fingerprint, verify=verify)
   if not cache:
     stream = tokenize_documents(open_source(source, text_field, split)[1], tokenizer,
                                 eos_id=eos_id)
@@ -289,8 +298,19 @@ def open_documents(source: str | os.PathLike, tokenizer, *, text_field: str = "t
 
 def to_stream(docs) -> TokenStream:
   """Every document of a source (`open_documents`) as one in-memory `TokenStream`."""
+  if isinstance(docs, TokenStream):
+    return docs
   if isinstance(docs, StreamDocuments):
     return docs.stream
+  if hasattr(docs, "parts"):  # a blend: its sources' documents one after the other
+    streams = [to_stream(p) for p in docs.parts]
+    if len(streams) == 1:
+      return streams[0]
+    starts = np.cumsum([0] + [len(s) for s in streams[:-1]])
+    return TokenStream(np.concatenate([np.asarray(s.tokens) for s in streams]),
+                       np.concatenate([[0]] + [np.asarray(s.offsets[1:]) + b
+                                               for s, b in zip(streams, starts)]
+                                      ).astype(np.int64))
   return TokenStream(docs.all_tokens(), np.concatenate([[0], np.cumsum(docs.lengths)]
                                                         ).astype(np.int64))
 

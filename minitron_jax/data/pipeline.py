@@ -34,6 +34,15 @@ def as_documents(source):
   return StreamDocuments(source) if isinstance(source, TokenStream) else source
 
 
+def training_loader(data, **kwargs) -> "Loader":
+  """The loader of a run's training data: one source (`corpus.open_documents`, a
+  `TokenStream`) or a blend of several (`blend.Blend`, its rows mixed by its weights);
+  `kwargs` go to `Loader`."""
+  if hasattr(data, "parts"):
+    return Loader(data.parts, weights=data.weights, **kwargs)
+  return Loader([data], **kwargs)
+
+
 class PackedRows:
   """Random access to the packed rows of one document source (a Grain data source).
 
@@ -118,12 +127,15 @@ class Loader:
     process_index, process_count: which slice of every batch this process reads.
     state: a `state()` to continue from.
     num_threads: Grain reader threads (0: read in the caller's thread).
+    num_workers: Grain worker processes (0: none). Each reads every `num_workers`-th batch of
+      this process's batches, and Grain interleaves them back in order, so the batches are
+      the same at any count; workers are spawned and get the sources by path, not by bytes.
   """
 
   def __init__(self, sources: Sequence, *, seq_len: int, global_batch_size: int,
                weights: Sequence[float] | None = None, seed: int = 0, pad_id: int = 0,
                process_index: int = 0, process_count: int = 1, state: dict | None = None,
-               num_threads: int = 0):
+               num_threads: int = 0, num_workers: int = 0):
     import grain  # the loader's one dependency beyond numpy
 
     if not sources:
@@ -137,11 +149,15 @@ class Loader:
     if global_batch_size % process_count:
       raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
                        f"process_count={process_count}")
+    if num_threads < 0 or num_workers < 0:
+      raise ValueError(f"num_threads and num_workers must be >= 0, got {num_threads}, "
+                       f"{num_workers}")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index={process_index} not in [0, {process_count})")
     self.seq_len, self.seed, self.global_batch_size = seq_len, int(seed), global_batch_size
     self.local_batch_size = global_batch_size // process_count
     self._index, self._count, self._threads = process_index, process_count, num_threads
+    self._workers = num_workers
     self.sources = [PackedRows(as_documents(s), seq_len, pad_id) for s in sources]
     self.weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
     total = sum(self.weights)
@@ -174,7 +190,15 @@ class Loader:
     local = self._rows[self._position:].batch(self.local_batch_size)[self._index::self._count]
     options = self._grain.ReadOptions(num_threads=self._threads,
                                       prefetch_buffer_size=2 * self._threads)
-    return iter(local.to_iter_dataset(options))
+    ds = local.to_iter_dataset(options)
+    if self._workers:
+      from absl import flags
+
+      if not flags.FLAGS.is_parsed():  # a library caller: Grain reads its flags' defaults
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(self._grain.MultiprocessingOptions(num_workers=self._workers,
+                                                             per_worker_buffer_size=2))
+    return iter(ds)
 
   def state(self) -> dict:
     """The rows served so far and what they depend on; plain values, safe to store as JSON."""
@@ -192,7 +216,20 @@ class Loader:
       if state[name] != mine[name]:
         raise ValueError(f"the state was saved with {name}={state[name]}, but this dataset has "
                          f"{name}={mine[name]} (different data or settings?)")
-    self._position, self._it = int(state["position"]), None
+    self.close()
+    self._position = int(state["position"])
+
+  def close(self) -> None:
+    """Stops the worker processes, if any (a later `next` starts them again)."""
+    it, self._it = self._it, None
+    if it is not None and hasattr(it, "close"):
+      it.close()
+
+  def __enter__(self) -> "Loader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def __iter__(self) -> "Loader":
     return self

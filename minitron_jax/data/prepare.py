@@ -19,8 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from minitron_jax.data import prepared, tokens
-from minitron_jax.io import files
+from minitron_jax.data import blob, prepared, tokens
 
 SETTINGS = "prepare.json"
 _worker_tokenizer = None
@@ -70,13 +69,12 @@ def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
 
 def _shard_done(out_dir: str, index: int) -> dict | None:
   """The record of shard `index` when it is complete on disk, else None."""
-  path = os.path.join(out_dir, prepared.shard_name(index) + ".json")
-  if not os.path.isfile(path):
+  path = blob.join(out_dir, prepared.shard_name(index) + ".json")
+  if not blob.Blob(path).exists():
     return None
-  rec = files.read_json(path)
+  rec = blob.read_json(path)
   for part in ("tokens", "offsets"):
-    f = os.path.join(out_dir, f"{rec['name']}.{part}")
-    if not os.path.isfile(f) or os.path.getsize(f) != rec["bytes"][part]:
+    if not blob.Blob(blob.join(out_dir, f"{rec['name']}.{part}")).has_size(rec["bytes"][part]):
       return None
   return rec
 
@@ -89,14 +87,9 @@ def write_shard(out_dir: str, index: int, docs: list[str], tokenizer, eos_id: in
   offsets = np.asarray(stream.offsets, prepared.OFFSETS_DTYPE).tobytes()
   name = prepared.shard_name(index)
   for part, data in (("tokens", ids), ("offsets", offsets)):
-    tmp = os.path.join(out_dir, f".tmp-{name}.{part}")
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(out_dir, f"{name}.{part}"))
+    blob.write_bytes(blob.join(out_dir, f"{name}.{part}"), data)
   rec = prepared.shard_record(index, ids, offsets, len(docs), dtype)
-  files.write_json(os.path.join(out_dir, name + ".json"), rec)
+  blob.write_json(blob.join(out_dir, name + ".json"), rec)
   return rec
 
 
@@ -112,16 +105,16 @@ def _work(args) -> dict:
 
 def _check_settings(out_dir: str, settings: dict) -> None:
   settings = json.loads(json.dumps(settings))  # as read back (tuples become lists)
-  path = os.path.join(out_dir, SETTINGS)
-  if os.path.isfile(path):
-    old = files.read_json(path)
+  path = blob.join(out_dir, SETTINGS)
+  if blob.Blob(path).exists():
+    old = blob.read_json(path)
     if old != settings:
       changed = sorted(k for k in settings if old.get(k) != settings[k])
       raise prepared.DataError(f"{out_dir}: holds a preparation of other input or settings "
                                f"({', '.join(changed)} differ); use another --output_dir or "
                                "remove it")
   else:
-    files.write_json(path, settings)
+    blob.write_json(path, settings)
 
 
 class _Meter:
@@ -152,12 +145,13 @@ def prepare_documents(spec: PrepareSpec, fingerprint: dict, docs: Iterator[str],
     DataError: the source has no documents, or `output_dir` holds another preparation.
   """
   spec.validate()
-  out = os.path.abspath(os.path.expanduser(os.fspath(output_dir)))
+  out = os.fspath(output_dir)
+  out = out.rstrip("/") if blob.is_remote(out) else os.path.abspath(os.path.expanduser(out))
   eos = tokens.eos_token_id(tokenizer, eos_id)
   dtype = prepared.token_dtype(len(tokenizer))
   settings = {"source": fingerprint, "tokenizer": tokens.tokenizer_fingerprint(tokenizer),
               "eos": eos, "dtype": dtype.str, "docs_per_shard": spec.docs_per_shard}
-  os.makedirs(out, exist_ok=True)
+  blob.makedirs(out)
   _check_settings(out, settings)
   if prepared.is_prepared(out):
     return prepared.read_manifest(out)
@@ -209,5 +203,5 @@ def _finish(out: str, spec: PrepareSpec, settings: dict, shards: list[dict], nam
               "dtype": settings["dtype"], "docs_per_shard": spec.docs_per_shard,
               "documents": documents, "tokens": sum(r["tokens"] for r in shards),
               "shards": shards}
-  files.write_json(os.path.join(out, prepared.MANIFEST), manifest)
+  blob.write_json(blob.join(out, prepared.MANIFEST), manifest)
   return manifest

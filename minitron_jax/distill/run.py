@@ -33,7 +33,7 @@ import numpy as np
 
 from minitron_jax import sharding
 from minitron_jax.io import checkpoint, lock
-from minitron_jax.data import corpus as data, holdout, packing, pipeline
+from minitron_jax.data import blend, corpus as data, holdout, packing, pipeline
 from minitron_jax.distill import losses as distill
 from minitron_jax.distill import lora as lora_lib
 from minitron_jax.distill import metrics as metrics_lib
@@ -139,7 +139,8 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
   Args:
     cfg: train settings (`cfg.mode` picks the objective).
     model_params, model_cfg: the model to train (host arrays, identical on every process).
-    train_tokens: the training corpus (a `TokenStream` or `corpus.open_documents`).
+    train_tokens: the training corpus (a `TokenStream` or `corpus.open_documents`, a blend
+      included).
     output_dir: checkpoints and metrics go here.
     teacher_params, teacher_cfg: the frozen teacher (distill mode).
     dcfg: loss settings (distill mode; default `DistillConfig()`).
@@ -178,10 +179,7 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
       allow_schedule_change=cfg.allow_schedule_change, say=say)
   teacher = train.put_global(teacher_params, teacher_sh) if live_teacher else None
 
-  dataset = pipeline.Loader([train_tokens], seq_len=cfg.seq_len,
-                            global_batch_size=cfg.global_batch_size, seed=cfg.seed,
-                            pad_id=pad_id, process_index=data_index, process_count=data_count,
-                            state=data_state)
+  dataset = _loader(cfg, train_tokens, pad_id, (data_index, data_count), data_state)
   t0 = time.perf_counter()
   step_fn = train.make_train_step(model_cfg, source, dcfg, cfg, optimizer,
                                   grad_shardings=state_sh["params"],
@@ -198,11 +196,21 @@ def fit(cfg: TrainConfig, *, model_params: dict, model_cfg: LlamaConfig,
                                                   train.eval_params(state_sh), lora))
     if live_teacher and resumed_from is None:
       loop.evaluate_teacher(train.make_eval_fn(teacher_cfg, cfg, mesh, teacher_sh), teacher)
-  state, preempted = loop.run(compiled, state, teacher, _batches(dataset, cache, mesh, cfg),
-                              dataset.state)
+  with dataset:  # stops the loader's worker processes, if any
+    state, preempted = loop.run(compiled, state, teacher, _batches(dataset, cache, mesh, cfg),
+                                dataset.state)
   return FitResult(params=state["params"]["model"], step=int(state["step"]),
                    resumed_from=resumed_from, preempted=preempted, history=loop.history,
                    evals=loop.evals, seconds=loop.meter.total_seconds, tokens=loop.tokens)
+
+
+def _loader(cfg: TrainConfig, train_tokens, pad_id: int, rows: tuple[int, int],
+            state: dict | None) -> pipeline.Loader:
+  """This process's rows (`rows`: its index and the count of row readers) of every batch."""
+  return pipeline.training_loader(train_tokens, seq_len=cfg.seq_len,
+                                  global_batch_size=cfg.global_batch_size, seed=cfg.seed,
+                                  pad_id=pad_id, process_index=rows[0], process_count=rows[1],
+                                  state=state, num_workers=cfg.data_workers)
 
 
 def _state_layout(model_params, model_cfg: LlamaConfig, proj, mesh, optimizer, lora, cfg):
@@ -545,6 +553,10 @@ def _training_tokens(job: DistillJob, tok):
     return docs, None
   if job.eval_data:
     return docs, np.asarray(data.load_tokens(job.eval_data, tok).tokens)
+  if hasattr(docs, "parts") and len(docs.parts) > 1:  # a blend: its first source's tail
+    train, held = holdout.split_holdout(data.to_stream(docs.parts[0]),
+                                        cfg.eval_windows * cfg.seq_len)
+    return blend.Blend([train, *docs.parts[1:]], docs.weights, docs.name), held
   return holdout.split_holdout(data.to_stream(docs), cfg.eval_windows * cfg.seq_len)
 
 

@@ -81,6 +81,8 @@ class TrainConfig:
     async_checkpointing: write checkpoints in a background thread.
     keep_sparsity: the decoder layers' linear weights that are zero at the start stay zero
       (masked distillation of a sparse model; `masked.keep_zeros`).
+    data_workers: data-loader worker processes per JAX process (0 = read in the training
+      process); the batches are the same at any count (`pipeline.Loader`).
   """
 
   mode: str = "distill"
@@ -110,13 +112,14 @@ class TrainConfig:
   allow_schedule_change: bool = False
   async_checkpointing: bool = True
   keep_sparsity: bool = False
+  data_workers: int = 0
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise SettingError("mode", f"{{name}} must be one of {MODES}, got {self.mode!r}")
     check_positive(self, "steps", "global_batch_size", "seq_len", "eval_windows", "log_every",
                    "keep_checkpoints")
-    for name in ("warmup_steps", "save_every", "eval_every", "logits_chunk"):
+    for name in ("warmup_steps", "save_every", "eval_every", "logits_chunk", "data_workers"):
       if getattr(self, name) < 0:
         raise SettingError(name, f"{{name}} must be >= 0, got {getattr(self, name)}")
     if self.seq_len < 2:

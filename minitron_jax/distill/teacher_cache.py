@@ -222,11 +222,13 @@ def write_for_run(directory: str, cfg: train.TrainConfig, teacher_params,
   t0 = time.perf_counter()
   mesh = sharding.make_mesh(cfg.mesh)
   index, count = train.batch_rows(mesh, cfg)
-  dataset = pipeline.Loader([train_tokens], seq_len=cfg.seq_len,
-                            global_batch_size=cfg.global_batch_size, seed=cfg.seed,
-                            pad_id=pad_id, process_index=index, process_count=count)
-  write(directory, teacher_params, teacher_cfg, dataset, cfg.steps, k, cfg, dtype,
-        process_index=jax.process_index(), log=log)
+  dataset = pipeline.training_loader(train_tokens, seq_len=cfg.seq_len,
+                                     global_batch_size=cfg.global_batch_size, seed=cfg.seed,
+                                     pad_id=pad_id, process_index=index, process_count=count,
+                                     num_workers=cfg.data_workers)
+  with dataset:
+    write(directory, teacher_params, teacher_cfg, dataset, cfg.steps, k, cfg, dtype,
+          process_index=jax.process_index(), log=log)
   summary = {"teacher_cache": os.path.abspath(directory), "k": k, "steps": cfg.steps,
              "dtype": dtype, "bytes_per_token": bytes_per_token(k, dtype),
              "seconds": round(time.perf_counter() - t0, 2)}

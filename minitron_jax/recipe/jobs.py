@@ -171,7 +171,8 @@ def eval_job(cfg, model_dir: str, tasks: Iterable[str], reference: bool = False)
 
 # DistillJob fields whose config key is not `<section>.<field>`.
 _DISTILL = {"dtype": "train_dtype", "mesh": "mesh", "seed": "seed",
-            "temperature": "distill.kd_temperature", "cache_topk": "distill.teacher_topk",
+            "data_workers": "data.workers", "temperature": "distill.kd_temperature",
+            "cache_topk": "distill.teacher_topk",
             "teacher_cache": "distill.teacher_topk", "qad.format": "distill.qad_format",
             "qad.method": "distill.qad_method", "lora.rank": "distill.lora_rank",
             "lora.targets": "distill.lora_targets", "lora.alpha": "distill.lora_alpha",
@@ -202,7 +203,8 @@ def train_config(cfg, section: str, mode: str):
       micro_batch_size=t.micro_batch_size or None, seq_len=t.seq_len, lr=t.lr, min_lr=t.min_lr,
       warmup_steps=t.warmup_steps, dtype=cfg.train_dtype, remat=bool(t.remat), mesh=cfg.mesh,
       save_every=t.save_every, eval_every=t.eval_every, eval_windows=t.eval_windows,
-      seed=cfg.seed, log_every=max(1, t.steps // 20))
+      seed=cfg.seed, log_every=max(1, t.steps // 20),
+      data_workers=layout.get(cfg, "data.workers", 0))
 
 
 def caching_teacher(cfg) -> bool:
@@ -272,7 +274,16 @@ def distill_job(cfg, run_dir: str, name: str):
 
 
 def check_recipe(cfg) -> None:
-  """The settings that choose stages: which students, what to quantize."""
+  """The settings that choose stages: which students, what to quantize; the data weights."""
+  src = cfg.data.source
+  names = (src,) if isinstance(src, str) else tuple(src)
+  weights = tuple(layout.get(cfg, "data.weights") or ())
+  if len(names) > 1 and weights and len(weights) != len(names):
+    raise SettingError("data.weights", f"{{name}}={weights} has {len(weights)} entries for the "
+                       f"{len(names)} sources of data.source: give one weight per source")
+  bad = [f"{n}={w}" for n, w in zip(names, weights) if not w > 0]
+  if len(names) > 1 and bad:
+    raise SettingError("data.weights", f"{{name}}: every weight must be positive ({bad[0]})")
   bad = sorted(set(cfg.prune.kinds) - set(KINDS))
   if bad:
     raise SettingError("prune.kinds", f"{{name}}: {bad} not in {KINDS}")

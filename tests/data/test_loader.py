@@ -193,3 +193,29 @@ def test_two_processes_read_disjoint_rows_whose_union_is_the_global_batch(tmp_pa
   assert np.array_equal(np.concatenate([p0, p1], 1), whole)  # the union, in order
   mine = {tuple(r) for r in p0.reshape(-1, 16)}
   assert not mine & {tuple(r) for r in p1.reshape(-1, 16)}  # no row read twice
+
+
+def test_worker_processes_give_the_same_batches_and_resume(tmp_path, bpe_tokenizer):
+  # A prepared source: workers get it by path (its memory maps reopen in each process).
+  from minitron_jax.data import corpus, prepare
+
+  docs = tmp_path / "docs"
+  docs.mkdir()
+  for i in range(30):
+    (docs / f"{i:02d}.txt").write_text(" ".join(str(1000 * i + j) for j in range(i % 7 + 3)))
+  corpus.prepare(prepare.PrepareSpec(str(docs), docs_per_shard=8), tmp_path / "p", bpe_tokenizer)
+  src = corpus.open_documents(tmp_path / "p", bpe_tokenizer)
+  kw = dict(seq_len=16, global_batch_size=4, seed=4, process_index=1, process_count=2)
+  plain = pipeline.Loader([src], **kw)
+  want = [next(plain) for _ in range(10)]
+  # Resumed mid-stream from a state saved without workers; one start of the workers (each
+  # imports Grain, hence JAX: seconds).
+  saved = json.loads(json.dumps(pipeline.Loader([src], **kw).state() | {"position": 3 * 4}))
+  with pipeline.Loader([src], num_workers=2, state=saved, **kw) as workers:
+    got = [next(workers) for _ in range(5)]  # batches 3..7, prefetching beyond them
+    after = json.loads(json.dumps(workers.state()))
+  got.append(next(pipeline.Loader([src], state=after, **kw)))
+  for w, g in zip(want[3:9], got, strict=True):
+    assert all(np.array_equal(w[k], g[k]) for k in w)
+  with pytest.raises(ValueError, match="num_threads and num_workers must be >= 0"):
+    pipeline.Loader([src], num_workers=-1, **kw)

@@ -205,3 +205,44 @@ def test_the_launch_script_refuses_an_empty_source_in_one_line(tmp_path, bpe_tok
   assert r.returncode == 1 and "Traceback" not in r.stderr
   assert "error: " + str(tmp_path / "empty.jsonl") + ": no documents" in r.stderr
   assert not prepared.is_prepared(tmp_path / "out")
+
+
+def test_a_preparation_writes_to_an_object_store_and_resumes_there(tmp_path, bpe_tokenizer,
+                                                                    monkeypatch):
+  # A file:// URL takes the gs:// code path: every write is one put through tensorstore's
+  # key-value store, every check a read of it.
+  from minitron_jax.data import blob, pipeline
+
+  write_corpus(tmp_path / "c.jsonl")
+  corpus.prepare(spec(tmp_path / "c.jsonl"), tmp_path / "clean", bpe_tokenizer)
+  url = "file://" + str(tmp_path / "bucket" / "prepared")
+  real, written, puts = prepare.write_shard, [], []
+  real_put = blob.write_bytes
+  monkeypatch.setattr(blob, "write_bytes", lambda p, d: puts.append(p) or real_put(p, d))
+
+  def dies_at_the_third(out_dir, index, *a):
+    if len(written) == 2:  # what a kill leaves mid-shard: a data object, no record
+      blob.write_bytes(f"{out_dir}/{prepared.shard_name(index)}.tokens", b"partial")
+      raise KeyboardInterrupt
+    written.append(index)
+    return real(out_dir, index, *a)
+
+  monkeypatch.setattr(prepare, "write_shard", dies_at_the_third)
+  with pytest.raises(KeyboardInterrupt):
+    corpus.prepare(spec(tmp_path / "c.jsonl"), url, bpe_tokenizer)
+  assert not prepared.is_prepared(url)
+  with pytest.raises(DataError, match="not a prepared dataset"):
+    corpus.open_documents(url, bpe_tokenizer)
+  written.clear()
+  monkeypatch.setattr(prepare, "write_shard", lambda *a: written.append(a[1]) or real(*a))
+  manifest = corpus.prepare(spec(tmp_path / "c.jsonl"), url, bpe_tokenizer)
+  assert written == [2, 3, 4]  # shards 0 and 1 were kept
+  assert all(p.startswith(url + "/") for p in puts) and puts[-1] == url + "/manifest.json"
+  assert listing(tmp_path / "bucket" / "prepared") == listing(tmp_path / "clean")
+  assert json.loads(json.dumps(manifest)) == prepared.read_manifest(url)
+  # Read back through the loader: the rows of the local copy.
+  kw = dict(seq_len=16, global_batch_size=4, seed=1)
+  remote = pipeline.Loader([corpus.open_documents(url, bpe_tokenizer, verify=True)], **kw)
+  local = pipeline.Loader([corpus.open_documents(tmp_path / "clean", bpe_tokenizer)], **kw)
+  for _ in range(3):
+    assert np.array_equal(next(remote)["tokens"], next(local)["tokens"])

@@ -137,7 +137,7 @@ def test_every_stage_job_comes_from_the_config(tmp_path):
   width = jobs.prune_job(cfg, run_dir, "width")
   assert (width.hidden_size, width.intermediate_size) == (576, 480)
   assert width.calib.samples == cfg.prune.calib_samples and width.calib.seed == cfg.seed
-  assert width.calib.data == os.path.join(run_dir, "data", "train.jsonl")
+  assert width.calib.data == os.path.join(run_dir, "data", "blend.json")
   assert width.model_dir == os.path.join(run_dir, "corrected", "hf")  # corrected teacher
   assert jobs.prune_job(cfg, run_dir, "depth").num_hidden_layers == 15
   s = jobs.search_job(cfg, run_dir)

@@ -96,7 +96,7 @@ def test_recipe_stage_is_off_by_default_and_built_from_the_config(tmp_path):
   assert stages.evaluated_models(cfg)[-1] == "sparse"
   job = jobs.sparsify_job(cfg, str(tmp_path))
   assert job.model_dir == os.path.join(str(tmp_path), "distill_depth", "hf")
-  assert job.calib.data == os.path.join(str(tmp_path), "data", "train.jsonl")
+  assert job.calib.data == os.path.join(str(tmp_path), "data", "blend.json")
   assert (job.method, job.export, job.calib.samples) == ("sparsegpt", "dense", 64)
   cfg.sparsify.source = "nowhere"
   with pytest.raises(SettingError, match="sparsify.source='nowhere'"):
