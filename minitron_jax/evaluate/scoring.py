@@ -166,8 +166,8 @@ def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int]
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Summed log-likelihood of each continuation given its context, and greedy agreement.
 
-  Requests are packed (first-fit decreasing) into rows of a power-of-two length of at least
-  `MIN_ROW_TOKENS`, kept apart by segment ids with positions restarting per request, and
+  Requests are packed (first-fit decreasing) into rows of their own power-of-two length
+  bucket (at least `MIN_ROW_TOKENS`), kept apart by segment ids with positions restarting per request, and
   `batch_size` rows run per call; only the continuation tokens go through the LM head. The
   number of compiled shapes stays logarithmic in the longest request and in the
   continuation tokens per call. Requests longer than `max_len` keep their last `max_len` input
@@ -199,41 +199,55 @@ def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int]
     users.setdefault(tuple(full[:-1]), []).append(i)
   inputs_u = list(users)
   lengths = [len(u) for u in inputs_u]
-  row_len = max(bucket(max(lengths)), MIN_ROW_TOKENS)
-  packed = pack_rows(lengths, row_len)
+  # Each request goes into rows of its own power-of-two length: a row's attention spans the
+  # whole row, so a short request packed into a row sized for the longest would pay for it.
+  groups: dict[int, list[int]] = {}
+  for u, n in enumerate(lengths):
+    groups.setdefault(max(bucket(n), MIN_ROW_TOKENS), []).append(u)
   score = _packed_scorer(cfg, mesh)
   params = _placed(params, cfg, mesh)
   rows = sharding.padded_rows(batch_size, mesh)
   done = 0
-  for start in range(0, len(packed), batch_size):
-    shape = (rows, row_len)
-    inputs = np.zeros(shape, np.int32)
-    positions, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
-    where, labels, owner = [], [], []
-    for row, members in enumerate(packed[start: start + batch_size]):
-      at = 0
-      for seg, u in enumerate(members, start=1):
-        n = lengths[u]
-        inputs[row, at: at + n] = inputs_u[u]
-        positions[row, at: at + n] = np.arange(n)
-        segments[row, at: at + n] = seg
-        for i in users[inputs_u[u]]:
-          full, n_cont = seqs[i]
-          where += range(row * row_len + at + n - n_cont, row * row_len + at + n)
-          labels += full[-n_cont:]
-          owner += [i] * n_cont
-          done += 1
-        at += n
-    n_where = bucket(len(where), minimum=64)
-    where_n, labels_n = np.zeros(n_where, np.int32), np.zeros(n_where, np.int32)
-    where_n[:len(where)], labels_n[:len(where)] = where, labels
-    lp_n, g_n = score(params, *_rows(mesh, inputs, positions, segments), where_n, labels_n)
-    owner_n = np.asarray(owner)
-    np.add.at(lls, owner_n, np.asarray(lp_n, np.float64)[:len(owner)])
-    np.logical_and.at(greedy, owner_n, np.asarray(g_n)[:len(owner)])
-    if progress:
-      progress(done)
+  for row_len, members_g in sorted(groups.items()):
+    packed = [[members_g[i] for i in row]
+              for row in pack_rows([lengths[u] for u in members_g], row_len)]
+    for start in range(0, len(packed), batch_size):
+      inputs, positions, segments, where, labels, owner = _packed_batch(
+          packed[start: start + batch_size], (rows, row_len), inputs_u, lengths, users, seqs)
+      n_where = bucket(len(where), minimum=64)
+      where_n, labels_n = np.zeros(n_where, np.int32), np.zeros(n_where, np.int32)
+      where_n[:len(where)], labels_n[:len(where)] = where, labels
+      lp_n, g_n = score(params, *_rows(mesh, inputs, positions, segments), where_n, labels_n)
+      owner_n = np.asarray(owner)
+      np.add.at(lls, owner_n, np.asarray(lp_n, np.float64)[:len(owner)])
+      np.logical_and.at(greedy, owner_n, np.asarray(g_n)[:len(owner)])
+      done += len(set(owner))
+      if progress:
+        progress(done)
   return lls, greedy
+
+
+def _packed_batch(packed_rows, shape, inputs_u, lengths, users, seqs):
+  """One call's arrays: inputs, positions and segment ids of `packed_rows` (unique-input
+  indices per row), and the flat indices, labels and request of every continuation token."""
+  inputs = np.zeros(shape, np.int32)
+  positions, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+  where, labels, owner = [], [], []
+  row_len = shape[1]
+  for row, members in enumerate(packed_rows):
+    at = 0
+    for seg, u in enumerate(members, start=1):
+      n = lengths[u]
+      inputs[row, at: at + n] = inputs_u[u]
+      positions[row, at: at + n] = np.arange(n)
+      segments[row, at: at + n] = seg
+      for i in users[inputs_u[u]]:
+        full, n_cont = seqs[i]
+        where += range(row * row_len + at + n - n_cont, row * row_len + at + n)
+        labels += full[-n_cont:]
+        owner += [i] * n_cont
+      at += n
+  return inputs, positions, segments, where, labels, owner
 
 
 def item_scores(name: str, examples, lls: np.ndarray, greedy: np.ndarray
