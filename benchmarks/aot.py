@@ -359,8 +359,8 @@ class StageReport:
   calls_per_step: int = 1     # e.g. micro-batches per optimizer update
   notes: str = ""
   kernel_flops: float = 0.0   # per chip, per call: the splash kernels' part of compiled_flops
-  # Per chip, per call: the useful work with causal attention counted once (half of T x T);
-  # 0 = `analytic_flops`. MFU divides this, so a causal kernel cannot exceed 100 %.
+  # Per chip, per call: the useful work, causal attention counted once (the pairs its mask
+  # keeps); 0 = `analytic_flops`. MFU divides this, so a causal kernel cannot exceed 100 %.
   useful_flops: float = 0.0
 
   @property

@@ -87,6 +87,7 @@ def main(argv):
   mesh = sharding.make_mesh(plan["mesh"], devices)
   mesh_spec = ",".join(f"{k}:{v}" for k, v in mesh.shape.items() if v > 1)
   teacher, student, student_name = models(c)
+  teacher_name = f"{teacher.num_params() / 1e9:.2g}B teacher"
   global_batch, micro = c.distill.global_batch_size, plan["micro_batch_size"]
   if global_batch % micro:
     raise ValueError(f"--micro_batch_size={micro} does not divide the recipe's global batch "
@@ -114,14 +115,14 @@ def main(argv):
       "distill": lambda: [aot.distill_report(student, teacher, student_name, mesh, mesh_spec,
                                              chip, distill_plan, _MEASURE.value)],
       "importance": lambda: [aot.forward_report(
-          "importance", teacher, "8B teacher", mesh, mesh_spec, chip,
+          "importance", teacher, teacher_name, mesh, mesh_spec, chip,
           sharding.padded_rows(c.prune.batch_size, mesh), c.prune.calib_seq_len,
           _MEASURE.value)],
       "evaluate": lambda: [aot.forward_report(
-          "evaluate", teacher, "8B teacher", mesh, mesh_spec, chip,
+          "evaluate", teacher, teacher_name, mesh, mesh_spec, chip,
           sharding.padded_rows(c.eval.batch_size, mesh), c.eval.seq_len, _MEASURE.value)],
       "generate": lambda: aot.generate_reports(
-          teacher, "8B teacher", mesh, mesh_spec, chip,
+          teacher, teacher_name, mesh, mesh_spec, chip,
           sharding.padded_rows(len(c.generate.prompts), mesh), _PROMPT.value,
           c.generate.max_new_tokens, _MEASURE.value),
   }

@@ -4,7 +4,8 @@ test, also of a fresh install):
   python launch/minitron.py --config=configs/tiny.py
 
 The teacher defaults to `smollm2-tiny-random` (hidden 128, MLP 256, 4 layers, 4 heads / 2 KV
-heads); --config.teacher=DIR takes any model with that vocabulary."""
+heads); --config.teacher=DIR takes any model of any family with that vocabulary
+(tests/recipe/test_families.py runs a Qwen2, Qwen3, Mistral and Gemma 3 one)."""
 
 from configs import base
 

@@ -57,7 +57,7 @@ _FAMILY_CLASSES = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
 
 
 def make_hf_family(out_dir, family, *, vocab=128, hidden=64, inter=96, layers=3, heads=4,
-                   kv_heads=2, seed=0, dtype="float32", **overrides):
+                   kv_heads=2, seed=0, dtype="float32", max_pos=256, **overrides):
   """Saves a random transformers model of `family` (a `FAMILIES` key) with non-trivial norm
   weights and biases; returns (model, out_dir)."""
   import torch
@@ -66,7 +66,7 @@ def make_hf_family(out_dir, family, *, vocab=128, hidden=64, inter=96, layers=3,
   config_cls, model_cls = (getattr(transformers, n) for n in _FAMILY_CLASSES[family])
   kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-            max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            max_position_embeddings=max_pos, bos_token_id=1, eos_token_id=2, pad_token_id=0,
             **{**FAMILIES[family], **overrides})
   cfg = config_cls(**kw)
   cfg._attn_implementation = "eager"
@@ -158,6 +158,40 @@ def count_compiles():
     yield seen
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+# Recipe teachers of each family (`make_family_teacher`): the tiny recipe's sizes (hidden 128,
+# MLP 256, 4 layers, 4 heads / 2 KV heads) with the family's switches, windows shorter than the
+# recipe's 32-token training rows. Gemma 3 has llama.cpp's layer pattern (a global layer after
+# five sliding ones) and query scale, so that its GGUF exports are possible.
+RECIPE_FAMILIES = {
+    "qwen2": dict(tie_word_embeddings=True, use_sliding_window=False, sliding_window=None),
+    "qwen3": dict(head_dim=48),
+    "mistral": dict(sliding_window=12, head_dim=48),
+    "gemma3_text": dict(layers=6, sliding_window=12, layer_types=[_S] * 5 + [_F],
+                        query_pre_attn_scalar=24,
+                        rope_parameters={
+                            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json")
+
+
+def make_family_teacher(out_dir, family, tokenizer_dir, seed=0):
+  """A random `family` model the size of the tiny recipe's teacher (`RECIPE_FAMILIES`), with
+  the tokenizer (and its vocabulary) of `tokenizer_dir`; returns its directory."""
+  import shutil
+
+  import transformers
+
+  vocab = transformers.AutoConfig.from_pretrained(str(tokenizer_dir)).vocab_size
+  kw = dict(vocab=vocab, hidden=128, inter=256, layers=4, heads=4, kv_heads=2, max_pos=512)
+  _, d = make_hf_family(out_dir, family, seed=seed, **{**kw, **RECIPE_FAMILIES[family]})
+  for f in TOKENIZER_FILES:
+    if os.path.exists(os.path.join(tokenizer_dir, f)):
+      shutil.copy(os.path.join(tokenizer_dir, f), d)
+  return d
 
 
 def recipe_command(teacher, run_dir, data_root, *extra):
