@@ -90,8 +90,8 @@ def main(argv):
   root = _DATA.value or tasks.default_data_root()
   params, cfg, tok, _ = hf_io.load_model(_MODEL.value, "float32")
   params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
-  with open(os.path.join(root, "wikitext-2", "test.txt"), encoding="utf-8") as f:
-    ids = tok(f.read(), add_special_tokens=False)["input_ids"]
+  ids = scoring.file_tokens(tok, os.path.join(root, "wikitext-2", "test.txt"))
+  bos = scoring.bos_prefix(tok)  # Gemma's windows start with BOS, as the evaluator's do
   calib_src = _CALIB.value or os.path.join(root, "wikitext-2", "valid.txt")
   batches = list(packing.calibration_batches(corpus.load_tokens(calib_src, tok),
                                              num_samples=_NCAL.value, seq_len=_LCAL.value,
@@ -99,7 +99,7 @@ def main(argv):
 
   def ppl(p):
     return scoring.perplexity(p, cfg, ids, seq_len=_SEQ.value, max_windows=_WINDOWS.value,
-                              batch_size=4, progress=False)
+                              batch_size=4, progress=False, bos_id=bos)
 
   dense = {"ppl": _DENSE_PPL.value, "tokens": "as before"} if _DENSE_PPL.value else ppl(params)
   print(f"dense: ppl {dense['ppl']:.3f} ({dense['tokens']} tokens)", flush=True)
