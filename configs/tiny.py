@@ -5,7 +5,7 @@ test, also of a fresh install):
 
 The teacher defaults to `smollm2-tiny-random` (hidden 128, MLP 256, 4 layers, 4 heads / 2 KV
 heads); --config.teacher=DIR takes any model of any family with that vocabulary
-(tests/recipe/test_families.py runs a Qwen2, Qwen3, Mistral and Gemma 3 one)."""
+(tests/recipe/test_recipe_families.py runs a Qwen2, Qwen3, Mistral and Gemma 3 one)."""
 
 from configs import base
 

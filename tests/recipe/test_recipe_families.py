@@ -6,7 +6,7 @@ the training rows) and Gemma 3 (sliding and global layers, four norms, GeGLU).
 
 A few minutes per family on 2 cores, so opt-in:
 
-  MINITRON_JAX_ALL_FAMILIES=1 python -m pytest -q tests/recipe/test_families.py
+  MINITRON_JAX_ALL_FAMILIES=1 python -m pytest -q tests/recipe/test_recipe_families.py
 """
 
 import math
