@@ -203,3 +203,15 @@ def recipe_command(teacher, run_dir, data_root, *extra):
   return [sys.executable, os.path.join(root, "launch", "minitron.py"),
           f"--config={os.path.join(root, 'configs', 'tiny.py')}", f"--config.teacher={teacher}",
           f"--config.run_dir={run_dir}", f"--config.data_root={data_root}", *extra]
+
+
+@contextlib.contextmanager
+def offline_datasets(tmp):
+  """No hub traffic and a private `datasets` cache under `tmp`; yields the MonkeyPatch."""
+  import datasets
+  import pytest
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp / "datasets_cache"))
+    yield mp

@@ -24,6 +24,22 @@ def spec(source, **kw):
   return prepare.PrepareSpec(str(source), docs_per_shard=5, **kw)
 
 
+def die_at_the_third_shard(monkeypatch, leave_partial):
+  """`prepare.write_shard` raises KeyboardInterrupt at the third shard, after
+  `leave_partial(out_dir, shard name)`; (the real write_shard, the shards written)."""
+  real, written = prepare.write_shard, []
+
+  def dies_at_the_third(out_dir, index, *a):
+    if len(written) == 2:
+      leave_partial(out_dir, prepared.shard_name(index))
+      raise KeyboardInterrupt
+    written.append(index)
+    return real(out_dir, index, *a)
+
+  monkeypatch.setattr(prepare, "write_shard", dies_at_the_third)
+  return real, written
+
+
 def listing(root):
   return {n: (root / n).read_bytes() for n in sorted(os.listdir(root))}
 
@@ -54,17 +70,9 @@ def test_a_killed_preparation_resumes_shard_by_shard(tmp_path, bpe_tokenizer, mo
   write_corpus(tmp_path / "c.jsonl")
   corpus.prepare(spec(tmp_path / "c.jsonl"), tmp_path / "clean", bpe_tokenizer)
   out = tmp_path / "killed"
-  real, written = prepare.write_shard, []
-
-  def dies_at_the_third(out_dir, index, *a):
-    if len(written) == 2:
-      # What a kill leaves mid-shard: a data file, no record.
-      (out / f"{prepared.shard_name(index)}.tokens").write_bytes(b"partial")
-      raise KeyboardInterrupt
-    written.append(index)
-    return real(out_dir, index, *a)
-
-  monkeypatch.setattr(prepare, "write_shard", dies_at_the_third)
+  # What a kill leaves mid-shard: a data file, no record.
+  real, written = die_at_the_third_shard(
+      monkeypatch, lambda out_dir, name: (out / f"{name}.tokens").write_bytes(b"partial"))
   with pytest.raises(KeyboardInterrupt):
     corpus.prepare(spec(tmp_path / "c.jsonl"), out, bpe_tokenizer)
   assert not prepared.is_prepared(out)
@@ -216,18 +224,13 @@ def test_a_preparation_writes_to_an_object_store_and_resumes_there(tmp_path, bpe
   write_corpus(tmp_path / "c.jsonl")
   corpus.prepare(spec(tmp_path / "c.jsonl"), tmp_path / "clean", bpe_tokenizer)
   url = "file://" + str(tmp_path / "bucket" / "prepared")
-  real, written, puts = prepare.write_shard, [], []
+  puts = []
   real_put = blob.write_bytes
   monkeypatch.setattr(blob, "write_bytes", lambda p, d: puts.append(p) or real_put(p, d))
 
-  def dies_at_the_third(out_dir, index, *a):
-    if len(written) == 2:  # what a kill leaves mid-shard: a data object, no record
-      blob.write_bytes(f"{out_dir}/{prepared.shard_name(index)}.tokens", b"partial")
-      raise KeyboardInterrupt
-    written.append(index)
-    return real(out_dir, index, *a)
-
-  monkeypatch.setattr(prepare, "write_shard", dies_at_the_third)
+  # What a kill leaves mid-shard: a data object, no record.
+  real, written = die_at_the_third_shard(
+      monkeypatch, lambda out_dir, name: blob.write_bytes(f"{out_dir}/{name}.tokens", b"partial"))
   with pytest.raises(KeyboardInterrupt):
     corpus.prepare(spec(tmp_path / "c.jsonl"), url, bpe_tokenizer)
   assert not prepared.is_prepared(url)

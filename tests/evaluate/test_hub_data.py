@@ -22,6 +22,7 @@ from minitron_jax.evaluate import tasks
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 datasets = pytest.importorskip("datasets")
+from helpers import offline_datasets  # noqa: E402
 
 SPLIT_FILE = "{split}-00000-of-00001.parquet"
 
@@ -218,9 +219,7 @@ def build_hub_mirror(data_root: Path, mirror: Path) -> dict[str, tasks.HubSource
 def isolated(tmp_path_factory):
   """No hub traffic, a private datasets cache, no env data root, no default local folder."""
   tmp = tmp_path_factory.mktemp("hub_isolated")
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp / "datasets_cache"))
+  with offline_datasets(tmp) as mp:
     mp.delenv(sources.DATA_ROOT_ENV, raising=False)
     mp.setattr(sources, "default_local_root", lambda: tmp / "no_default_folder")
     sources._hub_split.cache_clear()

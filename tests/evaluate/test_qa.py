@@ -22,6 +22,7 @@ from minitron_jax.evaluate.tasks import HubSource
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 datasets = pytest.importorskip("datasets")
+from helpers import offline_datasets  # noqa: E402
 
 GEN_TOKS = 12
 _TRIVIA = pa.schema([("question", pa.string()), ("question_id", pa.string()),
@@ -65,9 +66,7 @@ def _write(repo: Path, name: str, splits: dict[str, list[dict]]) -> None:
 @pytest.fixture(scope="module")
 def isolated(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("qa_hub")
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp / "datasets_cache"))
+  with offline_datasets(tmp) as mp:
     qa._hub.cache_clear()
     yield tmp, mp
   qa._hub.cache_clear()
