@@ -39,27 +39,20 @@ def _kvstore(path: str):
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes a whole file or object; a reader sees all of `data` under `path` or nothing."""
+  """Writes a whole file or object; a reader sees all of `data` under `path` or nothing
+  (locally also durably: `io.files.write_bytes`)."""
+  from minitron_jax.io import files
+
   path = os.fspath(path)
   if is_remote(path):
     kv, key = _kvstore(path)
     kv.write(key, data).result()
-    return
-  tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  else:
+    files.write_bytes(path, data)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Writes a JSON file or object whole (locally also durably: `io.files.write_json`)."""
-  if not is_remote(path):
-    from minitron_jax.io import files
-
-    files.write_json(os.fspath(path), obj)
-    return
+  """Writes a JSON file or object whole, as `io.files.write_json` writes it."""
   write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 

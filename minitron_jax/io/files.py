@@ -60,15 +60,19 @@ def fsync_tree(root: str) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes a UTF-8 text file atomically and durably: temp file, fsync, rename, fsync of the
-  directory (a file that exists under its final name is complete, even after a power loss)."""
+  """Writes a UTF-8 text file atomically and durably (`write_bytes`)."""
+  write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes a file atomically and durably: temp file, fsync, rename, fsync of the directory
+  (a file that exists under its final name is complete, even after a power loss)."""
   path = os.path.abspath(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
   try:
-    with no_space_named(path, len(text.encode("utf-8"))), \
-        os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
+    with no_space_named(path, len(data)), os.fdopen(fd, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
