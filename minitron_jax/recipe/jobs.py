@@ -275,15 +275,7 @@ def distill_job(cfg, run_dir: str, name: str):
 
 def check_recipe(cfg) -> None:
   """The settings that choose stages: which students, what to quantize; the data weights."""
-  src = cfg.data.source
-  names = (src,) if isinstance(src, str) else tuple(src)
-  weights = tuple(layout.get(cfg, "data.weights") or ())
-  if len(names) > 1 and weights and len(weights) != len(names):
-    raise SettingError("data.weights", f"{{name}}={weights} has {len(weights)} entries for the "
-                       f"{len(names)} sources of data.source: give one weight per source")
-  bad = [f"{n}={w}" for n, w in zip(names, weights) if not w > 0]
-  if len(names) > 1 and bad:
-    raise SettingError("data.weights", f"{{name}}: every weight must be positive ({bad[0]})")
+  layout.data_weights(cfg)
   bad = sorted(set(cfg.prune.kinds) - set(KINDS))
   if bad:
     raise SettingError("prune.kinds", f"{{name}}: {bad} not in {KINDS}")

@@ -22,6 +22,33 @@ def get(cfg, dotted: str, default=None):
   return default if node in ("", None) else node
 
 
+def data_sources(cfg) -> tuple[str, ...]:
+  """The training sources: `data.source` is one name or a tuple of names."""
+  src = cfg.data.source
+  return (src,) if isinstance(src, str) else tuple(src)
+
+
+def data_weights(cfg) -> tuple[float, ...]:
+  """One positive weight per training source (`data.weights`; () = equal shares). A single
+  source takes all the weight, so `--config.data.source=NAME` alone replaces a default
+  mixture. Raises SettingError for a count that does not match or a weight that is not
+  positive."""
+  from minitron_jax.settings import SettingError
+
+  names = data_sources(cfg)
+  if len(names) == 1:
+    return (1.0,)
+  weights = tuple(get(cfg, "data.weights") or (1.0,) * len(names))
+  if len(weights) != len(names):
+    raise SettingError("data.weights", f"{{name}}={weights} has {len(weights)} entries for the "
+                       f"{len(names)} sources of data.source: give one weight per source, or "
+                       "--config.data.weights='()' for equal shares")
+  bad = [f"{n}={w}" for n, w in zip(names, weights) if not w > 0]
+  if bad:
+    raise SettingError("data.weights", f"{{name}}: every weight must be positive ({bad[0]})")
+  return weights
+
+
 def data_root(cfg) -> str:
   return get(cfg, "data_root") or tasks.default_data_root()
 

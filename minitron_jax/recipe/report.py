@@ -328,8 +328,7 @@ def search_section(run_dir: str) -> list[str]:
 
 
 def _sources(cfg) -> str:
-  src = cfg.data.source
-  names = (src,) if isinstance(src, str) else tuple(src)
+  names = layout.data_sources(cfg)
   weights = tuple(cfg.data.weights or ())
   if len(names) > 1 and weights:
     return ", ".join(f"`{n}` ({w:g})" for n, w in zip(names, weights))

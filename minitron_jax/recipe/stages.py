@@ -20,7 +20,8 @@ from typing import Any, Callable
 from minitron_jax import settings
 from minitron_jax.evaluate import sources
 from minitron_jax.recipe import jobs, layout
-from minitron_jax.recipe.layout import data_root, get as _get, model_dir
+from minitron_jax.recipe.layout import (data_root, data_sources, data_weights, get as _get,
+                                        model_dir)
 from minitron_jax.io import files
 from minitron_jax.io import lock
 from minitron_jax.io import hf as hf_io
@@ -50,26 +51,6 @@ WIKITEXT2 = "wikitext2"  # WikiText-2 *valid* (test is the evaluation set, never
 # The same hub dataset as the perplexity text, its validation split.
 WIKITEXT2_VALID = dataclasses.replace(sources.WIKITEXT2, split="validation")
 SYNTHETIC = "synthetic"
-
-
-def data_sources(cfg) -> tuple[str, ...]:
-  """The training sources: `data.source` is one name or a tuple of names."""
-  src = cfg.data.source
-  return (src,) if isinstance(src, str) else tuple(src)
-
-
-def data_weights(cfg) -> tuple[float, ...]:
-  """One weight per training source (`data.weights`; () = equal shares). A single source
-  takes all the weight, so `--config.data.source=NAME` alone replaces a default mixture."""
-  names = data_sources(cfg)
-  if len(names) == 1:
-    return (1.0,)
-  weights = tuple(_get(cfg, "data.weights") or (1.0,) * len(names))
-  if len(weights) != len(names):
-    raise ValueError(f"config data.weights={weights} has {len(weights)} entries for the "
-                     f"{len(names)} source(s) {names} of data.source: give one weight per "
-                     "source, or --config.data.weights='()' for equal shares")
-  return weights
 
 
 def training_data(cfg, run_dir: str) -> str:
@@ -453,7 +434,6 @@ def run(cfg, only: tuple[str, ...] | None = None) -> str:
   """Runs every enabled stage whose output is missing or damaged (or just `only`); returns the
   run dir. One process at a time: a second one on the same run directory is refused."""
   selected = _selected(cfg, only)
-  data_weights(cfg)
   run_dir = os.path.abspath(cfg.run_dir)
   # Checksums are read once: they decide what runs and what the repair removes.
   damaged = {s.name: _damaged(run_dir, s) for s in selected if _done(run_dir, s)}
