@@ -103,7 +103,8 @@ class EvalJob:
     """{task: shots} of every in-house task of the job, the QA task included."""
     given = parse_fewshot(self.num_fewshot)
     base = PROTOCOLS[self.protocol]
-    names = [t for t in self.run_tasks() if t != "ppl"] + ([self.qa()[0]] if self.qa() else [])
+    qa_task = self.qa()
+    names = [t for t in self.run_tasks() if t != "ppl"] + ([qa_task[0]] if qa_task else [])
     return {t: given.get(t, given.get("*", base.get(t, 0))) for t in names}
 
   def validate(self) -> None:
@@ -145,11 +146,10 @@ def evaluate_params(job: EvalJob, params, cfg, tok, mesh=None) -> dict[str, dict
                                batch_size=job.batch_size, progress=job.progress, mesh=mesh,
                                num_fewshot=shots, mmlu_only_ok=job.mmlu_only_ok,
                                mmlu_per_subject=job.mmlu_per_subject)
-  if job.qa():
-    name, cap = job.qa()
+  if (qa_task := job.qa()) is not None:
+    name, cap = qa_task
     out[name] = qa.evaluate_qa(params, cfg, tok, name, limit=cap, num_fewshot=shots[name],
-                               batch_size=job.batch_size, max_len=None,
-                               max_gen_toks=qa.MAX_GEN_TOKS,
+                               batch_size=job.batch_size, max_gen_toks=qa.MAX_GEN_TOKS,
                                mesh=mesh, progress=job.progress)
   return out
 
@@ -178,8 +178,8 @@ def run(job: EvalJob) -> dict:
 
   job.validate()
   sources.require_eval_data(list(job.run_tasks()), job.data_root, ppl_file=job.ppl_file)
-  if job.qa():
-    problems = qa.check_data(job.qa()[0])
+  if (qa_task := job.qa()) is not None:
+    problems = qa.check_data(qa_task[0])
     if problems:
       raise sources.EvalDataError("\n".join(problems))
   params, cfg, tok, path = hf_io.load_model(job.model_dir, job.dtype)
