@@ -31,7 +31,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
 from minitron_jax.evaluate import generate, scoring
-from minitron_jax.evaluate.qa import all_stopped, cut_at_stop
+from minitron_jax.evaluate.qa import all_stopped, cut_at_stop, encode_context
 
 MODEL_NAME = "minitron_jax"
 DEFAULT_MAX_GEN_TOKS = 256  # as the harness's hf backend
@@ -155,9 +155,8 @@ class MinitronLM(TemplateLM):
           top_p=float(kwargs.get("top_p", 1.0) or 1.0))
       for start in range(0, len(members), self.batch_size):
         batch = members[start: start + self.batch_size]
-        prompts = [self.tok_encode(requests[i].args[0],
-                                   left_truncate_len=self.max_length - max_new) or
-                   [self.prefix_token_id] for i in batch]
+        prompts = [encode_context(self.tokenizer, requests[i].args[0], self.max_length - max_new)
+                   for i in batch]
         eos = generate.eos_ids(self.cfg, self.tokenizer)
         # A row's tokens never depend on how long the others run: stopping once every row
         # holds a stop string changes no output.
