@@ -302,7 +302,9 @@ def to_stream(docs) -> TokenStream:
     return docs
   if isinstance(docs, StreamDocuments):
     return docs.stream
-  if hasattr(docs, "parts"):  # a blend: its sources' documents one after the other
+  from minitron_jax.data import blend
+
+  if isinstance(docs, blend.Blend):  # its sources' documents one after the other
     streams = [to_stream(p) for p in docs.parts]
     if len(streams) == 1:
       return streams[0]

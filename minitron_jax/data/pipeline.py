@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from minitron_jax.data import packing
+from minitron_jax.data import blend, packing
 from minitron_jax.data.tokens import StreamDocuments, TokenStream
 
 STATE_VERSION = 2
@@ -38,7 +38,7 @@ def training_loader(data, **kwargs) -> "Loader":
   """The loader of a run's training data: one source (`corpus.open_documents`, a
   `TokenStream`) or a blend of several (`blend.Blend`, its rows mixed by its weights);
   `kwargs` go to `Loader`."""
-  if hasattr(data, "parts"):
+  if isinstance(data, blend.Blend):
     return Loader(data.parts, weights=data.weights, **kwargs)
   return Loader([data], **kwargs)
 

@@ -553,7 +553,7 @@ def _training_tokens(job: DistillJob, tok):
     return docs, None
   if job.eval_data:
     return docs, np.asarray(data.load_tokens(job.eval_data, tok).tokens)
-  if hasattr(docs, "parts") and len(docs.parts) > 1:  # a blend: its first source's tail
+  if isinstance(docs, blend.Blend) and len(docs.parts) > 1:  # its first source's tail
     train, held = holdout.split_holdout(data.to_stream(docs.parts[0]),
                                         cfg.eval_windows * cfg.seq_len)
     return blend.Blend([train, *docs.parts[1:]], docs.weights, docs.name), held
