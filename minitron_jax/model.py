@@ -233,8 +233,9 @@ def fold_embed_scale(params: Params, cfg: LlamaConfig) -> tuple[Params, LlamaCon
   """The same model with the embedding scale transformers derives (`cfg.hf_embed_scale`).
 
   A width-pruned Gemma keeps its teacher's sqrt(hidden), which transformers would recompute
-  from the smaller `hidden_size`; the ratio goes into the embedding table instead, untied
-  from the LM head (which keeps the original table). Equal up to rounding of the product.
+  from the smaller `hidden_size`. The ratio r goes into the embedding table; a tied LM head,
+  which then reads r times the table, gets the final norm's gain divided by r
+  (`divide_norm_gain`), so the head stays tied and nothing is added. Equal up to rounding.
   """
   want = cfg.hf_embed_scale
   if cfg.embed_scale == want:
@@ -243,12 +244,19 @@ def fold_embed_scale(params: Params, cfg: LlamaConfig) -> tuple[Params, LlamaCon
   if hasattr(table, "dequantize"):
     raise ValueError(f"embed_scale {cfg.embed_scale} differs from the {want} HF derives, and a "
                      "quantized embedding table cannot absorb the ratio")
-  out = dict(params)
-  if cfg.tie_word_embeddings:
-    out["lm_head"] = table.T
   ratio = cfg.embed_scale / want
-  out["embed"] = (table.astype(jnp.float32) * ratio).astype(table.dtype)
-  return out, cfg.replace(embed_scale=want, tie_word_embeddings=False)
+  out = {**params, "embed": (table.astype(jnp.float32) * ratio).astype(table.dtype)}
+  if cfg.tie_word_embeddings:
+    out["final_norm"] = jnp.asarray(divide_norm_gain(params["final_norm"], ratio,
+                                                     cfg.norm_plus_one))
+  return out, cfg.replace(embed_scale=want)
+
+
+def divide_norm_gain(w, ratio: float, plus_one: bool) -> np.ndarray:
+  """The norm weight whose gain (w, or Gemma's 1 + w) is `ratio` times smaller, in numpy
+  float32 (the in-memory and the streamed export agree bit for bit), stored in `w`'s dtype."""
+  w32, r = np.asarray(w, np.float32), np.float32(ratio)
+  return ((1 + w32) / r - 1 if plus_one else w32 / r).astype(w.dtype)
 
 
 def unembed(params: Params, cfg: LlamaConfig, x_btd: jax.Array, normed: bool = False

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax import axes
+from minitron_jax import model as M
 from minitron_jax.config import LlamaConfig, parse_layer_list
 from minitron_jax.prune.importance import Scores
 from minitron_jax.settings import SettingError
@@ -280,19 +281,18 @@ def prune_checkpoint(src_dir: str, out_dir: str, plan: PrunePlan, *, overwrite: 
 
 def _fold_embed_scale(tensors: list, new: LlamaConfig) -> tuple[list, LlamaConfig]:
   """`model.fold_embed_scale` on streamed tensors: when the kept embedding scale differs from
-  the one transformers derives, the embedding carries the ratio and the LM head (tied before)
-  keeps the unscaled table. Returns (tensors, the config written)."""
+  the one transformers derives, the embedding carries the ratio and, with a tied head, the
+  final norm's gain is divided by it. Returns (tensors, the config written)."""
   want = new.hf_embed_scale
   if new.embed_scale == want:
     return tensors, new
-  name, shape, dtype, produce = tensors[0]
-  assert name == "model.embed_tokens.weight", name
   ratio = new.embed_scale / want
 
-  def scaled():
-    return (produce().astype(np.float32) * ratio).astype(dtype)
+  def fold(name, shape, dtype, produce):
+    if name == "model.embed_tokens.weight":
+      return name, shape, dtype, lambda: (produce().astype(np.float32) * ratio).astype(dtype)
+    if name == "model.norm.weight" and new.tie_word_embeddings:
+      return name, shape, dtype, lambda: M.divide_norm_gain(produce(), ratio, new.norm_plus_one)
+    return name, shape, dtype, produce
 
-  out = [(name, shape, dtype, scaled)] + tensors[1:]
-  if new.tie_word_embeddings:
-    out.append(("lm_head.weight", shape, dtype, produce))
-  return out, new.replace(embed_scale=want, tie_word_embeddings=False)
+  return [fold(*t) for t in tensors], new.replace(embed_scale=want)

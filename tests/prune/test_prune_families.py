@@ -12,7 +12,7 @@ import transformers
 from helpers import (FAMILY_CONFIGS, covering_families, family_config, family_params,
                      make_hf_family, torch_logits)
 from minitron_jax import axes, model as M
-from minitron_jax.io import hf as hf_io, hf_compat
+from minitron_jax.io import files, hf as hf_io, hf_compat
 from minitron_jax.io.safetensors import SafetensorsFile
 from minitron_jax.prune import importance as I, search as S, slicing
 
@@ -103,6 +103,10 @@ def test_pruned_exports_load_in_transformers_with_our_logits(tmp_path, family):
   assert sorted(a.keys()) == sorted(b.keys())
   for name in a.keys():
     assert a.get(name).tobytes() == b.get(name).tobytes(), name
+  # Gemma's kept scale folds into the table and the final norm: a tied head stays tied.
+  assert ("lm_head.weight" in a.keys()) == (not cfg.tie_word_embeddings)
+  assert files.read_json(os.path.join(mem, "config.json"))["tie_word_embeddings"] == \
+      cfg.tie_word_embeddings
   hf_compat.allow_explicit_head_dim()
   ref = transformers.AutoModelForCausalLM.from_pretrained(mem, dtype=torch.float32).eval()
   tokens = np.random.RandomState(4).randint(0, cfg.vocab_size, (1, 20))
