@@ -6,7 +6,8 @@ before it with the same segment id (0 = padding). Padding queries' outputs are u
 (finite) and are never used: losses mask them and real queries never attend to padding keys.
 
 - "xla": `jax.nn.dot_product_attention` with the explicit boolean mask; the reference, and the
-  CPU path. Without segment ids it is plain causal attention (no mask array).
+  CPU path. Without segment ids it is plain causal attention (no mask array). A float64 model
+  (a reference run) gets the same math with its softmax in float64 too.
 - "splash": Pallas splash attention (TPU), segment ids and a causal mask inside the kernel,
   one kernel per KV head over its group of query heads (GQA without repeating K/V).
 - "pallas_gpu": the Pallas (Triton) flash attention kernel for GPUs, which takes segment ids;
@@ -101,6 +102,8 @@ def attend(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
       mask = segment_mask(segment_ids_bt, window)
     else:
       mask = None if window is None else window_mask(t, window)[None, None]
+    if q_btnh.dtype == jnp.float64:
+      return _float64_attention(q_btnh, k_btkh, v_btkh, mask, scale)
     return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask,
                                         is_causal=mask is None, scale=scale)
   if impl == "cudnn":
@@ -122,6 +125,20 @@ def attend(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
   if mesh is None:
     return kernel(q_btnh, k_btkh, v_btkh, segment_ids_bt)
   return _shard_mapped(kernel, mesh, q_btnh, k_btkh, v_btkh, segment_ids_bt)
+
+
+def _float64_attention(q_btnh, k_btkh, v_btkh, mask, scale: float) -> jax.Array:
+  """The XLA path with every step in float64 (a float64 model is a reference run;
+  `jax.nn.dot_product_attention` takes its softmax in float32). `mask` as the XLA path's, or
+  None: causal."""
+  t, s = q_btnh.shape[1], k_btkh.shape[1]
+  group = q_btnh.shape[2] // k_btkh.shape[2]
+  k_bsnh, v_bsnh = (jnp.repeat(x, group, axis=2) for x in (k_btkh, v_btkh))
+  logits_bnts = jnp.einsum("BTNH,BSNH->BNTS", q_btnh, k_bsnh) * scale
+  if mask is None:
+    mask = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
+  logits_bnts = jnp.where(mask, logits_bnts, jnp.finfo(jnp.float64).min)
+  return jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits_bnts, axis=-1), v_bsnh)
 
 
 def _shard_mapped(kernel, mesh, q_btnh, k_btkh, v_btkh, seg_bt):

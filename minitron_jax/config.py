@@ -13,7 +13,7 @@ import os
 from typing import Any, Mapping
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: reference runs, needs x64
 # How attention runs (see `attention.py`): "auto" picks by backend.
 ATTENTION_IMPLS = ("auto", "xla", "splash", "pallas_gpu", "cudnn")
 # HF `model_type` -> the `*ForCausalLM` class that reads it. Every family is one forward with
@@ -126,6 +126,12 @@ class LlamaConfig:
       raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
     if self.dtype not in DTYPES:
       raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if self.dtype == "float64":
+      import jax
+
+      if not jax.config.jax_enable_x64:
+        raise ConfigError("dtype float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 (or "
+                          "jax.config.update('jax_enable_x64', True)) before running")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
                         f"got {self.attention_impl!r}")

@@ -77,13 +77,20 @@ def linear_input(x, leaf):
   return leaf.quantize_input(x) if hasattr(leaf, "quantize_input") else x
 
 
+def wide(dtype) -> jnp.dtype:
+  """The dtype norms, RoPE angles, logits and log-softmax compute in for a `dtype` input:
+  float32 for every narrower float, float64 for float64 (a reference run)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
-  """HF LlamaRMSNorm: normalise in float32, cast back, then scale. `plus_one` is Gemma's:
-  scale by (1 + w) in float32, then cast back."""
-  x32 = x.astype(jnp.float32)
+  """HF LlamaRMSNorm: normalise in float32 (`wide`), cast back, then scale. `plus_one` is
+  Gemma's: scale by (1 + w) in float32, then cast back."""
+  w = wide(x.dtype)
+  x32 = x.astype(w)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   if plus_one:
-    return (x32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    return (x32 * (1.0 + scale.astype(w))).astype(x.dtype)
   return scale.astype(x.dtype) * x32.astype(x.dtype)
 
 
@@ -102,7 +109,7 @@ def activation(cfg: LlamaConfig, x: jax.Array) -> jax.Array:
 def rope_tables(cfg: LlamaConfig, positions_bt: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   """cos/sin of shape (B, T, H) for HF's rotate-half layout."""
   inv_freq, scale = rope_inv_freq_and_scale(cfg)
-  freqs_btf = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  freqs_btf = positions_bt.astype(wide(dtype))[..., None] * jnp.asarray(inv_freq, wide(dtype))
   emb_bth = jnp.concatenate([freqs_btf, freqs_btf], axis=-1)
   return (jnp.cos(emb_bth) * scale).astype(dtype), (jnp.sin(emb_bth) * scale).astype(dtype)
 
@@ -261,14 +268,14 @@ def divide_norm_gain(w, ratio: float, plus_one: bool) -> np.ndarray:
 
 def unembed(params: Params, cfg: LlamaConfig, x_btd: jax.Array, normed: bool = False
             ) -> jax.Array:
-  """Final norm (unless `normed`) and LM head; logits in float32."""
+  """Final norm (unless `normed`) and LM head; logits in float32 (`wide`)."""
   if not normed:
     x_btd = norm(cfg, x_btd, params["final_norm"])
   if cfg.tie_word_embeddings:
     logits = jnp.einsum("BTD,VD->BTV", x_btd, weight(params["embed"], x_btd.dtype))
   else:
     logits = jnp.einsum("BTD,DV->BTV", x_btd, weight(params["lm_head"], x_btd.dtype))
-  return sharding.constrain(logits.astype(jnp.float32), BTV)
+  return sharding.constrain(logits.astype(wide(logits.dtype)), BTV)
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, *,
@@ -444,9 +451,9 @@ def num_params(params: Params) -> int:
 
 
 def token_nll_bt(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:
-  """-log p(label) per token, (B, T) float32: the one next-token NLL that losses, perplexity,
-  task scoring and importance all use."""
-  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+  """-log p(label) per token, (B, T) float32 (`wide`): the one next-token NLL that losses,
+  perplexity, task scoring and importance all use."""
+  logp_btv = jax.nn.log_softmax(logits_btv.astype(wide(logits_btv.dtype)), axis=-1)
   return -jnp.take_along_axis(logp_btv, labels_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 

@@ -143,6 +143,31 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 
 @contextlib.contextmanager
+def float64_transformers(model):
+  """A float64 copy of a transformers Llama with its float32 islands (RMSNorm, RoPE angles,
+  eager softmax) removed, for use inside the block: the float64 reference."""
+  import copy
+  from unittest import mock
+
+  import torch
+  from transformers.models.llama import modeling_llama as ml
+
+  def norm(self, h):
+    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+  def rope(self, x, position_ids):
+    emb = position_ids[..., None].double() * self.inv_freq.double()
+    emb = torch.cat((emb, emb), dim=-1)
+    return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+  ref = copy.deepcopy(model).double()
+  ref.set_attn_implementation("sdpa")  # eager attention takes its softmax in float32
+  with mock.patch.object(ml.LlamaRMSNorm, "forward", norm), \
+       mock.patch.object(ml.LlamaRotaryEmbedding, "forward", rope):
+    yield ref
+
+
+@contextlib.contextmanager
 def count_compiles():
   """Yields a list that gains one entry per XLA compilation inside the block."""
   import jax

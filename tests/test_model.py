@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import make_hf_llama, torch_logits
+from helpers import float64_transformers, make_hf_llama, torch_logits
 from minitron_jax import axes, config as C, model as M
 from minitron_jax.io import files
 from minitron_jax.io import hf as hf_io
@@ -219,3 +219,25 @@ def test_bfloat16_compute_tracks_float32(tmp_path):
   bf16 = np.asarray(out["logits"])
   assert np.abs(bf16 - f32).max() < 0.05 * np.abs(f32).max()
   assert (bf16.argmax(-1) == f32.argmax(-1)).mean() > 0.9
+
+
+def test_float64_compute_is_float64_throughout(tmp_path):
+  """dtype float64 (a reference run) leaves no float32 step: its logits equal a float64
+  transformers forward to 1e-10, where float32 compute is 1e-6 away; without 64-bit JAX
+  the config refuses it by name."""
+  model, d = make_hf_llama(tmp_path / "hf", heads=4, kv_heads=2)
+  params, cfg = hf_io.load_hf(d)
+  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 64))
+  f32 = np.asarray(M.forward(params, cfg, tokens)["logits"], np.float64)
+  with pytest.raises(C.ConfigError, match="JAX_ENABLE_X64"):
+    cfg.replace(dtype="float64")
+  with float64_transformers(model) as ref, torch.no_grad():
+    ref = ref(torch.as_tensor(tokens)).logits.numpy()
+  with jax.enable_x64(True):
+    p64 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
+    logits = M.forward(p64, cfg.replace(dtype="float64"), tokens)["logits"]
+    nll = M.token_nll_bt(logits, jnp.asarray(tokens))
+    assert logits.dtype == jnp.float64 and nll.dtype == jnp.float64
+    ours = np.asarray(logits)
+  assert np.abs(ours - ref).max() <= 1e-10
+  assert np.abs(f32 - ref).max() > 1e-8  # float32 rounding is visible at this scale

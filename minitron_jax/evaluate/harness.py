@@ -43,7 +43,8 @@ class MinitronLM(TemplateLM):
 
   Args (``--model_args`` on the command line, keywords in Python):
     model_dir: HF directory, known short name or hub id (not with `params`).
-    dtype: compute dtype, ``float32`` or ``bfloat16``.
+    dtype: compute dtype, ``float32`` or ``bfloat16``; ``float64`` (a reference for
+      checking float32 rounding) needs ``JAX_ENABLE_X64=1``.
     batch_size: packed rows per scoring call, prompts per generation call.
     max_length: longest input in tokens (default: the model's context length).
     mesh: mesh spec to shard params and rows over (``fsdp:-1``...; empty: one device), or
