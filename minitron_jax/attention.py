@@ -103,7 +103,8 @@ def attend(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
     else:
       mask = None if window is None else window_mask(t, window)[None, None]
     if q_btnh.dtype == jnp.float64:
-      return _float64_attention(q_btnh, k_btkh, v_btkh, mask, scale)
+      causal = window_mask(t, None)[None, None] if mask is None else mask
+      return _float64_attention(q_btnh, k_btkh, v_btkh, causal, scale)
     return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask,
                                         is_causal=mask is None, scale=scale)
   if impl == "cudnn":
@@ -129,14 +130,11 @@ def attend(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
 
 def _float64_attention(q_btnh, k_btkh, v_btkh, mask, scale: float) -> jax.Array:
   """The XLA path with every step in float64 (a float64 model is a reference run;
-  `jax.nn.dot_product_attention` takes its softmax in float32). `mask` as the XLA path's, or
-  None: causal."""
-  t, s = q_btnh.shape[1], k_btkh.shape[1]
+  `jax.nn.dot_product_attention` takes its softmax in float32). `mask` broadcasts to
+  (B, N, T, S)."""
   group = q_btnh.shape[2] // k_btkh.shape[2]
   k_bsnh, v_bsnh = (jnp.repeat(x, group, axis=2) for x in (k_btkh, v_btkh))
   logits_bnts = jnp.einsum("BTNH,BSNH->BNTS", q_btnh, k_bsnh) * scale
-  if mask is None:
-    mask = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
   logits_bnts = jnp.where(mask, logits_bnts, jnp.finfo(jnp.float64).min)
   return jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits_bnts, axis=-1), v_bsnh)
 
