@@ -53,20 +53,29 @@ def _loglik(samples):
   return np.array([r[0][0] for s in samples for r in s["resps"]])
 
 
-def _float64_reference(name, model_dir, manager, task, limit, ours32, hf32):
-  """Prints each backend's max distance from our float64 forward (every step float64) on the
-  same requests: which float32 backend is nearer the exact value, and by how much. hf in
-  float64 keeps transformers' float32 RMSNorm and RoPE angles, so it is shown, not used."""
+def _float64_backends(model_dir):
+  """Our backend in float64 (every step, 64-bit JAX: the reference) and hf in float64, built
+  once for every task."""
   import jax
   from lm_eval.models.huggingface import HFLM
 
   from minitron_jax.evaluate import harness
 
   with jax.enable_x64(True):
-    lm = harness.MinitronLM(model_dir=model_dir, dtype="float64", batch_size=_BATCH.value)
-    ref = _loglik(_run(lm, manager, task, limit))
-  hf64 = _loglik(_run(HFLM(pretrained=model_dir, dtype="float64", batch_size=_BATCH.value,
-                           device="cpu"), manager, task, limit))
+    ours = harness.MinitronLM(model_dir=model_dir, dtype="float64", batch_size=_BATCH.value)
+  return ours, HFLM(pretrained=model_dir, dtype="float64", batch_size=_BATCH.value, device="cpu")
+
+
+def _float64_reference(name, backends, manager, task, limit, ours32, hf32):
+  """Prints each backend's max distance from our float64 forward on the same requests: which
+  float32 backend is nearer the exact value, and by how much. hf in float64 keeps
+  transformers' float32 RMSNorm and RoPE angles, so it is shown, not used."""
+  import jax
+
+  ours64, hf64_lm = backends
+  with jax.enable_x64(True):
+    ref = _loglik(_run(ours64, manager, task, limit))
+  hf64 = _loglik(_run(hf64_lm, manager, task, limit))
   worst = int(np.argmax(np.abs(ours32 - hf32)))
   print(f"{name} against our float64 forward: max |diff| ours float32 "
         f"{np.max(np.abs(ours32 - ref)):.2e}, hf float32 {np.max(np.abs(hf32 - ref)):.2e}, "
@@ -92,6 +101,7 @@ def main(argv):
     manager = TaskManager(include_path=tmp, include_defaults=False)
     ours = harness.MinitronLM(model_dir=model_dir, dtype="float32", batch_size=_BATCH.value)
     ref = HFLM(pretrained=model_dir, dtype="float32", batch_size=_BATCH.value, device="cpu")
+    backends64 = _float64_backends(model_dir) if _F64.value else None
     for name in names:
       per_item = len(sources.load_examples(name, _DATA.value, limit=1)[0].requests)
       limit = math.ceil(_REQUESTS.value / per_item)
@@ -102,7 +112,7 @@ def main(argv):
       print(f"{name}: {len(ll_a)} requests, max |loglik diff| {np.max(np.abs(ll_a - ll_b)):.2e}, "
             f"acc ours {acc_a:.4f} hf {acc_b:.4f}", flush=True)
       if _F64.value:
-        _float64_reference(name, model_dir, manager, task, limit, ll_a, ll_b)
+        _float64_reference(name, backends64, manager, task, limit, ll_a, ll_b)
       if name == _SPEED.value:
         # The timer blocks on what the call returns: None, the samples are not arrays.
         t_ours = best_seconds(lambda: _run(ours, manager, task, limit) and None, _REPEATS.value)
