@@ -31,8 +31,12 @@ class Stage:
   name: str
   output: str                 # relative path whose presence marks the stage done
   run: Callable[[Any, str], None]
-  needs: tuple[str, ...] = ()  # outputs of earlier stages this one reads
+  # Outputs of earlier stages this one reads: fixed, or a function of the config.
+  needs: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
   enabled: Callable[[Any], bool] = lambda cfg: True
+
+  def inputs(self, cfg) -> tuple[str, ...]:
+    return self.needs(cfg) if callable(self.needs) else self.needs
 
 
 # ------------------------------------------------------------------------------ stages
@@ -262,6 +266,33 @@ def searching(cfg) -> bool:
   return bool(cfg.prune.search.enabled)
 
 
+BLEND = "data/blend.json"
+
+
+def _made(name: str) -> str:
+  """The output marking done the stage that writes model `name` (`teacher`, `corrected`,
+  `distill_width`, `quantized/int8`, ...)."""
+  top = name.split("/")[0]
+  return next(s.output for s in stages() if s.output.split("/")[0] in (top, f"{top}.json"))
+
+
+def _students_need(cfg, *extra: str) -> tuple[str, ...]:
+  """Pruning and distilling read the students' teacher and the training data."""
+  return (_made(layout.students_teacher(cfg)), BLEND) + extra
+
+
+def _distill_needs(kind: str):
+  def needs(cfg) -> tuple[str, ...]:
+    cache = ("teacher_logits/run.json",) if jobs.caching_teacher(cfg) else ()
+    return _students_need(cfg, f"pruned_{kind}/prune_report.json", *cache)
+  return needs
+
+
+def _sparsify_needs(cfg) -> tuple[str, ...]:
+  calib = (BLEND,) if cfg.sparsify.method != "magnitude" else ()
+  return (_made(cfg.sparsify.source),) + calib
+
+
 def stages() -> tuple[Stage, ...]:
   width = lambda c: "width" in c.prune.kinds  # noqa: E731
   depth = lambda c: "depth" in c.prune.kinds  # noqa: E731
@@ -269,33 +300,35 @@ def stages() -> tuple[Stage, ...]:
       Stage("fetch", "teacher.json", stage_fetch),
       Stage("synthetic_data", "data/synthetic.jsonl", stage_synthetic, ("teacher.json",),
             lambda c: SYNTHETIC in data_sources(c)),
-      Stage("data", "data/blend.json", stage_data),
-      Stage("teacher_correction", "corrected/run.json", stage_correct,
-            ("teacher.json", "data/blend.json"),
+      Stage("data", BLEND, stage_data,
+            lambda c: ("data/synthetic.jsonl",) if SYNTHETIC in data_sources(c) else ()),
+      Stage("teacher_correction", "corrected/run.json", stage_correct, ("teacher.json", BLEND),
             lambda c: bool(c.correction.steps)),
       Stage("prune_width", "pruned_width/prune_report.json", lambda c, r: _prune(c, r, "width"),
-            ("teacher.json", "data/blend.json"), width),
+            _students_need, width),
       Stage("prune_depth", "pruned_depth/prune_report.json", lambda c, r: _prune(c, r, "depth"),
-            ("teacher.json", "data/blend.json"), depth),
-      Stage("teacher_logits", "teacher_logits/run.json", stage_teacher_logits,
-            ("teacher.json", "data/blend.json"), jobs.caching_teacher),
+            _students_need, depth),
+      Stage("teacher_logits", "teacher_logits/run.json", stage_teacher_logits, _students_need,
+            jobs.caching_teacher),
       Stage("distill_width", "distill_width/run.json", stage_distill("width"),
-            ("pruned_width/prune_report.json",), width),
+            _distill_needs("width"), width),
       Stage("distill_depth", "distill_depth/run.json", stage_distill("depth"),
-            ("pruned_depth/prune_report.json",), depth),
+            _distill_needs("depth"), depth),
       Stage("prune_search", "pruned_search/prune_report.json", stage_prune_search,
-            ("teacher.json", "data/blend.json"), searching),
+            _students_need, searching),
       Stage("distill_search", "distill_search/run.json", stage_distill("search"),
-            ("pruned_search/prune_report.json",), searching),
+            _distill_needs("search"), searching),
       Stage("baseline_pruned_ce", "baseline_pruned_ce/run.json", stage_baseline_pruned_ce,
-            ("pruned_width/prune_report.json",), lambda c: bool(c.baselines) and width(c)),
+            ("pruned_width/prune_report.json", BLEND), lambda c: bool(c.baselines) and width(c)),
       Stage("baseline_random_ce", "baseline_random_ce/run.json", stage_baseline_random_ce,
-            ("pruned_width/prune_report.json",), lambda c: bool(c.baselines) and width(c)),
+            ("pruned_width/prune_report.json", BLEND), lambda c: bool(c.baselines) and width(c)),
       Stage("quantize", "quantized/done.json", _mark(stage_quantize, "quantized/done.json"),
-            (), lambda c: bool(c.quantize.formats)),
-      Stage("sparsify", "sparse/sparsify_report.json", stage_sparsify, (), sparsifying),
-      Stage("evaluate", "eval/done.json", _mark(stage_evaluate, "eval/done.json")),
-      Stage("report", "report.md", stage_report),
+            lambda c: (_made(c.quantize.source),), lambda c: bool(c.quantize.formats)),
+      Stage("sparsify", "sparse/sparsify_report.json", stage_sparsify, _sparsify_needs,
+            sparsifying),
+      Stage("evaluate", "eval/done.json", _mark(stage_evaluate, "eval/done.json"),
+            lambda c: tuple(dict.fromkeys(_made(m) for m in evaluated_models(c)))),
+      Stage("report", "report.md", stage_report, ("eval/done.json",)),
   )
 
 
@@ -438,6 +471,7 @@ def run(cfg, only: tuple[str, ...] | None = None) -> str:
   # Checksums are read once: they decide what runs and what the repair removes.
   damaged = {s.name: _damaged(run_dir, s) for s in selected if _done(run_dir, s)}
   todo = [s.name for s in selected if damaged.get(s.name, True)]
+  _check_order(cfg, run_dir, selected, todo)
   jobs.validate(cfg, run_dir, todo)
   _check_inputs(cfg, todo)
   with lock.lock_directory(run_dir, "run directory"):
@@ -445,18 +479,37 @@ def run(cfg, only: tuple[str, ...] | None = None) -> str:
     t_run = time.perf_counter()
     for stage in selected:
       _repair(run_dir, stage, damaged.get(stage.name, []))
-      _run_stage(run_dir, stage)
+      _run_stage(cfg, run_dir, stage)
     # This process only orders the stages; its own peak shows it never held a model.
     _log_stage(run_dir, "orchestrator", time.perf_counter() - t_run, _own_peak_rss_gib())
   print(f"run directory: {run_dir}", flush=True)
   return run_dir
 
 
-def _run_stage(run_dir: str, stage: Stage) -> None:
+def _check_order(cfg, run_dir: str, selected: list[Stage], todo: list[str]) -> None:
+  """Refuses the run before its first stage when a stage about to run reads an output that is
+  neither in the run directory nor made by a stage running before it (`--stages` left its
+  producer out, or the config turned it off)."""
+  problems, made = [], set()
+  for stage in selected:
+    if stage.name not in todo:
+      continue
+    for need in stage.inputs(cfg):
+      producer = _producer(need)
+      if not os.path.exists(os.path.join(run_dir, need)) and producer not in made:
+        problems.append(f"stage {stage.name!r} needs {os.path.join(run_dir, need)}, the output "
+                        f"of stage {producer!r}, which is missing and does not run before it")
+    made.add(stage.name)
+  if problems:
+    raise FileNotFoundError("nothing was run: add the missing stages to --stages (or run the "
+                            "whole recipe)\n  " + "\n  ".join(dict.fromkeys(problems)))
+
+
+def _run_stage(cfg, run_dir: str, stage: Stage) -> None:
   if _done(run_dir, stage):
     print(f"[{stage.name}] done already ({stage.output}), skipping", flush=True)
     return
-  for need in stage.needs:
+  for need in stage.inputs(cfg):
     if not os.path.exists(os.path.join(run_dir, need)):
       raise FileNotFoundError(f"stage {stage.name!r} needs {os.path.join(run_dir, need)} "
                               f"(the output of stage {_producer(need)!r}), which is missing")

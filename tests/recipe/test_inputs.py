@@ -80,3 +80,67 @@ def test_evaluation_data_names_protocol_tasks_and_the_qa_task(cfg, tmp_path):
     mp.setattr(sources, "default_local_root", lambda: tmp_path / "none")
     mp.delenv(sources.DATA_ROOT_ENV, raising=False)
     assert len(stages.evaluation_data_problems(cfg, probe=lambda s: "offline")) == 1  # ppl
+
+
+@pytest.mark.parametrize("config", ["tiny", "base", "smollm2_135m", "gemma3_270m",
+                                    "llama31_8b_to_4b_width", "llama31_8b_to_4b_depth"])
+def test_every_stage_reads_only_what_an_earlier_stage_makes(config, tmp_path, monkeypatch):
+  """With every optional stage on, each stage's inputs are outputs of a stage before it: the
+  whole recipe passes the order check on an empty run directory."""
+  import importlib
+
+  monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+  c = importlib.import_module(f"configs.{config}").get_config()
+  c.data.source = ("wikitext2", "synthetic")
+  c.data.weights = ()
+  c.baselines = True
+  c.prune.search.enabled = True
+  c.sparsify.pattern = "2:4"
+  c.sparsify.source = c.quantize.source  # a student the config makes
+  c.distill.teacher_topk = 16
+  for steps in (0, 1):
+    c.correction.steps = steps
+    chosen = stages._selected(c, None)
+    stages._check_order(c, str(tmp_path), chosen, [s.name for s in chosen])
+    prune = next(s for s in chosen if s.name.startswith("prune_"))
+    assert ("corrected/run.json" in prune.inputs(c)) == bool(steps)
+
+
+def _refusal(cfg, tmp_path, only):
+  cfg.run_dir = str(tmp_path / "run")
+  with pytest.raises(FileNotFoundError, match="nothing was run") as err:
+    stages.run(cfg, only=only)
+  assert not (tmp_path / "run").exists()  # refused before anything was written
+  return str(err.value)
+
+
+def test_a_stage_whose_producer_is_not_selected_is_refused_by_name(cfg, tmp_path):
+  cfg.data.source = ("wikitext2", "synthetic")
+  msg = _refusal(cfg, tmp_path, ("fetch", "data"))
+  assert "stage 'data' needs" in msg and "synthetic.jsonl" in msg
+  assert "'synthetic_data'" in msg and "teacher.json" not in msg  # fetch runs before it
+  msg = _refusal(cfg, tmp_path, ("quantize",))
+  assert "stage 'quantize'" in msg and "distill_depth/run.json" in msg
+  assert "'distill_depth'" in msg
+  cfg.sparsify.pattern = "2:4"
+  cfg.sparsify.source = "pruned_width"
+  msg = _refusal(cfg, tmp_path, ("sparsify",))
+  assert "pruned_width/prune_report.json" in msg and "'data'" in msg  # sparsegpt calibrates
+  cfg.sparsify.method = "magnitude"
+  assert "'data'" not in _refusal(cfg, tmp_path, ("sparsify",))
+  msg = _refusal(cfg, tmp_path, ("distill_width",))
+  for producer in ("'prune_width'", "'teacher_correction'", "'teacher_logits'", "'data'"):
+    assert producer in msg, producer
+
+
+def test_outputs_already_in_the_run_directory_satisfy_a_stage(cfg, tmp_path):
+  """Resuming one stage of an earlier run: its inputs on disk are enough."""
+  cfg.data.source = ("wikitext2", "synthetic")
+  run = tmp_path / "run"
+  chosen = [s for s in stages.stages() if s.name == "data"]
+  with pytest.raises(FileNotFoundError, match="synthetic_data"):
+    stages._check_order(cfg, str(run), chosen, ["data"])
+  (run / "data").mkdir(parents=True)
+  (run / "data" / "synthetic.jsonl").write_text("")
+  stages._check_order(cfg, str(run), chosen, ["data"])
+  stages._check_order(cfg, str(tmp_path / "elsewhere"), chosen, [])  # done already: not run
