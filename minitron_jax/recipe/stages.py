@@ -288,11 +288,6 @@ def _distill_needs(kind: str):
   return needs
 
 
-def _sparsify_needs(cfg) -> tuple[str, ...]:
-  calib = (BLEND,) if cfg.sparsify.method != "magnitude" else ()
-  return (_made(cfg.sparsify.source),) + calib
-
-
 def stages() -> tuple[Stage, ...]:
   width = lambda c: "width" in c.prune.kinds  # noqa: E731
   depth = lambda c: "depth" in c.prune.kinds  # noqa: E731
@@ -324,7 +319,8 @@ def stages() -> tuple[Stage, ...]:
             ("pruned_width/prune_report.json", BLEND), lambda c: bool(c.baselines) and width(c)),
       Stage("quantize", "quantized/done.json", _mark(stage_quantize, "quantized/done.json"),
             lambda c: (_made(c.quantize.source),), lambda c: bool(c.quantize.formats)),
-      Stage("sparsify", "sparse/sparsify_report.json", stage_sparsify, _sparsify_needs,
+      Stage("sparsify", "sparse/sparsify_report.json", stage_sparsify,  # magnitude: no data
+            lambda c: (_made(c.sparsify.source),) + (BLEND,) * (c.sparsify.method != "magnitude"),
             sparsifying),
       Stage("evaluate", "eval/done.json", _mark(stage_evaluate, "eval/done.json"),
             lambda c: tuple(dict.fromkeys(_made(m) for m in evaluated_models(c)))),
@@ -471,8 +467,8 @@ def run(cfg, only: tuple[str, ...] | None = None) -> str:
   # Checksums are read once: they decide what runs and what the repair removes.
   damaged = {s.name: _damaged(run_dir, s) for s in selected if _done(run_dir, s)}
   todo = [s.name for s in selected if damaged.get(s.name, True)]
+  jobs.validate(cfg, run_dir, todo)  # first: it names a bad quantize/sparsify source
   _check_order(cfg, run_dir, selected, todo)
-  jobs.validate(cfg, run_dir, todo)
   _check_inputs(cfg, todo)
   with lock.lock_directory(run_dir, "run directory"):
     files.write_json(os.path.join(run_dir, "config.json"), json.loads(cfg.to_json()))
@@ -487,9 +483,8 @@ def run(cfg, only: tuple[str, ...] | None = None) -> str:
 
 
 def _check_order(cfg, run_dir: str, selected: list[Stage], todo: list[str]) -> None:
-  """Refuses the run before its first stage when a stage about to run reads an output that is
-  neither in the run directory nor made by a stage running before it (`--stages` left its
-  producer out, or the config turned it off)."""
+  """Refuses the run when a stage about to run reads an output neither in the run directory
+  nor made by a stage running before it (`--stages` left its producer out)."""
   problems, made = [], set()
   for stage in selected:
     if stage.name not in todo:
