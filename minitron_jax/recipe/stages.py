@@ -482,32 +482,33 @@ def run(cfg, only: tuple[str, ...] | None = None) -> str:
   return run_dir
 
 
+def _unmet(cfg, run_dir: str, stage: Stage, made=frozenset()) -> list[str]:
+  """Each input of `stage` that is neither in the run directory nor made by a stage in `made`."""
+  return [f"stage {stage.name!r} needs {os.path.join(run_dir, need)}, the output of stage "
+          f"{_producer(need)!r}, which is missing" for need in stage.inputs(cfg)
+          if not os.path.exists(os.path.join(run_dir, need)) and _producer(need) not in made]
+
+
 def _check_order(cfg, run_dir: str, selected: list[Stage], todo: list[str]) -> None:
   """Refuses the run when a stage about to run reads an output neither in the run directory
   nor made by a stage running before it (`--stages` left its producer out)."""
   problems, made = [], set()
   for stage in selected:
-    if stage.name not in todo:
-      continue
-    for need in stage.inputs(cfg):
-      producer = _producer(need)
-      if not os.path.exists(os.path.join(run_dir, need)) and producer not in made:
-        problems.append(f"stage {stage.name!r} needs {os.path.join(run_dir, need)}, the output "
-                        f"of stage {producer!r}, which is missing and does not run before it")
-    made.add(stage.name)
+    if stage.name in todo:
+      problems += _unmet(cfg, run_dir, stage, made)
+      made.add(stage.name)
   if problems:
     raise FileNotFoundError("nothing was run: add the missing stages to --stages (or run the "
-                            "whole recipe)\n  " + "\n  ".join(dict.fromkeys(problems)))
+                            "whole recipe)\n  " + "\n  ".join(problems))
 
 
 def _run_stage(cfg, run_dir: str, stage: Stage) -> None:
   if _done(run_dir, stage):
     print(f"[{stage.name}] done already ({stage.output}), skipping", flush=True)
     return
-  for need in stage.inputs(cfg):
-    if not os.path.exists(os.path.join(run_dir, need)):
-      raise FileNotFoundError(f"stage {stage.name!r} needs {os.path.join(run_dir, need)} "
-                              f"(the output of stage {_producer(need)!r}), which is missing")
+  problems = _unmet(cfg, run_dir, stage)
+  if problems:
+    raise FileNotFoundError("; ".join(problems))
   print(f"[{stage.name}] running", flush=True)
   t0 = time.perf_counter()
   status, peak = run_isolated(run_dir, stage.name)
